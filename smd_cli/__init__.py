@@ -1,0 +1,43 @@
+"""smd: region-based multi-prompt image generation with StreamMultiDiffusion.
+
+Heavy modules (torch, diffusers) load only when a pipeline is used, so that importing
+`smd_cli` and running `smd --help` or `smd validate` stay instant.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "StableMultiDiffusionPipeline",
+    "seed_everything",
+    "load_scene",
+    "SmdError",
+    "SceneError",
+    "ModelError",
+    "__version__",
+]
+
+_LAZY = {
+    "StableMultiDiffusionPipeline": "smd_cli.pipeline",
+    "seed_everything": "smd_cli.pipeline",
+    "load_scene": "smd_cli.scene",
+    "SmdError": "smd_cli.errors",
+    "SceneError": "smd_cli.errors",
+    "ModelError": "smd_cli.errors",
+}
+
+if TYPE_CHECKING:
+    from smd_cli.errors import ModelError, SceneError, SmdError
+    from smd_cli.pipeline import StableMultiDiffusionPipeline, seed_everything
+    from smd_cli.scene import load_scene
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'smd_cli' has no attribute {name!r}")

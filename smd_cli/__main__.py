@@ -1,0 +1,3 @@
+from smd_cli.cli import main
+
+main()

@@ -1,0 +1,250 @@
+"""The `smd` command line: a thin shell over the library. No math and no model logic here.
+
+Heavy modules are imported inside the commands that need them, so `smd --help` and
+`smd validate` never load torch or diffusers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, List, Optional
+
+import typer
+from rich.console import Console
+
+from smd_cli import __version__
+from smd_cli.errors import SmdError
+
+if TYPE_CHECKING:
+    from smd_cli.scene import SceneFile
+
+app = typer.Typer(
+    name="smd",
+    help="Region-based multi-prompt image generation with StreamMultiDiffusion.\n\n"
+         "Paint masks, give each a prompt in a YAML scene, and run `smd generate scene.yaml`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    err.print(f"[yellow]warning:[/] {message}", markup=True)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Print smd's own errors as one clean line and exit 2; Ctrl-C exits 130."""
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        yield
+    except SmdError as exc:
+        err.print(f"[red]error:[/] {exc}", markup=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+    finally:
+        warnings.showwarning = previous
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"smd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Show the version and exit.")) -> None:
+    """Region-based multi-prompt image generation with StreamMultiDiffusion."""
+
+
+SET_HELP = "Override a scene key, e.g. --set layers[0].prompt='a cat' or --set bootstrap.steps=2 (repeatable)."
+
+
+@app.command()
+def validate(
+    scenes: List[Path] = typer.Argument(..., help="Scene files (YAML) to check.", show_default=False),
+    model: Optional[str] = typer.Option(None, "--model", help="Model whose downscale factor the canvas must fit "
+                                        "(read from its config only; nothing is loaded)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP, show_default=False),
+) -> None:
+    """Check scene files without loading any model: keys, values, mask files, coverage."""
+    from rich.table import Table
+
+    from smd_cli.masks import canvas_size, coverage_report, scene_masks
+    from smd_cli.models import vae_downscale_factor
+    from smd_cli.scene import load_scene
+
+    failed = 0
+    for path in scenes:
+        with contextlib.suppress(typer.Exit):
+            try:
+                with user_errors():
+                    sf = load_scene(path, set_)
+                    factor = vae_downscale_factor(model or sf.scene.model) or 8
+                    width, height = canvas_size(sf, multiple=factor)
+                    if width % factor or height % factor:
+                        key = "width" if width % factor else "height"
+                        raise sf.error((key,), f"canvas {width}x{height} is not divisible by the model's "
+                                               f"downscale factor {factor}; use multiples of {factor}")
+                    sm = scene_masks(sf, width, height)
+                    rows, uncovered = coverage_report(sm.masks, sm.names)
+                    table = Table(title=f"{path}  {width}x{height}, {len(rows)} layer(s)", title_justify="left")
+                    for column in ("#", "layer", "prompt", "mask", "coverage", "overlaps"):
+                        table.add_column(column, justify="right" if column in ("#", "coverage") else "left")
+                    for i, (row, layer) in enumerate(zip(rows, sf.scene.layers)):
+                        overlaps = ", ".join(f"{k} {v:.1f}%" for k, v in row.overlaps.items()) or "-"
+                        table.add_row(str(i), row.name, _short(layer.prompt), _describe_mask(layer.mask),
+                                      f"{row.coverage:.1f}%", overlaps)
+                    out.print(table)
+                    bg = sf.scene.background.prompt
+                    out.print(f"uncovered (background{': ' + repr(_short(bg)) if bg else ''}): {uncovered:.1f}%\n")
+            except typer.Exit:
+                failed += 1
+    if failed:
+        raise typer.Exit(2)
+
+
+def _short(text: str, limit: int = 48) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _describe_mask(mask) -> str:
+    if mask is None:
+        return "whole canvas"
+    for key in ("image", "palette", "rect", "ellipse"):
+        if hasattr(mask, key):
+            value = getattr(mask, key)
+            extra = f" {mask.color}" if key == "palette" else ""
+            return f"{key} {list(value) if isinstance(value, tuple) else value}{extra}"
+    return str(mask)
+
+
+@app.command()
+def generate(
+    scenes: List[Path] = typer.Argument(None, help="Scene files (YAML). Omit them to use --prompt.",
+                                        show_default=False),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Plain text-to-image without a scene."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", "-n", help="Negative prompt for --prompt."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local diffusers folder or "
+                                        ".safetensors file (default: the scene's, else SD1.5 + LCM LoRA)."),
+    output: Optional[str] = typer.Option(None, "--out", "-o", help="Output file or folder; may use {scene}, "
+                                         "{seed}, {steps}. Default: the scene's `output`, else {scene}-{seed}.png."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Random seed (default: the scene's, else random)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=1000, help="Number of LCM steps."),
+    width: Optional[int] = typer.Option(None, "--width", min=8, help="Canvas width in pixels."),
+    height: Optional[int] = typer.Option(None, "--height", min=8, help="Canvas height in pixels."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, float16 or bfloat16."),
+    lcm_lora: Optional[str] = typer.Option(None, "--lcm-lora", help="LCM LoRA: hub id, file or folder, or "
+                                           "'none' (default: the SD1.5 LCM LoRA where it fits)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP, show_default=False),
+) -> None:
+    """Generate one image per scene, loading the model once for all of them."""
+    with user_errors():
+        from smd_cli.masks import scene_masks
+        from smd_cli.models import check_source
+        from smd_cli.scene import load_scene, scene_from_prompt
+
+        overrides: list = [(k, v) for k, v in (("seed", seed), ("steps", steps), ("width", width),
+                                                 ("height", height)) if v is not None]
+        overrides += [o for o in set_]
+        files = list(scenes or [])
+        if not files and prompt is None:
+            raise SmdError("give one or more scene files, or --prompt \"...\"")
+        if files and prompt is not None:
+            raise SmdError("give either scene files or --prompt, not both")
+        loaded = ([scene_from_prompt(prompt, negative_prompt, _as_overrides(overrides))] if prompt is not None
+                  else [load_scene(f, _as_overrides(overrides)) for f in files])
+        for sf in loaded:  # every scene and model path checked before the (slow) model load
+            scene_masks(sf)
+            check_source(model or sf.scene.model)
+        targets = [_output_template(sf, output) for sf in loaded]
+        if output is not None and len(loaded) > 1 and "{scene}" not in output and not _is_folder(output):
+            raise SmdError(f"--out {output} names one file for {len(loaded)} scenes; "
+                           "give a folder or a template with {scene}")
+
+        pipes: dict[tuple, object] = {}
+        for sf, template in zip(loaded, targets):
+            pipe = _pipeline(pipes, model or sf.scene.model, lcm_lora or sf.scene.lcm_lora or "auto", device, dtype)
+            _render(pipe, sf, template)
+
+
+def _as_overrides(items: list) -> list[str] | dict:
+    """CLI options and --set strings as one ordered override list."""
+    from smd_cli.scene import parse_override
+
+    pairs: dict = {}
+    for item in items:
+        key, value = parse_override(item) if isinstance(item, str) else ((item[0],), item[1])
+        pairs[key] = value
+    return pairs
+
+
+def _is_folder(text: str) -> bool:
+    return text.endswith(("/", "\\")) or Path(text).is_dir()
+
+
+def _output_template(sf: SceneFile, output: str | None) -> str:
+    from smd_cli.outputs import DEFAULT_TEMPLATE, check_template
+
+    if output is not None:
+        check_template(output)
+        return output
+    if sf.scene.output is not None:
+        return str(sf.resolve(sf.scene.output))
+    return DEFAULT_TEMPLATE
+
+
+def _pipeline(cache: dict, model: str | None, lcm_lora: str, device: str, dtype: str):
+    """One loaded pipeline per distinct model, loaded on first use."""
+    key = (model, lcm_lora)
+    if key not in cache:
+        from smd_cli.models import resolve_device, resolve_dtype
+        from smd_cli.pipeline import StableMultiDiffusionPipeline
+        from smd_cli.scene import DEFAULT_MODEL
+
+        cache.clear()  # free the previous model before loading another
+        resolved = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, resolved)
+        started = time.perf_counter()
+        with err.status(f"loading {model or DEFAULT_MODEL} on {resolved} ({str(torch_dtype).removeprefix('torch.')})"):
+            cache[key] = StableMultiDiffusionPipeline(device, hf_key=model, dtype=dtype, lcm_lora=lcm_lora)
+        pipe = cache[key]
+        lora = f" + {pipe.components.lcm_lora}" if pipe.components.lcm_lora else ""
+        err.print(f"loaded {pipe.components.source}{lora} in {time.perf_counter() - started:.1f} s")
+    return cache[key]
+
+
+def _render(pipe, sf: SceneFile, template: str) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from smd_cli.outputs import output_path, save_image
+
+    steps = len(pipe.schedule(sf.scene.steps, sf.scene.timesteps))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task(sf.name, total=steps)
+        result = pipe.generate(sf, callback=lambda k, n, x0: progress.update(task, completed=k + 1))
+    path = output_path(template, scene=sf.name, seed=result.seed, steps=steps)
+    save_image(result.image, path)
+    err.print(f"{sf.name}: seed {result.seed}, {result.timings['generate']:.1f} s")
+    out.print(str(path))
+
+
+def main() -> None:
+    app(prog_name="smd")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

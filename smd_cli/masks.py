@@ -1,0 +1,338 @@
+"""Masks: reading them from a scene, and preparing them for the step loop (SPEC section 2.2).
+
+Everything here is numpy on the CPU: masks are prepared once per generation, and `smd validate`
+must not import torch. Arrays are float32 in [0, 1], shaped [P, H, W] for P layers at canvas size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from smd_cli.scene import DEFAULT_SIZE, EllipseMask, ImageMask, PaletteMask, RectMask, SceneFile, is_fraction_box
+
+ASPECT_TOLERANCE = 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open and fully decode an image; raises OSError or ValueError for unreadable files."""
+    with Image.open(path) as im:
+        im.load()
+        return im.copy()
+
+
+def image_mask(image: Image.Image) -> np.ndarray:
+    """The alpha channel where the image has a non-trivial one, otherwise luminance (SPEC 2.2)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        alpha = np.asarray(image.convert("RGBA"))[..., 3]
+        if alpha.min() < 255:
+            return alpha.astype(np.float32) / 255.0
+    return np.asarray(image.convert("L")).astype(np.float32) / 255.0
+
+
+def resize(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of one [h, w] mask to the canvas."""
+    if mask.shape == (height, width):
+        return mask
+    im = Image.fromarray(mask.astype(np.float32), mode="F")
+    return np.asarray(im.resize((width, height), Image.BILINEAR), dtype=np.float32).clip(0.0, 1.0)
+
+
+def aspect_mismatch(size: tuple[int, int], width: int, height: int) -> bool:
+    """True when an image of `size` (w, h) cannot be resized to the canvas without distortion."""
+    w, h = size
+    return abs(w / h - width / height) > ASPECT_TOLERANCE * (width / height)
+
+
+def _box(values: tuple[float, ...], width: int, height: int) -> tuple[float, float, float, float]:
+    if is_fraction_box(values):
+        return values[0] * width, values[1] * height, values[2] * width, values[3] * height
+    return tuple(float(v) for v in values)  # type: ignore[return-value]
+
+
+def rect_mask(rect: tuple[float, ...], height: int, width: int) -> np.ndarray:
+    """Pixels whose centre lies in [x0, x1) x [y0, y1)."""
+    x0, y0, x1, y1 = _box(rect, width, height)
+    xs = np.arange(width) + 0.5
+    ys = np.arange(height) + 0.5
+    inside_x = (xs >= x0) & (xs < x1)
+    inside_y = (ys >= y0) & (ys < y1)
+    return (inside_y[:, None] & inside_x[None, :]).astype(np.float32)
+
+
+def ellipse_mask(ellipse: tuple[float, ...], height: int, width: int) -> np.ndarray:
+    """Pixels whose centre lies in the ellipse with centre (cx, cy) and radii (rx, ry)."""
+    cx, cy, rx, ry = _box(ellipse, width, height)
+    xs = (np.arange(width) + 0.5 - cx) / rx
+    ys = (np.arange(height) + 0.5 - cy) / ry
+    return ((ys[:, None] ** 2 + xs[None, :] ** 2) <= 1.0).astype(np.float32)
+
+
+def hex_to_rgb(color: str) -> tuple[int, int, int]:
+    return int(color[1:3], 16), int(color[3:5], 16), int(color[5:7], 16)
+
+
+def palette_labels(image: Image.Image, colors: list[str]) -> np.ndarray:
+    """Index of the nearest listed colour for every pixel; transparent pixels get -1."""
+    rgba = np.asarray(image.convert("RGBA")).astype(np.int32)
+    palette = np.array([hex_to_rgb(c) for c in colors], dtype=np.int32)
+    dist = ((rgba[..., None, :3] - palette[None, None]) ** 2).sum(-1)
+    labels = dist.argmin(-1)
+    labels[rgba[..., 3] < 128] = -1
+    return labels
+
+
+def main_colors(image: Image.Image, n: int = 5) -> list[str]:
+    """The most frequent opaque colours of an image, to suggest in error messages."""
+    rgba = np.asarray(image.convert("RGBA"))
+    rgb = rgba[rgba[..., 3] >= 128][:, :3]
+    if rgb.size == 0:
+        return []
+    values, counts = np.unique(rgb.reshape(-1, 3), axis=0, return_counts=True)
+    return ["#%02x%02x%02x" % tuple(values[i]) for i in np.argsort(-counts)[:n]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scene masks
+
+
+@dataclass
+class SceneMasks:
+    """The scene's layer masks at canvas size, before occlusion and blur."""
+
+    masks: np.ndarray  # [P, H, W]
+    names: list[str]
+
+    @property
+    def height(self) -> int:
+        return self.masks.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.masks.shape[2]
+
+
+class _Images:
+    """Reads each image of a scene once, turning failures into located scene errors."""
+
+    def __init__(self, sf: SceneFile):
+        self.sf = sf
+        self.cache: dict[Path, Image.Image] = {}
+
+    def get(self, relative: str, key: tuple) -> Image.Image:
+        path = self.sf.resolve(relative)
+        if path not in self.cache:
+            if not path.exists():
+                raise self.sf.error(key, f"mask file not found: {path}")
+            try:
+                self.cache[path] = load_image(path)
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+                reason = "not an image PIL can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
+                raise self.sf.error(key, f"cannot read mask image {path}: {reason}") from None
+        return self.cache[path]
+
+    def size(self, relative: str, key: tuple) -> tuple[int, int]:
+        path = self.sf.resolve(relative)
+        if path in self.cache:
+            return self.cache[path].size
+        if not path.exists():
+            raise self.sf.error(key, f"mask file not found: {path}")
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise self.sf.error(key, f"cannot read mask image {path}: {exc}") from None
+
+
+def _image_source(mask) -> str | None:
+    if isinstance(mask, ImageMask):
+        return mask.image
+    if isinstance(mask, PaletteMask):
+        return mask.palette
+    return None
+
+
+def canvas_size(sf: SceneFile, images: _Images | None = None, multiple: int = 8) -> tuple[int, int]:
+    """(width, height): from the scene, else from the first mask image, else 512."""
+    s = sf.scene
+    if s.width is not None and s.height is not None:
+        return s.width, s.height
+    images = images or _Images(sf)
+    for i, layer in enumerate(s.layers):
+        source = _image_source(layer.mask)
+        if source is None:
+            continue
+        mw, mh = images.size(source, ("layers", i, "mask"))
+        if s.width is None and s.height is None:
+            return mw, mh
+        if s.width is not None:
+            return s.width, max(multiple, round(s.width * mh / mw / multiple) * multiple)
+        return max(multiple, round(s.height * mw / mh / multiple) * multiple), s.height  # type: ignore[operator]
+    return s.width or DEFAULT_SIZE, s.height or DEFAULT_SIZE
+
+
+def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = None) -> SceneMasks:
+    """Every layer's mask at canvas size, raising located `SceneError`s for bad mask inputs."""
+    images = _Images(sf)
+    if width is None or height is None:
+        width, height = canvas_size(sf, images)
+    layers = sf.scene.layers
+
+    # Each palette image lists every colour that any layer takes from it, plus its background colours.
+    palette_colors: dict[Path, list[str]] = {}
+    for layer in layers:
+        if isinstance(layer.mask, PaletteMask):
+            colors = palette_colors.setdefault(sf.resolve(layer.mask.palette), [])
+            for c in (layer.mask.color, layer.mask.background_color):
+                if c not in colors:
+                    colors.append(c)
+    labels: dict[Path, np.ndarray] = {}
+
+    out = np.zeros((len(layers), height, width), dtype=np.float32)
+    for i, layer in enumerate(layers):
+        key = ("layers", i, "mask")
+        spec = layer.mask
+        if spec is None:
+            out[i] = 1.0
+        elif isinstance(spec, RectMask):
+            out[i] = rect_mask(spec.rect, height, width)
+        elif isinstance(spec, EllipseMask):
+            out[i] = ellipse_mask(spec.ellipse, height, width)
+        else:
+            source = _image_source(spec)
+            image = images.get(source, key)
+            if aspect_mismatch(image.size, width, height):
+                raise sf.error(key, f"mask image is {image.size[0]}x{image.size[1]} but the canvas is "
+                                    f"{width}x{height}: the aspect ratios differ; crop or pad the image, "
+                                    "or set width and height to match it")
+            if isinstance(spec, PaletteMask):
+                path = sf.resolve(spec.palette)
+                if path not in labels:
+                    labels[path] = palette_labels(image, palette_colors[path])
+                hard = (labels[path] == palette_colors[path].index(spec.color)).astype(np.float32)
+                if not hard.any():
+                    found = ", ".join(main_colors(image)) or "none (fully transparent)"
+                    raise sf.error(key + ("color",), f"colour {spec.color} matches no pixel of {path.name}; "
+                                                     f"its main colours are {found}")
+                out[i] = (resize(hard, height, width) > 0.5).astype(np.float32)
+            else:
+                m = resize(image_mask(image), height, width)
+                if spec.invert:
+                    m = 1.0 - m
+                if spec.threshold is not None:
+                    m = (m > spec.threshold).astype(np.float32)
+                out[i] = m
+    if not out.any():
+        raise sf.error(("layers",), "every layer's mask is empty: nothing would be painted; "
+                                    "check the mask images, colours and rectangles")
+    return SceneMasks(masks=out, names=[layer.name or f"layer{i + 1}" for i, layer in enumerate(layers)])
+
+
+def background_mask(masks: np.ndarray) -> np.ndarray:
+    """The area no layer covers: 1 - max over layers."""
+    return (1.0 - masks.max(axis=0)).clip(0.0, 1.0) if len(masks) else np.ones((0, 0), np.float32)
+
+
+@dataclass
+class Coverage:
+    name: str
+    coverage: float  # % of the canvas
+    overlaps: dict[str, float]  # other layer -> % of the canvas shared
+
+
+def coverage_report(masks: np.ndarray, names: list[str]) -> tuple[list[Coverage], float]:
+    """Per-layer coverage and pairwise overlaps in % of the canvas, and the uncovered %."""
+    hard = masks > 0.5
+    rows = []
+    for i, name in enumerate(names):
+        overlaps = {}
+        for j, other in enumerate(names):
+            if j != i:
+                shared = float((hard[i] & hard[j]).mean() * 100)
+                if shared > 0:
+                    overlaps[other] = shared
+        rows.append(Coverage(name, float(masks[i].mean() * 100), overlaps))
+    uncovered = float(background_mask(masks).mean() * 100)
+    return rows, uncovered
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation for the step loop (SPEC 2.2)
+
+
+def occlude(masks: np.ndarray, cover_alpha: float) -> np.ndarray:
+    """Where a later layer is present, scale every earlier layer by `cover_alpha`.
+
+    Soft masks scale smoothly: an earlier mask is multiplied by 1 - (1 - cover_alpha) * M_later,
+    which is exactly `cover_alpha` where the later mask is 1 and 1 where it is 0.
+    """
+    out = np.empty_like(masks)
+    factor = np.ones(masks.shape[1:], dtype=masks.dtype)
+    for p in range(len(masks) - 1, -1, -1):
+        out[p] = masks[p] * factor
+        factor = factor * (1.0 - (1.0 - cover_alpha) * masks[p])
+    return out
+
+
+def gaussian_matrix(size: int, std: float) -> np.ndarray:
+    """[size, size] matrix of a 1-D Gaussian blur with replicate padding, kernel 2*ceil(3*std)+1."""
+    radius = math.ceil(3 * std)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / std) ** 2)
+    taps /= taps.sum()
+    mat = np.zeros((size, size), dtype=np.float64)
+    rows = np.arange(size)
+    for offset, weight in zip(range(-radius, radius + 1), taps):
+        np.add.at(mat, (rows, np.clip(rows + offset, 0, size - 1)), weight)
+    return mat.astype(np.float32)
+
+
+def blur(mask: np.ndarray, std: float) -> np.ndarray:
+    """Separable Gaussian blur of one [H, W] mask with std in pixels; std 0 leaves it unchanged."""
+    if std <= 0:
+        return mask
+    h, w = mask.shape
+    return gaussian_matrix(h, std) @ mask @ gaussian_matrix(w, std).T
+
+
+def prepare(masks: np.ndarray, *, cover_alpha: float, stds: list[float],
+            strengths: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Occlusion, blur and strength (SPEC 2.2).
+
+    Returns the blurred masks (kept for the final pixel blend) and M_p, the blurred masks times
+    their strengths, which the per-step quantization compares with the noise levels.
+    """
+    blurred = np.stack([blur(m, s) for m, s in zip(occlude(masks, cover_alpha), stds)]).astype(np.float32)
+    strengths_ = np.asarray(strengths, dtype=np.float32).reshape(-1, 1, 1)
+    return blurred, blurred * strengths_
+
+
+def quantize(masks: np.ndarray, sigmas: list[float], mask_type: str) -> np.ndarray:
+    """Per-step masks m_{p,k} [K, P, ...] from M [P, ...]; `sigmas` has K + 1 entries, the last 0."""
+    steps = len(sigmas) - 1
+    out = np.empty((steps,) + masks.shape, dtype=np.float32)
+    for k in range(steps):
+        hi, lo = sigmas[k], sigmas[k + 1]
+        continuous = mask_type == "continuous" or (mask_type == "semi-continuous" and k == steps - 1)
+        if continuous:
+            out[k] = ((masks - lo) / (hi - lo)).clip(0.0, 1.0)
+        else:
+            out[k] = masks > hi
+    return out
+
+
+def downsample(masks: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest downsampling of [..., H, W] to the latent grid: the pixel at (f*i, f*j)."""
+    return np.ascontiguousarray(masks[..., ::factor, ::factor])
+
+
+def step_masks(masks: np.ndarray, factor: int, sigmas: list[float], mask_type: str) -> np.ndarray:
+    """m_{p,k} at latent size. Quantizing is per pixel, so it commutes with nearest downsampling."""
+    return quantize(downsample(masks, factor), sigmas, mask_type)

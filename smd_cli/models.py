@@ -1,0 +1,252 @@
+"""Model loading: hub ids, local diffusers folders and single files; devices, dtypes, the LCM LoRA.
+
+Only this module and the pipeline import torch and diffusers, and only when a model is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from smd_cli.errors import ModelError
+from smd_cli.scene import DEFAULT_LCM_LORA, DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    import torch
+
+# diffusers and transformers log notes at import time (optional backends, deprecations) that mean
+# nothing to an smd user; these must be set before either library is first imported.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# SD1.x UNets condition on CLIP ViT-L/14 states of width 768: the LCM LoRA for SD1.5 fits those.
+SD1_CROSS_ATTENTION_DIM = 768
+
+
+class SlowDeviceWarning(UserWarning):
+    """Generation on the CPU works but is slow."""
+
+
+@dataclass
+class Components:
+    """The loaded parts of a Stable Diffusion model, ready on one device."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict
+    source: str = "<components>"
+    lcm_lora: str | None = None
+
+
+def resolve_device(device: Any = None) -> torch.device:
+    """`auto`/None picks CUDA, then MPS, then the CPU; an int N means `cuda:N`."""
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, int):
+        return torch.device(f"cuda:{device}")
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} asked for, but this torch build sees no CUDA GPU; use --device cpu")
+    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    return resolved
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    """`auto`/None: float16 on CUDA and MPS, float32 on the CPU."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+    return getattr(torch, dtype)
+
+
+def warn_if_slow(device: torch.device) -> None:
+    if device.type == "cpu":
+        warnings.warn("running on the CPU: this works but is slow; a CUDA GPU is much faster",
+                      SlowDeviceWarning, stacklevel=3)
+
+
+def _looks_like_path(name: str) -> bool:
+    """Anything but `owner/name` is a path: hub ids have exactly one slash and no file suffix."""
+    return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name) is None or name.endswith(SINGLE_FILE_SUFFIXES)
+
+
+def vae_downscale_factor(model: str | None) -> int | None:
+    """The VAE's downscale factor read from a local or cached config without loading anything."""
+    import json
+
+    model = model or DEFAULT_MODEL
+    path = Path(model).expanduser()
+    config: Path | None = None
+    if path.is_dir():
+        config = path / "vae" / "config.json"
+    elif not _looks_like_path(model):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(model, "vae/config.json")
+            config = Path(found) if isinstance(found, str) else None
+        except Exception:  # a cache lookup must never stop validation
+            config = None
+    if config is None or not config.is_file():
+        return None
+    try:
+        return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _not_cached_message(name: str, what: str = "model") -> str:
+    return (f"{what} '{name}' is not a local folder or file and is not in the Hugging Face cache, "
+            "and the hub cannot be reached; download it once on a machine with network access "
+            f"(`hf download {name}`), or pass a local diffusers folder or .safetensors file")
+
+
+def _quiet_hub():
+    """diffusers and transformers print loading bars and notes; smd shows its own progress."""
+    from diffusers.utils import logging as dlogging
+
+    dlogging.disable_progress_bar()
+    dlogging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as tlogging
+
+        tlogging.set_verbosity_error()
+        tlogging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def check_source(model: str | None) -> None:
+    """Fail early, before slow imports, for a local model path that does not exist."""
+    if model and _looks_like_path(model) and not Path(model).expanduser().exists():
+        raise ModelError(f"model folder or file not found: {Path(model).expanduser()}")
+
+
+def load_pipeline(model: str, *, dtype: torch.dtype, config: str | None = None):
+    """A diffusers `StableDiffusionPipeline` from a hub id, a local folder or a single file."""
+    from diffusers import StableDiffusionPipeline
+
+    _quiet_hub()
+    # diffusers renames `torch_dtype`; the old name works across the supported versions.
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
+    common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, feature_extractor=None)
+    path = Path(model).expanduser()
+    try:
+        if path.is_file() or model.endswith(SINGLE_FILE_SUFFIXES):
+            if not path.is_file():
+                raise ModelError(f"model file not found: {path}")
+            kwargs: dict[str, Any] = {}
+            if config is not None:
+                if not (Path(config) / "model_index.json").is_file():
+                    raise ModelError(f"--config {config} is not a diffusers model folder (no model_index.json)")
+                kwargs = {"config": str(config), "local_files_only": True}
+            try:
+                return StableDiffusionPipeline.from_single_file(str(path), **kwargs, **common)
+            except (OSError, ValueError) as exc:
+                if config is None:
+                    raise ModelError(
+                        f"cannot load single-file model {path}: diffusers needs a config for it and could not "
+                        f"get one ({str(exc).splitlines()[0]}); pass a local diffusers folder of the same "
+                        "architecture with --config DIR") from None
+                raise
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise ModelError(f"model folder {path} has no model_index.json; it is not a diffusers model folder")
+            return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **common)
+        if _looks_like_path(model):
+            raise ModelError(f"model folder or file not found: {path}")
+        return StableDiffusionPipeline.from_pretrained(model, local_files_only=_offline(), **common)
+    except ModelError:
+        raise
+    except Exception as exc:  # diffusers and the hub raise many kinds for a model they cannot get
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+        chain = [exc, exc.__cause__, exc.__context__]
+        if any(isinstance(e, LocalEntryNotFoundError) for e in chain) or "offline" in str(exc).lower() \
+                or "cannot find the requested files" in str(exc).lower() or "connection" in str(exc).lower():
+            raise ModelError(_not_cached_message(model)) from None
+        if any(isinstance(e, RepositoryNotFoundError) for e in chain):
+            raise ModelError(f"model '{model}' does not exist on the Hugging Face hub (or is private)") from None
+        raise ModelError(f"cannot load model '{model}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def lcm_lora_fits(unet) -> bool:
+    """The SD1.5 LCM LoRA fits an SD1.x UNet that is not already LCM-distilled."""
+    cfg = unet.config
+    return cfg.get("time_cond_proj_dim") is None and cfg.get("cross_attention_dim") == SD1_CROSS_ATTENTION_DIM
+
+
+def apply_lcm_lora(pipe, lcm_lora: str | None) -> str | None:
+    """Fuse an LCM LoRA into the UNet. `auto` applies the SD1.5 one where it fits; `none` nothing."""
+    if lcm_lora is None or lcm_lora == "none":
+        return None
+    if lcm_lora == "auto":
+        if not lcm_lora_fits(pipe.unet):
+            return None
+        lcm_lora = DEFAULT_LCM_LORA
+    path = Path(lcm_lora).expanduser()
+    try:
+        if path.is_file():
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+        elif path.is_dir():
+            pipe.load_lora_weights(str(path))
+        elif _looks_like_path(lcm_lora):
+            raise ModelError(f"LCM LoRA file or folder not found: {path}")
+        else:
+            pipe.load_lora_weights(lcm_lora, local_files_only=_offline())
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    except ModelError:
+        raise
+    except Exception as exc:
+        text = str(exc)
+        if "offline" in text.lower() or "connection" in text.lower() or "cannot find" in text.lower() \
+                or "LocalEntryNotFound" in type(exc).__name__:
+            raise ModelError(_not_cached_message(lcm_lora, "LCM LoRA") + "; or use --lcm-lora none") from None
+        raise ModelError(f"cannot apply LCM LoRA '{lcm_lora}': {text.splitlines()[0] if text else type(exc).__name__}"
+                         " (use --lcm-lora none for a model that needs none)") from None
+    return lcm_lora
+
+
+def load_components(model: str | None = None, *, device: torch.device, dtype: torch.dtype,
+                    lcm_lora: str | None = "auto", config: str | None = None) -> Components:
+    """Load a model onto `device`, with the LCM LoRA fused where asked for."""
+    model = model or DEFAULT_MODEL
+    pipe = load_pipeline(model, dtype=dtype, config=config)
+    applied = apply_lcm_lora(pipe, lcm_lora)
+    pipe.to(device)
+    return Components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                      scheduler_config=dict(pipe.scheduler.config), source=model, lcm_lora=applied)

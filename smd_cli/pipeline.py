@@ -1,0 +1,452 @@
+"""`StableMultiDiffusionPipeline`: region-based multi-prompt generation, the library behind `smd`.
+
+It wires loaded components to the shared step loop (`smd_cli.sampler`) and reads top to bottom:
+1. check inputs, 2. prepare masks, 3. encode prompts, 4. prepare latents, 5. denoise, 6. decode.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from smd_cli import masks as mask_ops
+from smd_cli.errors import ModelError, SmdError
+from smd_cli.models import Components, load_components, resolve_device, resolve_dtype, warn_if_slow
+from smd_cli.sampler import Schedule, StepCallback, randn, sample
+from smd_cli.scene import SceneFile
+
+# SPEC section 1: the default schedule takes these indices of the 50-step LCM grid.
+LCM_ORIGINAL_STEPS = 50
+DEFAULT_LCM_INDICES = (0, 4, 12, 25, 37)
+SUPPORTED_SD_VERSIONS = ("1.5", "1.4", "1", "2.0", "2.1", "2")
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt longer than the text encoder's limit was cut."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (all devices), as the original project's helper does."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _per_layer(value: Any, count: int, default: float, name: str) -> list[float]:
+    if value is None:
+        return [default] * count
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    if isinstance(value, (int, float)):
+        return [float(value)] * count
+    value = [float(v) for v in value]
+    if len(value) != count:
+        raise SmdError(f"{name} has {len(value)} values for {count} prompts")
+    return value
+
+
+def _as_list(value: Any, count: int, name: str) -> list[str]:
+    if value is None:
+        return [""] * count
+    if isinstance(value, str):
+        return [value] * count
+    value = list(value)
+    if len(value) == 1 and count > 1:
+        return value * count
+    if len(value) != count:
+        raise SmdError(f"{name} has {len(value)} entries for {count} prompts")
+    return value
+
+
+def masks_to_array(masks: Any, count: int) -> np.ndarray:
+    """Masks from the Python API (tensor [P,1,H,W] or [P,H,W], list of tensors/arrays/PIL) as [P, H, W]."""
+    if isinstance(masks, (torch.Tensor, np.ndarray)):
+        items = list(masks) if masks.ndim >= 3 else [masks]
+    else:
+        items = list(masks)
+    arrays = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            arr = mask_ops.image_mask(item)
+        else:
+            arr = item.detach().float().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item, np.float32)
+            arr = arr.astype(np.float32)
+            while arr.ndim > 2:
+                arr = arr[0]
+        arrays.append(arr)
+    if len(arrays) != count:
+        raise SmdError(f"{len(arrays)} masks for {count} prompts; give one mask per prompt")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise SmdError(f"masks have different sizes: {sorted(shapes)}")
+    out = np.stack(arrays)
+    if not np.isfinite(out).all() or out.min() < 0 or out.max() > 1:
+        raise SmdError("mask values must lie in [0, 1] (divide 0..255 images by 255)")
+    return out
+
+
+@dataclass
+class Result:
+    """One generated image and what made it."""
+
+    image: Any
+    seed: int | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class StableMultiDiffusionPipeline:
+    """Region-based multi-prompt text-to-image generation (StreamMultiDiffusion, SPEC section 3).
+
+    `StableMultiDiffusionPipeline(device, hf_key=..., sd_version='1.5')` loads a model (a hub id,
+    a local diffusers folder or a .safetensors file); `from_components` wraps loaded parts.
+    """
+
+    def __init__(self, device: Any = None, hf_key: str | None = None, sd_version: str = "1.5", *,
+                 dtype: Any = None, lcm_lora: str | None = "auto", config: str | None = None,
+                 components: Components | None = None):
+        if str(sd_version) not in SUPPORTED_SD_VERSIONS:
+            raise ModelError(f"sd_version {sd_version!r} is not supported; smd runs SD 1.x and 2.x models")
+        self.device = resolve_device(device)
+        if device in (None, "auto"):
+            warn_if_slow(self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        if components is None:
+            components = load_components(hf_key, device=self.device, dtype=self.dtype, lcm_lora=lcm_lora,
+                                         config=config)
+        self.components = components
+        self.unet = components.unet
+        self.vae = components.vae
+        self.text_encoder = components.text_encoder
+        self.tokenizer = components.tokenizer
+        from diffusers import LCMScheduler
+
+        self.scheduler = LCMScheduler.from_config(components.scheduler_config)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.default_size = int(self.unet.config.sample_size) * self.vae_scale_factor
+        self._white_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    @classmethod
+    def from_components(cls, *, unet, vae, text_encoder, tokenizer, scheduler=None, device: Any = None,
+                        dtype: Any = None) -> "StableMultiDiffusionPipeline":
+        """Wrap already loaded diffusers/transformers components (moved to `device`)."""
+        resolved = resolve_device(device if device is not None else unet.device)
+        dtype = resolve_dtype(dtype if dtype is not None else unet.dtype, resolved)
+        for module in (unet, vae, text_encoder):
+            module.to(resolved, dtype)
+        config = dict(scheduler.config) if scheduler is not None else {}
+        return cls(resolved, dtype=dtype, components=Components(
+            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=config))
+
+    @classmethod
+    def from_pipe(cls, pipe, device: Any = None, dtype: Any = None) -> "StableMultiDiffusionPipeline":
+        """Wrap a loaded diffusers `StableDiffusionPipeline`."""
+        return cls.from_components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                                   tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, device=device, dtype=dtype)
+
+    # -----------------------------------------------------------------------------------------
+    # Inputs
+
+    def schedule(self, steps: int | None = None, timesteps: Sequence[int] | None = None) -> Schedule:
+        """The LCM schedule: SPEC's default 5 steps, `steps` evenly spaced by diffusers, or `timesteps`."""
+        sched = self.scheduler
+        train = int(sched.config.num_train_timesteps)
+        if timesteps is None:
+            if steps is None or steps == len(DEFAULT_LCM_INDICES):
+                stride = train // LCM_ORIGINAL_STEPS
+                grid = [train - 1 - i * stride for i in range(LCM_ORIGINAL_STEPS)]
+                timesteps = [grid[i] for i in DEFAULT_LCM_INDICES]
+            else:
+                sched.set_timesteps(num_inference_steps=steps)
+                timesteps = [int(t) for t in sched.timesteps]
+        timesteps = [int(t) for t in timesteps]
+        if any(t < 0 or t >= train for t in timesteps):
+            raise SmdError(f"timesteps must lie in [0, {train - 1}] for this model, got {timesteps}")
+        abar = sched.alphas_cumprod
+        alphas = [math.sqrt(float(abar[t])) for t in timesteps] + [1.0]
+        sigmas = [math.sqrt(1.0 - float(abar[t])) for t in timesteps] + [0.0]
+        scalings = [sched.get_scalings_for_boundary_condition_discrete(t) for t in timesteps]
+        return Schedule(timesteps, alphas, sigmas, [c[0] for c in scalings], [c[1] for c in scalings])
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP states [N, 77, D] for each prompt, each distinct prompt encoded once (SPEC 2.1)."""
+        unique = list(dict.fromkeys(prompts))
+        tok = self.tokenizer
+        ids = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        for text in unique:
+            full = tok(text, truncation=False).input_ids
+            if len(full) > tok.model_max_length:
+                kept = tok.decode(tok(text, truncation=True, max_length=tok.model_max_length).input_ids[1:-1])
+                cut = text[len(kept):].strip() if text.startswith(kept) else f"{len(full) - tok.model_max_length} tokens"
+                warnings.warn(f"prompt longer than the text encoder's {tok.model_max_length} tokens; "
+                              f"cut: {cut!r}", PromptTruncatedWarning, stacklevel=3)
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                       return_tensors="pt").attention_mask.to(self.device)
+        states = self.text_encoder(ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
+        index = {p: i for i, p in enumerate(unique)}
+        return states[[index[p] for p in prompts]]
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
+        """VAE latent of an image resized to the canvas: the distribution's mode, scaled (SPEC 2.3)."""
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.LANCZOS)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        return dist.mode().float() * self.vae.config.scaling_factor
+
+    def white_latent(self, height: int, width: int) -> torch.Tensor:
+        if (height, width) not in self._white_cache:
+            white = Image.new("RGB", (width, height), (255, 255, 255))
+            self._white_cache[(height, width)] = self.encode_image(white, height, width)
+        return self._white_cache[(height, width)]
+
+    def _predictor(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float):
+        """`predict(x, t, layers)` for the sampler: UNet noise with guidance (SPEC 3.3)."""
+        unet = self.unet
+        cfg = unet.config
+        timestep_cond = None
+        if cfg.get("time_cond_proj_dim") is not None:
+            w = torch.tensor([guidance_scale - 1.0], dtype=torch.float32)
+            timestep_cond = guidance_embedding(w, cfg.time_cond_proj_dim).to(self.device, self.dtype)
+        v_prediction = self.scheduler.config.prediction_type == "v_prediction"
+
+        @torch.no_grad()
+        def predict(x: torch.Tensor, t: int, layers: Sequence[int]) -> torch.Tensor:
+            index = torch.as_tensor(list(layers), device=cond.device)
+            states = cond[index]
+            x_in = x.to(self.dtype)
+            if uncond is not None:  # classifier-free guidance: both halves in one batch
+                states = torch.cat([uncond[index], states])
+                x_in = torch.cat([x_in, x_in])
+            tc = None if timestep_cond is None else timestep_cond.expand(len(x_in), -1)
+            out = unet(x_in, t, encoder_hidden_states=states, timestep_cond=tc, return_dict=False)[0].float()
+            if v_prediction:  # eps = sigma * x + alpha * v
+                a = math.sqrt(float(self.scheduler.alphas_cumprod[t]))
+                out = math.sqrt(1.0 - a * a) * x_in.float() + a * out
+            if uncond is not None:
+                eps_u, eps_c = out.chunk(2)
+                return eps_u + guidance_scale * (eps_c - eps_u)
+            return out
+
+        return predict
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1], [1, 3, H, W], from a clean latent."""
+        image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    # -----------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        negative_prompts: str | Sequence[str] | None = "",
+        *,
+        background: Image.Image | None = None,
+        background_prompt: str | None = None,
+        background_negative_prompt: str = "",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        timesteps: Sequence[int] | None = None,
+        guidance_scale: float = 1.0,
+        prompt_strengths: float | Sequence[float] | None = None,
+        masks: Any = None,
+        mask_type: str = "discrete",
+        mask_strengths: float | Sequence[float] | None = None,
+        mask_stds: float | Sequence[float] | None = None,
+        cover_alpha: float = 0.3,
+        bootstrap_steps: int = 1,
+        bootstrap_mix_steps: float = 1.0,
+        bootstrap_leak_sensitivity: float | None = 0.2,
+        negative_prompt_prefix: str | None = None,
+        latents: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        max_batch: int | None = None,
+        output_type: str = "pil",
+        callback: StepCallback | None = None,
+    ):
+        """Generate one image from prompts painted through masks; returns a PIL image by default.
+
+        `masks` has one mask per prompt (values in [0, 1]); where no mask reaches, the background
+        prompt is generated, or the `background` image kept (inpainting). Give `latents` and/or a
+        `generator` for reproducible results.
+        """
+        # 1. Check inputs.
+        if prompts is None:
+            raise SmdError("give at least one prompt")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        count = len(prompts)
+        if count == 0:
+            raise SmdError("give at least one prompt")
+        negatives = _as_list(negative_prompts, count, "negative_prompts")
+        strengths = _per_layer(mask_strengths, count, 1.0, "mask_strengths")
+        stds = _per_layer(mask_stds, count, 0.0, "mask_stds")
+        prompt_ws = _per_layer(prompt_strengths, count, 1.0, "prompt_strengths")
+        if mask_type not in ("discrete", "semi-continuous", "continuous"):
+            raise SmdError(f"mask_type must be discrete, semi-continuous or continuous, got {mask_type!r}")
+        raw = None if masks is None else masks_to_array(masks, count)
+        if raw is not None:
+            height = height or raw.shape[1]
+            width = width or raw.shape[2]
+        height, width = height or self.default_size, width or self.default_size
+        f = self.vae_scale_factor
+        if height % f or width % f:
+            raise SmdError(f"canvas {width}x{height} is not divisible by the model's downscale factor {f}")
+        if raw is None:
+            raw = np.ones((count, height, width), np.float32)
+        elif raw.shape[1:] != (height, width):
+            if mask_ops.aspect_mismatch((raw.shape[2], raw.shape[1]), width, height):
+                raise SmdError(f"masks are {raw.shape[2]}x{raw.shape[1]} but the canvas is {width}x{height}: "
+                               "the aspect ratios differ")
+            raw = np.stack([mask_ops.resize(m, height, width) for m in raw])
+        if negative_prompt_prefix:
+            negatives = [_prefixed(negative_prompt_prefix, n) for n in negatives]
+            background_negative_prompt = _prefixed(negative_prompt_prefix, background_negative_prompt)
+        schedule = self.schedule(num_inference_steps, timesteps)
+
+        # 2. Prepare masks (SPEC 2.2): the uncovered area becomes a background layer at the bottom.
+        if background is None:
+            uncovered = mask_ops.background_mask(raw)
+            if uncovered.max() > 0:
+                raw = np.concatenate([uncovered[None], raw])
+                prompts = [background_prompt or ""] + prompts
+                negatives = [background_negative_prompt] + negatives
+                strengths, stds, prompt_ws = [1.0] + strengths, [0.0] + stds, [1.0] + prompt_ws
+        blurred, strengthened = mask_ops.prepare(raw, cover_alpha=cover_alpha, stds=stds, strengths=strengths)
+        per_step = mask_ops.step_masks(strengthened, f, schedule.sigmas, mask_type)
+        step_masks = torch.from_numpy(per_step).unsqueeze(2).to(self.device)
+
+        # 3. Encode prompts (SPEC 2.1), mixing toward the background prompt by prompt strength.
+        do_cfg = guidance_scale > 1.0 and self.unet.config.get("time_cond_proj_dim") is None
+        texts = prompts + (negatives if do_cfg else [])
+        mix = background_prompt is not None and any(w != 1.0 for w in prompt_ws)
+        if mix:
+            texts = texts + [background_prompt] + ([background_negative_prompt] if do_cfg else [])
+        states = self.encode_prompts(texts)
+        cond = states[: len(prompts)]
+        uncond = states[len(prompts): 2 * len(prompts)] if do_cfg else None
+        if mix:
+            w = torch.tensor(prompt_ws, device=self.device, dtype=states.dtype).view(-1, 1, 1)
+            bg_c = states[len(texts) - (2 if do_cfg else 1)]
+            cond = bg_c + w * (cond - bg_c)
+            if do_cfg:
+                uncond = states[-1] + w * (uncond - states[-1])
+
+        # 4. Prepare latents: initial noise, and the flat images for bootstrapping (SPEC 2.3).
+        shape = (1, self.unet.config.in_channels, height // f, width // f)
+        if latents is None:
+            latents = randn(shape, generator, self.device, torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise SmdError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        latents = latents.to(self.device, torch.float32)
+        bg_latent = self.encode_image(background, height, width) if background is not None else None
+        white = self.white_latent(height, width) if bootstrap_steps > 0 else None
+
+        # 5. Denoise: the shared step loop.
+        x0 = sample(
+            self._predictor(cond, uncond, guidance_scale), latents, schedule, step_masks,
+            bootstrap_steps=bootstrap_steps, bootstrap_mix_steps=bootstrap_mix_steps,
+            leak_sensitivity=bootstrap_leak_sensitivity, white=white, background=bg_latent,
+            generator=generator, max_batch=max_batch, callback=callback,
+        )
+        if output_type == "latent":
+            return x0
+
+        # 6. Decode, keeping the background image exactly outside every (blurred) mask.
+        image = self.decode(x0)[0].permute(1, 2, 0).cpu().numpy()
+        if background is not None:
+            keep = np.clip(blurred.sum(0), 0.0, 1.0)[..., None]
+            photo = np.asarray(background.convert("RGB").resize((width, height), Image.LANCZOS)
+                               if background.size != (width, height) else background.convert("RGB"),
+                               dtype=np.float32) / 255.0
+            image = image * keep + photo * (1.0 - keep)
+        if output_type == "np":
+            return image
+        if output_type == "pt":
+            return torch.from_numpy(image).permute(2, 0, 1)
+        return Image.fromarray((image * 255).round().clip(0, 255).astype(np.uint8))
+
+    def sample(self, prompt: str, negative_prompt: str = "", **kwargs):
+        """Plain single-prompt text-to-image sampling: one layer over the whole canvas."""
+        return self(prompt, negative_prompt, **kwargs)
+
+    def generate(self, scene: SceneFile, *, max_batch: int | None = None,
+                 callback: StepCallback | None = None) -> Result:
+        """Render a validated scene: its masks, prompts and settings, with its seed (random if unset)."""
+        from smd_cli.masks import canvas_size, scene_masks
+
+        started = time.perf_counter()
+        s = scene.scene
+        f = self.vae_scale_factor
+        width, height = canvas_size(scene, multiple=f)
+        for key, size in (("width", width), ("height", height)):
+            if size % f:
+                raise scene.error((key,), f"canvas {width}x{height} is not divisible by the model's downscale "
+                                          f"factor {f}; use multiples of {f}")
+        layer_masks = scene_masks(scene, width, height).masks
+        seed = s.seed if s.seed is not None else random.randrange(2**32)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        prepared = time.perf_counter()
+        image = self(
+            [layer.prompt for layer in s.layers],
+            [layer.negative_prompt for layer in s.layers],
+            masks=layer_masks,
+            background_prompt=s.background.prompt,
+            background_negative_prompt=s.background.negative_prompt,
+            height=height, width=width,
+            num_inference_steps=s.steps, timesteps=s.timesteps,
+            guidance_scale=s.guidance_scale,
+            prompt_strengths=[layer.prompt_strength for layer in s.layers],
+            mask_type=s.mask_type,
+            mask_strengths=[layer.mask_strength for layer in s.layers],
+            mask_stds=[layer.mask_std for layer in s.layers],
+            cover_alpha=s.cover_alpha,
+            bootstrap_steps=s.bootstrap.steps,
+            bootstrap_mix_steps=s.bootstrap.mix_steps,
+            bootstrap_leak_sensitivity=s.bootstrap.leak_sensitivity,
+            negative_prompt_prefix=s.negative_prefix,
+            generator=generator,
+            max_batch=max_batch,
+            callback=callback,
+        )
+        done = time.perf_counter()
+        return Result(image=image, seed=seed,
+                      timings={"prepare": prepared - started, "generate": done - prepared})
+
+
+def _prefixed(prefix: str, negative: str) -> str:
+    return f"{prefix}, {negative}" if negative else prefix
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance scale for guidance-distilled UNets (LCM, `time_cond_proj_dim`)."""
+    w = w.float() * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    angles = w[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+__all__ = ["StableMultiDiffusionPipeline", "seed_everything", "Result", "PromptTruncatedWarning"]

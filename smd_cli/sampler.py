@@ -1,0 +1,178 @@
+"""The StreamMultiDiffusion step (SPEC section 3), written once and shared by every command.
+
+Small pure tensor functions carry the paper's formulas; `sample` runs the step loop over them.
+The loop knows nothing of prompts, models or guidance: it calls `predict(x, t, layers)` for the
+noise of a batch of latents, each denoised under the prompt of its layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+Predict = Callable[[torch.Tensor, int, Sequence[int]], torch.Tensor]
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass
+class Schedule:
+    """Timesteps t_0 > ... > t_{K-1} with alpha_k, sigma_k (sigma_K = 0) and LCM's boundary scalings."""
+
+    timesteps: list[int]
+    alphas: list[float]  # K + 1 entries, the last 1 (clean)
+    sigmas: list[float]  # K + 1 entries, the last 0 (clean)
+    c_skip: list[float]
+    c_out: list[float]
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+@dataclass
+class View:
+    """A window of the latent (SPEC 5) and its weight omega_v, broadcastable to [1, 1, h, w]."""
+
+    rows: slice
+    cols: slice
+    weight: Optional[torch.Tensor] = None  # None means 1 everywhere
+
+
+def full_view(height: int, width: int) -> View:
+    """The single view of a canvas no larger than the model's window."""
+    return View(slice(0, height), slice(0, width))
+
+
+def randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device,
+          dtype: torch.dtype) -> torch.Tensor:
+    """Gaussian noise drawn on the generator's device (so a CPU seed gives the same noise anywhere)."""
+    if generator is None:
+        return torch.randn(tuple(shape), device=device, dtype=dtype)
+    noise = torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype)
+    return noise.to(device)
+
+
+def noised(b: torch.Tensor, alpha: float, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+    """b~ = alpha_k * b + sigma_k * noise (SPEC 3.2)."""
+    return alpha * b + sigma * noise
+
+
+def bootstrap_mix(k: int, mix_steps: float) -> float:
+    """r = clamp(bootstrap_mix_steps - k, 0, 1): the share of white in the bootstrap background."""
+    return min(max(mix_steps - k, 0.0), 1.0)
+
+
+def bootstrap_blend(x_p: torch.Tensor, m: torch.Tensor, b_noisy: torch.Tensor) -> torch.Tensor:
+    """x_p = (1 - m) * b~ + m * x_p: the layer alone on a flat background (SPEC 3.2)."""
+    return (1 - m) * b_noisy + m * x_p
+
+
+def clean_estimate(x: torch.Tensor, eps: torch.Tensor, alpha: float, sigma: float,
+                   c_skip: float = 0.0, c_out: float = 1.0) -> torch.Tensor:
+    """x0 = c_out * (x - sigma * eps) / alpha + c_skip * x (SPEC 3.4; c_skip 0, c_out 1 off LCM)."""
+    return c_out * ((x - sigma * eps) / alpha) + c_skip * x
+
+
+def suppress_leak(m: torch.Tensor, x0: torch.Tensor, b_noisy: torch.Tensor, sensitivity: float) -> torch.Tensor:
+    """m *= tanh(mean_c (x0 - b~)^2 / (2 s)) (SPEC 3.5)."""
+    leak = (x0 - b_noisy).pow(2).mean(dim=1, keepdim=True)
+    return m * torch.tanh(leak / (2 * sensitivity))
+
+
+def aggregate(value: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """X0 = value / count where count > 0 (SPEC 3, after step 6)."""
+    return torch.where(count > 0, value / count.clamp_min(1e-12), value)
+
+
+def blend_background(x0: torch.Tensor, count: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    """Keep the background image where no layer is: X0 = (1 - bg) X0 + bg Bg, bg = clip(1 - count)."""
+    w = (1 - count).clamp(0, 1)
+    return (1 - w) * x0 + w * bg
+
+
+def lcm_transition(x0: torch.Tensor, alpha_next: float, sigma_next: float, noise: torch.Tensor) -> torch.Tensor:
+    """x_{k+1} = alpha_{k+1} X0 + sigma_{k+1} * fresh noise (SPEC 3, LCM)."""
+    return alpha_next * x0 + sigma_next * noise
+
+
+def sample(
+    predict: Predict,
+    latents: torch.Tensor,
+    schedule: Schedule,
+    masks: torch.Tensor,
+    *,
+    views: Sequence[View] | None = None,
+    bootstrap_steps: int = 0,
+    bootstrap_mix_steps: float = 1.0,
+    leak_sensitivity: float | None = None,
+    white: torch.Tensor | None = None,
+    background: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    max_batch: int | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Region-based LCM sampling (SPEC 3): average the layers' clean estimates, then re-noise.
+
+    `latents` [1, C, h, w] is the initial noise; `masks` [K, P, 1, h, w] holds m_{p,k}. Returns
+    the final clean latent. Bootstrapping noises its flat background with the same noise as x_k,
+    so it draws no random numbers: with one full layer, the noise stream is diffusers' own.
+    """
+    steps, layers = masks.shape[0], masks.shape[1]
+    height, width = latents.shape[-2:]
+    views = list(views) if views else [full_view(height, width)]
+    # Which (layer, view) pairs have a non-empty mask at each step: the rest contribute nothing.
+    active = torch.stack(
+        [masks[:, :, 0, v.rows, v.cols].flatten(2).amax(-1) for v in views], dim=-1
+    ).gt(0).cpu()
+
+    x = latents
+    noise = latents  # the noise realisation of x_k; for k = 0 the initial latent itself
+    x0 = latents
+    for k in range(steps):
+        t, a, s = schedule.timesteps[k], schedule.alphas[k], schedule.sigmas[k]
+        boot = k < bootstrap_steps and white is not None
+        if boot:
+            r = bootstrap_mix(k, bootstrap_mix_steps)
+            flat = white if background is None else r * white + (1 - r) * background
+            b_noisy = noised(flat, a, s, noise)
+
+        pairs = [(p, v) for v in range(len(views)) for p in range(layers) if active[k, p, v]]
+        inputs, pair_masks = [], []
+        for p, v in pairs:
+            view = views[v]
+            x_p = x[..., view.rows, view.cols]
+            m = masks[k, p : p + 1, :, view.rows, view.cols]
+            if boot:
+                x_p = bootstrap_blend(x_p, m, b_noisy[..., view.rows, view.cols])
+            inputs.append(x_p)
+            pair_masks.append(m)
+
+        value = torch.zeros_like(x)
+        count = torch.zeros_like(x[:, :1])
+        chunk = max_batch or max(len(pairs), 1)
+        for start in range(0, len(pairs), chunk):
+            batch_pairs = pairs[start : start + chunk]
+            x_in = torch.cat(inputs[start : start + chunk])
+            eps = predict(x_in, t, [p for p, _ in batch_pairs])
+            x0_batch = clean_estimate(x_in, eps, a, s, schedule.c_skip[k], schedule.c_out[k])
+            for i, (p, v) in enumerate(batch_pairs):
+                view = views[v]
+                m = pair_masks[start + i]
+                x0_p = x0_batch[i : i + 1]
+                if boot and leak_sensitivity:
+                    m = suppress_leak(m, x0_p, b_noisy[..., view.rows, view.cols], leak_sensitivity)
+                if view.weight is not None:
+                    m = m * view.weight
+                value[..., view.rows, view.cols] += m * x0_p
+                count[..., view.rows, view.cols] += m
+
+        x0 = aggregate(value, count)
+        if background is not None:
+            x0 = blend_background(x0, count, background)
+        if callback is not None:
+            callback(k, steps, x0)
+        if k + 1 < steps:
+            noise = randn(x.shape, generator, x.device, x.dtype)
+            x = lcm_transition(x0, schedule.alphas[k + 1], schedule.sigmas[k + 1], noise)
+    return x0

@@ -1,0 +1,453 @@
+"""Scene files: YAML parsed safely into pydantic models, with every error located by line and key.
+
+A scene is the user's whole request: canvas, sampler settings, a background and ordered layers,
+each a prompt with a mask. Paths inside a scene are relative to the scene file. Nothing here
+imports torch, so `smd validate` stays instant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    Tag,
+    ValidationError,
+    field_validator,
+)
+
+from smd_cli.errors import SceneError
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
+DEFAULT_SIZE = 512
+MAX_SIZE = 16384
+# A scene is a few hundred nodes; far beyond this means YAML aliases expanding out of control.
+MAX_NODES = 100_000
+
+Unit = Annotated[float, Field(strict=True, ge=0.0, le=1.0)]
+NonNegative = Annotated[float, Field(strict=True, ge=0.0)]
+Number = Annotated[float, Field(strict=True)]
+KeyPath = tuple[Union[str, int], ...]
+
+
+def parse_color(value: Any) -> str:
+    """Normalise `#rgb` / `#rrggbb` to `#rrggbb`."""
+    if not isinstance(value, str) or not re.fullmatch(r"#([0-9a-fA-F]{3}|[0-9a-fA-F]{6})", value):
+        raise ValueError(f"expected a colour like \"#e757b0\", got {value!r}")
+    hexpart = value[1:]
+    if len(hexpart) == 3:
+        hexpart = "".join(c * 2 for c in hexpart)
+    return "#" + hexpart.lower()
+
+
+Color = Annotated[str, BeforeValidator(parse_color)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ImageMask(_Model):
+    """A mask image: its alpha channel where it has one, else its luminance."""
+
+    image: str
+    invert: StrictBool = False
+    threshold: Unit | None = 0.5
+
+
+class PaletteMask(_Model):
+    """One colour of a colour-coded image; each pixel goes to the nearest listed colour."""
+
+    palette: str
+    color: Color
+    background_color: Color = "#000000"
+
+
+class RectMask(_Model):
+    """`[x0, y0, x1, y1]` in pixels, or as fractions of the canvas when all are within [0, 1]."""
+
+    rect: tuple[Number, Number, Number, Number]
+
+    @field_validator("rect")
+    @classmethod
+    def _ordered(cls, v):
+        if v[2] <= v[0] or v[3] <= v[1]:
+            raise ValueError(f"needs x0 < x1 and y0 < y1, got {list(v)}")
+        return v
+
+
+class EllipseMask(_Model):
+    """`[cx, cy, rx, ry]` in pixels, or as fractions of the canvas when all are within [0, 1]."""
+
+    ellipse: tuple[Number, Number, Number, Number]
+
+    @field_validator("ellipse")
+    @classmethod
+    def _positive_radii(cls, v):
+        if v[2] <= 0 or v[3] <= 0:
+            raise ValueError(f"radii rx and ry must be positive, got {list(v)}")
+        return v
+
+
+MASK_FORMS = {"image": ImageMask, "palette": PaletteMask, "rect": RectMask, "ellipse": EllipseMask}
+
+
+def _mask_form(value: Any) -> str | None:
+    if isinstance(value, dict):
+        found = [key for key in MASK_FORMS if key in value]
+        return found[0] if len(found) == 1 else None
+    if isinstance(value, BaseModel):
+        return next((k for k, cls in MASK_FORMS.items() if isinstance(value, cls)), None)
+    return None
+
+
+def _mask_from_path(value: Any) -> Any:
+    return {"image": value} if isinstance(value, str) else value
+
+
+MaskSpec = Annotated[
+    Union[tuple(Annotated[cls, Tag(key)] for key, cls in MASK_FORMS.items())],  # type: ignore[misc]
+    Discriminator(
+        _mask_form,
+        custom_error_type="mask_form",
+        custom_error_message=(
+            "a mask is a path, or a mapping with exactly one of the keys image, palette, rect, ellipse"
+        ),
+    ),
+    BeforeValidator(_mask_from_path),
+]
+
+
+class Bootstrap(_Model):
+    """Bootstrapping (SPEC 3.2, 3.5): the first steps see each layer alone on a flat background."""
+
+    steps: Annotated[StrictInt, Field(ge=0, le=1000)] = 1
+    mix_steps: NonNegative = 1.0
+    leak_sensitivity: NonNegative | None = 0.2
+
+
+class Background(_Model):
+    """The area no layer covers, and the prompt layers are mixed toward (SPEC 1, 2.1)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+
+
+class Layer(_Model):
+    """A semantic brush: a prompt painted through a mask."""
+
+    name: str | None = None
+    prompt: str
+    negative_prompt: str = ""
+    mask: MaskSpec | None = None
+    mask_strength: Unit = 1.0
+    mask_std: Annotated[float, Field(strict=True, ge=0.0, le=256.0)] = 0.0
+    prompt_strength: Unit = 1.0
+
+
+class Scene(_Model):
+    """A whole generation request. Every default is SPEC section 7's."""
+
+    model: str | None = None
+    lcm_lora: str | None = None
+    width: Annotated[StrictInt, Field(ge=8, le=MAX_SIZE)] | None = None
+    height: Annotated[StrictInt, Field(ge=8, le=MAX_SIZE)] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
+    steps: Annotated[StrictInt, Field(ge=1, le=1000)] | None = None
+    timesteps: Annotated[list[Annotated[StrictInt, Field(ge=0, le=9999)]], Field(min_length=1)] | None = None
+    guidance_scale: Annotated[float, Field(strict=True, ge=0.0, le=100.0)] = 1.0
+    mask_type: Literal["discrete", "semi-continuous", "continuous"] = "discrete"
+    cover_alpha: Unit = 0.3
+    bootstrap: Bootstrap = Field(default_factory=Bootstrap)
+    negative_prefix: str | None = None
+    background: Background = Field(default_factory=Background)
+    layers: Annotated[list[Layer], Field(min_length=1)]
+    output: str | None = None
+
+
+# The model class that holds the keys at each place of the document, for "did you mean".
+_NESTED: dict[type[BaseModel], dict[str, type[BaseModel]]] = {
+    Scene: {"bootstrap": Bootstrap, "background": Background, "layers": Layer},
+}
+
+
+@dataclass
+class SceneFile:
+    """A validated scene with where it came from, so later stages can point at lines."""
+
+    scene: Scene
+    path: Path | None = None
+    lines: dict[KeyPath, int] = field(default_factory=dict)
+    overridden: set[KeyPath] = field(default_factory=set)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.path else "prompt"
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+    def resolve(self, relative: str) -> Path:
+        """A path from the scene, relative to the scene file's folder."""
+        p = Path(relative).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    def error(self, key: KeyPath, message: str) -> SceneError:
+        """An error located at `key`: its line, or a note that it came from the command line."""
+        if any(key[: len(o)] == o for o in self.overridden):
+            message += " (set on the command line)"
+            return SceneError(message, file=self.path, key=format_key(key))
+        return SceneError(message, file=self.path, line=find_line(self.lines, key), key=format_key(key))
+
+
+def format_key(key: KeyPath) -> str:
+    """('layers', 1, 'mask') -> 'layers[1].mask'."""
+    out = ""
+    for part in key:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def find_line(lines: dict[KeyPath, int], key: KeyPath) -> int | None:
+    """The line of the deepest part of `key` present in the document."""
+    for n in range(len(key), -1, -1):
+        if key[:n] in lines:
+            return lines[key[:n]]
+    return None
+
+
+def _index_lines(text: str, path: Path | None) -> tuple[Any, dict[KeyPath, int]]:
+    """Parse YAML safely into data and a map from key path to (1-based) line."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SceneError(f"not valid YAML: {problem}", file=path,
+                         line=mark.line + 1 if mark else None) from None
+    if root is None:
+        raise SceneError("the scene file is empty; it needs at least `layers:`", file=path)
+
+    lines: dict[KeyPath, int] = {}
+    count = 0
+
+    def walk(node: yaml.Node, key: KeyPath) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_NODES:
+            raise SceneError(f"the document expands to more than {MAX_NODES} values "
+                             "(YAML aliases nested too deep?)", file=path)
+        lines.setdefault(key, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for k, v in node.value:
+                name = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
+                if name in seen:
+                    raise SceneError(f"key '{name}' appears twice", file=path,
+                                     line=k.start_mark.line + 1, key=format_key(key + (name,)))
+                seen.add(name)
+                lines[key + (name,)] = k.start_mark.line + 1
+                walk(v, key + (name,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, key + (i,))
+
+    walk(root, ())
+    try:
+        data = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader
+    except yaml.YAMLError as exc:  # pragma: no cover - compose already accepted it
+        raise SceneError(f"not valid YAML: {exc}", file=path) from None
+    if not isinstance(data, dict):
+        raise SceneError(f"a scene is a mapping of keys (model, layers, ...), not a {type(data).__name__}",
+                         file=path, line=1)
+    return data, lines
+
+
+def parse_override(text: str) -> tuple[KeyPath, Any]:
+    """`layers[1].prompt=a cat` -> (('layers', 1, 'prompt'), 'a cat'); the value is read as YAML."""
+    if "=" not in text:
+        raise SceneError(f"--set expects key.path=value, got {text!r}")
+    key_text, value_text = text.split("=", 1)
+    parts: list[str | int] = []
+    for piece in re.split(r"\.|(?=\[)", key_text.strip()):
+        if not piece:
+            continue
+        m = re.fullmatch(r"\[(\d+)\]", piece)
+        parts.append(int(m.group(1)) if m else (int(piece) if piece.isdigit() else piece))
+    if not parts or not isinstance(parts[0], str):
+        raise SceneError(f"--set expects key.path=value, got {text!r}")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    return tuple(parts), value
+
+
+def apply_override(data: dict, key: KeyPath, value: Any, path: Path | None) -> None:
+    """Set `key` in the raw scene data, creating mappings on the way."""
+    node: Any = data
+    for i, part in enumerate(key[:-1]):
+        nxt = key[i + 1]
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise SceneError(f"--set {format_key(key)}: there is no {format_key(key[: i + 1])}", file=path)
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise SceneError(f"--set {format_key(key)}: {format_key(key[:i])} is not a mapping", file=path)
+            if node.get(part) is None:
+                node[part] = [] if isinstance(nxt, int) else {}
+            node = node[part]
+    last = key[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last > len(node):
+            raise SceneError(f"--set {format_key(key)}: there is no {format_key(key)}", file=path)
+        if last == len(node):
+            node.append(value)
+        else:
+            node[last] = value
+    else:
+        if not isinstance(node, dict):
+            raise SceneError(f"--set {format_key(key)}: {format_key(key[:-1])} is not a mapping", file=path)
+        node[last] = value
+
+
+def _known_keys(loc: KeyPath) -> list[str]:
+    """The keys allowed at the place of an unknown key, for "did you mean"."""
+    model: type[BaseModel] = Scene
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if part in MASK_FORMS and model is Layer:
+            model = MASK_FORMS[part]
+            continue
+        nested = _NESTED.get(model, {})
+        if part in nested:
+            model = nested[part]
+    return list(model.model_fields)
+
+
+def _clean_loc(loc: tuple) -> KeyPath:
+    """Drop pydantic's union tags from a location (`layers.0.mask.palette.color`)."""
+    out: list[str | int] = []
+    for i, part in enumerate(loc):
+        if i > 0 and loc[i - 1] == "mask" and part in MASK_FORMS:
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _describe(err: dict) -> str:
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        name = str(err["loc"][-1])
+        close = difflib.get_close_matches(name, _known_keys(tuple(err["loc"])), n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(_known_keys(tuple(err['loc'])))}"
+        return f"unknown key '{name}'{hint}"
+    if kind == "missing":
+        return "this key is required"
+    if kind == "finite_number":
+        return f"must be a finite number, got {value!r}"
+    if kind == "literal_error":
+        return f"{msg[0].lower() + msg[1:]}, got {value!r}"
+    text = msg[0].lower() + msg[1:]
+    text = text.removeprefix("value error, ")
+    if kind not in ("mask_form",) and not isinstance(value, (dict, list)):
+        text += f", got {value!r}"
+    return text
+
+
+def validate_scene(data: dict, *, path: Path | None = None, lines: dict[KeyPath, int] | None = None,
+                   overridden: set[KeyPath] | None = None) -> SceneFile:
+    """Turn raw scene data into a `SceneFile`, raising the first problem as a `SceneError`."""
+    holder = SceneFile(scene=None, path=path, lines=lines or {}, overridden=overridden or set())  # type: ignore[arg-type]
+    try:
+        scene = Scene.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise holder.error(_clean_loc(err["loc"]), _describe(err)) from None
+    holder.scene = scene
+    _check_consistency(holder)
+    return holder
+
+
+def _check_consistency(sf: SceneFile) -> None:
+    s = sf.scene
+    if s.timesteps is not None:
+        if any(b >= a for a, b in zip(s.timesteps, s.timesteps[1:])):
+            raise sf.error(("timesteps",), f"must be strictly decreasing, got {s.timesteps}")
+        if s.steps is not None and s.steps != len(s.timesteps):
+            raise sf.error(("steps",), f"says {s.steps} steps but timesteps lists {len(s.timesteps)}; "
+                                       "give one of them")
+    seen: dict[str, int] = {}
+    for i, layer in enumerate(s.layers):
+        if layer.name is None:
+            layer.name = f"layer{i + 1}"
+        if layer.name in seen:
+            raise sf.error(("layers", i, "name"), f"duplicate layer name '{layer.name}' "
+                                                  f"(also layers[{seen[layer.name]}]); names must be unique")
+        seen[layer.name] = i
+    for key in ("model", "lcm_lora", "output"):
+        if getattr(s, key) is not None and not getattr(s, key).strip():
+            raise sf.error((key,), "must not be empty; leave the key out for the default")
+    if s.output is not None:
+        from smd_cli.outputs import check_template
+
+        try:
+            check_template(s.output)
+        except Exception as exc:  # OutputError: relocate it onto the scene key
+            raise sf.error(("output",), str(exc)) from None
+
+
+def load_scene(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> SceneFile:
+    """Read, parse and validate a scene file; `overrides` are `key.path=value` settings applied on top."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SceneError("scene file not found", file=path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SceneError(f"cannot read the scene file: {exc}", file=path) from None
+    data, lines = _index_lines(text, path)
+    overridden = _apply_overrides(data, overrides, path)
+    return validate_scene(data, path=path, lines=lines, overridden=overridden)
+
+
+def scene_from_prompt(prompt: str, negative_prompt: str = "",
+                      overrides: list[str] | dict[str, Any] | None = None) -> SceneFile:
+    """A one-layer scene without masks: plain text-to-image sampling."""
+    data: dict[str, Any] = {"layers": [{"name": "prompt", "prompt": prompt, "negative_prompt": negative_prompt}]}
+    overridden = _apply_overrides(data, overrides, None)
+    return validate_scene(data, overridden=overridden)
+
+
+def _apply_overrides(data: dict, overrides, path: Path | None) -> set[KeyPath]:
+    if not overrides:
+        return set()
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides]
+    done: set[KeyPath] = set()
+    for key, value in items:
+        key = tuple(parse_override(f"{key}=")[0]) if isinstance(key, str) else tuple(key)
+        if key == ("steps",):
+            data.pop("timesteps", None)  # a step count on the command line replaces a listed schedule
+        apply_override(data, key, value, path)
+        done.add(key)
+    return done
+
+
+def is_fraction_box(values: tuple[float, ...]) -> bool:
+    """Rect/ellipse numbers are fractions of the canvas when every one lies within [0, 1]."""
+    return all(0.0 <= v <= 1.0 for v in values)
