@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from smd_cli import __version__
 from smd_cli.errors import SmdError
@@ -31,12 +32,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+out = Console(highlight=False, soft_wrap=True, markup=False)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    err.print(f"[yellow]warning:[/] {message}", markup=True)
+    err.print(f"[yellow]warning:[/] {escape(str(message))}", markup=True)
 
 
 @contextlib.contextmanager
@@ -47,7 +48,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except SmdError as exc:
-        err.print(f"[red]error:[/] {exc}", markup=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", markup=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted")

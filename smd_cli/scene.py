@@ -78,11 +78,13 @@ class PaletteMask(_Model):
 class RectMask(_Model):
     """`[x0, y0, x1, y1]` in pixels, or as fractions of the canvas when all are within [0, 1]."""
 
-    rect: tuple[Number, Number, Number, Number]
+    rect: list[Number]
 
     @field_validator("rect")
     @classmethod
     def _ordered(cls, v):
+        if len(v) != 4:
+            raise ValueError(f"needs 4 numbers [x0, y0, x1, y1], got {v}")
         if v[2] <= v[0] or v[3] <= v[1]:
             raise ValueError(f"needs x0 < x1 and y0 < y1, got {list(v)}")
         return v
@@ -91,11 +93,13 @@ class RectMask(_Model):
 class EllipseMask(_Model):
     """`[cx, cy, rx, ry]` in pixels, or as fractions of the canvas when all are within [0, 1]."""
 
-    ellipse: tuple[Number, Number, Number, Number]
+    ellipse: list[Number]
 
     @field_validator("ellipse")
     @classmethod
     def _positive_radii(cls, v):
+        if len(v) != 4:
+            raise ValueError(f"needs 4 numbers [cx, cy, rx, ry], got {v}")
         if v[2] <= 0 or v[3] <= 0:
             raise ValueError(f"radii rx and ry must be positive, got {list(v)}")
         return v
@@ -377,7 +381,9 @@ def validate_scene(data: dict, *, path: Path | None = None, lines: dict[KeyPath,
     try:
         scene = Scene.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors()
+        # An unknown key is usually a misspelt known one, which then also shows up as missing.
+        err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         raise holder.error(_clean_loc(err["loc"]), _describe(err)) from None
     holder.scene = scene
     _check_consistency(holder)

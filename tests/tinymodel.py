@@ -7,6 +7,7 @@ fixed seed and written with `save_pretrained`, and smd then loads it through its
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 BYTE_RANGES = [(ord("!"), ord("~")), (ord("¡"), ord("¬")), (ord("®"), ord("ÿ"))]
@@ -51,8 +52,11 @@ def write_tokenizer(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def build_tiny_pipeline(folder: Path, *, lcm_distilled: bool = False, seed: int = 0):
-    """Build tiny random SD components, save them as a diffusers folder, return the folder."""
+def build_tiny_pipeline(folder: Path, *, lcm_distilled: bool = False, seed: int = 0, vae_blocks: int = 2):
+    """Build tiny random SD components, save them as a diffusers folder, return the folder.
+
+    The VAE downscales by 2 ** (vae_blocks - 1): 2 by default, so that nothing may assume SD's 8.
+    """
     import torch
     from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -72,11 +76,11 @@ def build_tiny_pipeline(folder: Path, *, lcm_distilled: bool = False, seed: int 
         time_cond_proj_dim=16 if lcm_distilled else None,
     )
     vae = AutoencoderKL(
-        block_out_channels=(8, 16),
+        block_out_channels=(8,) * (vae_blocks - 1) + (16,),
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
         latent_channels=4,
         norm_num_groups=4,
         sample_size=32,
@@ -94,9 +98,10 @@ def build_tiny_pipeline(folder: Path, *, lcm_distilled: bool = False, seed: int 
             vocab_size=1000,
         )
     )
-    tok_dir = folder / "_tokenizer_src"
-    write_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                                  model_max_length=77)
     scheduler = LCMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         set_alpha_to_one=False, timestep_spacing="leading", steps_offset=1,

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random models saved as real local model folders, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference-scenes"
+SCENES = Path(__file__).resolve().parents[1] / "scenes"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny SD-shaped model folder (VAE downscale factor 2, native 32 x 32 pixels)."""
+    from tinymodel import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_model(tmp_path_factory) -> Path:
+    """A tiny guidance-distilled (LCM) model: its UNet has `time_cond_proj_dim`."""
+    from tinymodel import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-lcm"), lcm_distilled=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_f8(tmp_path_factory) -> Path:
+    """A tiny model whose VAE downscales by 8 like SD's, for full-size canvases (768 px -> 96 latents)."""
+    from tinymodel import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-f8"), vae_blocks=4, seed=2)
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny_model):
+    from smd_cli import StableMultiDiffusionPipeline
+
+    return StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_model))
+
+
+@pytest.fixture(scope="session")
+def reference_pipe(tiny_model):
+    """diffusers' own StableDiffusionPipeline on the same folder, with the LCM scheduler."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    ref = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None,
+                                                  requires_safety_checker=False)
+    ref.scheduler = LCMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+@pytest.fixture()
+def run_cli():
+    """Invoke `smd` in-process; returns the click Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from smd_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
