@@ -82,7 +82,7 @@ def validate(
     """Check scene files without loading any model: keys, values, mask files, coverage."""
     from rich.table import Table
 
-    from smd_cli.masks import canvas_size, coverage_report, scene_masks
+    from smd_cli.masks import checked_canvas, coverage_report, scene_masks
     from smd_cli.models import vae_downscale_factor
     from smd_cli.scene import load_scene
 
@@ -92,12 +92,7 @@ def validate(
             try:
                 with user_errors():
                     sf = load_scene(path, set_)
-                    factor = vae_downscale_factor(model or sf.scene.model) or 8
-                    width, height = canvas_size(sf, multiple=factor)
-                    if width % factor or height % factor:
-                        key = "width" if width % factor else "height"
-                        raise sf.error((key,), f"canvas {width}x{height} is not divisible by the model's "
-                                               f"downscale factor {factor}; use multiples of {factor}")
+                    width, height = checked_canvas(sf, vae_downscale_factor(model or sf.scene.model) or 8)
                     sm = scene_masks(sf, width, height)
                     rows, uncovered = coverage_report(sm.masks, sm.names)
                     table = Table(title=f"{path}  {width}x{height}, {len(rows)} layer(s)", title_justify="left")
@@ -153,8 +148,8 @@ def generate(
 ) -> None:
     """Generate one image per scene, loading the model once for all of them."""
     with user_errors():
-        from smd_cli.masks import scene_masks
-        from smd_cli.models import check_source
+        from smd_cli.masks import checked_canvas, scene_masks
+        from smd_cli.models import check_source, vae_downscale_factor
         from smd_cli.scene import load_scene, scene_from_prompt
 
         overrides: list = [(k, v) for k, v in (("seed", seed), ("steps", steps), ("width", width),
@@ -167,18 +162,20 @@ def generate(
             raise SmdError("give either scene files or --prompt, not both")
         loaded = ([scene_from_prompt(prompt, negative_prompt, _as_overrides(overrides))] if prompt is not None
                   else [load_scene(f, _as_overrides(overrides)) for f in files])
-        for sf in loaded:  # every scene and model path checked before the (slow) model load
-            scene_masks(sf)
+        prepared = []
+        for sf in loaded:  # every scene, mask and model path checked before the (slow) model load
             check_source(model or sf.scene.model)
+            factor = vae_downscale_factor(model or sf.scene.model) or 8
+            prepared.append(scene_masks(sf, *checked_canvas(sf, factor)))
         targets = [_output_template(sf, output) for sf in loaded]
         if output is not None and len(loaded) > 1 and "{scene}" not in output and not _is_folder(output):
             raise SmdError(f"--out {output} names one file for {len(loaded)} scenes; "
                            "give a folder or a template with {scene}")
 
         pipes: dict[tuple, object] = {}
-        for sf, template in zip(loaded, targets):
+        for sf, masks, template in zip(loaded, prepared, targets):
             pipe = _pipeline(pipes, model or sf.scene.model, lcm_lora or sf.scene.lcm_lora or "auto", device, dtype)
-            _render(pipe, sf, template)
+            _render(pipe, sf, masks, template)
 
 
 def _as_overrides(items: list) -> list[str] | dict:
@@ -227,7 +224,7 @@ def _pipeline(cache: dict, model: str | None, lcm_lora: str, device: str, dtype:
     return cache[key]
 
 
-def _render(pipe, sf: SceneFile, template: str) -> None:
+def _render(pipe, sf: SceneFile, masks, template: str) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from smd_cli.outputs import output_path, save_image
@@ -236,7 +233,7 @@ def _render(pipe, sf: SceneFile, template: str) -> None:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task(sf.name, total=steps)
-        result = pipe.generate(sf, callback=lambda k, n, x0: progress.update(task, completed=k + 1))
+        result = pipe.generate(sf, masks=masks, callback=lambda k, n, x0: progress.update(task, completed=k + 1))
     path = output_path(template, scene=sf.name, seed=result.seed, steps=steps)
     save_image(result.image, path)
     err.print(f"{sf.name}: seed {result.seed}, {result.timings['generate']:.1f} s")

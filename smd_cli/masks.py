@@ -179,6 +179,16 @@ def canvas_size(sf: SceneFile, images: _Images | None = None, multiple: int = 8)
     return s.width or DEFAULT_SIZE, s.height or DEFAULT_SIZE
 
 
+def checked_canvas(sf: SceneFile, factor: int) -> tuple[int, int]:
+    """The canvas size, which must be divisible by the model's VAE downscale factor."""
+    width, height = canvas_size(sf, multiple=factor)
+    for key, size in (("width", width), ("height", height)):
+        if size % factor:
+            raise sf.error((key,), f"canvas {width}x{height} is not divisible by the model's downscale "
+                                   f"factor {factor}; use multiples of {factor}")
+    return width, height
+
+
 def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = None) -> SceneMasks:
     """Every layer's mask at canvas size, raising located `SceneError`s for bad mask inputs."""
     images = _Images(sf)

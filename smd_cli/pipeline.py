@@ -21,6 +21,7 @@ from smd_cli import masks as mask_ops
 from smd_cli.errors import ModelError, SmdError
 from smd_cli.models import Components, load_components, resolve_device, resolve_dtype, warn_if_slow
 from smd_cli.sampler import Schedule, StepCallback, randn, sample
+from smd_cli.masks import SceneMasks
 from smd_cli.scene import SceneFile
 
 # SPEC section 1: the default schedule takes these indices of the 50-step LCM grid.
@@ -389,27 +390,21 @@ class StableMultiDiffusionPipeline:
         """Plain single-prompt text-to-image sampling: one layer over the whole canvas."""
         return self(prompt, negative_prompt, **kwargs)
 
-    def generate(self, scene: SceneFile, *, max_batch: int | None = None,
+    def generate(self, scene: SceneFile, *, masks: SceneMasks | None = None, max_batch: int | None = None,
                  callback: StepCallback | None = None) -> Result:
-        """Render a validated scene: its masks, prompts and settings, with its seed (random if unset)."""
-        from smd_cli.masks import canvas_size, scene_masks
-
+        """Render a validated scene with its seed (random if unset); `masks` reuses an earlier `scene_masks`."""
         started = time.perf_counter()
         s = scene.scene
-        f = self.vae_scale_factor
-        width, height = canvas_size(scene, multiple=f)
-        for key, size in (("width", width), ("height", height)):
-            if size % f:
-                raise scene.error((key,), f"canvas {width}x{height} is not divisible by the model's downscale "
-                                          f"factor {f}; use multiples of {f}")
-        layer_masks = scene_masks(scene, width, height).masks
+        width, height = mask_ops.checked_canvas(scene, self.vae_scale_factor)
+        if masks is None or (masks.width, masks.height) != (width, height):
+            masks = mask_ops.scene_masks(scene, width, height)
         seed = s.seed if s.seed is not None else random.randrange(2**32)
         generator = torch.Generator("cpu").manual_seed(seed)
         prepared = time.perf_counter()
         image = self(
             [layer.prompt for layer in s.layers],
             [layer.negative_prompt for layer in s.layers],
-            masks=layer_masks,
+            masks=masks.masks,
             background_prompt=s.background.prompt,
             background_negative_prompt=s.background.negative_prompt,
             height=height, width=width,

@@ -75,6 +75,12 @@ class PaletteMask(_Model):
     background_color: Color = "#000000"
 
 
+def _four_numbers(values: list[float], names: str) -> list[float]:
+    if len(values) != 4:
+        raise ValueError(f"needs 4 numbers [{names}], got {values}")
+    return values
+
+
 class RectMask(_Model):
     """`[x0, y0, x1, y1]` in pixels, or as fractions of the canvas when all are within [0, 1]."""
 
@@ -83,9 +89,7 @@ class RectMask(_Model):
     @field_validator("rect")
     @classmethod
     def _ordered(cls, v):
-        if len(v) != 4:
-            raise ValueError(f"needs 4 numbers [x0, y0, x1, y1], got {v}")
-        if v[2] <= v[0] or v[3] <= v[1]:
+        if _four_numbers(v, "x0, y0, x1, y1")[2] <= v[0] or v[3] <= v[1]:
             raise ValueError(f"needs x0 < x1 and y0 < y1, got {list(v)}")
         return v
 
@@ -98,9 +102,7 @@ class EllipseMask(_Model):
     @field_validator("ellipse")
     @classmethod
     def _positive_radii(cls, v):
-        if len(v) != 4:
-            raise ValueError(f"needs 4 numbers [cx, cy, rx, ry], got {v}")
-        if v[2] <= 0 or v[3] <= 0:
+        if _four_numbers(v, "cx, cy, rx, ry")[2] <= 0 or v[3] <= 0:
             raise ValueError(f"radii rx and ry must be positive, got {list(v)}")
         return v
 
