@@ -182,21 +182,16 @@ class StableMultiDiffusionPipeline:
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """CLIP states [N, 77, D] for each prompt, each distinct prompt encoded once (SPEC 2.1)."""
         unique = list(dict.fromkeys(prompts))
-        tok = self.tokenizer
-        ids = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        for text in unique:
-            full = tok(text, truncation=False).input_ids
-            if len(full) > tok.model_max_length:
-                kept = tok.decode(tok(text, truncation=True, max_length=tok.model_max_length).input_ids[1:-1])
-                cut = text[len(kept):].strip() if text.startswith(kept) else f"{len(full) - tok.model_max_length} tokens"
-                warnings.warn(f"prompt longer than the text encoder's {tok.model_max_length} tokens; "
-                              f"cut: {cut!r}", PromptTruncatedWarning, stacklevel=3)
+        tok, limit = self.tokenizer, self.tokenizer.model_max_length
+        batch = tok(unique, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+        for full in tok(unique).input_ids:
+            if len(full) > limit:  # truncation keeps the first limit - 1 tokens and the end token
+                warnings.warn(f"prompt longer than the text encoder's {limit} tokens; cut: "
+                              f"{tok.decode(full[limit - 1:-1])!r}", PromptTruncatedWarning, stacklevel=3)
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tok(unique, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                       return_tensors="pt").attention_mask.to(self.device)
-        states = self.text_encoder(ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
+            mask = batch.attention_mask.to(self.device)
+        states = self.text_encoder(batch.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
         index = {p: i for i, p in enumerate(unique)}
         return states[[index[p] for p in prompts]]
 
