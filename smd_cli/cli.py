@@ -7,9 +7,9 @@ Heavy modules are imported inside the commands that need them, so `smd --help` a
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, List, Optional
 
@@ -126,56 +126,155 @@ def _describe_mask(mask) -> str:
     return str(mask)
 
 
+# Options shared by every command that generates images.
+MODEL = typer.Option(None, "--model", "-m", help="Hub id, local diffusers folder or .safetensors file "
+                     "(default: the scene's, else SD1.5 + LCM LoRA).")
+CONFIG = typer.Option(None, "--config", help="Local diffusers folder to take configs from, for a .safetensors "
+                      "--model offline.")
+OUT = typer.Option(None, "--out", "-o", help="Output file or folder; may use {scene}, {seed}, {steps}. "
+                   "Default: the scene's `output`, else {scene}-{seed}.png.")
+SEED = typer.Option(None, "--seed", min=0, help="Random seed (default: the scene's, else random).")
+STEPS = typer.Option(None, "--steps", min=1, max=1000, help="Number of steps (LCM default 5).")
+SCHEDULER = typer.Option(None, "--scheduler", help="lcm (default), ddim or euler.")
+DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
+DTYPE = typer.Option("auto", "--dtype", help="auto, float32, float16 or bfloat16.")
+LCM_LORA = typer.Option(None, "--lcm-lora", help="LCM LoRA: hub id, file or folder, or 'none' "
+                        "(default: the SD1.5 LCM LoRA where it fits).")
+VAE = typer.Option(None, "--vae", help="'tiny' for the tiny autoencoder (TAESD), or a hub id or folder of one.")
+MAX_BATCH = typer.Option(None, "--max-batch", min=1, help="(layer, view) pairs per UNet call "
+                         "(default: from free memory on CUDA, 8 on the CPU).")
+SET = typer.Option([], "--set", help=SET_HELP, show_default=False)
+
+
+@dataclass
+class RunOptions:
+    """What the generating commands share: model choice, outputs, and scene overrides."""
+
+    model: Optional[str] = None
+    config: Optional[str] = None
+    output: Optional[str] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    lcm_lora: Optional[str] = None
+    vae: Optional[str] = None
+    max_batch: Optional[int] = None
+    overrides: list = field(default_factory=list)
+
+
+def _overrides(set_: list[str], **values) -> list:
+    return [(k, v) for k, v in values.items() if v is not None] + list(set_)
+
+
 @app.command()
 def generate(
     scenes: List[Path] = typer.Argument(None, help="Scene files (YAML). Omit them to use --prompt.",
                                         show_default=False),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Plain text-to-image without a scene."),
     negative_prompt: str = typer.Option("", "--negative-prompt", "-n", help="Negative prompt for --prompt."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local diffusers folder or "
-                                        ".safetensors file (default: the scene's, else SD1.5 + LCM LoRA)."),
-    output: Optional[str] = typer.Option(None, "--out", "-o", help="Output file or folder; may use {scene}, "
-                                         "{seed}, {steps}. Default: the scene's `output`, else {scene}-{seed}.png."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Random seed (default: the scene's, else random)."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=1000, help="Number of LCM steps."),
     width: Optional[int] = typer.Option(None, "--width", min=8, help="Canvas width in pixels."),
     height: Optional[int] = typer.Option(None, "--height", min=8, help="Canvas height in pixels."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, float16 or bfloat16."),
-    lcm_lora: Optional[str] = typer.Option(None, "--lcm-lora", help="LCM LoRA: hub id, file or folder, or "
-                                           "'none' (default: the SD1.5 LCM LoRA where it fits)."),
-    set_: List[str] = typer.Option([], "--set", help=SET_HELP, show_default=False),
+    model: Optional[str] = MODEL, config: Optional[str] = CONFIG, output: Optional[str] = OUT,
+    seed: Optional[int] = SEED, steps: Optional[int] = STEPS, scheduler: Optional[str] = SCHEDULER,
+    device: str = DEVICE, dtype: str = DTYPE, lcm_lora: Optional[str] = LCM_LORA, vae: Optional[str] = VAE,
+    max_batch: Optional[int] = MAX_BATCH, set_: List[str] = SET,
 ) -> None:
     """Generate one image per scene, loading the model once for all of them."""
     with user_errors():
-        from smd_cli.masks import checked_canvas, scene_masks
-        from smd_cli.models import check_source, vae_downscale_factor
         from smd_cli.scene import load_scene, scene_from_prompt
 
-        overrides: list = [(k, v) for k, v in (("seed", seed), ("steps", steps), ("width", width),
-                                                 ("height", height)) if v is not None]
-        overrides += [o for o in set_]
+        opts = RunOptions(model, config, output, device, dtype, lcm_lora, vae, max_batch, _overrides(
+            set_, seed=seed, steps=steps, width=width, height=height, scheduler=scheduler))
         files = list(scenes or [])
         if not files and prompt is None:
             raise SmdError("give one or more scene files, or --prompt \"...\"")
         if files and prompt is not None:
             raise SmdError("give either scene files or --prompt, not both")
-        loaded = ([scene_from_prompt(prompt, negative_prompt, _as_overrides(overrides))] if prompt is not None
-                  else [load_scene(f, _as_overrides(overrides)) for f in files])
-        prepared = []
-        for sf in loaded:  # every scene, mask and model path checked before the (slow) model load
-            check_source(model or sf.scene.model)
-            factor = vae_downscale_factor(model or sf.scene.model) or 8
-            prepared.append(scene_masks(sf, *checked_canvas(sf, factor)))
-        targets = [_output_template(sf, output) for sf in loaded]
-        if output is not None and len(loaded) > 1 and "{scene}" not in output and not _is_folder(output):
-            raise SmdError(f"--out {output} names one file for {len(loaded)} scenes; "
-                           "give a folder or a template with {scene}")
+        loaded = ([scene_from_prompt(prompt, negative_prompt, _as_overrides(opts.overrides))] if prompt is not None
+                  else [load_scene(f, _as_overrides(opts.overrides)) for f in files])
+        _run(loaded, opts)
 
-        pipes: dict[tuple, object] = {}
-        for sf, masks, template in zip(loaded, prepared, targets):
-            pipe = _pipeline(pipes, model or sf.scene.model, lcm_lora or sf.scene.lcm_lora or "auto", device, dtype)
-            _render(pipe, sf, masks, template)
+
+@app.command()
+def inpaint(
+    scenes: List[Path] = typer.Argument(..., help="Scene files (YAML) whose background.image is the picture.",
+                                        show_default=False),
+    image: Optional[Path] = typer.Option(None, "--image", "-i", help="The picture to paint on "
+                                         "(instead of the scene's background.image)."),
+    model: Optional[str] = MODEL, config: Optional[str] = CONFIG, output: Optional[str] = OUT,
+    seed: Optional[int] = SEED, steps: Optional[int] = STEPS, scheduler: Optional[str] = SCHEDULER,
+    device: str = DEVICE, dtype: str = DTYPE, lcm_lora: Optional[str] = LCM_LORA, vae: Optional[str] = VAE,
+    max_batch: Optional[int] = MAX_BATCH, set_: List[str] = SET,
+) -> None:
+    """Paint the scene's layers over a picture; outside every mask the picture stays as it was."""
+    with user_errors():
+        from smd_cli.scene import load_scene
+
+        if image is not None and not image.is_file():
+            raise SmdError(f"--image {image}: file not found")
+        opts = RunOptions(model, config, output, device, dtype, lcm_lora, vae, max_batch, _overrides(
+            set_, seed=seed, steps=steps, scheduler=scheduler))
+        if image is not None:
+            opts.overrides.append((("background", "image"), str(image.resolve())))
+        loaded = [load_scene(f, _as_overrides(opts.overrides)) for f in scenes]
+        for sf in loaded:
+            if sf.scene.background.image is None:
+                raise sf.error(("background",), "inpainting needs a picture: set background.image in the scene "
+                                                "or pass --image PATH")
+        _run(loaded, opts)
+
+
+@app.command()
+def panorama(
+    prompt: str = typer.Argument(..., help="The prompt, or a scene file with one layer and a wide canvas."),
+    negative_prompt: str = typer.Option("", "--negative", "-n", help="Negative prompt."),
+    width: Optional[int] = typer.Option(None, "--width", min=8, help="Width in pixels (default 3072)."),
+    height: Optional[int] = typer.Option(None, "--height", min=8, help="Height in pixels (default 512)."),
+    circular: bool = typer.Option(False, "--circular", help="A 360-degree panorama: the left and right "
+                                  "edges join without a seam."),
+    model: Optional[str] = MODEL, config: Optional[str] = CONFIG, output: Optional[str] = OUT,
+    seed: Optional[int] = SEED, steps: Optional[int] = STEPS, scheduler: Optional[str] = SCHEDULER,
+    device: str = DEVICE, dtype: str = DTYPE, lcm_lora: Optional[str] = LCM_LORA, vae: Optional[str] = VAE,
+    max_batch: Optional[int] = MAX_BATCH, set_: List[str] = SET,
+) -> None:
+    """Generate a wide image from one prompt, denoised in overlapping views."""
+    with user_errors():
+        from smd_cli.scene import load_scene, scene_from_prompt
+
+        is_scene = prompt.endswith((".yaml", ".yml")) and Path(prompt).is_file()
+        opts = RunOptions(model, config, output, device, dtype, lcm_lora, vae, max_batch, _overrides(
+            set_, seed=seed, steps=steps, scheduler=scheduler, circular=circular or None,
+            width=width if width or is_scene else PANORAMA_WIDTH, height=height if height or is_scene else PANORAMA_HEIGHT))
+        if is_scene:
+            sf = load_scene(prompt, _as_overrides(opts.overrides))
+            if len(sf.scene.layers) != 1:
+                raise sf.error(("layers",), f"a panorama scene has one layer, this one has {len(sf.scene.layers)}; "
+                                            "use `smd generate` for several")
+        else:
+            sf = scene_from_prompt(prompt, negative_prompt, _as_overrides(opts.overrides), name="panorama")
+        _run([sf], opts)
+
+
+PANORAMA_WIDTH, PANORAMA_HEIGHT = 3072, 512
+
+
+def _run(loaded: list, opts: RunOptions) -> None:
+    """Check every scene, then load the model once and render them all."""
+    from smd_cli.masks import checked_canvas, scene_masks
+    from smd_cli.models import check_source, vae_downscale_factor
+
+    prepared = []
+    for sf in loaded:  # every scene, mask and model path checked before the (slow) model load
+        check_source(opts.model or sf.scene.model)
+        factor = vae_downscale_factor(opts.model or sf.scene.model) or 8
+        prepared.append(scene_masks(sf, *checked_canvas(sf, factor)))
+    targets = [_output_template(sf, opts.output) for sf in loaded]
+    if opts.output is not None and len(loaded) > 1 and "{scene}" not in opts.output and not _is_folder(opts.output):
+        raise SmdError(f"--out {opts.output} names one file for {len(loaded)} scenes; "
+                       "give a folder or a template with {scene}")
+    pipes: dict[tuple, object] = {}
+    for sf, masks, template in zip(loaded, prepared, targets):
+        pipe = _pipeline(pipes, opts, sf)
+        _render(pipe, sf, masks, template, opts.max_batch)
 
 
 def _as_overrides(items: list) -> list[str] | dict:
@@ -184,7 +283,8 @@ def _as_overrides(items: list) -> list[str] | dict:
 
     pairs: dict = {}
     for item in items:
-        key, value = parse_override(item) if isinstance(item, str) else ((item[0],), item[1])
+        key, value = parse_override(item) if isinstance(item, str) else (
+            item[0] if isinstance(item[0], tuple) else (item[0],), item[1])
         pairs[key] = value
     return pairs
 
@@ -204,36 +304,40 @@ def _output_template(sf: SceneFile, output: str | None) -> str:
     return DEFAULT_TEMPLATE
 
 
-def _pipeline(cache: dict, model: str | None, lcm_lora: str, device: str, dtype: str):
+def _pipeline(cache: dict, opts: RunOptions, sf: SceneFile):
     """One loaded pipeline per distinct model, loaded on first use."""
-    key = (model, lcm_lora)
+    model = opts.model or sf.scene.model
+    lcm_lora = opts.lcm_lora or sf.scene.lcm_lora or "auto"
+    vae = opts.vae or sf.scene.vae
+    key = (model, lcm_lora, vae)
     if key not in cache:
         from smd_cli.models import resolve_device, resolve_dtype
         from smd_cli.pipeline import StableMultiDiffusionPipeline
         from smd_cli.scene import DEFAULT_MODEL
 
         cache.clear()  # free the previous model before loading another
-        resolved = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, resolved)
+        resolved = resolve_device(opts.device)
+        torch_dtype = resolve_dtype(opts.dtype, resolved)
         started = time.perf_counter()
         with err.status(f"loading {model or DEFAULT_MODEL} on {resolved} ({str(torch_dtype).removeprefix('torch.')})"):
-            cache[key] = StableMultiDiffusionPipeline(device, hf_key=model, dtype=dtype, lcm_lora=lcm_lora)
+            cache[key] = StableMultiDiffusionPipeline(opts.device, hf_key=model, dtype=opts.dtype, lcm_lora=lcm_lora,
+                                                      config=opts.config, vae=vae)
         pipe = cache[key]
-        lora = f" + {pipe.components.lcm_lora}" if pipe.components.lcm_lora else ""
-        err.print(f"loaded {pipe.components.source}{lora} in {time.perf_counter() - started:.1f} s")
+        extras = "".join(f" + {x}" for x in (pipe.components.lcm_lora, pipe.components.vae_source) if x)
+        err.print(f"loaded {pipe.components.source}{extras} in {time.perf_counter() - started:.1f} s")
     return cache[key]
 
 
-def _render(pipe, sf: SceneFile, masks, template: str) -> None:
+def _render(pipe, sf: SceneFile, masks, template: str, max_batch: int | None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from smd_cli.outputs import output_path, save_image
 
-    steps = len(pipe.schedule(sf.scene.steps, sf.scene.timesteps))
+    steps = len(pipe.schedule(sf.scene.steps, sf.scene.timesteps, sf.scene.scheduler))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not err.is_terminal) as progress:
         task = progress.add_task(sf.name, total=steps)
-        result = pipe.generate(sf, masks=masks, callback=lambda k, n, x0: progress.update(task, completed=k + 1))
+        result = pipe.generate(sf, masks=masks, max_batch=max_batch, callback=lambda k, n, x0: progress.update(task, completed=k + 1))
     path = output_path(template, scene=sf.name, seed=result.seed, steps=steps)
     save_image(result.image, path)
     err.print(f"{sf.name}: seed {result.seed}, {result.timings['generate']:.1f} s")

@@ -127,29 +127,29 @@ class _Images:
         self.sf = sf
         self.cache: dict[Path, Image.Image] = {}
 
-    def get(self, relative: str, key: tuple) -> Image.Image:
+    def get(self, relative: str, key: tuple, what: str = "mask") -> Image.Image:
         path = self.sf.resolve(relative)
         if path not in self.cache:
             if not path.exists():
-                raise self.sf.error(key, f"mask file not found: {path}")
+                raise self.sf.error(key, f"{what} file not found: {path}")
             try:
                 self.cache[path] = load_image(path)
             except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
                 reason = "not an image PIL can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
-                raise self.sf.error(key, f"cannot read mask image {path}: {reason}") from None
+                raise self.sf.error(key, f"cannot read {what} image {path}: {reason}") from None
         return self.cache[path]
 
-    def size(self, relative: str, key: tuple) -> tuple[int, int]:
+    def size(self, relative: str, key: tuple, what: str = "mask") -> tuple[int, int]:
         path = self.sf.resolve(relative)
         if path in self.cache:
             return self.cache[path].size
         if not path.exists():
-            raise self.sf.error(key, f"mask file not found: {path}")
+            raise self.sf.error(key, f"{what} file not found: {path}")
         try:
             with Image.open(path) as im:
                 return im.size
         except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise self.sf.error(key, f"cannot read mask image {path}: {exc}") from None
+            raise self.sf.error(key, f"cannot read {what} image {path}: {exc}") from None
 
 
 def _image_source(mask) -> str | None:
@@ -161,16 +161,17 @@ def _image_source(mask) -> str | None:
 
 
 def canvas_size(sf: SceneFile, images: _Images | None = None, multiple: int = 8) -> tuple[int, int]:
-    """(width, height): from the scene, else from the first mask image, else 512."""
+    """(width, height): from the scene, else from the first mask image or the background image, else 512."""
     s = sf.scene
     if s.width is not None and s.height is not None:
         return s.width, s.height
     images = images or _Images(sf)
-    for i, layer in enumerate(s.layers):
-        source = _image_source(layer.mask)
+    sources = [(_image_source(layer.mask), ("layers", i, "mask"), "mask") for i, layer in enumerate(s.layers)]
+    sources.append((s.background.image, ("background", "image"), "background"))
+    for source, key, what in sources:
         if source is None:
             continue
-        mw, mh = images.size(source, ("layers", i, "mask"))
+        mw, mh = images.size(source, key, what)
         if s.width is None and s.height is None:
             return mw, mh
         if s.width is not None:
@@ -244,6 +245,13 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
         raise sf.error(("layers",), "every layer's mask is empty: nothing would be painted; "
                                     "check the mask images, colours and rectangles")
     return SceneMasks(masks=out, names=[layer.name or f"layer{i + 1}" for i, layer in enumerate(layers)])
+
+
+def scene_background(sf: SceneFile) -> Image.Image | None:
+    """The picture to paint on (inpainting), or None."""
+    if sf.scene.background.image is None:
+        return None
+    return _Images(sf).get(sf.scene.background.image, ("background", "image"), "background").convert("RGB")
 
 
 def background_mask(masks: np.ndarray) -> np.ndarray:

@@ -5,6 +5,8 @@ Only this module and the pipeline import torch and diffusers, and only when a mo
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
@@ -25,6 +27,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+DEFAULT_TINY_VAE = "madebyollin/taesd"
 # SD1.x UNets condition on CLIP ViT-L/14 states of width 768: the LCM LoRA for SD1.5 fits those.
 SD1_CROSS_ATTENTION_DIM = 768
 
@@ -44,6 +47,7 @@ class Components:
     scheduler_config: dict
     source: str = "<components>"
     lcm_lora: str | None = None
+    vae_source: str | None = None
 
 
 def resolve_device(device: Any = None) -> torch.device:
@@ -100,8 +104,6 @@ def _looks_like_path(name: str) -> bool:
 
 def vae_downscale_factor(model: str | None) -> int | None:
     """The VAE's downscale factor read from a local or cached config without loading anything."""
-    import json
-
     model = model or DEFAULT_MODEL
     path = Path(model).expanduser()
     config: Path | None = None
@@ -118,9 +120,15 @@ def vae_downscale_factor(model: str | None) -> int | None:
     if config is None or not config.is_file():
         return None
     try:
-        return 2 ** (len(json.loads(config.read_text())["block_out_channels"]) - 1)
+        return vae_factor(json.loads(config.read_text()))
     except (ValueError, KeyError, TypeError, OSError):
         return None
+
+
+def vae_factor(config) -> int:
+    """2 ** (number of blocks - 1): 8 for SD's VAE and for TAESD (SPEC 1; never hard-coded)."""
+    blocks = config.get("block_out_channels") or config.get("encoder_block_out_channels")
+    return 2 ** (len(blocks) - 1)
 
 
 def _offline() -> bool:
@@ -135,6 +143,8 @@ def _not_cached_message(name: str, what: str = "model") -> str:
 
 def _quiet_hub():
     """diffusers and transformers print loading bars and notes; smd shows its own progress."""
+    # diffusers renames `torch_dtype`; the old name works across the supported versions.
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
     from diffusers.utils import logging as dlogging
 
     dlogging.disable_progress_bar()
@@ -155,52 +165,77 @@ def check_source(model: str | None) -> None:
         raise ModelError(f"model folder or file not found: {Path(model).expanduser()}")
 
 
+@contextlib.contextmanager
+def _loading(name: str, what: str, hint: str = ""):
+    """Turn the many exceptions diffusers and the hub raise for a model they cannot get into one line."""
+    try:
+        yield
+    except ModelError:
+        raise
+    except Exception as exc:
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+        text = str(exc)
+        chain = [exc, exc.__cause__, exc.__context__]
+        if any(isinstance(e, LocalEntryNotFoundError) for e in chain) or any(
+                word in text.lower() for word in ("offline", "cannot find the requested files", "connection")):
+            raise ModelError(_not_cached_message(name, what) + hint) from None
+        if any(isinstance(e, RepositoryNotFoundError) for e in chain):
+            raise ModelError(f"{what} '{name}' does not exist on the Hugging Face hub (or is private)") from None
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise ModelError(f"cannot load {what} '{name}': {first}{hint}") from None
+
+
 def load_pipeline(model: str, *, dtype: torch.dtype, config: str | None = None):
     """A diffusers `StableDiffusionPipeline` from a hub id, a local folder or a single file."""
     from diffusers import StableDiffusionPipeline
 
     _quiet_hub()
-    # diffusers renames `torch_dtype`; the old name works across the supported versions.
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated", category=FutureWarning)
     common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, feature_extractor=None)
     path = Path(model).expanduser()
-    try:
-        if path.is_file() or model.endswith(SINGLE_FILE_SUFFIXES):
-            if not path.is_file():
-                raise ModelError(f"model file not found: {path}")
-            kwargs: dict[str, Any] = {}
-            if config is not None:
-                if not (Path(config) / "model_index.json").is_file():
-                    raise ModelError(f"--config {config} is not a diffusers model folder (no model_index.json)")
-                kwargs = {"config": str(config), "local_files_only": True}
-            try:
-                return StableDiffusionPipeline.from_single_file(str(path), **kwargs, **common)
-            except (OSError, ValueError) as exc:
-                if config is None:
-                    raise ModelError(
-                        f"cannot load single-file model {path}: diffusers needs a config for it and could not "
-                        f"get one ({str(exc).splitlines()[0]}); pass a local diffusers folder of the same "
-                        "architecture with --config DIR") from None
-                raise
-        if path.is_dir():
-            if not (path / "model_index.json").is_file():
-                raise ModelError(f"model folder {path} has no model_index.json; it is not a diffusers model folder")
+    if path.is_file() or model.endswith(SINGLE_FILE_SUFFIXES):
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        if config is None:
+            hint = ("; diffusers needs a config for a single-file model and fetches it from the hub: "
+                    "pass a local diffusers folder of the same architecture with --config DIR")
+            with _loading(str(path), "single-file model", hint):
+                return StableDiffusionPipeline.from_single_file(str(path), **common)
+        if not (Path(config) / "model_index.json").is_file():
+            raise ModelError(f"--config {config} is not a diffusers model folder (it has no model_index.json)")
+        with _loading(str(path), "single-file model", f" (with the configs of {config})"):
+            return StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                            **common)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"model folder {path} has no model_index.json; it is not a diffusers model folder")
+        with _loading(str(path), "model"):
             return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **common)
-        if _looks_like_path(model):
-            raise ModelError(f"model folder or file not found: {path}")
+    if _looks_like_path(model):
+        raise ModelError(f"model folder or file not found: {path}")
+    with _loading(model, "model"):
         return StableDiffusionPipeline.from_pretrained(model, local_files_only=_offline(), **common)
-    except ModelError:
-        raise
-    except Exception as exc:  # diffusers and the hub raise many kinds for a model they cannot get
-        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
-        chain = [exc, exc.__cause__, exc.__context__]
-        if any(isinstance(e, LocalEntryNotFoundError) for e in chain) or "offline" in str(exc).lower() \
-                or "cannot find the requested files" in str(exc).lower() or "connection" in str(exc).lower():
-            raise ModelError(_not_cached_message(model)) from None
-        if any(isinstance(e, RepositoryNotFoundError) for e in chain):
-            raise ModelError(f"model '{model}' does not exist on the Hugging Face hub (or is private)") from None
-        raise ModelError(f"cannot load model '{model}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+def load_vae(vae: str, *, dtype: torch.dtype):
+    """An autoencoder to replace the model's: `tiny` (TAESD), or a hub id or local folder of one."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    name = DEFAULT_TINY_VAE if vae == "tiny" else vae
+    path = Path(name).expanduser()
+    cls = AutoencoderTiny
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            raise ModelError(f"VAE folder {path} has no config.json")
+        if json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
+            cls = AutoencoderKL
+        with _loading(str(path), "VAE"):
+            return cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    if _looks_like_path(name):
+        raise ModelError(f"VAE folder not found: {path}")
+    with _loading(name, "VAE", "; or leave out --vae for the model's own"):
+        return cls.from_pretrained(name, torch_dtype=dtype, local_files_only=_offline())
 
 
 def lcm_lora_fits(unet) -> bool:
@@ -218,7 +253,8 @@ def apply_lcm_lora(pipe, lcm_lora: str | None) -> str | None:
             return None
         lcm_lora = DEFAULT_LCM_LORA
     path = Path(lcm_lora).expanduser()
-    try:
+    hint = " (use --lcm-lora none for a model that needs none)"
+    with _loading(lcm_lora, "LCM LoRA", hint):
         if path.is_file():
             pipe.load_lora_weights(str(path.parent), weight_name=path.name)
         elif path.is_dir():
@@ -229,24 +265,18 @@ def apply_lcm_lora(pipe, lcm_lora: str | None) -> str | None:
             pipe.load_lora_weights(lcm_lora, local_files_only=_offline())
         pipe.fuse_lora()
         pipe.unload_lora_weights()
-    except ModelError:
-        raise
-    except Exception as exc:
-        text = str(exc)
-        if "offline" in text.lower() or "connection" in text.lower() or "cannot find" in text.lower() \
-                or "LocalEntryNotFound" in type(exc).__name__:
-            raise ModelError(_not_cached_message(lcm_lora, "LCM LoRA") + "; or use --lcm-lora none") from None
-        raise ModelError(f"cannot apply LCM LoRA '{lcm_lora}': {text.splitlines()[0] if text else type(exc).__name__}"
-                         " (use --lcm-lora none for a model that needs none)") from None
     return lcm_lora
 
 
 def load_components(model: str | None = None, *, device: torch.device, dtype: torch.dtype,
-                    lcm_lora: str | None = "auto", config: str | None = None) -> Components:
-    """Load a model onto `device`, with the LCM LoRA fused where asked for."""
+                    lcm_lora: str | None = "auto", config: str | None = None, vae: str | None = None) -> Components:
+    """Load a model onto `device`, with the LCM LoRA fused and the VAE replaced where asked for."""
     model = model or DEFAULT_MODEL
     pipe = load_pipeline(model, dtype=dtype, config=config)
     applied = apply_lcm_lora(pipe, lcm_lora)
+    if vae:
+        pipe.vae = load_vae(vae, dtype=dtype)
     pipe.to(device)
     return Components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                      scheduler_config=dict(pipe.scheduler.config), source=model, lcm_lora=applied)
+                      scheduler_config=dict(pipe.scheduler.config), source=model, lcm_lora=applied,
+                      vae_source=(DEFAULT_TINY_VAE if vae == "tiny" else vae) if vae else None)

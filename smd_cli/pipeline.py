@@ -19,14 +19,20 @@ from PIL import Image
 
 from smd_cli import masks as mask_ops
 from smd_cli.errors import ModelError, SmdError
-from smd_cli.models import Components, load_components, resolve_device, resolve_dtype, warn_if_slow
+from smd_cli.models import Components, load_components, resolve_device, resolve_dtype, vae_factor, warn_if_slow
 from smd_cli.sampler import Schedule, StepCallback, randn, sample
+from smd_cli.views import layout, view_sizes
 from smd_cli.masks import SceneMasks
 from smd_cli.scene import SceneFile
 
 # SPEC section 1: the default schedule takes these indices of the 50-step LCM grid.
 LCM_ORIGINAL_STEPS = 50
 DEFAULT_LCM_INDICES = (0, 4, 12, 25, 37)
+SCHEDULERS = ("lcm", "ddim", "euler")
+DEFAULT_STEPS = {"lcm": 4, "ddim": 50, "euler": 50}  # lcm: used only for an explicit non-default count
+DEFAULT_TILE_SIZE = 768  # pixels (SPEC 7); a canvas within one tile is one view
+AUTO_BATCH_CPU = 8
+CIRCULAR_DECODE_PAD = 8  # latent columns wrapped around each side before decoding a 360-degree canvas
 SUPPORTED_SD_VERSIONS = ("1.5", "1.4", "1", "2.0", "2.1", "2")
 
 
@@ -114,7 +120,7 @@ class StableMultiDiffusionPipeline:
 
     def __init__(self, device: Any = None, hf_key: str | None = None, sd_version: str = "1.5", *,
                  dtype: Any = None, lcm_lora: str | None = "auto", config: str | None = None,
-                 components: Components | None = None):
+                 vae: str | None = None, use_tiny_vae: bool = False, components: Components | None = None):
         if str(sd_version) not in SUPPORTED_SD_VERSIONS:
             raise ModelError(f"sd_version {sd_version!r} is not supported; smd runs SD 1.x and 2.x models")
         self.device = resolve_device(device)
@@ -123,7 +129,7 @@ class StableMultiDiffusionPipeline:
         self.dtype = resolve_dtype(dtype, self.device)
         if components is None:
             components = load_components(hf_key, device=self.device, dtype=self.dtype, lcm_lora=lcm_lora,
-                                         config=config)
+                                         config=config, vae=vae or ("tiny" if use_tiny_vae else None))
         self.components = components
         self.unet = components.unet
         self.vae = components.vae
@@ -132,9 +138,11 @@ class StableMultiDiffusionPipeline:
         from diffusers import LCMScheduler
 
         self.scheduler = LCMScheduler.from_config(components.scheduler_config)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if self.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
+            self.vae.to(torch.float32)  # SD's VAE overflows to NaN in float16; its config says so
+        self.vae_scale_factor = vae_factor(self.vae.config)
         self.default_size = int(self.unet.config.sample_size) * self.vae_scale_factor
-        self._white_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._white_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_components(cls, *, unet, vae, text_encoder, tokenizer, scheduler=None, device: Any = None,
@@ -157,26 +165,57 @@ class StableMultiDiffusionPipeline:
     # -----------------------------------------------------------------------------------------
     # Inputs
 
-    def schedule(self, steps: int | None = None, timesteps: Sequence[int] | None = None) -> Schedule:
-        """The LCM schedule: SPEC's default 5 steps, `steps` evenly spaced by diffusers, or `timesteps`."""
-        sched = self.scheduler
-        train = int(sched.config.num_train_timesteps)
+    def schedule(self, steps: int | None = None, timesteps: Sequence[int] | None = None,
+                 scheduler: str = "lcm") -> Schedule:
+        """The step schedule (SPEC 1, 3) for `scheduler`: lcm (default 5 steps), ddim or euler (50 steps).
+
+        LCM's 5 steps are SPEC's default grid; other counts are spaced as diffusers' schedulers
+        space them. DDIM and Euler are both the deterministic transition from X0 (Euler's sigma
+        steps are DDIM's in the variance-preserving parameterisation), on their own timesteps.
+        """
+        if scheduler not in SCHEDULERS:
+            raise SmdError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+        train = int(self.scheduler.config.num_train_timesteps)
+        if timesteps is not None and any(t < 0 or t >= train for t in timesteps):
+            raise SmdError(f"timesteps must lie in [0, {train - 1}] for this model, got {list(timesteps)}")
+        abar = self.scheduler.alphas_cumprod
+        if scheduler == "euler":
+            from diffusers import EulerDiscreteScheduler
+
+            euler = EulerDiscreteScheduler.from_config(self.scheduler.config)
+            if timesteps is not None:
+                euler.set_timesteps(timesteps=[int(t) for t in timesteps])
+            else:
+                euler.set_timesteps(steps or DEFAULT_STEPS[scheduler])
+            ts = [float(t) for t in euler.timesteps]
+            ve = [float(x) for x in euler.sigmas]  # K + 1 noise levels sigma/alpha, the last 0
+            alphas = [1.0 / math.sqrt(1.0 + v * v) for v in ve]
+            sigmas = [v / math.sqrt(1.0 + v * v) for v in ve]
+            return Schedule(ts, alphas, sigmas, [0.0] * len(ts), [1.0] * len(ts), kind="ddim",
+                            init_scale=float(euler.init_noise_sigma) * alphas[0])
         if timesteps is None:
-            if steps is None or steps == len(DEFAULT_LCM_INDICES):
+            if scheduler == "lcm" and steps in (None, len(DEFAULT_LCM_INDICES)):
                 stride = train // LCM_ORIGINAL_STEPS
                 grid = [train - 1 - i * stride for i in range(LCM_ORIGINAL_STEPS)]
                 timesteps = [grid[i] for i in DEFAULT_LCM_INDICES]
             else:
-                sched.set_timesteps(num_inference_steps=steps)
+                sched = self.scheduler if scheduler == "lcm" else self._ddim()
+                sched.set_timesteps(num_inference_steps=steps or DEFAULT_STEPS[scheduler])
                 timesteps = [int(t) for t in sched.timesteps]
-        timesteps = [int(t) for t in timesteps]
-        if any(t < 0 or t >= train for t in timesteps):
-            raise SmdError(f"timesteps must lie in [0, {train - 1}] for this model, got {timesteps}")
-        abar = sched.alphas_cumprod
-        alphas = [math.sqrt(float(abar[t])) for t in timesteps] + [1.0]
-        sigmas = [math.sqrt(1.0 - float(abar[t])) for t in timesteps] + [0.0]
-        scalings = [sched.get_scalings_for_boundary_condition_discrete(t) for t in timesteps]
-        return Schedule(timesteps, alphas, sigmas, [c[0] for c in scalings], [c[1] for c in scalings])
+        ts = [int(t) for t in timesteps]
+        alphas = [math.sqrt(float(abar[t])) for t in ts]
+        sigmas = [math.sqrt(1.0 - float(abar[t])) for t in ts]
+        if scheduler == "ddim":  # diffusers' DDIM ends at final_alpha_cumprod, not at clean
+            final = float(self._ddim().final_alpha_cumprod)
+            return Schedule(ts, alphas + [math.sqrt(final)], sigmas + [math.sqrt(1.0 - final)],
+                            [0.0] * len(ts), [1.0] * len(ts), kind="ddim")
+        scalings = [self.scheduler.get_scalings_for_boundary_condition_discrete(t) for t in ts]
+        return Schedule(ts, alphas + [1.0], sigmas + [0.0], [c[0] for c in scalings], [c[1] for c in scalings])
+
+    def _ddim(self):
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(self.scheduler.config)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -202,16 +241,24 @@ class StableMultiDiffusionPipeline:
         if image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
-        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        return dist.mode().float() * self.vae.config.scaling_factor
+        encoded = self.vae.encode(pixels.to(self.device, self.vae.dtype))
+        # AutoencoderKL gives a distribution (take its mode, never a sample); TAESD gives latents.
+        latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+        return latents.float() * self.vae.config.scaling_factor
 
     def white_latent(self, height: int, width: int) -> torch.Tensor:
-        if (height, width) not in self._white_cache:
-            white = Image.new("RGB", (width, height), (255, 255, 255))
-            self._white_cache[(height, width)] = self.encode_image(white, height, width)
-        return self._white_cache[(height, width)]
+        """The latent of a white canvas: spatially uniform (the VAE's border effects left out), so a
+        circular canvas has no edge and a large one costs one small encode."""
+        if "white" not in self._white_cache:
+            size = max(self.default_size, 8 * self.vae_scale_factor)
+            tile = self.encode_image(Image.new("RGB", (size, size), (255, 255, 255)), size, size)
+            centre = tile.shape[-1] // 2
+            self._white_cache["white"] = tile[..., centre : centre + 1, centre : centre + 1]
+        return self._white_cache["white"].expand(1, -1, height // self.vae_scale_factor,
+                                                 width // self.vae_scale_factor)
 
-    def _predictor(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float):
+    def _predictor(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float,
+                   schedule: Schedule):
         """`predict(x, t, layers)` for the sampler: UNet noise with guidance (SPEC 3.3)."""
         unet = self.unet
         cfg = unet.config
@@ -219,10 +266,12 @@ class StableMultiDiffusionPipeline:
         if cfg.get("time_cond_proj_dim") is not None:
             w = torch.tensor([guidance_scale - 1.0], dtype=torch.float32)
             timestep_cond = guidance_embedding(w, cfg.time_cond_proj_dim).to(self.device, self.dtype)
+        # v-prediction models: eps = sigma * x + alpha * v at the step's noise level.
+        levels = dict(zip(schedule.timesteps, zip(schedule.alphas, schedule.sigmas)))
         v_prediction = self.scheduler.config.prediction_type == "v_prediction"
 
         @torch.no_grad()
-        def predict(x: torch.Tensor, t: int, layers: Sequence[int]) -> torch.Tensor:
+        def predict(x: torch.Tensor, t: float, layers: Sequence[int]) -> torch.Tensor:
             index = torch.as_tensor(list(layers), device=cond.device)
             states = cond[index]
             x_in = x.to(self.dtype)
@@ -231,9 +280,9 @@ class StableMultiDiffusionPipeline:
                 x_in = torch.cat([x_in, x_in])
             tc = None if timestep_cond is None else timestep_cond.expand(len(x_in), -1)
             out = unet(x_in, t, encoder_hidden_states=states, timestep_cond=tc, return_dict=False)[0].float()
-            if v_prediction:  # eps = sigma * x + alpha * v
-                a = math.sqrt(float(self.scheduler.alphas_cumprod[t]))
-                out = math.sqrt(1.0 - a * a) * x_in.float() + a * out
+            if v_prediction:
+                a, s = levels[t]
+                out = s * x_in.float() + a * out
             if uncond is not None:
                 eps_u, eps_c = out.chunk(2)
                 return eps_u + guidance_scale * (eps_c - eps_u)
@@ -241,10 +290,28 @@ class StableMultiDiffusionPipeline:
 
         return predict
 
+    def auto_max_batch(self, window: tuple[int, int], cfg: bool) -> int:
+        """(layer, view) pairs per UNet call: from free memory on CUDA, a modest fixed number elsewhere."""
+        if self.device.type != "cuda":
+            return AUTO_BATCH_CPU
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # About 64 KiB of activations per latent pixel at half precision for SD1.5's UNet.
+        per_pair = window[0] * window[1] * 64 * 1024 * (torch.finfo(self.dtype).bits // 16) * (2 if cfg else 1)
+        return int(max(1, min(64, 0.6 * free // per_pair)))
+
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Pixels in [0, 1], [1, 3, H, W], from a clean latent."""
+    def decode(self, latents: torch.Tensor, circular: bool = False) -> torch.Tensor:
+        """Pixels in [0, 1], [1, 3, H, W], from a clean latent.
+
+        A circular (360 degree) latent is decoded with its other edge wrapped on each side, so
+        the VAE sees the neighbourhood the seam really has; the padding is cropped afterwards.
+        """
+        pad = min(CIRCULAR_DECODE_PAD, latents.shape[-1]) if circular else 0
+        if pad:
+            latents = torch.cat([latents[..., -pad:], latents, latents[..., :pad]], dim=-1)
         image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+        if pad:
+            image = image[..., pad * self.vae_scale_factor: -pad * self.vae_scale_factor]
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     # -----------------------------------------------------------------------------------------
@@ -263,6 +330,7 @@ class StableMultiDiffusionPipeline:
         width: int | None = None,
         num_inference_steps: int | None = None,
         timesteps: Sequence[int] | None = None,
+        scheduler: str = "lcm",
         guidance_scale: float = 1.0,
         prompt_strengths: float | Sequence[float] | None = None,
         masks: Any = None,
@@ -276,7 +344,12 @@ class StableMultiDiffusionPipeline:
         negative_prompt_prefix: str | None = None,
         latents: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        tile_size: int = DEFAULT_TILE_SIZE,
+        tile_stride: int | None = None,
+        tile_weighting: str = "triangular",
+        circular: bool = False,
         max_batch: int | None = None,
+        skip_empty: bool = True,
         output_type: str = "pil",
         callback: StepCallback | None = None,
     ):
@@ -317,7 +390,9 @@ class StableMultiDiffusionPipeline:
         if negative_prompt_prefix:
             negatives = [_prefixed(negative_prompt_prefix, n) for n in negatives]
             background_negative_prompt = _prefixed(negative_prompt_prefix, background_negative_prompt)
-        schedule = self.schedule(num_inference_steps, timesteps)
+        schedule = self.schedule(num_inference_steps, timesteps, scheduler)
+        if tile_weighting not in ("triangular", "uniform"):
+            raise SmdError(f"tile_weighting must be triangular or uniform, got {tile_weighting!r}")
 
         # 2. Prepare masks (SPEC 2.2): the uncovered area becomes a background layer at the bottom.
         if background is None:
@@ -328,7 +403,7 @@ class StableMultiDiffusionPipeline:
                 negatives = [background_negative_prompt] + negatives
                 strengths, stds, prompt_ws = [1.0] + strengths, [0.0] + stds, [1.0] + prompt_ws
         blurred, strengthened = mask_ops.prepare(raw, cover_alpha=cover_alpha, stds=stds, strengths=strengths)
-        per_step = mask_ops.step_masks(strengthened, f, schedule.sigmas, mask_type)
+        per_step = mask_ops.step_masks(strengthened, f, schedule.mask_sigmas, mask_type)
         step_masks = torch.from_numpy(per_step).unsqueeze(2).to(self.device)
 
         # 3. Encode prompts (SPEC 2.1), mixing toward the background prompt by prompt strength.
@@ -353,27 +428,37 @@ class StableMultiDiffusionPipeline:
             latents = randn(shape, generator, self.device, torch.float32)
         elif tuple(latents.shape) != shape:
             raise SmdError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        latents = latents.to(self.device, torch.float32)
-        bg_latent = self.encode_image(background, height, width) if background is not None else None
+        latents = latents.to(self.device, torch.float32) * schedule.init_scale
+        bg_latent = None
+        if background is not None:
+            background = background.convert("RGB")
+            if mask_ops.aspect_mismatch(background.size, width, height):
+                warnings.warn(f"background image is {background.size[0]}x{background.size[1]}; resized to the "
+                              f"{width}x{height} canvas, which changes its aspect ratio", stacklevel=2)
+            if background.size != (width, height):
+                background = background.resize((width, height), Image.LANCZOS)
+            bg_latent = self.encode_image(background, height, width)
         white = self.white_latent(height, width) if bootstrap_steps > 0 else None
 
-        # 5. Denoise: the shared step loop.
+        # 5. Denoise: the shared step loop, over views for canvases larger than a tile (SPEC 5).
+        window, stride = view_sizes(height, width, tile_size, tile_stride, f)
+        views = layout(shape[2], shape[3], (window, window), (stride, stride), weighting=tile_weighting,
+                       circular=circular, device=self.device)
         x0 = sample(
-            self._predictor(cond, uncond, guidance_scale), latents, schedule, step_masks,
-            bootstrap_steps=bootstrap_steps, bootstrap_mix_steps=bootstrap_mix_steps,
+            self._predictor(cond, uncond, guidance_scale, schedule), latents, schedule, step_masks,
+            views=views, bootstrap_steps=bootstrap_steps, bootstrap_mix_steps=bootstrap_mix_steps,
             leak_sensitivity=bootstrap_leak_sensitivity, white=white, background=bg_latent,
-            generator=generator, max_batch=max_batch, callback=callback,
+            generator=generator, callback=callback, skip_empty=skip_empty,
+            max_batch=max_batch or self.auto_max_batch((min(window, shape[2]), min(window, shape[3])), uncond is not None),
         )
         if output_type == "latent":
             return x0
 
         # 6. Decode, keeping the background image exactly outside every (blurred) mask.
-        image = self.decode(x0)[0].permute(1, 2, 0).cpu().numpy()
+        image = self.decode(x0, circular)[0].permute(1, 2, 0).cpu().numpy()
         if background is not None:
             keep = np.clip(blurred.sum(0), 0.0, 1.0)[..., None]
-            photo = np.asarray(background.convert("RGB").resize((width, height), Image.LANCZOS)
-                               if background.size != (width, height) else background.convert("RGB"),
-                               dtype=np.float32) / 255.0
+            photo = np.asarray(background, dtype=np.float32) / 255.0
             image = image * keep + photo * (1.0 - keep)
         if output_type == "np":
             return image
@@ -384,6 +469,11 @@ class StableMultiDiffusionPipeline:
     def sample(self, prompt: str, negative_prompt: str = "", **kwargs):
         """Plain single-prompt text-to-image sampling: one layer over the whole canvas."""
         return self(prompt, negative_prompt, **kwargs)
+
+    def sample_panorama(self, prompt: str, negative_prompt: str = "", height: int = 512, width: int = 3072,
+                        circular: bool = False, **kwargs):
+        """A wide image from one prompt, denoised in overlapping views (SPEC 4, 5)."""
+        return self(prompt, negative_prompt, height=height, width=width, circular=circular, **kwargs)
 
     def generate(self, scene: SceneFile, *, masks: SceneMasks | None = None, max_batch: int | None = None,
                  callback: StepCallback | None = None) -> Result:
@@ -400,10 +490,11 @@ class StableMultiDiffusionPipeline:
             [layer.prompt for layer in s.layers],
             [layer.negative_prompt for layer in s.layers],
             masks=masks.masks,
+            background=mask_ops.scene_background(scene),
             background_prompt=s.background.prompt,
             background_negative_prompt=s.background.negative_prompt,
             height=height, width=width,
-            num_inference_steps=s.steps, timesteps=s.timesteps,
+            num_inference_steps=s.steps, timesteps=s.timesteps, scheduler=s.scheduler,
             guidance_scale=s.guidance_scale,
             prompt_strengths=[layer.prompt_strength for layer in s.layers],
             mask_type=s.mask_type,
@@ -414,6 +505,8 @@ class StableMultiDiffusionPipeline:
             bootstrap_mix_steps=s.bootstrap.mix_steps,
             bootstrap_leak_sensitivity=s.bootstrap.leak_sensitivity,
             negative_prompt_prefix=s.negative_prefix,
+            tile_size=s.tile_size, tile_stride=s.tile_stride, tile_weighting=s.tile_weighting,
+            circular=s.circular,
             generator=generator,
             max_batch=max_batch,
             callback=callback,

@@ -12,36 +12,36 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from smd_cli.views import View, full_view
+
 Predict = Callable[[torch.Tensor, int, Sequence[int]], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass
 class Schedule:
-    """Timesteps t_0 > ... > t_{K-1} with alpha_k, sigma_k (sigma_K = 0) and LCM's boundary scalings."""
+    """Timesteps t_0 > ... > t_{K-1} with alpha_k, sigma_k and the transition that follows each step.
 
-    timesteps: list[int]
-    alphas: list[float]  # K + 1 entries, the last 1 (clean)
-    sigmas: list[float]  # K + 1 entries, the last 0 (clean)
+    `alphas`/`sigmas` have K + 1 entries; the last is where the final transition lands: clean
+    (1, 0) for LCM and Euler, diffusers' `final_alpha_cumprod` for DDIM. `kind` is "lcm" (fresh
+    noise after each step) or "ddim" (deterministic, SPEC 3).
+    """
+
+    timesteps: list[float]
+    alphas: list[float]
+    sigmas: list[float]
     c_skip: list[float]
     c_out: list[float]
+    kind: str = "lcm"
+    init_scale: float = 1.0  # the initial noise times this is x_0 (Euler's init_noise_sigma, in VP terms)
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
-
-@dataclass
-class View:
-    """A window of the latent (SPEC 5) and its weight omega_v, broadcastable to [1, 1, h, w]."""
-
-    rows: slice
-    cols: slice
-    weight: Optional[torch.Tensor] = None  # None means 1 everywhere
-
-
-def full_view(height: int, width: int) -> View:
-    """The single view of a canvas no larger than the model's window."""
-    return View(slice(0, height), slice(0, width))
+    @property
+    def mask_sigmas(self) -> list[float]:
+        """Noise levels for mask quantization (SPEC 2.2): sigma_0..sigma_{K-1} and sigma_K = 0."""
+        return self.sigmas[:-1] + [0.0]
 
 
 def randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device,
@@ -96,6 +96,11 @@ def lcm_transition(x0: torch.Tensor, alpha_next: float, sigma_next: float, noise
     return alpha_next * x0 + sigma_next * noise
 
 
+def ddim_noise(x: torch.Tensor, x0: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+    """eps* = (x - alpha_k X0) / sigma_k: the noise that x_k holds given the aggregated X0 (SPEC 3, DDIM)."""
+    return (x - alpha * x0) / sigma
+
+
 def sample(
     predict: Predict,
     latents: torch.Tensor,
@@ -110,25 +115,27 @@ def sample(
     background: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     max_batch: int | None = None,
+    skip_empty: bool = True,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Region-based LCM sampling (SPEC 3): average the layers' clean estimates, then re-noise.
+    """Region-based sampling (SPEC 3): average the (layer, view) clean estimates, then step from X0.
 
     `latents` [1, C, h, w] is the initial noise; `masks` [K, P, 1, h, w] holds m_{p,k}. Returns
-    the final clean latent. Bootstrapping noises its flat background with the same noise as x_k,
-    so it draws no random numbers: with one full layer, the noise stream is diffusers' own.
+    the final latent. Pairs whose mask is empty in their view are not evaluated (they would add
+    nothing; `skip_empty=False` evaluates them anyway, for measurements); the rest go through `predict` in batches of `max_batch`. Bootstrapping noises its
+    flat background with the noise x_k already holds, so it draws no random numbers: with one full
+    layer, the noise stream is diffusers' own.
     """
     steps, layers = masks.shape[0], masks.shape[1]
     height, width = latents.shape[-2:]
     views = list(views) if views else [full_view(height, width)]
     # Which (layer, view) pairs have a non-empty mask at each step: the rest contribute nothing.
-    active = torch.stack(
-        [masks[:, :, 0, v.rows, v.cols].flatten(2).amax(-1) for v in views], dim=-1
-    ).gt(0).cpu()
+    active = torch.stack([v.crop(masks[:, :, 0]).flatten(2).amax(-1) for v in views], dim=-1).gt(0).cpu()
+    if not skip_empty:
+        active[:] = True
 
     x = latents
     noise = latents  # the noise realisation of x_k; for k = 0 the initial latent itself
-    x0 = latents
     for k in range(steps):
         t, a, s = schedule.timesteps[k], schedule.alphas[k], schedule.sigmas[k]
         boot = k < bootstrap_steps and white is not None
@@ -141,10 +148,10 @@ def sample(
         inputs, pair_masks = [], []
         for p, v in pairs:
             view = views[v]
-            x_p = x[..., view.rows, view.cols]
-            m = masks[k, p : p + 1, :, view.rows, view.cols]
+            x_p = view.crop(x)
+            m = view.crop(masks[k, p : p + 1])
             if boot:
-                x_p = bootstrap_blend(x_p, m, b_noisy[..., view.rows, view.cols])
+                x_p = bootstrap_blend(x_p, m, view.crop(b_noisy))
             inputs.append(x_p)
             pair_masks.append(m)
 
@@ -161,18 +168,24 @@ def sample(
                 m = pair_masks[start + i]
                 x0_p = x0_batch[i : i + 1]
                 if boot and leak_sensitivity:
-                    m = suppress_leak(m, x0_p, b_noisy[..., view.rows, view.cols], leak_sensitivity)
+                    m = suppress_leak(m, x0_p, view.crop(b_noisy), leak_sensitivity)
                 if view.weight is not None:
                     m = m * view.weight
-                value[..., view.rows, view.cols] += m * x0_p
-                count[..., view.rows, view.cols] += m
+                view.add_into(value, m * x0_p)
+                view.add_into(count, m)
 
         x0 = aggregate(value, count)
         if background is not None:
             x0 = blend_background(x0, count, background)
         if callback is not None:
             callback(k, steps, x0)
-        if k + 1 < steps:
+        a_next, s_next = schedule.alphas[k + 1], schedule.sigmas[k + 1]
+        if schedule.kind == "ddim":
+            noise = ddim_noise(x, x0, a, s)
+            x = lcm_transition(x0, a_next, s_next, noise)
+        elif k + 1 < steps:
             noise = randn(x.shape, generator, x.device, x.dtype)
-            x = lcm_transition(x0, schedule.alphas[k + 1], schedule.sigmas[k + 1], noise)
-    return x0
+            x = lcm_transition(x0, a_next, s_next, noise)
+        else:
+            x = x0
+    return x

@@ -145,10 +145,14 @@ class Bootstrap(_Model):
 
 
 class Background(_Model):
-    """The area no layer covers, and the prompt layers are mixed toward (SPEC 1, 2.1)."""
+    """The area no layer covers, and the prompt layers are mixed toward (SPEC 1, 2.1).
+
+    With an `image` (inpainting), the uncovered area keeps that picture instead.
+    """
 
     prompt: str = ""
     negative_prompt: str = ""
+    image: str | None = None
 
 
 class Layer(_Model):
@@ -168,14 +172,20 @@ class Scene(_Model):
 
     model: str | None = None
     lcm_lora: str | None = None
+    vae: str | None = None
     width: Annotated[StrictInt, Field(ge=8, le=MAX_SIZE)] | None = None
     height: Annotated[StrictInt, Field(ge=8, le=MAX_SIZE)] | None = None
     seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
     steps: Annotated[StrictInt, Field(ge=1, le=1000)] | None = None
     timesteps: Annotated[list[Annotated[StrictInt, Field(ge=0, le=9999)]], Field(min_length=1)] | None = None
+    scheduler: Literal["lcm", "ddim", "euler"] = "lcm"
     guidance_scale: Annotated[float, Field(strict=True, ge=0.0, le=100.0)] = 1.0
     mask_type: Literal["discrete", "semi-continuous", "continuous"] = "discrete"
     cover_alpha: Unit = 0.3
+    tile_size: Annotated[StrictInt, Field(ge=8, le=MAX_SIZE)] = 768
+    tile_stride: Annotated[StrictInt, Field(ge=1, le=MAX_SIZE)] | None = None
+    tile_weighting: Literal["triangular", "uniform"] = "triangular"
+    circular: StrictBool = False
     bootstrap: Bootstrap = Field(default_factory=Bootstrap)
     negative_prefix: str | None = None
     background: Background = Field(default_factory=Background)
@@ -197,10 +207,11 @@ class SceneFile:
     path: Path | None = None
     lines: dict[KeyPath, int] = field(default_factory=dict)
     overridden: set[KeyPath] = field(default_factory=set)
+    label: str = "prompt"  # the name of a scene that has no file
 
     @property
     def name(self) -> str:
-        return self.path.stem if self.path else "prompt"
+        return self.path.stem if self.path else self.label
 
     @property
     def base_dir(self) -> Path:
@@ -408,7 +419,10 @@ def _check_consistency(sf: SceneFile) -> None:
             raise sf.error(("layers", i, "name"), f"duplicate layer name '{layer.name}' "
                                                   f"(also layers[{seen[layer.name]}]); names must be unique")
         seen[layer.name] = i
-    for key in ("model", "lcm_lora", "output"):
+    if s.tile_stride is not None and s.tile_stride > s.tile_size:
+        raise sf.error(("tile_stride",), f"{s.tile_stride} is larger than tile_size {s.tile_size}: "
+                                         "views would leave gaps")
+    for key in ("model", "lcm_lora", "vae", "output"):
         if getattr(s, key) is not None and not getattr(s, key).strip():
             raise sf.error((key,), "must not be empty; leave the key out for the default")
     if s.output is not None:
@@ -435,11 +449,13 @@ def load_scene(path: str | Path, overrides: list[str] | dict[str, Any] | None = 
 
 
 def scene_from_prompt(prompt: str, negative_prompt: str = "",
-                      overrides: list[str] | dict[str, Any] | None = None) -> SceneFile:
-    """A one-layer scene without masks: plain text-to-image sampling."""
-    data: dict[str, Any] = {"layers": [{"name": "prompt", "prompt": prompt, "negative_prompt": negative_prompt}]}
+                      overrides: list[str] | dict[str, Any] | None = None, name: str = "prompt") -> SceneFile:
+    """A one-layer scene without masks: plain text-to-image sampling (or a panorama on a wide canvas)."""
+    data: dict[str, Any] = {"layers": [{"name": name, "prompt": prompt, "negative_prompt": negative_prompt}]}
     overridden = _apply_overrides(data, overrides, None)
-    return validate_scene(data, overridden=overridden)
+    sf = validate_scene(data, overridden=overridden)
+    sf.label = name
+    return sf
 
 
 def _apply_overrides(data: dict, overrides, path: Path | None) -> set[KeyPath]:

@@ -112,3 +112,20 @@ def build_tiny_pipeline(folder: Path, *, lcm_distilled: bool = False, seed: int 
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+def build_tiny_taesd(folder: Path, *, blocks: int = 2, seed: int = 0) -> Path:
+    """A tiny random AutoencoderTiny (TAESD-shaped) whose downscale factor is 2 ** (blocks - 1)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(
+        encoder_block_out_channels=(8,) * blocks,
+        decoder_block_out_channels=(8,) * blocks,
+        num_encoder_blocks=(1,) * blocks,
+        num_decoder_blocks=(1,) * blocks,
+        latent_channels=4,
+    )
+    vae.save_pretrained(folder)
+    return Path(folder)
