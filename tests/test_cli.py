@@ -124,6 +124,14 @@ def test_example_scenes_validate_and_generate(run_cli, tiny_model, tmp_path):
                          "--width", w, "--height", h, "--out", tmp_path / "{scene}.png")
         assert result.exit_code == 0, result.stderr
         assert Image.open(tmp_path / f"{name}.png").size == (int(w), int(h))
+    result = run_cli("inpaint", SCENES / "street-inpaint.yaml", "--model", tiny_model, "--device", "cpu",
+                     "--set", "width=96", "--set", "height=64", "--out", tmp_path / "street.png")
+    assert result.exit_code == 0, result.stderr
+    assert Image.open(tmp_path / "street.png").size == (96, 64)
+    result = run_cli("panorama", SCENES / "alps-panorama.yaml", "--width", "384", "--height", "64",
+                     "--set", "tile_size=64", "--model", tiny_model, "--device", "cpu", "--out", tmp_path / "alps.png")
+    assert result.exit_code == 0, result.stderr
+    assert Image.open(tmp_path / "alps.png").size == (384, 64)
 
 
 def _imported_modules(code: str) -> set[str]:

@@ -98,3 +98,29 @@ def test_devices_and_dtypes():
     assert resolve_dtype("bfloat16", CPU) == torch.bfloat16
     with pytest.raises(ModelError, match="unknown device"):
         resolve_device("tpu:0")
+
+
+@pytest.fixture(scope="session")
+def single_file(tiny_model, tmp_path_factory):
+    """The tiny model as one original-layout .safetensors checkpoint, as single-file models ship."""
+    from ldm import write_single_file
+
+    return write_single_file(tiny_model, tmp_path_factory.mktemp("single") / "tiny-sd.safetensors")
+
+
+def test_single_file_with_local_configs_equals_the_folder(run_cli, tiny_model, single_file, tmp_path):
+    common = ["--prompt", "a cat", "--width", "64", "--height", "64", "--seed", "5", "--device", "cpu"]
+    result = run_cli("generate", *common, "--model", single_file, "--config", tiny_model, "--out", tmp_path / "f.png")
+    assert result.exit_code == 0, result.stderr
+    assert run_cli("generate", *common, "--model", tiny_model, "--out", tmp_path / "d.png").exit_code == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), np.asarray(Image.open(tmp_path / "d.png")))
+
+
+def test_single_file_without_configs_offline_explains_config(run_cli, single_file, tmp_path):
+    result = run_cli("generate", "--prompt", "a cat", "--model", single_file, "--device", "cpu",
+                     "--out", tmp_path / "x.png")
+    assert result.exit_code == 2
+    assert "pass a local diffusers folder of the same architecture with --config DIR" in result.stderr
+    result = run_cli("generate", "--prompt", "a cat", "--model", single_file, "--config", tmp_path,
+                     "--device", "cpu", "--out", tmp_path / "x.png")
+    assert result.exit_code == 2 and "is not a diffusers model folder" in result.stderr

@@ -80,3 +80,25 @@ layers:
     got = scene_masks(sf)
     assert (got.width, got.height) == (768, 768) and got.names == ["boy", "girl"]
     assert 0.2 < got.masks[0].mean() < 0.4 and 0.2 < got.masks[1].mean() < 0.4
+
+
+IRWOROBONGDO_PROMPTS = ["summer mountains", "the sun", "the moon", "a giant waterfall", "a giant waterfall",
+                        "clean deep blue lake", "a large tree", "a large tree"]
+
+
+def irworobongdo_scene(folder) -> str:
+    layers = "".join(f"  - {{prompt: {p!r}, mask: {folder / f'irworobongdo_{i}.png'}}}\n"
+                     for i, p in enumerate(IRWOROBONGDO_PROMPTS, start=1))
+    return ("seed: 2024\nbootstrap: {steps: 2}\n"
+            "negative_prefix: 'worst quality, bad quality, normal quality, cropped, framed'\n"
+            "background: {prompt: 'clear deep blue sky'}\nlayers:\n" + layers)
+
+
+def test_irworobongdo_runs_end_to_end_at_full_size(run_cli, tiny_model_f8, tmp_path):
+    """The 9-prompt 1920 x 768 scene, in views, with the tiny model (its VAE downscales by 8 like SD's)."""
+    scene = write(tmp_path / "irworobongdo.yaml", irworobongdo_scene(REFERENCE / "irworobongdo"))
+    result = run_cli("generate", scene, "--model", tiny_model_f8, "--device", "cpu", "--out", tmp_path / "out.png")
+    assert result.exit_code == 0, result.stderr
+    image = Image.open(tmp_path / "out.png")
+    assert image.size == (1920, 768)
+    assert np.asarray(image).std() > 1
