@@ -166,8 +166,11 @@ def check_source(model: str | None) -> None:
 
 
 @contextlib.contextmanager
-def _loading(name: str, what: str, hint: str = ""):
-    """Turn the many exceptions diffusers and the hub raise for a model they cannot get into one line."""
+def _loading(name: str, what: str, hint: str = "", offline: str | None = None):
+    """Turn the many exceptions diffusers and the hub raise for a model they cannot get into one line.
+
+    `offline` replaces the message for a hub that cannot be reached.
+    """
     try:
         yield
     except ModelError:
@@ -179,7 +182,7 @@ def _loading(name: str, what: str, hint: str = ""):
         chain = [exc, exc.__cause__, exc.__context__]
         if any(isinstance(e, LocalEntryNotFoundError) for e in chain) or any(
                 word in text.lower() for word in ("offline", "cannot find the requested files", "connection")):
-            raise ModelError(_not_cached_message(name, what) + hint) from None
+            raise ModelError(offline or (_not_cached_message(name, what) + hint)) from None
         if any(isinstance(e, RepositoryNotFoundError) for e in chain):
             raise ModelError(f"{what} '{name}' does not exist on the Hugging Face hub (or is private)") from None
         first = text.splitlines()[0] if text else type(exc).__name__
@@ -197,9 +200,10 @@ def load_pipeline(model: str, *, dtype: torch.dtype, config: str | None = None):
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
         if config is None:
-            hint = ("; diffusers needs a config for a single-file model and fetches it from the hub: "
-                    "pass a local diffusers folder of the same architecture with --config DIR")
-            with _loading(str(path), "single-file model", hint):
+            hint = "; pass a local diffusers folder of the same architecture with --config DIR"
+            offline = (f"cannot load single-file model {path}: diffusers needs the configs of its architecture "
+                       "and cannot reach the Hugging Face hub for them" + hint)
+            with _loading(str(path), "single-file model", hint, offline):
                 return StableDiffusionPipeline.from_single_file(str(path), **common)
         if not (Path(config) / "model_index.json").is_file():
             raise ModelError(f"--config {config} is not a diffusers model folder (it has no model_index.json)")
