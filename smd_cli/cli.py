@@ -92,7 +92,7 @@ def validate(
             try:
                 with user_errors():
                     sf = load_scene(path, set_)
-                    width, height = checked_canvas(sf, vae_downscale_factor(model or sf.scene.model) or 8)
+                    width, height = checked_canvas(sf, vae_downscale_factor(model or sf.source(sf.scene.model)) or 8)
                     sm = scene_masks(sf, width, height)
                     rows, uncovered = coverage_report(sm.masks, sm.names)
                     table = Table(title=f"{path}  {width}x{height}, {len(rows)} layer(s)", title_justify="left")
@@ -264,8 +264,8 @@ def _run(loaded: list, opts: RunOptions) -> None:
 
     prepared = []
     for sf in loaded:  # every scene, mask and model path checked before the (slow) model load
-        check_source(opts.model or sf.scene.model)
-        factor = vae_downscale_factor(opts.model or sf.scene.model) or 8
+        check_source(opts.model or sf.source(sf.scene.model))
+        factor = vae_downscale_factor(opts.model or sf.source(sf.scene.model)) or 8
         prepared.append(scene_masks(sf, *checked_canvas(sf, factor)))
     targets = [_output_template(sf, opts.output) for sf in loaded]
     if opts.output is not None and len(loaded) > 1 and "{scene}" not in opts.output and not _is_folder(opts.output):
@@ -306,9 +306,9 @@ def _output_template(sf: SceneFile, output: str | None) -> str:
 
 def _pipeline(cache: dict, opts: RunOptions, sf: SceneFile):
     """One loaded pipeline per distinct model, loaded on first use."""
-    model = opts.model or sf.scene.model
-    lcm_lora = opts.lcm_lora or sf.scene.lcm_lora or "auto"
-    vae = opts.vae or sf.scene.vae
+    model = opts.model or sf.source(sf.scene.model)
+    lcm_lora = opts.lcm_lora or sf.source(sf.scene.lcm_lora) or "auto"
+    vae = opts.vae or sf.source(sf.scene.vae)
     key = (model, lcm_lora, vae)
     if key not in cache:
         from smd_cli.models import resolve_device, resolve_dtype

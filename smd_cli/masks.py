@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from smd_cli.scene import DEFAULT_SIZE, EllipseMask, ImageMask, PaletteMask, RectMask, SceneFile, is_fraction_box
 
 ASPECT_TOLERANCE = 0.01
+BLUR_FLOOR = 1e-7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +229,9 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
                 path = sf.resolve(spec.palette)
                 if path not in labels:
                     labels[path] = palette_labels(image, palette_colors[path])
+                if spec.color == spec.background_color:
+                    raise sf.error(key + ("color",), f"colour {spec.color} is also the background colour of "
+                                                     f"{path.name}; give the layer its own colour")
                 hard = (labels[path] == palette_colors[path].index(spec.color)).astype(np.float32)
                 if not hard.any():
                     found = ", ".join(main_colors(image)) or "none (fully transparent)"
@@ -241,6 +245,8 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
                 if spec.threshold is not None:
                     m = (m > spec.threshold).astype(np.float32)
                 out[i] = m
+    if sf.scene.background.image is not None:  # checked here so that no model loads for a missing file
+        images.size(sf.scene.background.image, ("background", "image"), "background")
     if not out.any():
         raise sf.error(("layers",), "every layer's mask is empty: nothing would be painted; "
                                     "check the mask images, colours and rectangles")
@@ -287,37 +293,48 @@ def coverage_report(masks: np.ndarray, names: list[str]) -> tuple[list[Coverage]
 
 
 def occlude(masks: np.ndarray, cover_alpha: float) -> np.ndarray:
-    """Where a later layer is present, scale every earlier layer by `cover_alpha`.
+    """Where a later layer is present, scale every earlier layer by `cover_alpha`, once.
 
-    Soft masks scale smoothly: an earlier mask is multiplied by 1 - (1 - cover_alpha) * M_later,
-    which is exactly `cover_alpha` where the later mask is 1 and 1 where it is 0.
+    Soft masks scale smoothly: an earlier mask is multiplied by 1 - (1 - cover_alpha) * L, with L
+    the largest later mask: exactly `cover_alpha` under a later layer and 1 where none is.
     """
     out = np.empty_like(masks)
-    factor = np.ones(masks.shape[1:], dtype=masks.dtype)
+    later = np.zeros(masks.shape[1:], dtype=masks.dtype)
     for p in range(len(masks) - 1, -1, -1):
-        out[p] = masks[p] * factor
-        factor = factor * (1.0 - (1.0 - cover_alpha) * masks[p])
+        out[p] = masks[p] * (1.0 - (1.0 - cover_alpha) * later)
+        later = np.maximum(later, masks[p])
     return out
 
 
-def gaussian_matrix(size: int, std: float) -> np.ndarray:
-    """[size, size] matrix of a 1-D Gaussian blur with replicate padding, kernel 2*ceil(3*std)+1."""
+def gaussian_taps(std: float) -> np.ndarray:
+    """A normalised 1-D Gaussian kernel of 2*ceil(3*std)+1 taps."""
     radius = math.ceil(3 * std)
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / std) ** 2)
-    taps /= taps.sum()
-    mat = np.zeros((size, size), dtype=np.float64)
-    rows = np.arange(size)
-    for offset, weight in zip(range(-radius, radius + 1), taps):
-        np.add.at(mat, (rows, np.clip(rows + offset, 0, size - 1)), weight)
-    return mat.astype(np.float32)
+    return taps / taps.sum()
+
+
+def _blur_axis(mask: np.ndarray, taps: np.ndarray, axis: int) -> np.ndarray:
+    """Convolve along one axis with replicate padding, through the FFT (cost independent of std)."""
+    radius = len(taps) // 2
+    pad = [(0, 0)] * mask.ndim
+    pad[axis] = (radius, radius)
+    padded = np.pad(mask.astype(np.float64), pad, mode="edge")
+    n = padded.shape[axis] + len(taps) - 1
+    shape = [1] * mask.ndim
+    shape[axis] = -1
+    full = np.fft.irfft(np.fft.rfft(padded, n, axis=axis) * np.fft.rfft(taps, n).reshape(shape), n, axis=axis)
+    return np.take(full, np.arange(2 * radius, 2 * radius + mask.shape[axis]), axis=axis)
 
 
 def blur(mask: np.ndarray, std: float) -> np.ndarray:
     """Separable Gaussian blur of one [H, W] mask with std in pixels; std 0 leaves it unchanged."""
     if std <= 0:
         return mask
-    h, w = mask.shape
-    return gaussian_matrix(h, std) @ mask @ gaussian_matrix(w, std).T
+    taps = gaussian_taps(std)
+    out = _blur_axis(_blur_axis(mask, taps, 0), taps, 1)
+    # The FFT leaves ~1e-16 where the kernel never reaches: those pixels are exactly outside the mask.
+    out[out < BLUR_FLOOR] = 0.0
+    return out.astype(np.float32).clip(0.0, 1.0)
 
 
 def prepare(masks: np.ndarray, *, cover_alpha: float, stds: list[float],

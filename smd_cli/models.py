@@ -149,7 +149,8 @@ def _quiet_hub():
 
     dlogging.disable_progress_bar()
     dlogging.set_verbosity_error()
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    for name in ("transformers", "huggingface_hub", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as tlogging
 
@@ -176,17 +177,42 @@ def _loading(name: str, what: str, hint: str = "", offline: str | None = None):
     except ModelError:
         raise
     except Exception as exc:
-        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import RepositoryNotFoundError
 
-        text = str(exc)
-        chain = [exc, exc.__cause__, exc.__context__]
-        if any(isinstance(e, LocalEntryNotFoundError) for e in chain) or any(
-                word in text.lower() for word in ("offline", "cannot find the requested files", "connection")):
+        chain = _exception_chain(exc)
+        if any(_unreachable(e) for e in chain):
             raise ModelError(offline or (_not_cached_message(name, what) + hint)) from None
         if any(isinstance(e, RepositoryNotFoundError) for e in chain):
             raise ModelError(f"{what} '{name}' does not exist on the Hugging Face hub (or is private)") from None
+        text = str(exc)
         first = text.splitlines()[0] if text else type(exc).__name__
         raise ModelError(f"cannot load {what} '{name}': {first}{hint}") from None
+
+
+OFFLINE_SIGNS = ("offline", "cannot find the requested files", "connection", "name or service not known",
+                 "temporary failure in name resolution", "max retries", "timed out", "network is unreachable")
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [e.__cause__, e.__context__]
+    return seen
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether an exception means the hub could not be reached (or was not to be asked)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    if isinstance(exc, (LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+        return True
+    name, text = type(exc).__name__.lower(), str(exc).lower()
+    return "connect" in name or "timeout" in name or any(sign in text for sign in OFFLINE_SIGNS)
 
 
 def load_pipeline(model: str, *, dtype: torch.dtype, config: str | None = None):

@@ -200,8 +200,15 @@ class StableMultiDiffusionPipeline:
                 timesteps = [grid[i] for i in DEFAULT_LCM_INDICES]
             else:
                 sched = self.scheduler if scheduler == "lcm" else self._ddim()
+                limit = sched.config.get("original_inference_steps", LCM_ORIGINAL_STEPS) if scheduler == "lcm" else train
+                if (steps or 0) > limit:
+                    raise SmdError(f"{scheduler} takes at most {limit} steps for this model, got {steps}"
+                                   + ("; use scheduler ddim or euler for more" if scheduler == "lcm" else ""))
                 sched.set_timesteps(num_inference_steps=steps or DEFAULT_STEPS[scheduler])
                 timesteps = [int(t) for t in sched.timesteps]
+                if any(t < 0 or t >= train for t in timesteps):
+                    raise SmdError(f"{steps} {scheduler} steps do not fit this model's {train} training "
+                                   "timesteps; use fewer steps")
         ts = [int(t) for t in timesteps]
         alphas = [math.sqrt(float(abar[t])) for t in ts]
         sigmas = [math.sqrt(1.0 - float(abar[t])) for t in ts]
@@ -409,7 +416,10 @@ class StableMultiDiffusionPipeline:
         # 3. Encode prompts (SPEC 2.1), mixing toward the background prompt by prompt strength.
         do_cfg = guidance_scale > 1.0 and self.unet.config.get("time_cond_proj_dim") is None
         texts = prompts + (negatives if do_cfg else [])
-        mix = background_prompt is not None and any(w != 1.0 for w in prompt_ws)
+        mix = bool(background_prompt) and any(w != 1.0 for w in prompt_ws)
+        if not background_prompt and any(w != 1.0 for w in prompt_ws):
+            warnings.warn("prompt strength below 1 mixes a layer toward the background prompt, and there is "
+                          "none; set a background prompt or leave prompt strength at 1", stacklevel=2)
         if mix:
             texts = texts + [background_prompt] + ([background_negative_prompt] if do_cfg else [])
         states = self.encode_prompts(texts)

@@ -217,6 +217,14 @@ class SceneFile:
     def base_dir(self) -> Path:
         return self.path.parent if self.path else Path.cwd()
 
+    def source(self, value: str | None) -> str | None:
+        """A model, LoRA or VAE setting: a path relative to the scene file when one exists there,
+        else as written (a hub id, or a keyword such as `tiny`)."""
+        if value is None or self.path is None:
+            return value
+        candidate = self.resolve(value)
+        return str(candidate) if candidate.exists() else value
+
     def resolve(self, relative: str) -> Path:
         """A path from the scene, relative to the scene file's folder."""
         p = Path(relative).expanduser()
@@ -224,7 +232,7 @@ class SceneFile:
 
     def error(self, key: KeyPath, message: str) -> SceneError:
         """An error located at `key`: its line, or a note that it came from the command line."""
-        if any(key[: len(o)] == o for o in self.overridden):
+        if any(key[: len(o)] == o or o[: len(key)] == key for o in self.overridden):
             message += " (set on the command line)"
             return SceneError(message, file=self.path, key=format_key(key))
         return SceneError(message, file=self.path, line=find_line(self.lines, key), key=format_key(key))
@@ -246,15 +254,18 @@ def find_line(lines: dict[KeyPath, int], key: KeyPath) -> int | None:
     return None
 
 
+def _yaml_error(exc: yaml.YAMLError, path: Path | None) -> SceneError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return SceneError(f"not valid YAML: {problem}", file=path, line=mark.line + 1 if mark else None)
+
+
 def _index_lines(text: str, path: Path | None) -> tuple[Any, dict[KeyPath, int]]:
     """Parse YAML safely into data and a map from key path to (1-based) line."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SceneError(f"not valid YAML: {problem}", file=path,
-                         line=mark.line + 1 if mark else None) from None
+        raise _yaml_error(exc, path) from None
     if root is None:
         raise SceneError("the scene file is empty; it needs at least `layers:`", file=path)
 
@@ -285,8 +296,8 @@ def _index_lines(text: str, path: Path | None) -> tuple[Any, dict[KeyPath, int]]
     walk(root, ())
     try:
         data = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader
-    except yaml.YAMLError as exc:  # pragma: no cover - compose already accepted it
-        raise SceneError(f"not valid YAML: {exc}", file=path) from None
+    except yaml.YAMLError as exc:  # tags the safe loader refuses, keys that cannot be keys
+        raise _yaml_error(exc, path) from None
     if not isinstance(data, dict):
         raise SceneError(f"a scene is a mapping of keys (model, layers, ...), not a {type(data).__name__}",
                          file=path, line=1)
@@ -429,7 +440,7 @@ def _check_consistency(sf: SceneFile) -> None:
         from smd_cli.outputs import check_template
 
         try:
-            check_template(s.output)
+            check_template(s.output, extension=True)
         except Exception as exc:  # OutputError: relocate it onto the scene key
             raise sf.error(("output",), str(exc)) from None
 

@@ -91,15 +91,36 @@ def test_one_output_file_for_several_scenes_is_refused(run_cli, scene_dir, tmp_p
     (["--device", "cuda:7"], "sees no CUDA GPU"),
     (["--dtype", "float8"], "unknown dtype 'float8'"),
     (["--set", "layers[0].mask_std=-1"], "greater than or equal to 0, got -1 (set on the command line)"),
+    (["--out", "x-{seed:q}.png"], "bad output template"),
+    (["--out", "/proc/no/such/x.png"], "cannot write /proc/no/such/x.png"),
+    (["--steps", "60"], "lcm takes at most 50 steps for this model, got 60; use scheduler ddim or euler"),
+    (["--scheduler", "ddim", "--steps", "1000"], "1000 ddim steps do not fit this model's 1000 training timesteps"),
+    (["--set", "layers[0].prompt_strength=0.5", "--set", "background.prompt="], "prompt strength below 1"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(run_cli, tiny_model, scene_dir, args, fragment):
     if "--model" not in args:
         args = ["--model", str(tiny_model)] + args
     result = run_cli("generate", scene_dir / "scene.yaml", *args)
+    if fragment == "prompt strength below 1":  # a warning, not an error: the image is still made
+        assert result.exit_code == 0 and f"warning: {fragment}" in result.stderr
+        return
     assert result.exit_code == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+def test_model_paths_in_a_scene_are_relative_to_the_scene_file(run_cli, tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "project"
+    shutil.copytree(tiny_model, folder / "models" / "tiny")
+    scene = write(folder / "scenes" / "s.yaml", "model: ../models/tiny\nwidth: 64\nheight: 64\nseed: 1\n"
+                                                "layers:\n  - {prompt: a cat}\n")
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("generate", scene, "--device", "cpu", "--out", tmp_path / "x.png")
+    assert result.exit_code == 0, result.stderr
+    assert f"loaded {folder / 'scenes' / '../models/tiny'}" in result.stderr
 
 
 def test_no_scene_and_no_prompt(run_cli):

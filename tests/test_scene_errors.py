@@ -50,6 +50,12 @@ CASES = [
     ("", "the scene file is empty", None),
     ("seed: 1\nseed: 2\n" + GOOD_LAYER, "key 'seed' appears twice", "2: seed"),
     ("model: ''\n" + GOOD_LAYER, "must not be empty", "1: model"),
+    ("seed: !!python/object:os.system ls\n" + GOOD_LAYER, "not valid YAML", "1"),
+    ("layers:\n  - !Ref {prompt: a}\n", "not valid YAML", "2"),
+    ("output: '{seed:q}.png'\n" + GOOD_LAYER, "bad output template", "1: output"),
+    ("output: 'picture.txt'\n" + GOOD_LAYER, "needs an image extension", "1: output"),
+    ("tile_size: 64\ntile_stride: 128\n" + GOOD_LAYER, "larger than tile_size 64", "2: tile_stride"),
+    ("scheduler: dpm\n" + GOOD_LAYER, "'lcm', 'ddim' or 'euler', got 'dpm'", "1: scheduler"),
     ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
      "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
      "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n" + GOOD_LAYER,
@@ -134,6 +140,18 @@ def test_canvas_not_divisible_by_the_downscale_factor(tmp_path, run_cli, tiny_mo
     assert "downscale factor 2" in result.stderr and result.exit_code == 2
 
 
+def test_missing_background_picture_fails_validation(tmp_path, run_cli):
+    scene = write(tmp_path / "s.yaml", "background: {prompt: a, image: photo.jpg}\n" + GOOD_LAYER)
+    result = run_cli("validate", scene)
+    assert result.exit_code == 2 and "s.yaml:1: background.image: background file not found" in result.stderr
+
+
+def test_palette_colour_equal_to_its_background(tmp_path, run_cli):
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(tmp_path / "p.png")
+    result = run_cli("validate", _mask_scene(tmp_path, '{palette: p.png, color: "#000000"}'))
+    assert result.exit_code == 2 and "colour #000000 is also the background colour of p.png" in result.stderr
+
+
 def test_all_masks_empty(tmp_path, run_cli):
     Image.new("L", (16, 16), 0).save(tmp_path / "black.png")
     result = run_cli("validate", _mask_scene(tmp_path, "black.png"))
@@ -153,6 +171,9 @@ def test_overrides_apply_and_are_reported_as_command_line(tmp_path, run_cli):
     assert sf.scene.seed == 5 and sf.scene.layers[0].prompt == "a dog" and sf.scene.bootstrap.steps == 3
     with pytest.raises(SceneError, match=r"layers\[0\].mask_strength: .*set on the command line"):
         load_scene(path, ["layers.0.mask_strength=2"])
+    boxed = write(tmp_path / "r.yaml", "layers:\n  - {prompt: a, mask: {rect: [0, 0, 10, 10]}}\n")
+    with pytest.raises(SceneError, match=r"layers\[0\].mask.rect: needs x0 < x1.*set on the command line"):
+        load_scene(boxed, ["layers[0].mask.rect[2]=-5"])
     result = run_cli("validate", "--set", "layers[3].prompt=x", path)
     assert result.exit_code == 2 and "there is no layers[3]" in result.stderr
     result = run_cli("validate", "--set", "noequals", path)
