@@ -6,6 +6,7 @@ must not import torch. Arrays are float32 in [0, 1], shaped [P, H, W] for P laye
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,14 +338,25 @@ def blur(mask: np.ndarray, std: float) -> np.ndarray:
     return out.astype(np.float32).clip(0.0, 1.0)
 
 
-def prepare(masks: np.ndarray, *, cover_alpha: float, stds: list[float],
-            strengths: list[float]) -> tuple[np.ndarray, np.ndarray]:
+def prepare(masks: np.ndarray, *, cover_alpha: float, stds: list[float], strengths: list[float],
+            cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Occlusion, blur and strength (SPEC 2.2).
 
     Returns the blurred masks (kept for the final pixel blend) and M_p, the blurred masks times
-    their strengths, which the per-step quantization compares with the noise levels.
+    their strengths, which the per-step quantization compares with the noise levels. A `cache`
+    dict remembers blurs across calls, so only masks that changed are blurred again.
     """
-    blurred = np.stack([blur(m, s) for m, s in zip(occlude(masks, cover_alpha), stds)]).astype(np.float32)
+    def blurred_once(m: np.ndarray, std: float) -> np.ndarray:
+        if cache is None or std <= 0:
+            return blur(m, std)
+        key = (hashlib.sha1(m.tobytes()).hexdigest(), m.shape, std)
+        if key not in cache:
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = blur(m, std)
+        return cache[key]
+
+    blurred = np.stack([blurred_once(m, s) for m, s in zip(occlude(masks, cover_alpha), stds)]).astype(np.float32)
     strengths_ = np.asarray(strengths, dtype=np.float32).reshape(-1, 1, 1)
     return blurred, blurred * strengths_
 

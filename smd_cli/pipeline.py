@@ -32,6 +32,7 @@ SCHEDULERS = ("lcm", "ddim", "euler")
 DEFAULT_STEPS = {"lcm": 4, "ddim": 50, "euler": 50}  # lcm: used only for an explicit non-default count
 DEFAULT_TILE_SIZE = 768  # pixels (SPEC 7); a canvas within one tile is one view
 AUTO_BATCH_CPU = 8
+TEXT_CACHE_SIZE = 256  # remembered prompt encodings
 CIRCULAR_DECODE_PAD = 8  # latent columns wrapped around each side before decoding a 360-degree canvas
 SUPPORTED_SD_VERSIONS = ("1.5", "1.4", "1", "2.0", "2.1", "2")
 
@@ -103,6 +104,20 @@ def masks_to_array(masks: Any, count: int) -> np.ndarray:
 
 
 @dataclass
+class Layers:
+    """Per-layer inputs in layer order, and what SPEC 2.2 makes of their masks."""
+
+    prompts: list[str]
+    negatives: list[str]
+    masks: np.ndarray  # [P, H, W] raw masks at canvas size
+    strengths: list[float]
+    stds: list[float]
+    prompt_strengths: list[float]
+    blurred: np.ndarray | None = None  # [P, H, W], for the final pixel blend
+    step_masks: torch.Tensor | None = None  # [K, P, 1, h, w] m_{p,k}
+
+
+@dataclass
 class Result:
     """One generated image and what made it."""
 
@@ -143,6 +158,7 @@ class StableMultiDiffusionPipeline:
         self.vae_scale_factor = vae_factor(self.vae.config)
         self.default_size = int(self.unet.config.sample_size) * self.vae_scale_factor
         self._white_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_components(cls, *, unet, vae, text_encoder, tokenizer, scheduler=None, device: Any = None,
@@ -226,8 +242,17 @@ class StableMultiDiffusionPipeline:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """CLIP states [N, 77, D] for each prompt, each distinct prompt encoded once (SPEC 2.1)."""
-        unique = list(dict.fromkeys(prompts))
+        """CLIP states [N, 77, D] for each prompt; each distinct prompt is encoded once and remembered,
+        so repeated prompts (and unchanged prompts in a stream) cost nothing (SPEC 2.1, 6)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            for text, state in zip(missing, self._encode(missing)):
+                if len(self._text_cache) >= TEXT_CACHE_SIZE:
+                    self._text_cache.pop(next(iter(self._text_cache)))
+                self._text_cache[text] = state
+        return torch.stack([self._text_cache[p] for p in prompts])
+
+    def _encode(self, unique: list[str]) -> torch.Tensor:
         tok, limit = self.tokenizer, self.tokenizer.model_max_length
         batch = tok(unique, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
         for full in tok(unique).input_ids:
@@ -237,9 +262,7 @@ class StableMultiDiffusionPipeline:
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = batch.attention_mask.to(self.device)
-        states = self.text_encoder(batch.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
-        index = {p: i for i, p in enumerate(unique)}
-        return states[[index[p] for p in prompts]]
+        return self.text_encoder(batch.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
@@ -264,36 +287,79 @@ class StableMultiDiffusionPipeline:
         return self._white_cache["white"].expand(1, -1, height // self.vae_scale_factor,
                                                  width // self.vae_scale_factor)
 
-    def _predictor(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float,
-                   schedule: Schedule):
-        """`predict(x, t, layers)` for the sampler: UNet noise with guidance (SPEC 3.3)."""
-        unet = self.unet
-        cfg = unet.config
-        timestep_cond = None
+    def prepare_layers(self, layers: "Layers", schedule: Schedule, *, cover_alpha: float, mask_type: str,
+                       background_image: bool, background_prompt: str | None,
+                       background_negative_prompt: str = "", blur_cache: dict | None = None) -> "Layers":
+        """SPEC 2.2 for a set of layers: add the background layer over the uncovered area (unless a
+        picture fills it), then occlusion, blur, strength and per-step quantization at latent size."""
+        if not background_image:
+            uncovered = mask_ops.background_mask(layers.masks)
+            if uncovered.max() > 0:
+                layers = Layers([background_prompt or ""] + layers.prompts,
+                                [background_negative_prompt] + layers.negatives,
+                                np.concatenate([uncovered[None], layers.masks]), [1.0] + layers.strengths,
+                                [0.0] + layers.stds, [1.0] + layers.prompt_strengths)
+        layers.blurred, strengthened = mask_ops.prepare(layers.masks, cover_alpha=cover_alpha, stds=layers.stds,
+                                                        strengths=layers.strengths, cache=blur_cache)
+        per_step = mask_ops.step_masks(strengthened, self.vae_scale_factor, schedule.mask_sigmas, mask_type)
+        layers.step_masks = torch.from_numpy(per_step).unsqueeze(2).to(self.device)
+        return layers
+
+    def prepare_text(self, layers: "Layers", background_prompt: str | None, background_negative_prompt: str,
+                     do_cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """SPEC 2.1: conditional (and, for guidance, unconditional) states per layer, mixed toward the
+        background prompt by each layer's prompt strength."""
+        prompts, negatives, prompt_ws = layers.prompts, layers.negatives, layers.prompt_strengths
+        texts = prompts + (negatives if do_cfg else [])
+        mix = bool(background_prompt) and any(w != 1.0 for w in prompt_ws)
+        if not background_prompt and any(w != 1.0 for w in prompt_ws):
+            warnings.warn("prompt strength below 1 mixes a layer toward the background prompt, and there is "
+                          "none; set a background prompt or leave prompt strength at 1", stacklevel=3)
+        if mix:
+            texts = texts + [background_prompt] + ([background_negative_prompt] if do_cfg else [])
+        states = self.encode_prompts(texts)
+        cond = states[: len(prompts)]
+        uncond = states[len(prompts): 2 * len(prompts)] if do_cfg else None
+        if mix:
+            w = torch.tensor(prompt_ws, device=self.device, dtype=states.dtype).view(-1, 1, 1)
+            bg_c = states[len(texts) - (2 if do_cfg else 1)]
+            cond = bg_c + w * (cond - bg_c)
+            if do_cfg:
+                uncond = states[-1] + w * (uncond - states[-1])
+        return cond, uncond
+
+    @torch.no_grad()
+    def unet_eps(self, x: torch.Tensor, t: float | torch.Tensor, states: torch.Tensor,
+                 guidance_scale: float = 1.0) -> torch.Tensor:
+        """The UNet's noise prediction (float32) for latents x at timestep(s) t under text states.
+
+        Guidance-distilled UNets get `guidance_scale` as an embedding (SPEC 3.3); v-prediction
+        models are converted to noise with eps = sigma * x + alpha * v.
+        """
+        cfg = self.unet.config
+        tc = None
         if cfg.get("time_cond_proj_dim") is not None:
             w = torch.tensor([guidance_scale - 1.0], dtype=torch.float32)
-            timestep_cond = guidance_embedding(w, cfg.time_cond_proj_dim).to(self.device, self.dtype)
-        # v-prediction models: eps = sigma * x + alpha * v at the step's noise level.
-        levels = dict(zip(schedule.timesteps, zip(schedule.alphas, schedule.sigmas)))
-        v_prediction = self.scheduler.config.prediction_type == "v_prediction"
+            tc = guidance_embedding(w, cfg.time_cond_proj_dim).to(self.device, self.dtype).expand(len(x), -1)
+        out = self.unet(x.to(self.dtype), t, encoder_hidden_states=states, timestep_cond=tc, return_dict=False)[0]
+        out = out.float()
+        if self.scheduler.config.prediction_type == "v_prediction":
+            abar = self.scheduler.alphas_cumprod.to(out.device)[torch.as_tensor(t, device=out.device).long()]
+            a = abar.sqrt().reshape(-1, 1, 1, 1)
+            out = (1 - abar).sqrt().reshape(-1, 1, 1, 1) * x.float() + a * out
+        return out
 
-        @torch.no_grad()
+    def _predictor(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float):
+        """`predict(x, t, layers)` for the sampler: UNet noise with classifier-free guidance (SPEC 3.3)."""
+
         def predict(x: torch.Tensor, t: float, layers: Sequence[int]) -> torch.Tensor:
             index = torch.as_tensor(list(layers), device=cond.device)
-            states = cond[index]
-            x_in = x.to(self.dtype)
-            if uncond is not None:  # classifier-free guidance: both halves in one batch
-                states = torch.cat([uncond[index], states])
-                x_in = torch.cat([x_in, x_in])
-            tc = None if timestep_cond is None else timestep_cond.expand(len(x_in), -1)
-            out = unet(x_in, t, encoder_hidden_states=states, timestep_cond=tc, return_dict=False)[0].float()
-            if v_prediction:
-                a, s = levels[t]
-                out = s * x_in.float() + a * out
-            if uncond is not None:
-                eps_u, eps_c = out.chunk(2)
-                return eps_u + guidance_scale * (eps_c - eps_u)
-            return out
+            if uncond is None:
+                return self.unet_eps(x, t, cond[index], guidance_scale)
+            # Both halves in one batch.
+            eps_u, eps_c = self.unet_eps(torch.cat([x, x]), t, torch.cat([uncond[index], cond[index]]),
+                                         guidance_scale).chunk(2)
+            return eps_u + guidance_scale * (eps_c - eps_u)
 
         return predict
 
@@ -357,6 +423,7 @@ class StableMultiDiffusionPipeline:
         circular: bool = False,
         max_batch: int | None = None,
         skip_empty: bool = True,
+        noises: Sequence[torch.Tensor] | None = None,
         output_type: str = "pil",
         callback: StepCallback | None = None,
     ):
@@ -402,35 +469,15 @@ class StableMultiDiffusionPipeline:
             raise SmdError(f"tile_weighting must be triangular or uniform, got {tile_weighting!r}")
 
         # 2. Prepare masks (SPEC 2.2): the uncovered area becomes a background layer at the bottom.
-        if background is None:
-            uncovered = mask_ops.background_mask(raw)
-            if uncovered.max() > 0:
-                raw = np.concatenate([uncovered[None], raw])
-                prompts = [background_prompt or ""] + prompts
-                negatives = [background_negative_prompt] + negatives
-                strengths, stds, prompt_ws = [1.0] + strengths, [0.0] + stds, [1.0] + prompt_ws
-        blurred, strengthened = mask_ops.prepare(raw, cover_alpha=cover_alpha, stds=stds, strengths=strengths)
-        per_step = mask_ops.step_masks(strengthened, f, schedule.mask_sigmas, mask_type)
-        step_masks = torch.from_numpy(per_step).unsqueeze(2).to(self.device)
+        layers = self.prepare_layers(
+            Layers(prompts, negatives, raw, strengths, stds, prompt_ws), schedule, cover_alpha=cover_alpha,
+            mask_type=mask_type, background_image=background is not None, background_prompt=background_prompt,
+            background_negative_prompt=background_negative_prompt)
 
         # 3. Encode prompts (SPEC 2.1), mixing toward the background prompt by prompt strength.
         do_cfg = guidance_scale > 1.0 and self.unet.config.get("time_cond_proj_dim") is None
-        texts = prompts + (negatives if do_cfg else [])
-        mix = bool(background_prompt) and any(w != 1.0 for w in prompt_ws)
-        if not background_prompt and any(w != 1.0 for w in prompt_ws):
-            warnings.warn("prompt strength below 1 mixes a layer toward the background prompt, and there is "
-                          "none; set a background prompt or leave prompt strength at 1", stacklevel=2)
-        if mix:
-            texts = texts + [background_prompt] + ([background_negative_prompt] if do_cfg else [])
-        states = self.encode_prompts(texts)
-        cond = states[: len(prompts)]
-        uncond = states[len(prompts): 2 * len(prompts)] if do_cfg else None
-        if mix:
-            w = torch.tensor(prompt_ws, device=self.device, dtype=states.dtype).view(-1, 1, 1)
-            bg_c = states[len(texts) - (2 if do_cfg else 1)]
-            cond = bg_c + w * (cond - bg_c)
-            if do_cfg:
-                uncond = states[-1] + w * (uncond - states[-1])
+        cond, uncond = self.prepare_text(layers, background_prompt, background_negative_prompt, do_cfg)
+        step_masks, blurred = layers.step_masks, layers.blurred
 
         # 4. Prepare latents: initial noise, and the flat images for bootstrapping (SPEC 2.3).
         shape = (1, self.unet.config.in_channels, height // f, width // f)
@@ -455,10 +502,10 @@ class StableMultiDiffusionPipeline:
         views = layout(shape[2], shape[3], (window, window), (stride, stride), weighting=tile_weighting,
                        circular=circular, device=self.device)
         x0 = sample(
-            self._predictor(cond, uncond, guidance_scale, schedule), latents, schedule, step_masks,
+            self._predictor(cond, uncond, guidance_scale), latents, schedule, step_masks,
             views=views, bootstrap_steps=bootstrap_steps, bootstrap_mix_steps=bootstrap_mix_steps,
             leak_sensitivity=bootstrap_leak_sensitivity, white=white, background=bg_latent,
-            generator=generator, callback=callback, skip_empty=skip_empty,
+            generator=generator, noises=noises, callback=callback, skip_empty=skip_empty,
             max_batch=max_batch or self.auto_max_batch((min(window, shape[2]), min(window, shape[3])), uncond is not None),
         )
         if output_type == "latent":

@@ -101,6 +101,79 @@ def ddim_noise(x: torch.Tensor, x0: torch.Tensor, alpha: float, sigma: float) ->
     return (x - alpha * x0) / sigma
 
 
+@dataclass
+class StepBatch:
+    """The UNet inputs of one step k (SPEC 3.1-3.2): one row per active (layer, view) pair."""
+
+    k: int
+    pairs: list[tuple[int, int]]  # (layer, view)
+    inputs: list[torch.Tensor]  # x_p, bootstrapped where k < bootstrap_steps
+    masks: list[torch.Tensor]  # m_{p,k} cut to the view
+    b_noisy: Optional[torch.Tensor]  # the noised flat background while bootstrapping, else None
+
+
+def active_pairs(masks: torch.Tensor, views: Sequence[View], skip_empty: bool = True) -> torch.Tensor:
+    """[K, P, V] booleans: whether m_{p,k} reaches into view v (an empty pair adds nothing)."""
+    active = torch.stack([v.crop(masks[:, :, 0]).flatten(2).amax(-1) for v in views], dim=-1).gt(0).cpu()
+    if not skip_empty:
+        active[:] = True
+    return active
+
+
+def step_inputs(x: torch.Tensor, noise: torch.Tensor, k: int, schedule: Schedule, masks_k: torch.Tensor,
+                views: Sequence[View], active_k: torch.Tensor, *, bootstrap_steps: int = 0,
+                bootstrap_mix_steps: float = 1.0, white: torch.Tensor | None = None,
+                background: torch.Tensor | None = None) -> StepBatch:
+    """SPEC 3.1-3.2 for step k: cut x into views per layer, bootstrapping on the first steps.
+
+    `noise` is the noise x holds; the flat bootstrap background is noised with it, so
+    bootstrapping draws no random numbers of its own.
+    """
+    b_noisy = None
+    if k < bootstrap_steps and white is not None:
+        r = bootstrap_mix(k, bootstrap_mix_steps)
+        flat = white if background is None else r * white + (1 - r) * background
+        b_noisy = noised(flat, schedule.alphas[k], schedule.sigmas[k], noise)
+    pairs = [(p, v) for v in range(len(views)) for p in range(masks_k.shape[0]) if active_k[p, v]]
+    inputs, pair_masks = [], []
+    for p, v in pairs:
+        view = views[v]
+        x_p = view.crop(x)
+        m = view.crop(masks_k[p : p + 1])
+        if b_noisy is not None:
+            x_p = bootstrap_blend(x_p, m, view.crop(b_noisy))
+        inputs.append(x_p)
+        pair_masks.append(m)
+    return StepBatch(k, pairs, inputs, pair_masks, b_noisy)
+
+
+def step_output(batch: StepBatch, eps: torch.Tensor, schedule: Schedule, views: Sequence[View],
+                shape: Sequence[int], *, leak_sensitivity: float | None = None,
+                background: torch.Tensor | None = None) -> torch.Tensor:
+    """SPEC 3.4-3.6 for step k: clean estimates, leak suppression, weighted aggregation into X0."""
+    k = batch.k
+    a, s = schedule.alphas[k], schedule.sigmas[k]
+    value = torch.zeros(shape, dtype=torch.float32, device=eps.device)
+    count = torch.zeros((shape[0], 1, *shape[2:]), dtype=torch.float32, device=eps.device)
+    if batch.pairs:
+        x_in = torch.cat(batch.inputs)
+        x0_batch = clean_estimate(x_in, eps, a, s, schedule.c_skip[k], schedule.c_out[k])
+        for i, (p, v) in enumerate(batch.pairs):
+            view = views[v]
+            m = batch.masks[i]
+            x0_p = x0_batch[i : i + 1]
+            if batch.b_noisy is not None and leak_sensitivity:
+                m = suppress_leak(m, x0_p, view.crop(batch.b_noisy), leak_sensitivity)
+            if view.weight is not None:
+                m = m * view.weight
+            view.add_into(value, m * x0_p)
+            view.add_into(count, m)
+    x0 = aggregate(value, count)
+    if background is not None:
+        x0 = blend_background(x0, count, background)
+    return x0
+
+
 def sample(
     predict: Predict,
     latents: torch.Tensor,
@@ -114,6 +187,7 @@ def sample(
     white: torch.Tensor | None = None,
     background: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    noises: Sequence[torch.Tensor] | None = None,
     max_batch: int | None = None,
     skip_empty: bool = True,
     callback: StepCallback | None = None,
@@ -122,69 +196,32 @@ def sample(
 
     `latents` [1, C, h, w] is the initial noise; `masks` [K, P, 1, h, w] holds m_{p,k}. Returns
     the final latent. Pairs whose mask is empty in their view are not evaluated (they would add
-    nothing; `skip_empty=False` evaluates them anyway, for measurements); the rest go through `predict` in batches of `max_batch`. Bootstrapping noises its
-    flat background with the noise x_k already holds, so it draws no random numbers: with one full
-    layer, the noise stream is diffusers' own.
+    nothing; `skip_empty=False` evaluates them anyway, for measurements); the rest go through
+    `predict` in batches of `max_batch`. LCM draws fresh noise for each transition from
+    `generator`, or takes `noises[k]` for the transition into step k + 1 when given.
     """
-    steps, layers = masks.shape[0], masks.shape[1]
     height, width = latents.shape[-2:]
     views = list(views) if views else [full_view(height, width)]
-    # Which (layer, view) pairs have a non-empty mask at each step: the rest contribute nothing.
-    active = torch.stack([v.crop(masks[:, :, 0]).flatten(2).amax(-1) for v in views], dim=-1).gt(0).cpu()
-    if not skip_empty:
-        active[:] = True
-
+    active = active_pairs(masks, views, skip_empty)
+    steps = masks.shape[0]
     x = latents
     noise = latents  # the noise realisation of x_k; for k = 0 the initial latent itself
     for k in range(steps):
-        t, a, s = schedule.timesteps[k], schedule.alphas[k], schedule.sigmas[k]
-        boot = k < bootstrap_steps and white is not None
-        if boot:
-            r = bootstrap_mix(k, bootstrap_mix_steps)
-            flat = white if background is None else r * white + (1 - r) * background
-            b_noisy = noised(flat, a, s, noise)
-
-        pairs = [(p, v) for v in range(len(views)) for p in range(layers) if active[k, p, v]]
-        inputs, pair_masks = [], []
-        for p, v in pairs:
-            view = views[v]
-            x_p = view.crop(x)
-            m = view.crop(masks[k, p : p + 1])
-            if boot:
-                x_p = bootstrap_blend(x_p, m, view.crop(b_noisy))
-            inputs.append(x_p)
-            pair_masks.append(m)
-
-        value = torch.zeros_like(x)
-        count = torch.zeros_like(x[:, :1])
-        chunk = max_batch or max(len(pairs), 1)
-        for start in range(0, len(pairs), chunk):
-            batch_pairs = pairs[start : start + chunk]
-            x_in = torch.cat(inputs[start : start + chunk])
-            eps = predict(x_in, t, [p for p, _ in batch_pairs])
-            x0_batch = clean_estimate(x_in, eps, a, s, schedule.c_skip[k], schedule.c_out[k])
-            for i, (p, v) in enumerate(batch_pairs):
-                view = views[v]
-                m = pair_masks[start + i]
-                x0_p = x0_batch[i : i + 1]
-                if boot and leak_sensitivity:
-                    m = suppress_leak(m, x0_p, view.crop(b_noisy), leak_sensitivity)
-                if view.weight is not None:
-                    m = m * view.weight
-                view.add_into(value, m * x0_p)
-                view.add_into(count, m)
-
-        x0 = aggregate(value, count)
-        if background is not None:
-            x0 = blend_background(x0, count, background)
+        batch = step_inputs(x, noise, k, schedule, masks[k], views, active[k], bootstrap_steps=bootstrap_steps,
+                            bootstrap_mix_steps=bootstrap_mix_steps, white=white, background=background)
+        chunk = max_batch or max(len(batch.pairs), 1)
+        eps = [predict(torch.cat(batch.inputs[i : i + chunk]), schedule.timesteps[k],
+                       [p for p, _ in batch.pairs[i : i + chunk]]) for i in range(0, len(batch.pairs), chunk)]
+        x0 = step_output(batch, torch.cat(eps) if eps else x, schedule, views, x.shape,
+                         leak_sensitivity=leak_sensitivity, background=background)
         if callback is not None:
             callback(k, steps, x0)
         a_next, s_next = schedule.alphas[k + 1], schedule.sigmas[k + 1]
         if schedule.kind == "ddim":
-            noise = ddim_noise(x, x0, a, s)
+            noise = ddim_noise(x, x0, schedule.alphas[k], schedule.sigmas[k])
             x = lcm_transition(x0, a_next, s_next, noise)
         elif k + 1 < steps:
-            noise = randn(x.shape, generator, x.device, x.dtype)
+            noise = noises[k] if noises is not None else randn(x.shape, generator, x.device, x.dtype)
             x = lcm_transition(x0, a_next, s_next, noise)
         else:
             x = x0

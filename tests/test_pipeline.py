@@ -25,8 +25,10 @@ def test_each_distinct_prompt_is_encoded_once(pipe, monkeypatch):
     monkeypatch.setattr(pipe.text_encoder, "forward", lambda ids, **k: seen.append(ids.shape[0]) or original(ids, **k))
     masks = np.zeros((3, SIZE, SIZE), np.float32)
     masks[:, :, :] = 1
-    run(pipe, ["a cat", "a cat", "blue sky"], masks=masks)
+    run(pipe, ["a red fox", "a red fox", "a green field"], masks=masks)
     assert seen == [2]  # one batch holding the two distinct prompts
+    run(pipe, ["a red fox", "a green field", "a blue lake"], masks=masks)
+    assert seen == [2, 1]  # remembered: only the new prompt is encoded
 
 
 def test_long_prompts_are_cut_with_a_warning_positive_and_negative(pipe):
