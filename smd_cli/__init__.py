@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "StableMultiDiffusionPipeline",
+    "StreamMultiDiffusion",
     "seed_everything",
     "load_scene",
     "SmdError",
@@ -22,6 +23,7 @@ __all__ = [
 
 _LAZY = {
     "StableMultiDiffusionPipeline": "smd_cli.pipeline",
+    "StreamMultiDiffusion": "smd_cli.stream",
     "seed_everything": "smd_cli.pipeline",
     "load_scene": "smd_cli.scene",
     "SmdError": "smd_cli.errors",
@@ -32,6 +34,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from smd_cli.errors import ModelError, SceneError, SmdError
     from smd_cli.pipeline import StableMultiDiffusionPipeline, seed_everything
+    from smd_cli.stream import StreamMultiDiffusion
     from smd_cli.scene import load_scene
 
 

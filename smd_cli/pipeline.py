@@ -512,16 +512,25 @@ class StableMultiDiffusionPipeline:
             return x0
 
         # 6. Decode, keeping the background image exactly outside every (blurred) mask.
-        image = self.decode(x0, circular)[0].permute(1, 2, 0).cpu().numpy()
-        if background is not None:
-            keep = np.clip(blurred.sum(0), 0.0, 1.0)[..., None]
-            photo = np.asarray(background, dtype=np.float32) / 255.0
-            image = image * keep + photo * (1.0 - keep)
+        image = self.pixels(x0, circular, blurred=blurred, picture=background)
         if output_type == "np":
             return image
         if output_type == "pt":
             return torch.from_numpy(image).permute(2, 0, 1)
-        return Image.fromarray((image * 255).round().clip(0, 255).astype(np.uint8))
+        return self.to_image(image)
+
+    def pixels(self, x0: torch.Tensor, circular: bool = False, *, blurred: np.ndarray | None = None,
+               picture: Image.Image | None = None) -> np.ndarray:
+        """[H, W, 3] floats in [0, 1]; with a picture, its pixels are kept outside every blurred mask (SPEC 3)."""
+        image = self.decode(x0, circular)[0].permute(1, 2, 0).cpu().numpy()
+        if picture is not None:
+            keep = np.clip(blurred.sum(0), 0.0, 1.0)[..., None]
+            image = image * keep + (np.asarray(picture, dtype=np.float32) / 255.0) * (1.0 - keep)
+        return image
+
+    @staticmethod
+    def to_image(pixels: np.ndarray) -> Image.Image:
+        return Image.fromarray((pixels * 255).round().clip(0, 255).astype(np.uint8))
 
     def sample(self, prompt: str, negative_prompt: str = "", **kwargs):
         """Plain single-prompt text-to-image sampling: one layer over the whole canvas."""

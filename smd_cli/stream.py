@@ -1,0 +1,266 @@
+"""`StreamMultiDiffusion`: an endless stream of frames from layers that can change between calls.
+
+The multi-prompt stream batch of SPEC section 6: T stages, one latent per stage at noise level t_k,
+all stages and layers denoised in ONE UNet call per frame, with the step math of `smd_cli.sampler`
+(the same functions `generate` uses). A latent entering stage 0 leaves the last stage T calls later
+as a frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from smd_cli.errors import SmdError
+from smd_cli.pipeline import DEFAULT_TILE_SIZE, Layers, StableMultiDiffusionPipeline, masks_to_array
+from smd_cli.sampler import active_pairs, lcm_transition, randn, step_inputs, step_output
+from smd_cli.views import layout, view_sizes
+
+CFG_TYPES = ("none", "full", "self", "initialize")
+
+
+@dataclass
+class StreamLayer:
+    """One semantic brush of the stream."""
+
+    prompt: str
+    negative_prompt: str = ""
+    mask: np.ndarray | None = None  # [H, W] in [0, 1]; None is the whole canvas
+    mask_strength: float = 1.0
+    mask_std: float = 0.0
+    prompt_strength: float = 1.0
+
+
+class StreamMultiDiffusion:
+    """Streaming region-based generation (SPEC 6), following the original project's API.
+
+    Register a background and layers with `update_background` and `update_single_layer`, then call
+    the object for the next frame (a PIL image). Updates re-encode only changed prompts and
+    re-blur only changed masks; with `autoflush` the next frame already shows them.
+    """
+
+    def __init__(self, device: Any = None, hf_key: str | None = None, sd_version: str = "1.5", *,
+                 height: int = 512, width: int = 512, cfg_type: str = "none", guidance_scale: float = 1.2,
+                 delta: float = 1.0, autoflush: bool = True, use_tiny_vae: bool = True,
+                 mask_type: str = "continuous", bootstrap_steps: int = 1, bootstrap_mix_steps: float = 1.0,
+                 bootstrap_leak_sensitivity: float | None = 0.2, cover_alpha: float = 0.3, seed: int = 2024,
+                 timesteps: Sequence[int] | None = None, tile_size: int = DEFAULT_TILE_SIZE,
+                 dtype: Any = None, lcm_lora: str | None = "auto", vae: str | None = None,
+                 pipeline: StableMultiDiffusionPipeline | None = None):
+        if cfg_type not in CFG_TYPES:
+            raise SmdError(f"cfg_type must be one of {', '.join(CFG_TYPES)}, got {cfg_type!r}")
+        self.pipe = pipeline or StableMultiDiffusionPipeline(
+            device, hf_key=hf_key, sd_version=sd_version, dtype=dtype, lcm_lora=lcm_lora, vae=vae,
+            use_tiny_vae=use_tiny_vae)
+        pipe = self.pipe
+        f = pipe.vae_scale_factor
+        if height % f or width % f:
+            raise SmdError(f"canvas {width}x{height} is not divisible by the model's downscale factor {f}")
+        self.height, self.width = height, width
+        self.cfg_type = cfg_type
+        self.guidance_scale = guidance_scale if cfg_type != "none" else 1.0
+        self.delta = delta
+        self.autoflush = autoflush
+        self.mask_type = mask_type
+        self.bootstrap_steps = bootstrap_steps
+        self.bootstrap_mix_steps = bootstrap_mix_steps
+        self.leak_sensitivity = bootstrap_leak_sensitivity
+        self.cover_alpha = cover_alpha
+        self.schedule = pipe.schedule(timesteps=timesteps)
+        self.shape = (1, pipe.unet.config.in_channels, height // f, width // f)
+        window, stride = view_sizes(height, width, tile_size, None, f)
+        self.views = layout(self.shape[2], self.shape[3], (window, window), (stride, stride), device=pipe.device)
+
+        # Every noise comes from the stream's own generator: stage 0's fresh latents and the fixed
+        # per-stage noises n_1 .. n_{T-1}, drawn once (SPEC 6.4), in this order.
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+        stages = len(self.schedule)
+        self.stage_noises = [randn(self.shape, self.generator, pipe.device, torch.float32) for _ in range(stages - 1)]
+        self.white = pipe.white_latent(height, width)
+        self.stages: list[torch.Tensor] = [
+            lcm_transition(self.white, self.schedule.alphas[k], self.schedule.sigmas[k], self.stage_noises[k - 1])
+            for k in range(1, stages)]
+        self.stock: torch.Tensor | None = None  # residual-CFG noise per stage and layer; persists
+
+        self.layers: list[StreamLayer] = []
+        self.background_image: Image.Image | None = None
+        self.background_latent: torch.Tensor | None = None
+        self.background_prompt: str | None = None
+        self.background_negative_prompt = ""
+        self._blur_cache: dict = {}
+        self._prepared: Layers | None = None
+        self._cond: torch.Tensor | None = None
+        self._uncond: torch.Tensor | None = None
+        self.calls = 0
+
+    # -----------------------------------------------------------------------------------------
+    # Updates
+
+    def update_background(self, image: Image.Image | None = None, prompt: str | None = None,
+                          negative_prompt: str | None = None) -> None:
+        """Replace the background picture (kept where no layer paints) and/or its prompts."""
+        if image is not None:
+            image = image.convert("RGB")
+            if image.size != (self.width, self.height):
+                image = image.resize((self.width, self.height), Image.LANCZOS)
+            self.background_image = image
+            self.background_latent = self.pipe.encode_image(image, self.height, self.width)
+        if prompt is not None:
+            self.background_prompt = prompt
+        if negative_prompt is not None:
+            self.background_negative_prompt = negative_prompt
+        self._changed()
+
+    def update_single_layer(self, idx: int, prompt: str | None = None, negative_prompt: str | None = None,
+                            mask: Any = None, mask_strength: float | None = None, mask_std: float | None = None,
+                            prompt_strength: float | None = None) -> None:
+        """Edit layer `idx`'s fields that are given; `idx` equal to the layer count appends a layer."""
+        if not 0 <= idx <= len(self.layers):
+            raise SmdError(f"layer index {idx} out of range: there are {len(self.layers)} layers")
+        if idx == len(self.layers):
+            if prompt is None:
+                raise SmdError("a new layer needs a prompt")
+            self.layers.append(StreamLayer(prompt))
+        layer = self.layers[idx]
+        changes = {k: v for k, v in dict(prompt=prompt, negative_prompt=negative_prompt, mask_strength=mask_strength,
+                                        mask_std=mask_std, prompt_strength=prompt_strength).items() if v is not None}
+        if mask is not None:
+            changes["mask"] = self._mask(mask)
+        self.layers[idx] = replace(layer, **changes)
+        self._changed()
+
+    def remove_single_layer(self, idx: int) -> None:
+        """Remove layer `idx`; later layers move down one place."""
+        if not 0 <= idx < len(self.layers):
+            raise SmdError(f"layer index {idx} out of range: there are {len(self.layers)} layers")
+        del self.layers[idx]
+        self._changed()
+
+    remove_layer = remove_single_layer
+
+    def _mask(self, mask: Any) -> np.ndarray:
+        array = masks_to_array([mask] if not isinstance(mask, (list, tuple)) else mask, 1)[0]
+        if array.shape != (self.height, self.width):
+            array = masks_to_array([Image.fromarray((array * 255).astype(np.uint8)).resize(
+                (self.width, self.height), Image.BILINEAR)], 1)[0]
+        return array
+
+    def _changed(self) -> None:
+        self._prepared = None
+        if self.autoflush and self.layers:
+            self.flush()
+
+    def _prepare(self) -> None:
+        """Re-derive masks and text states after an update (blurs and encodings are remembered)."""
+        if not self.layers:
+            raise SmdError("the stream has no layers yet: add one with update_single_layer")
+        full = np.ones((self.height, self.width), np.float32)
+        layers = Layers([l.prompt for l in self.layers], [l.negative_prompt for l in self.layers],
+                        np.stack([full if l.mask is None else l.mask for l in self.layers]),
+                        [l.mask_strength for l in self.layers], [l.mask_std for l in self.layers],
+                        [l.prompt_strength for l in self.layers])
+        self._prepared = self.pipe.prepare_layers(
+            layers, self.schedule, cover_alpha=self.cover_alpha, mask_type=self.mask_type,
+            background_image=self.background_latent is not None, background_prompt=self.background_prompt,
+            background_negative_prompt=self.background_negative_prompt, blur_cache=self._blur_cache)
+        need_uncond = self.cfg_type != "none" and self.pipe.unet.config.get("time_cond_proj_dim") is None
+        self._cond, self._uncond = self.pipe.prepare_text(self._prepared, self.background_prompt,
+                                                          self.background_negative_prompt, need_uncond)
+        self._active = active_pairs(self._prepared.step_masks, self.views)
+        if self.stock is None or self.stock.shape[1] != len(self._prepared.prompts):
+            self.stock = None  # layers were added or removed: restart the residual noise
+
+    # -----------------------------------------------------------------------------------------
+    # Frames
+
+    def flush(self) -> None:
+        """Run T calls without decoding, so the next frame fully reflects the current state."""
+        for _ in range(len(self.schedule)):
+            self.step()
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """One stream call (SPEC 6): every stage and layer in one UNet call; returns the last stage's X0."""
+        if self._prepared is None:
+            self._prepare()
+        pipe, schedule = self.pipe, self.schedule
+        fresh = randn(self.shape, self.generator, pipe.device, torch.float32)
+        latents = [fresh] + self.stages
+        noises = [fresh] + self.stage_noises  # the noise each stage's latent holds
+        batches = [step_inputs(latents[k], noises[k], k, schedule, self._prepared.step_masks[k], self.views,
+                               self._active[k], bootstrap_steps=self.bootstrap_steps,
+                               bootstrap_mix_steps=self.bootstrap_mix_steps, white=self.white,
+                               background=self.background_latent) for k in range(len(schedule))]
+        eps = self._predict(batches, noises)
+        x0s, start = [], 0
+        for batch in batches:
+            n = len(batch.pairs)
+            x0s.append(step_output(batch, eps[start : start + n], schedule, self.views, self.shape,
+                                   leak_sensitivity=self.leak_sensitivity, background=self.background_latent))
+            start += n
+        self.stages = [lcm_transition(x0s[k], schedule.alphas[k + 1], schedule.sigmas[k + 1], self.stage_noises[k])
+                       for k in range(len(schedule) - 1)]
+        self.calls += 1
+        return x0s[-1]
+
+    def _predict(self, batches, noises: list[torch.Tensor]) -> torch.Tensor:
+        """The one UNet call of a stream step, with the guidance of `cfg_type` (SPEC 6)."""
+        pipe, g = self.pipe, self.guidance_scale
+        x = torch.cat([x for b in batches for x in b.inputs])
+        t = torch.tensor([self.schedule.timesteps[b.k] for b in batches for _ in b.pairs], device=pipe.device)
+        layers = torch.tensor([p for b in batches for p, _ in b.pairs], device=pipe.device)
+        cond = self._cond[layers]
+        if self._uncond is None:  # cfg_type none, or a guidance-distilled UNet (guidance as embedding)
+            return pipe.unet_eps(x, t, cond, g)
+        if self.cfg_type == "full":
+            eps_u, eps_c = pipe.unet_eps(torch.cat([x, x]), torch.cat([t, t]),
+                                         torch.cat([self._uncond[layers], cond]), g).chunk(2)
+            return eps_u + g * (eps_c - eps_u)
+        # Residual guidance: the unconditional noise is delta times the stock noise, which starts as
+        # the noise each stage's latent holds and then carries its residual down the stages.
+        stock = self._stock(noises)
+        first = len(batches[0].pairs)
+        if self.cfg_type == "initialize":  # one extra unconditional pass, for stage 0 only
+            out = pipe.unet_eps(torch.cat([x, x[:first]]), torch.cat([t, t[:first]]),
+                                torch.cat([cond, self._uncond[layers[:first]]]), g)
+            eps_c, eps_u0 = out[: len(x)], out[len(x):]
+            for i, (p, v) in enumerate(batches[0].pairs):
+                stock[0, p] = _paste(stock[0, p], eps_u0[i], self.views[v])
+        else:
+            eps_c = pipe.unet_eps(x, t, cond, g)
+        eps_u = torch.cat([self.views[v].crop(stock[b.k, p : p + 1]) for b in batches for p, v in b.pairs])
+        self._carry_stock(stock, noises)
+        return self.delta * eps_u + g * (eps_c - self.delta * eps_u)
+
+    def _stock(self, noises: list[torch.Tensor]) -> torch.Tensor:
+        layers = len(self._prepared.prompts)
+        if self.stock is None:
+            self.stock = torch.stack([n[0].expand(layers, -1, -1, -1).clone() for n in noises])
+        # Stage 0 holds a fresh latent each call, with no history: its stock is that latent's noise.
+        self.stock[0] = noises[0][0]
+        return self.stock
+
+    def _carry_stock(self, stock: torch.Tensor, noises: list[torch.Tensor]) -> None:
+        """Move each stage's residual (stock minus the noise it holds) down one stage with its latent."""
+        residual = stock - torch.stack([n[0] for n in noises])[:, None]
+        held = torch.stack([n[0] for n in noises])[:, None]
+        self.stock = torch.cat([held[:1].expand_as(residual[:1]), held[1:] + residual[:-1]])
+
+    def __call__(self) -> Image.Image:
+        """The next frame as a PIL image."""
+        return self.decode(self.step())
+
+    def decode(self, x0: torch.Tensor) -> Image.Image:
+        return self.pipe.to_image(self.pipe.pixels(x0, blurred=self._prepared.blurred, picture=self.background_image))
+
+
+def _paste(target: torch.Tensor, value: torch.Tensor, view) -> torch.Tensor:
+    """target with `value` written into the view's window (target [C, h, w], value [C, vh, vw])."""
+    out = target.clone()[None]
+    region = view.crop(out)
+    view.add_into(out, value[None] - region)
+    return out[0]
