@@ -257,6 +257,66 @@ def panorama(
 PANORAMA_WIDTH, PANORAMA_HEIGHT = 3072, 512
 
 
+@app.command()
+def stream(
+    scene: Path = typer.Argument(..., help="Scene file (YAML) to stream.", show_default=False, metavar="SCENE"),
+    frames: Optional[int] = typer.Option(None, "--frames", min=1, help="Stop after N frames."),
+    seconds: Optional[float] = typer.Option(None, "--seconds", min=0.0, help="Stop after S seconds."),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="A folder (numbered PNGs), FILE.gif or "
+                                          "FILE.mp4. Without it frames are only shown (--preview)."),
+    fps: float = typer.Option(8.0, "--fps", min=0.1, help="Frame rate of a GIF or MP4."),
+    watch: bool = typer.Option(False, "--watch", help="Apply edits of the scene file and its images live."),
+    preview: Optional[str] = typer.Option(None, "--preview", help="Serve live frames over HTTP at [HOST:]PORT "
+                                          "(default host 127.0.0.1)."),
+    cfg_type: str = typer.Option("none", "--cfg", help="Guidance in the stream: none, full, self or initialize."),
+    model: Optional[str] = MODEL, config: Optional[str] = CONFIG, device: str = DEVICE, dtype: str = DTYPE,
+    lcm_lora: Optional[str] = LCM_LORA, vae: Optional[str] = VAE, set_: List[str] = SET,
+) -> None:
+    """Stream frames from a scene while you edit it: runs until --frames/--seconds or Ctrl-C."""
+    with user_errors():
+        from smd_cli.live import FrameSink, LiveState, PreviewServer, SceneWatcher, parse_address, run_stream
+        from smd_cli.masks import checked_canvas, scene_masks
+        from smd_cli.models import check_source, vae_downscale_factor
+        from smd_cli.scene import load_scene
+
+        overrides = _as_overrides(list(set_))
+        sf = load_scene(scene, overrides)
+        check_source(model or sf.source(sf.scene.model))
+        scene_masks(sf, *checked_canvas(sf, vae_downscale_factor(model or sf.source(sf.scene.model)) or 8))
+        address = parse_address(preview) if preview else None
+        opts = RunOptions(model, config, None, device, dtype, lcm_lora, vae)
+        sink = FrameSink(output, fps)  # checks the output kind before the model loads
+        pipe = _pipeline({}, opts, sf)
+        from smd_cli.live import scene_stream
+
+        live = scene_stream(sf, pipe, cfg_type=cfg_type)
+        state = LiveState(prompts=[layer.prompt for layer in live.layers])
+        server = None
+        if address is not None:
+            server = PreviewServer(state, *address).start()
+            host, port = server.address
+            err.print(f"preview at http://{host}:{port}/")
+        watcher = SceneWatcher(scene, overrides) if watch else None
+        if watcher is not None:
+            watcher.watch(sf)
+        status = err.status("starting") if err.is_terminal else contextlib.nullcontext()
+        try:
+            with status as line:
+                def show(index, frame, run) -> None:
+                    if line is not None:
+                        line.update(f"{index} frames, {run.fps:.2f} frames/s, {run.last_call * 1000:.0f} ms a "
+                                    f"frame, last reload: {run.last_reload}")
+
+                run = run_stream(live, sink, frames=frames, seconds=seconds, watcher=watcher, state=state,
+                                 on_frame=show, on_reload=lambda text: err.print(f"reload: {text}"))
+        finally:
+            if server is not None:
+                server.stop()
+        err.print(f"{run.frames} frames, {run.fps:.2f} frames/s")
+        if output is not None:
+            out.print(str(output))
+
+
 def _run(loaded: list, opts: RunOptions) -> None:
     """Check every scene, then load the model once and render them all."""
     from smd_cli.masks import checked_canvas, scene_masks

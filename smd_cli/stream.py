@@ -115,6 +115,11 @@ class StreamMultiDiffusion:
             self.background_negative_prompt = negative_prompt
         self._changed()
 
+    def remove_background_image(self) -> None:
+        """Paint the uncovered area from the background prompt again instead of keeping a picture."""
+        self.background_image = self.background_latent = None
+        self._changed()
+
     def update_single_layer(self, idx: int, prompt: str | None = None, negative_prompt: str | None = None,
                             mask: Any = None, mask_strength: float | None = None, mask_std: float | None = None,
                             prompt_strength: float | None = None) -> None:
