@@ -42,6 +42,28 @@ def test_frames_as_numbered_pngs(run_cli, tiny_model, scene_dir, tmp_path):
         "frame-00001.png", "frame-00002.png", "frame-00003.png"]
 
 
+def test_mp4_output(run_cli, tiny_model, scene_dir, tmp_path):
+    imageio = pytest.importorskip("imageio.v2", reason="MP4 output is the optional [mp4] extra")
+    result = run_cli("stream", scene_dir / "scene.yaml", "--model", tiny_model, "--device", "cpu",
+                     "--frames", "4", "--fps", "4", "--out", tmp_path / "s.mp4")
+    assert result.exit_code == 0, result.stderr
+    reader = imageio.get_reader(str(tmp_path / "s.mp4"))
+    frames = [frame for frame in reader]
+    assert len(frames) == 4 and frames[0].shape[:2] == (64, 64)
+
+
+def test_ctrl_c_finishes_the_gif_with_the_frames_so_far(pipe, scene_dir, tmp_path):
+    live = scene_stream(load_scene(scene_dir / "scene.yaml"), pipe)
+
+    def interrupt(index, frame, run):
+        if index == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stream(live, FrameSink(tmp_path / "cut.gif", 8), on_frame=interrupt)  # no limit: runs until Ctrl-C
+    assert Image.open(tmp_path / "cut.gif").n_frames == 3
+
+
 def test_bad_outputs_are_refused_before_loading(run_cli, scene_dir, tmp_path):
     result = run_cli("stream", scene_dir / "scene.yaml", "--frames", "1", "--out", tmp_path / "x.avi")
     assert result.exit_code == 2 and "give a folder, a .gif or an .mp4 file" in result.stderr
