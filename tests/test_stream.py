@@ -152,15 +152,20 @@ def test_only_changed_masks_are_blurred_again(pipe, monkeypatch):
 
 
 @pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference scenes not available on this machine")
-def test_zeus_streams_end_to_end(tiny_model_f8):
+def test_zeus_streams_end_to_end(tiny_model_f8, tmp_path):
+    """The original README's streaming example, with a tiny random TAESD standing in for madebyollin/taesd."""
     from functools import reduce
+
+    from tinymodel import build_tiny_taesd
 
     from smd_cli import StreamMultiDiffusion
 
+    taesd = build_tiny_taesd(tmp_path / "taesd", blocks=4)
     seed, height, width = 2024, 768, 512
-    smd = StreamMultiDiffusion("cpu", hf_key=str(tiny_model_f8), height=height, width=width, cfg_type="none",
-                               autoflush=True, use_tiny_vae=False, mask_type="continuous", bootstrap_steps=2,
-                               bootstrap_mix_steps=1.5, seed=seed)
+    smd = StreamMultiDiffusion("cpu", hf_key=str(tiny_model_f8), vae=str(taesd), height=height, width=width,
+                               cfg_type="none", autoflush=True, use_tiny_vae=True, mask_type="continuous",
+                               bootstrap_steps=2, bootstrap_mix_steps=1.5, seed=seed)
+    assert type(smd.pipe.vae).__name__ == "AutoencoderTiny"
     masks = []
     for i in range(1, 3):
         rgba = np.asarray(Image.open(REFERENCE / "zeus" / f"prompt_p{i}.png").convert("RGBA"))
