@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import REFERENCE, write
 from PIL import Image
+from test_seed_examples import load_mask
 
 from smd_cli import masks as M
 from smd_cli.scene import load_scene
@@ -189,8 +190,7 @@ def test_inpainting_example_from_the_original_readme(tiny_model_f8, tmp_path):
     # Load masks.
     masks = []
     for i in range(1, 3):
-        rgba = np.asarray(Image.open(REFERENCE / "timessquare" / f"timessquare_{i}.png").convert('RGBA'))
-        mask = (torch.from_numpy(rgba[..., 3:] / 255.0).permute(2, 0, 1) > 0.5).float()
+        mask = load_mask(REFERENCE / "timessquare" / f"timessquare_{i}.png")
         masks.append(mask)
     masks = torch.stack(masks, dim=0).float()
     height, width = masks.shape[-2:]  # (768, 768) in this example.

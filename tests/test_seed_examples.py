@@ -12,7 +12,7 @@ from conftest import REFERENCE
 from PIL import Image
 
 
-def _load_mask(path) -> torch.Tensor:
+def load_mask(path) -> torch.Tensor:
     # The README: mask = (T.ToTensor()(Image.open(...).convert('RGBA'))[-1:] > 0.5).float()
     rgba = np.asarray(Image.open(path).convert("RGBA"), dtype=np.float32) / 255.0
     return (torch.from_numpy(rgba[..., 3:]).permute(2, 0, 1) > 0.5).float()
@@ -53,7 +53,7 @@ def test_region_based_example(tiny_model_f8, tmp_path):
     # Load masks.
     masks = []
     for i in range(1, 3):
-        mask = _load_mask(REFERENCE / "timessquare" / f"timessquare_{i}.png")
+        mask = load_mask(REFERENCE / "timessquare" / f"timessquare_{i}.png")
         masks.append(mask)
     # In this example, background is simply set as non-marked regions.
     background = reduce(torch.logical_and, [m == 0 for m in masks])

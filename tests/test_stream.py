@@ -156,6 +156,7 @@ def test_zeus_streams_end_to_end(tiny_model_f8, tmp_path):
     """The original README's streaming example, with a tiny random TAESD standing in for madebyollin/taesd."""
     from functools import reduce
 
+    from test_seed_examples import load_mask
     from tinymodel import build_tiny_taesd
 
     from smd_cli import StreamMultiDiffusion
@@ -166,10 +167,7 @@ def test_zeus_streams_end_to_end(tiny_model_f8, tmp_path):
                                cfg_type="none", autoflush=True, use_tiny_vae=True, mask_type="continuous",
                                bootstrap_steps=2, bootstrap_mix_steps=1.5, seed=seed)
     assert type(smd.pipe.vae).__name__ == "AutoencoderTiny"
-    masks = []
-    for i in range(1, 3):
-        rgba = np.asarray(Image.open(REFERENCE / "zeus" / f"prompt_p{i}.png").convert("RGBA"))
-        masks.append((torch.from_numpy(rgba[..., 3:] / 255.0).permute(2, 0, 1) > 0.5).float())
+    masks = [load_mask(REFERENCE / "zeus" / f"prompt_p{i}.png") for i in range(1, 3)]
     background = reduce(torch.logical_and, [m == 0 for m in masks])
     smd.update_background(Image.new(size=(width, height), mode="RGB", color=(255, 255, 255)))
     negative = "worst quality, bad quality, normal quality, cropped, framed"
