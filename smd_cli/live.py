@@ -195,7 +195,6 @@ class FrameSink:
         if self.target is None:
             return None
         if self.kind == "gif" and self.frames:
-            from smd_cli.outputs import save_image
 
             first, rest = self.frames[0], self.frames[1:]
             buffer = io.BytesIO()
