@@ -279,6 +279,10 @@ def stream(
         from smd_cli.models import check_source, vae_downscale_factor
         from smd_cli.scene import load_scene
 
+        from smd_cli.scene import STREAM_CFG_TYPES
+
+        if cfg_type not in STREAM_CFG_TYPES:
+            raise SmdError(f"--cfg must be one of {', '.join(STREAM_CFG_TYPES)}, got {cfg_type!r}")
         overrides = _as_overrides(list(set_))
         sf = load_scene(scene, overrides)
         check_source(model or sf.source(sf.scene.model))

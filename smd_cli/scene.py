@@ -35,6 +35,8 @@ DEFAULT_SIZE = 512
 MAX_SIZE = 16384
 # A scene is a few hundred nodes; far beyond this means YAML aliases expanding out of control.
 MAX_NODES = 100_000
+# Guidance in a stream (SPEC 6); here so that the CLI can check it before any model loads.
+STREAM_CFG_TYPES = ("none", "full", "self", "initialize")
 
 Unit = Annotated[float, Field(strict=True, ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Field(strict=True, ge=0.0)]

@@ -16,11 +16,23 @@ import torch
 from PIL import Image
 
 from smd_cli.errors import SmdError
-from smd_cli.pipeline import DEFAULT_TILE_SIZE, Layers, StableMultiDiffusionPipeline, masks_to_array
-from smd_cli.sampler import active_pairs, lcm_transition, randn, step_inputs, step_output
+from smd_cli.pipeline import (
+    DEFAULT_TILE_SIZE,
+    Layers,
+    StableMultiDiffusionPipeline,
+    masks_to_array,
+)
+from smd_cli.sampler import (
+    active_pairs,
+    lcm_transition,
+    randn,
+    step_inputs,
+    step_output,
+)
+from smd_cli.scene import STREAM_CFG_TYPES
 from smd_cli.views import layout, view_sizes
 
-CFG_TYPES = ("none", "full", "self", "initialize")
+CFG_TYPES = STREAM_CFG_TYPES
 
 
 @dataclass

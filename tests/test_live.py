@@ -72,6 +72,8 @@ def test_bad_outputs_are_refused_before_loading(run_cli, scene_dir, tmp_path):
     except ImportError:
         result = run_cli("stream", scene_dir / "scene.yaml", "--frames", "1", "--out", tmp_path / "x.mp4")
         assert result.exit_code == 2 and "pip install 'smd-cli[mp4]'" in result.stderr
+    result = run_cli("stream", scene_dir / "scene.yaml", "--cfg", "bogus")
+    assert result.exit_code == 2 and "--cfg must be one of none, full, self, initialize" in result.stderr
     result = run_cli("stream", scene_dir / "scene.yaml", "--preview", "localhost:notaport")
     assert result.exit_code == 2 and "--preview expects PORT or HOST:PORT" in result.stderr
 
