@@ -60,9 +60,8 @@ def apply_scene(stream: StreamMultiDiffusion, sf: SceneFile) -> list[str]:
             stream.update_background(picture)
             changes.append("background image")
         negative_bg = _prefixed(prefix, s.background.negative_prompt)
-        if (s.background.prompt or None) != stream.background_prompt or negative_bg != stream.background_negative_prompt:
+        if s.background.prompt != (stream.background_prompt or "") or negative_bg != stream.background_negative_prompt:
             stream.update_background(prompt=s.background.prompt, negative_prompt=negative_bg)
-            stream.background_prompt = s.background.prompt or None
             changes.append("background prompt")
         for i, layer in enumerate(s.layers):
             fields = dict(prompt=layer.prompt, negative_prompt=_prefixed(prefix, layer.negative_prompt),

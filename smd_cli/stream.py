@@ -32,8 +32,6 @@ from smd_cli.sampler import (
 from smd_cli.scene import STREAM_CFG_TYPES
 from smd_cli.views import layout, view_sizes
 
-CFG_TYPES = STREAM_CFG_TYPES
-
 
 @dataclass
 class StreamLayer:
@@ -63,8 +61,8 @@ class StreamMultiDiffusion:
                  timesteps: Sequence[int] | None = None, tile_size: int = DEFAULT_TILE_SIZE,
                  dtype: Any = None, lcm_lora: str | None = "auto", vae: str | None = None,
                  pipeline: StableMultiDiffusionPipeline | None = None):
-        if cfg_type not in CFG_TYPES:
-            raise SmdError(f"cfg_type must be one of {', '.join(CFG_TYPES)}, got {cfg_type!r}")
+        if cfg_type not in STREAM_CFG_TYPES:
+            raise SmdError(f"cfg_type must be one of {', '.join(STREAM_CFG_TYPES)}, got {cfg_type!r}")
         self.pipe = pipeline or StableMultiDiffusionPipeline(
             device, hf_key=hf_key, sd_version=sd_version, dtype=dtype, lcm_lora=lcm_lora, vae=vae,
             use_tiny_vae=use_tiny_vae)
