@@ -131,9 +131,11 @@ MODEL = typer.Option(None, "--model", "-m", help="Hub id, local diffusers folder
                      "(default: the scene's, else SD1.5 + LCM LoRA).")
 CONFIG = typer.Option(None, "--config", help="Local diffusers folder to take configs from, for a .safetensors "
                       "--model offline.")
-OUT = typer.Option(None, "--out", "-o", help="Output file or folder; may use {scene}, {seed}, {steps}. "
-                   "Default: the scene's `output`, else {scene}-{seed}.png.")
+OUT = typer.Option(None, "--out", "-o", help="Output file or folder; may use {scene}, {seed}, {steps}, {index}, "
+                   "{date}, {time}. Default: the scene's `output`, else {scene}-{seed}.png.")
 SEED = typer.Option(None, "--seed", min=0, help="Random seed (default: the scene's, else random).")
+SEEDS = typer.Option(None, "--seeds", help="Several seeds, one image each: 1,2,3 or 10-20 or a mix.")
+REPEAT = typer.Option(None, "--repeat", min=1, help="N images per scene with random seeds (printed).")
 STEPS = typer.Option(None, "--steps", min=1, max=1000, help="Number of steps (LCM default 5).")
 SCHEDULER = typer.Option(None, "--scheduler", help="lcm (default), ddim or euler.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")
@@ -142,13 +144,23 @@ LCM_LORA = typer.Option(None, "--lcm-lora", help="LCM LoRA: hub id, file or fold
                         "(default: the SD1.5 LCM LoRA where it fits).")
 VAE = typer.Option(None, "--vae", help="'tiny' for the tiny autoencoder (TAESD), or a hub id or folder of one.")
 MAX_BATCH = typer.Option(None, "--max-batch", min=1, help="(layer, view) pairs per UNet call "
-                         "(default: from free memory on CUDA, 8 on the CPU).")
+                         "(default: from free memory on CUDA, 8 on the CPU; halved on out-of-memory).")
 SET = typer.Option([], "--set", help=SET_HELP, show_default=False)
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace existing files instead of adding -1, -2, ... "
+                         "to the new file's name.")
+JSON = typer.Option(False, "--json", help="One JSON object per image on stdout (scene, seed, path, seconds, "
+                    "status); everything else goes to stderr.")
+DRY_RUN = typer.Option(False, "--dry-run", help="Check everything and list what would be made; load no model.")
+QUIET = typer.Option(False, "--quiet", "-q", help="Print only errors and the output paths.")
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Also print memory estimates, timings and tracebacks.")
+DISTRIBUTED = typer.Option(False, "--distributed", help="Share the images among --processes processes "
+                           "with Hugging Face Accelerate (one per GPU).")
+PROCESSES = typer.Option(None, "--processes", min=1, help="Processes for --distributed (default: one per GPU).")
 
 
 @dataclass
 class RunOptions:
-    """What the generating commands share: model choice, outputs, and scene overrides."""
+    """What the generating commands share: model choice, outputs, batch shape and reporting."""
 
     model: Optional[str] = None
     config: Optional[str] = None
@@ -159,10 +171,41 @@ class RunOptions:
     vae: Optional[str] = None
     max_batch: Optional[int] = None
     overrides: list = field(default_factory=list)
+    seeds: Optional[str] = None
+    repeat: Optional[int] = None
+    overwrite: bool = False
+    json: bool = False
+    dry_run: bool = False
+    quiet: bool = False
+    verbose: bool = False
+    distributed: bool = False
+    processes: Optional[int] = None
 
 
 def _overrides(set_: list[str], **values) -> list:
     return [(k, v) for k, v in values.items() if v is not None] + list(set_)
+
+
+def _options(seed, seeds, repeat, set_, **kwargs) -> RunOptions:
+    """Check the batch options that conflict, before any scene is read."""
+    if seed is not None and (seeds or repeat):
+        raise SmdError("give --seed, --seeds or --repeat, not several of them")
+    if seeds and repeat:
+        raise SmdError("give --seeds or --repeat, not both")
+    if kwargs.get("quiet") and kwargs.get("verbose"):
+        raise SmdError("give --quiet or --verbose, not both")
+    overrides = kwargs.pop("overrides")
+    opts = RunOptions(seeds=seeds, repeat=repeat, **kwargs)
+    opts.overrides = _overrides(set_, seed=seed, **overrides)
+    if opts.seeds is not None:
+        from smd_cli.batch import parse_seeds
+
+        parse_seeds(opts.seeds)
+    if opts.output is not None:
+        from smd_cli.outputs import check_template
+
+        check_template(opts.output)
+    return opts
 
 
 @app.command()
@@ -174,24 +217,35 @@ def generate(
     width: Optional[int] = typer.Option(None, "--width", min=8, help="Canvas width in pixels."),
     height: Optional[int] = typer.Option(None, "--height", min=8, help="Canvas height in pixels."),
     model: Optional[str] = MODEL, config: Optional[str] = CONFIG, output: Optional[str] = OUT,
-    seed: Optional[int] = SEED, steps: Optional[int] = STEPS, scheduler: Optional[str] = SCHEDULER,
+    seed: Optional[int] = SEED, seeds: Optional[str] = SEEDS, repeat: Optional[int] = REPEAT,
+    steps: Optional[int] = STEPS, scheduler: Optional[str] = SCHEDULER,
     device: str = DEVICE, dtype: str = DTYPE, lcm_lora: Optional[str] = LCM_LORA, vae: Optional[str] = VAE,
-    max_batch: Optional[int] = MAX_BATCH, set_: List[str] = SET,
+    max_batch: Optional[int] = MAX_BATCH, set_: List[str] = SET, overwrite: bool = OVERWRITE, json_: bool = JSON,
+    dry_run: bool = DRY_RUN, quiet: bool = QUIET, verbose: bool = VERBOSE, distributed: bool = DISTRIBUTED,
+    processes: Optional[int] = PROCESSES,
 ) -> None:
-    """Generate one image per scene, loading the model once for all of them."""
-    with user_errors():
-        from smd_cli.scene import load_scene, scene_from_prompt
+    """Generate images from scenes (one per scene and seed), loading the model once for all of them.
 
-        opts = RunOptions(model, config, output, device, dtype, lcm_lora, vae, max_batch, _overrides(
-            set_, seed=seed, steps=steps, width=width, height=height, scheduler=scheduler))
+    A scene that fails does not stop the others: a summary follows, and the exit code is 0 when
+    every image was made, 1 when some failed, 2 when none could start.
+    """
+    with user_errors():
+        from smd_cli.scene import scene_from_prompt
+
+        opts = _options(seed, seeds, repeat, set_, model=model, config=config, output=output, device=device,
+                        dtype=dtype, lcm_lora=lcm_lora, vae=vae, max_batch=max_batch, overwrite=overwrite,
+                        json=json_, dry_run=dry_run, quiet=quiet, verbose=verbose, distributed=distributed,
+                        processes=processes, overrides=dict(steps=steps, width=width, height=height,
+                                                            scheduler=scheduler))
         files = list(scenes or [])
         if not files and prompt is None:
             raise SmdError("give one or more scene files, or --prompt \"...\"")
         if files and prompt is not None:
             raise SmdError("give either scene files or --prompt, not both")
-        loaded = ([scene_from_prompt(prompt, negative_prompt, _as_overrides(opts.overrides))] if prompt is not None
-                  else [load_scene(f, _as_overrides(opts.overrides)) for f in files])
-        _run(loaded, opts)
+        if prompt is not None:
+            _run([scene_from_prompt(prompt, negative_prompt, _as_overrides(opts.overrides))], opts)
+        else:
+            _run(files, opts)
 
 
 @app.command()
@@ -201,26 +255,30 @@ def inpaint(
     image: Optional[Path] = typer.Option(None, "--image", "-i", help="The picture to paint on "
                                          "(instead of the scene's background.image)."),
     model: Optional[str] = MODEL, config: Optional[str] = CONFIG, output: Optional[str] = OUT,
-    seed: Optional[int] = SEED, steps: Optional[int] = STEPS, scheduler: Optional[str] = SCHEDULER,
+    seed: Optional[int] = SEED, seeds: Optional[str] = SEEDS, repeat: Optional[int] = REPEAT,
+    steps: Optional[int] = STEPS, scheduler: Optional[str] = SCHEDULER,
     device: str = DEVICE, dtype: str = DTYPE, lcm_lora: Optional[str] = LCM_LORA, vae: Optional[str] = VAE,
-    max_batch: Optional[int] = MAX_BATCH, set_: List[str] = SET,
+    max_batch: Optional[int] = MAX_BATCH, set_: List[str] = SET, overwrite: bool = OVERWRITE, json_: bool = JSON,
+    dry_run: bool = DRY_RUN, quiet: bool = QUIET, verbose: bool = VERBOSE, distributed: bool = DISTRIBUTED,
+    processes: Optional[int] = PROCESSES,
 ) -> None:
     """Paint the scene's layers over a picture; outside every mask the picture stays as it was."""
     with user_errors():
-        from smd_cli.scene import load_scene
-
         if image is not None and not image.is_file():
             raise SmdError(f"--image {image}: file not found")
-        opts = RunOptions(model, config, output, device, dtype, lcm_lora, vae, max_batch, _overrides(
-            set_, seed=seed, steps=steps, scheduler=scheduler))
+        opts = _options(seed, seeds, repeat, set_, model=model, config=config, output=output, device=device,
+                        dtype=dtype, lcm_lora=lcm_lora, vae=vae, max_batch=max_batch, overwrite=overwrite,
+                        json=json_, dry_run=dry_run, quiet=quiet, verbose=verbose, distributed=distributed,
+                        processes=processes, overrides=dict(steps=steps, scheduler=scheduler))
         if image is not None:
             opts.overrides.append((("background", "image"), str(image.resolve())))
-        loaded = [load_scene(f, _as_overrides(opts.overrides)) for f in scenes]
-        for sf in loaded:
+
+        def needs_picture(sf: SceneFile) -> None:
             if sf.scene.background.image is None:
                 raise sf.error(("background",), "inpainting needs a picture: set background.image in the scene "
                                                 "or pass --image PATH")
-        _run(loaded, opts)
+
+        _run(list(scenes), opts, check=needs_picture)
 
 
 @app.command()
@@ -232,29 +290,117 @@ def panorama(
     circular: bool = typer.Option(False, "--circular", help="A 360-degree panorama: the left and right "
                                   "edges join without a seam."),
     model: Optional[str] = MODEL, config: Optional[str] = CONFIG, output: Optional[str] = OUT,
-    seed: Optional[int] = SEED, steps: Optional[int] = STEPS, scheduler: Optional[str] = SCHEDULER,
+    seed: Optional[int] = SEED, seeds: Optional[str] = SEEDS, repeat: Optional[int] = REPEAT,
+    steps: Optional[int] = STEPS, scheduler: Optional[str] = SCHEDULER,
     device: str = DEVICE, dtype: str = DTYPE, lcm_lora: Optional[str] = LCM_LORA, vae: Optional[str] = VAE,
-    max_batch: Optional[int] = MAX_BATCH, set_: List[str] = SET,
+    max_batch: Optional[int] = MAX_BATCH, set_: List[str] = SET, overwrite: bool = OVERWRITE, json_: bool = JSON,
+    dry_run: bool = DRY_RUN, quiet: bool = QUIET, verbose: bool = VERBOSE, distributed: bool = DISTRIBUTED,
+    processes: Optional[int] = PROCESSES,
 ) -> None:
     """Generate a wide image from one prompt, denoised in overlapping views."""
     with user_errors():
-        from smd_cli.scene import load_scene, scene_from_prompt
+        from smd_cli.scene import scene_from_prompt
 
         is_scene = prompt.endswith((".yaml", ".yml")) and Path(prompt).is_file()
-        opts = RunOptions(model, config, output, device, dtype, lcm_lora, vae, max_batch, _overrides(
-            set_, seed=seed, steps=steps, scheduler=scheduler, circular=circular or None,
-            width=width if width or is_scene else PANORAMA_WIDTH, height=height if height or is_scene else PANORAMA_HEIGHT))
-        if is_scene:
-            sf = load_scene(prompt, _as_overrides(opts.overrides))
+        opts = _options(seed, seeds, repeat, set_, model=model, config=config, output=output, device=device,
+                        dtype=dtype, lcm_lora=lcm_lora, vae=vae, max_batch=max_batch, overwrite=overwrite,
+                        json=json_, dry_run=dry_run, quiet=quiet, verbose=verbose, distributed=distributed,
+                        processes=processes, overrides=dict(
+                            steps=steps, scheduler=scheduler, circular=circular or None,
+                            width=width if width or is_scene else PANORAMA_WIDTH,
+                            height=height if height or is_scene else PANORAMA_HEIGHT))
+
+        def one_layer(sf: SceneFile) -> None:
             if len(sf.scene.layers) != 1:
                 raise sf.error(("layers",), f"a panorama scene has one layer, this one has {len(sf.scene.layers)}; "
                                             "use `smd generate` for several")
+
+        if is_scene:
+            _run([Path(prompt)], opts, check=one_layer)
         else:
-            sf = scene_from_prompt(prompt, negative_prompt, _as_overrides(opts.overrides), name="panorama")
-        _run([sf], opts)
+            _run([scene_from_prompt(prompt, negative_prompt, _as_overrides(opts.overrides), name="panorama")], opts)
 
 
 PANORAMA_WIDTH, PANORAMA_HEIGHT = 3072, 512
+
+
+@app.command()
+def show(
+    image: Path = typer.Argument(..., help="A PNG made by smd.", show_default=False),
+    json_: bool = typer.Option(False, "--json", help="Print the record as JSON instead of YAML."),
+) -> None:
+    """Print how an image was made: scene, seed, model, versions, timings, and whether its files changed."""
+    with user_errors():
+        import json
+
+        from smd_cli.metadata import describe, read_record
+
+        record = read_record(image)
+        if json_:
+            files = {p: {"sha256": record.files[p], "now": st} for p, st in record.check_files()}
+            out.print(json.dumps({"name": record.name, "smd": record.version, "model": record.model,
+                                  "seed": record.seed, "device": record.device, "dtype": record.dtype,
+                                  "config": record.config, "timings": record.timings, "files": files,
+                                  "scene": record.scene}, indent=2))
+        else:
+            out.print(describe(record), end="")
+
+
+@app.command()
+def reproduce(
+    image: Path = typer.Argument(..., help="A PNG made by smd.", show_default=False),
+    output: Optional[str] = typer.Option(None, "--out", "-o", help="Where to write the new image "
+                                         "(default: IMAGE's name with -reproduced, beside it)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Use this model instead of the recorded "
+                                        "one (moved folders)."),
+    config: Optional[str] = CONFIG,
+    device: Optional[str] = typer.Option(None, "--device", help="Default: the recorded kind of device "
+                                         "(cpu, cuda, mps); results are identical only on the same kind."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Default: the recorded one."),
+    max_batch: Optional[int] = MAX_BATCH, overwrite: bool = OVERWRITE, json_: bool = JSON,
+    quiet: bool = QUIET, verbose: bool = VERBOSE,
+) -> None:
+    """Make an image again from the record in it, and say whether the result is identical."""
+    with user_errors():
+        from smd_cli.metadata import read_record
+
+        record = read_record(image)
+        for path, status in record.check_files():
+            if status != "matches":
+                warnings.warn(f"{path} has {status} since the image was made: the result will differ"
+                              if status == "changed" else f"{path} is missing", stacklevel=1)
+            elif verbose:
+                err.print(f"{path}: unchanged (sha256 matches)")
+        sf = record.scene_file()
+        if output is None:
+            output = str(image.with_name(f"{image.stem}-reproduced.png"))
+        opts = _options(None, None, None, [], model=model, config=config or record.config, output=output,
+                        device=device or (record.device or "auto").split(":")[0], dtype=dtype or record.dtype or "auto", lcm_lora=None, vae=None,
+                        max_batch=max_batch, overwrite=overwrite, json=json_, dry_run=False, quiet=quiet,
+                        verbose=verbose, distributed=False, processes=None, overrides={})
+        outcomes = _run([sf], opts, exit_when_done=False)
+        done = [o for o in outcomes if o.path]
+        if done:
+            _compare(image, Path(done[0].path))
+        from smd_cli.batch import exit_code
+
+        raise typer.Exit(exit_code(outcomes))
+
+
+def _compare(original: Path, new: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(original) as a, Image.open(new) as b:
+        x, y = np.asarray(a.convert("RGB"), np.int16), np.asarray(b.convert("RGB"), np.int16)
+    if x.shape != y.shape:
+        err.print(f"differs from {original}: {y.shape[1]}x{y.shape[0]} instead of {x.shape[1]}x{x.shape[0]}")
+    elif (x == y).all():
+        err.print(f"identical to {original}")
+    else:
+        diff = np.abs(x - y)
+        err.print(f"differs from {original}: {100 * (diff.max(-1) > 0).mean():.1f}% of pixels, "
+                  f"by up to {int(diff.max())} of 255 (another device or dtype, or changed files)")
 
 
 @app.command()
@@ -271,15 +417,27 @@ def stream(
     cfg_type: str = typer.Option("none", "--cfg", help="Guidance in the stream: none, full, self or initialize."),
     model: Optional[str] = MODEL, config: Optional[str] = CONFIG, device: str = DEVICE, dtype: str = DTYPE,
     lcm_lora: Optional[str] = LCM_LORA, vae: Optional[str] = VAE, set_: List[str] = SET,
+    overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ) -> None:
-    """Stream frames from a scene while you edit it: runs until --frames/--seconds or Ctrl-C."""
-    with user_errors():
-        from smd_cli.live import FrameSink, LiveState, PreviewServer, SceneWatcher, parse_address, run_stream
-        from smd_cli.masks import checked_canvas, scene_masks
-        from smd_cli.models import check_source, vae_downscale_factor
-        from smd_cli.scene import load_scene
+    """Stream frames from a scene while you edit it: runs until --frames/--seconds or Ctrl-C.
 
-        from smd_cli.scene import STREAM_CFG_TYPES
+    An existing GIF or MP4 is kept (the new one gets -1, -2, ...); frames in an existing folder
+    are numbered on after the ones there. --overwrite replaces instead.
+    """
+    with user_errors():
+        from smd_cli.live import (
+            FrameSink,
+            LiveState,
+            PreviewServer,
+            SceneWatcher,
+            StreamRun,
+            parse_address,
+            run_stream,
+            scene_stream,
+        )
+        from smd_cli.masks import checked_canvas, scene_masks
+        from smd_cli.models import check_source, resolve_device, resolve_dtype, vae_downscale_factor
+        from smd_cli.scene import STREAM_CFG_TYPES, load_scene
 
         if cfg_type not in STREAM_CFG_TYPES:
             raise SmdError(f"--cfg must be one of {', '.join(STREAM_CFG_TYPES)}, got {cfg_type!r}")
@@ -288,22 +446,23 @@ def stream(
         check_source(model or sf.source(sf.scene.model))
         scene_masks(sf, *checked_canvas(sf, vae_downscale_factor(model or sf.source(sf.scene.model)) or 8))
         address = parse_address(preview) if preview else None
-        opts = RunOptions(model, config, None, device, dtype, lcm_lora, vae)
-        sink = FrameSink(output, fps)  # checks the output kind before the model loads
-        pipe = _pipeline({}, opts, sf)
-        from smd_cli.live import scene_stream
-
+        opts = RunOptions(model, config, None, device, dtype, lcm_lora, vae, quiet=quiet)
+        ui = Ui(opts)
+        sink = FrameSink(output, fps, overwrite)  # checks the output before the model loads
+        resolved = resolve_device(device)
+        pipe = _pipeline({}, opts, sf, resolved, resolve_dtype(dtype, resolved), ui)
         live = scene_stream(sf, pipe, cfg_type=cfg_type)
         state = LiveState(prompts=[layer.prompt for layer in live.layers])
         server = None
         if address is not None:
             server = PreviewServer(state, *address).start()
             host, port = server.address
-            err.print(f"preview at http://{host}:{port}/")
+            ui.info(f"preview at http://{host}:{port}/")
         watcher = SceneWatcher(scene, overrides) if watch else None
         if watcher is not None:
             watcher.watch(sf)
-        status = err.status("starting") if err.is_terminal else contextlib.nullcontext()
+        status = err.status("starting") if err.is_terminal and not quiet else contextlib.nullcontext()
+        run = StreamRun()
         try:
             with status as line:
                 def show(index, frame, run) -> None:
@@ -311,34 +470,333 @@ def stream(
                         line.update(f"{index} frames, {run.fps:.2f} frames/s, {run.last_call * 1000:.0f} ms a "
                                     f"frame, last reload: {run.last_reload}")
 
-                run = run_stream(live, sink, frames=frames, seconds=seconds, watcher=watcher, state=state,
-                                 on_frame=show, on_reload=lambda text: err.print(f"reload: {text}"))
+                run_stream(live, sink, frames=frames, seconds=seconds, watcher=watcher, state=state,
+                           on_frame=show, on_reload=lambda text: ui.info(f"reload: {text}"), run=run)
+        except KeyboardInterrupt:
+            err.print(f"interrupted after {run.frames} frames" + (f"; kept in {run.written}" if run.written else ""))
+            if run.written is not None:
+                out.print(str(run.written))
+            raise typer.Exit(130) from None
         finally:
             if server is not None:
                 server.stop()
-        err.print(f"{run.frames} frames, {run.fps:.2f} frames/s")
-        if output is not None:
-            out.print(str(output))
+        ui.info(f"{run.frames} frames, {run.fps:.2f} frames/s")
+        if run.written is not None:
+            out.print(str(run.written))
 
 
-def _run(loaded: list, opts: RunOptions) -> None:
-    """Check every scene, then load the model once and render them all."""
+class Ui:
+    """Where each kind of message goes: results on stdout, everything else on stderr."""
+
+    def __init__(self, opts: RunOptions, main: bool = True):
+        self.quiet, self.verbose, self.json, self.main = opts.quiet, opts.verbose, opts.json, main
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            err.print(text)
+
+    def detail(self, text: str) -> None:
+        if self.verbose:
+            err.print(text)
+
+    def error(self, text: str) -> None:
+        err.print(f"[red]error:[/] {escape(text)}", markup=True)
+
+    def result(self, outcome) -> None:
+        import json
+
+        if self.json:
+            out.print(json.dumps(outcome.as_json()), soft_wrap=True)
+        elif outcome.path and outcome.status == "done":
+            out.print(outcome.path)
+
+
+def _run(items: list, opts: RunOptions, check=None, exit_when_done: bool = True) -> list:
+    """Plan every image (scenes x seeds), check everything, then load the model once and make them.
+
+    `items` are scene paths (read here, so that a broken one fails alone) or ready `SceneFile`s.
+    A failing image does not stop the others; the exit code sums them up (see `batch.exit_code`).
+    """
+    from smd_cli.batch import INTERRUPTED, Shard, exit_code, join_processes, launched_distributed
+    from smd_cli.models import check_source, resolve_device, resolve_dtype
+
+    if opts.distributed and not launched_distributed():
+        _launch(opts)  # runs this same command in several processes, then exits
+    shard = join_processes(cpu=opts.device == "cpu") if launched_distributed() else Shard()
+    ui = Ui(opts, main=shard.main)
+    if opts.model:
+        check_source(opts.model)
+    device = shard.state.device if shard.state is not None and opts.device == "auto" else resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    jobs, invalid = _plan(items, opts, check, device, dtype, ui)
+    if shard.size > 1:  # seeds drawn at random must be the same in every process
+        from accelerate.utils import broadcast_object_list
+
+        seeds = broadcast_object_list([[job.seed for job in jobs]])[0]
+        for job, seed in zip(jobs, seeds):
+            job.seed, job.scene = seed, _seeded(job.scene, seed)
+    if shard.main:
+        for outcome in invalid:
+            ui.error(outcome.error)
+            if ui.json:
+                ui.result(outcome)
+    _check_distinct_outputs(jobs, opts)
+    if opts.dry_run:
+        if shard.main:
+            _print_plan(jobs, opts, ui, device, dtype)
+        code = 2 if not jobs else (1 if invalid else 0)
+        if exit_when_done:
+            raise typer.Exit(code)
+        return invalid
+    if not jobs:
+        raise typer.Exit(2)
+    if shard.size > 1:
+        ui.detail(f"process {shard.rank + 1} of {shard.size}: {len(shard.take(jobs))} of {len(jobs)} images "
+                  f"on {device}")
+    outcomes = _execute(shard.take(jobs), opts, ui, device, dtype)
+    interrupted = any(o.status == INTERRUPTED for o in outcomes)
+    everything = (invalid if shard.main else []) + outcomes
+    if not interrupted:
+        everything = shard.gather(everything)
+    if shard.main or interrupted:
+        _summary(everything, ui, interrupted)
+    code = 130 if interrupted else exit_code(everything)
+    _report_status(code, shard)
+    if exit_when_done:
+        raise typer.Exit(code)
+    return everything
+
+
+def _seeded(sf: SceneFile, seed: int) -> SceneFile:
+    from smd_cli.batch import with_seed
+
+    return with_seed(sf, seed)
+
+
+def _plan(items: list, opts: RunOptions, check, device, dtype, ui: Ui) -> tuple[list, list]:
+    """Every image to make as a `Job`, and an `Outcome` for each scene that cannot start."""
+    from datetime import datetime
+
+    from smd_cli.batch import INVALID, Job, Outcome, parse_seeds, seeds_for
     from smd_cli.masks import checked_canvas, scene_masks
     from smd_cli.models import check_source, vae_downscale_factor
+    from smd_cli.outputs import check_writable
+    from smd_cli.scene import load_scene, step_count
 
-    prepared = []
-    for sf in loaded:  # every scene, mask and model path checked before the (slow) model load
-        check_source(opts.model or sf.source(sf.scene.model))
-        factor = vae_downscale_factor(opts.model or sf.source(sf.scene.model)) or 8
-        prepared.append(scene_masks(sf, *checked_canvas(sf, factor)))
-    targets = [_output_template(sf, opts.output) for sf in loaded]
-    if opts.output is not None and len(loaded) > 1 and "{scene}" not in opts.output and not _is_folder(opts.output):
-        raise SmdError(f"--out {opts.output} names one file for {len(loaded)} scenes; "
-                       "give a folder or a template with {scene}")
-    pipes: dict[tuple, object] = {}
-    for sf, masks, template in zip(loaded, prepared, targets):
-        pipe = _pipeline(pipes, opts, sf)
-        _render(pipe, sf, masks, template, opts.max_batch)
+    now = datetime.now()
+    seeds = parse_seeds(opts.seeds) if opts.seeds else None
+    jobs: list = []
+    invalid: list = []
+    for item in items:
+        file = str(item) if isinstance(item, Path) else None
+        name = item.stem if isinstance(item, Path) else item.name
+        try:
+            sf = load_scene(item, _as_overrides(opts.overrides)) if isinstance(item, Path) else item
+            if check is not None:
+                check(sf)
+            model = opts.model or sf.source(sf.scene.model)
+            check_source(model)
+            factor = vae_downscale_factor(model) or 8
+            width, height = checked_canvas(sf, factor)
+            masks = scene_masks(sf, width, height)
+            _check_memory(sf, model, width, height, factor, device, dtype, opts, ui)
+            template = _output_template(sf, opts.output)
+            made = [Job(len(jobs) + n, _seeded(sf, seed), seed, template, masks, drawn)
+                    for n, (seed, drawn) in enumerate(seeds_for(sf, seeds, opts.repeat))]
+            for job in made:
+                check_writable(_job_path(job, now))
+        except SmdError as exc:
+            invalid.append(Outcome(scene=name, file=file, seed=None, status=INVALID, error=str(exc)))
+            continue
+        jobs.extend(made)
+        drawn = [job.seed for job in made if job.random_seed]
+        if opts.repeat and drawn:
+            ui.detail(f"{sf.name}: random seeds {', '.join(map(str, drawn))}")
+        ui.detail(f"{sf.name}: {width}x{height}, {len(sf.scene.layers)} layer(s), "
+                  f"{step_count(sf.scene)} {sf.scene.scheduler} steps")
+    return jobs, invalid
+
+
+def _job_path(job, when=None) -> Path:
+    from smd_cli.outputs import output_path
+    from smd_cli.scene import step_count
+
+    return output_path(job.template, scene=job.scene.name, seed=job.seed, steps=step_count(job.scene.scene),
+                       index=job.index, when=when)
+
+
+def _check_distinct_outputs(jobs: list, opts: RunOptions) -> None:
+    """An explicit --out must give each image its own file (a scene's own `output` is numbered)."""
+    if opts.output is None or len(jobs) < 2:
+        return
+    from datetime import datetime
+
+    now = datetime.now()
+    paths = [_job_path(job, now) for job in jobs]
+    if len(set(paths)) < len(paths):
+        scenes = len({job.scene.name for job in jobs})
+        what = f"{len(jobs)} images" if scenes == 1 else f"{scenes} scenes" if scenes == len(jobs) else \
+            f"{len(jobs)} images of {scenes} scenes"
+        raise SmdError(f"--out {opts.output} names one file for {what}; give a folder, or a template with "
+                       "{scene}, {seed} or {index}")
+
+
+def _check_memory(sf: SceneFile, model, width: int, height: int, factor: int, device, dtype,
+                  opts: RunOptions, ui: Ui) -> None:
+    """Refuse, before loading anything, a canvas that clearly cannot fit on the device."""
+    import torch
+
+    from smd_cli.models import AUTO_BATCH_CPU, available_memory, estimate_memory
+
+    batch = opts.max_batch or (1 if device.type == "cuda" else AUTO_BATCH_CPU)
+    cfg = sf.scene.guidance_scale > 1.0
+    est = estimate_memory(model, width=width, height=height, factor=factor, tile_size=sf.scene.tile_size,
+                          max_batch=batch, cfg=cfg, dtype_bytes=torch.finfo(dtype).bits // 8)
+    free = available_memory(device)
+    gib = 1024**3
+    parts = (f"weights {est.weights / gib:.1f}, UNet batch of {batch} {est.unet / gib:.1f}, "
+             f"decoding {est.decode / gib:.1f}")
+    ui.detail(f"{sf.name}: needs about {est.total / gib:.1f} GiB ({parts})"
+              + (f", {free / gib:.1f} GiB free on {device}" if free is not None else ""))
+    if free is not None and est.total > free:
+        hint = ("lower --max-batch or tile_size" if est.unet > est.decode else
+                "use --vae tiny, whose decoder needs far less")
+        raise sf.error(("width",), f"a {width}x{height} canvas needs about {est.total / gib:.1f} GiB on {device} "
+                                   f"({parts} GiB) but only {free / gib:.1f} GiB is free; {hint}, or make the "
+                                   "canvas smaller")
+
+
+def _execute(jobs: list, opts: RunOptions, ui: Ui, device, dtype) -> list:
+    """Make the images one after another; a failure is recorded and the batch goes on."""
+    import traceback
+
+    from smd_cli.batch import DONE, FAILED, INTERRUPTED, INVALID, SKIPPED, Outcome
+
+    pipes: dict = {}
+    outcomes: list = []
+    for n, job in enumerate(jobs):
+        base = dict(scene=job.scene.name, file=str(job.scene.path) if job.scene.path else None, seed=job.seed,
+                    index=job.index)
+        started = time.perf_counter()
+        try:
+            try:
+                pipe = _pipeline(pipes, opts, job.scene, device, dtype, ui)
+                s = job.scene.scene
+                pipe.schedule(s.steps, s.timesteps, s.scheduler)
+            except SmdError as exc:  # no model, or steps it cannot take: the image never started
+                outcome = Outcome(**base, status=INVALID, error=str(exc))
+            else:
+                outcome = Outcome(**base, status=DONE, path=str(_render(pipe, job, opts, ui)))
+        except KeyboardInterrupt:
+            outcomes.append(Outcome(**base, status=INTERRUPTED, seconds=time.perf_counter() - started))
+            outcomes += [Outcome(scene=j.scene.name, file=str(j.scene.path) if j.scene.path else None, seed=j.seed,
+                                 index=j.index, status=SKIPPED) for j in jobs[n + 1:]]
+            err.print("interrupted")
+            break
+        except SmdError as exc:
+            outcome = Outcome(**base, status=FAILED, error=str(exc))
+        except Exception as exc:  # a bug or a library failure: report it and go on with the batch
+            outcome = Outcome(**base, status=FAILED, error=f"{type(exc).__name__}: {exc}")
+            ui.detail(traceback.format_exc())
+        outcome.seconds = time.perf_counter() - started
+        if outcome.status != DONE:
+            ui.error(f"{outcome.scene} (seed {job.seed}): {outcome.error}")
+        ui.result(outcome)
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _summary(outcomes: list, ui: Ui, interrupted: bool) -> None:
+    """A table of every image at the end of a batch (always after a failure or Ctrl-C)."""
+    from rich.table import Table
+
+    from smd_cli.batch import DONE, Tally
+
+    troubled = interrupted or any(o.status != DONE for o in outcomes)
+    if (len(outcomes) < 2 and not interrupted) or (ui.quiet and not troubled):
+        return
+    table = Table(title="summary", title_justify="left")
+    for column in ("scene", "seed", "status", "output", "seconds"):
+        table.add_column(column, justify="right" if column in ("seed", "seconds") else "left")
+    for o in outcomes:
+        table.add_row(o.scene, "-" if o.seed is None else str(o.seed), o.status,
+                      o.path or _short(o.error or "-", 60), f"{o.seconds:.1f}" if o.seconds else "-")
+    err.print(table)
+    err.print(str(Tally.of(outcomes)))
+
+
+def _print_plan(jobs: list, opts: RunOptions, ui: Ui, device, dtype) -> None:
+    """What a run would make, without loading a model: a table, or JSON lines with --json."""
+    import json
+
+    from rich.table import Table
+
+    from smd_cli.scene import DEFAULT_MODEL, step_count
+
+    rows = []
+    for job in jobs:
+        sf = job.scene
+        width, height = job.masks.width, job.masks.height
+        rows.append({"scene": sf.name, "file": str(sf.path) if sf.path else None, "seed": job.seed,
+                     "width": width, "height": height, "layers": len(sf.scene.layers),
+                     "steps": step_count(sf.scene), "model": opts.model or sf.source(sf.scene.model) or DEFAULT_MODEL,
+                     "path": str(_job_path(job)), "status": "planned"})
+    if ui.json:
+        for row in rows:
+            out.print(json.dumps(row), soft_wrap=True)
+        return
+    table = Table(title=f"{len(rows)} image(s) on {device} ({str(dtype).removeprefix('torch.')}); nothing loaded",
+                  title_justify="left")
+    for column in ("scene", "seed", "size", "layers", "steps", "model", "output"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["scene"], str(r["seed"]), f"{r['width']}x{r['height']}", str(r["layers"]), str(r["steps"]),
+                      r["model"], r["path"])
+    out.print(table)
+
+
+def _launch(opts: RunOptions) -> None:
+    """Run this same command under `accelerate launch` with one process per GPU (or --processes)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    count = opts.processes
+    if count is None:
+        import torch
+
+        count = torch.cuda.device_count() if opts.device != "cpu" else 1
+    if count <= 1:
+        err.print("--distributed: one process, so running here")
+        return
+    with socket.socket() as probe:  # a free port for the processes to meet on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(count),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port)] + (["--cpu"] if opts.device == "cpu" else []) + \
+              ["-m", "smd_cli", *sys.argv[1:]]
+    with tempfile.TemporaryDirectory(prefix="smd-") as folder:
+        status = Path(folder) / "status"
+        env = dict(os.environ, SMD_STATUS_FILE=str(status))
+        returned = subprocess.call(command, env=env)
+        code = int(status.read_text()) if status.is_file() else (returned or 1)
+    raise typer.Exit(code)
+
+
+def _report_status(code: int, shard) -> None:
+    """Under `smd generate --distributed`, the main process hands the batch's exit code to the
+    launching command, and every process exits 0 so the launcher reports no crash."""
+    import os
+
+    target = os.environ.get("SMD_STATUS_FILE")
+    if target is None or shard.size == 1:
+        return
+    if shard.main:
+        Path(target).write_text(str(code))
+    raise typer.Exit(0)
 
 
 def _as_overrides(items: list) -> list[str] | dict:
@@ -353,10 +811,6 @@ def _as_overrides(items: list) -> list[str] | dict:
     return pairs
 
 
-def _is_folder(text: str) -> bool:
-    return text.endswith(("/", "\\")) or Path(text).is_dir()
-
-
 def _output_template(sf: SceneFile, output: str | None) -> str:
     from smd_cli.outputs import DEFAULT_TEMPLATE, check_template
 
@@ -368,44 +822,65 @@ def _output_template(sf: SceneFile, output: str | None) -> str:
     return DEFAULT_TEMPLATE
 
 
-def _pipeline(cache: dict, opts: RunOptions, sf: SceneFile):
-    """One loaded pipeline per distinct model, loaded on first use."""
+def _pipeline(cache: dict, opts: RunOptions, sf: SceneFile, device, dtype, ui: Ui):
+    """One loaded pipeline per distinct model, loaded on first use; a model that failed fails fast."""
     model = opts.model or sf.source(sf.scene.model)
     lcm_lora = opts.lcm_lora or sf.source(sf.scene.lcm_lora) or "auto"
     vae = opts.vae or sf.source(sf.scene.vae)
     key = (model, lcm_lora, vae)
     if key not in cache:
-        from smd_cli.models import resolve_device, resolve_dtype
         from smd_cli.pipeline import StableMultiDiffusionPipeline
         from smd_cli.scene import DEFAULT_MODEL
 
         cache.clear()  # free the previous model before loading another
-        resolved = resolve_device(opts.device)
-        torch_dtype = resolve_dtype(opts.dtype, resolved)
         started = time.perf_counter()
-        with err.status(f"loading {model or DEFAULT_MODEL} on {resolved} ({str(torch_dtype).removeprefix('torch.')})"):
-            cache[key] = StableMultiDiffusionPipeline(opts.device, hf_key=model, dtype=opts.dtype, lcm_lora=lcm_lora,
-                                                      config=opts.config, vae=vae)
+        status = err.status(f"loading {model or DEFAULT_MODEL} on {device} ({str(dtype).removeprefix('torch.')})") \
+            if err.is_terminal and not ui.quiet else contextlib.nullcontext()
+        try:
+            with status:
+                cache[key] = StableMultiDiffusionPipeline(device, hf_key=model, dtype=dtype, lcm_lora=lcm_lora,
+                                                          config=opts.config, vae=vae)
+        except SmdError as exc:
+            cache[key] = exc
+            raise
         pipe = cache[key]
         extras = "".join(f" + {x}" for x in (pipe.components.lcm_lora, pipe.components.vae_source) if x)
-        err.print(f"loaded {pipe.components.source}{extras} in {time.perf_counter() - started:.1f} s")
+        ui.info(f"loaded {pipe.components.source}{extras} in {time.perf_counter() - started:.1f} s")
+    if isinstance(cache[key], SmdError):
+        raise cache[key]
     return cache[key]
 
 
-def _render(pipe, sf: SceneFile, masks, template: str, max_batch: int | None) -> None:
+def _render(pipe, job, opts: RunOptions, ui: Ui) -> Path:
+    """Make one image and write it with its record; returns the path written."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from smd_cli.metadata import make_record, png_info
     from smd_cli.outputs import output_path, save_image
 
+    sf = job.scene
     steps = len(pipe.schedule(sf.scene.steps, sf.scene.timesteps, sf.scene.scheduler))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=not err.is_terminal) as progress:
+                  console=err, transient=True, disable=not err.is_terminal or ui.quiet) as progress:
         task = progress.add_task(sf.name, total=steps)
-        result = pipe.generate(sf, masks=masks, max_batch=max_batch, callback=lambda k, n, x0: progress.update(task, completed=k + 1))
-    path = output_path(template, scene=sf.name, seed=result.seed, steps=steps)
-    save_image(result.image, path)
-    err.print(f"{sf.name}: seed {result.seed}, {result.timings['generate']:.1f} s")
-    out.print(str(path))
+        result = pipe.generate(sf, masks=job.masks, max_batch=opts.max_batch,
+                               callback=lambda k, n, x0: progress.update(task, completed=k + 1))
+    path = output_path(job.template, scene=sf.name, seed=result.seed, steps=steps, index=job.index)
+    info = None
+    if path.suffix.lower() == ".png":
+        width, height = result.image.size
+        c = pipe.components
+        record = make_record(sf, seed=result.seed, width=width, height=height, steps=steps, model=c.source,
+                             lcm_lora=c.lcm_lora, vae=c.vae_source, config=opts.config, device=str(pipe.device),
+                             dtype=str(pipe.dtype).removeprefix("torch."), timings=result.timings)
+        info = png_info(record)
+    written = save_image(result.image, path, info, overwrite=opts.overwrite)
+    if written != path:
+        ui.info(f"{path} exists; wrote {written.name} beside it (--overwrite replaces)")
+    timing = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
+    ui.info(f"{sf.name}: seed {result.seed}, {result.timings['generate']:.1f} s")
+    ui.detail(f"{sf.name}: {timing}")
+    return written
 
 
 def main() -> None:

@@ -36,3 +36,9 @@ class ModelError(SmdError):
 
 class OutputError(SmdError):
     """An output path that cannot be formed or written."""
+
+
+class OutOfMemory(SmdError):
+    """The device ran out of memory even at the smallest batch."""
+
+    exit_code = 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.server
 import io
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -155,26 +154,38 @@ class SceneWatcher:
 class FrameSink:
     """Where frames go: numbered PNGs in a folder, an animated GIF or an MP4."""
 
-    def __init__(self, target: Path | None, fps: float):
+    def __init__(self, target: Path | None, fps: float, overwrite: bool = False):
         self.target = Path(target) if target is not None else None
         self.fps = fps
+        self.overwrite = overwrite
         self.count = 0
+        self.first = 1  # number of the first frame file in a folder
         self.frames: list[Image.Image] = []
         self.writer = None
+        self.partial: Optional[Path] = None  # an MP4 being written, renamed into place on close
         suffix = self.target.suffix.lower() if self.target is not None else ""
         self.kind = {"": "folder", ".gif": "gif", ".mp4": "mp4"}.get(suffix)
         if self.target is not None and self.kind is None:
             raise OutputError(f"--out {self.target}: give a folder, a .gif or an .mp4 file")
+        if self.target is not None:
+            from smd_cli.outputs import check_writable
+
+            check_writable(self.target / "frame.png" if self.kind == "folder" else self.target)
         if self.kind == "mp4":
             try:
                 import imageio.v2 as imageio
             except ImportError:
                 raise OutputError("MP4 output needs imageio with ffmpeg: pip install 'smd-cli[mp4]' "
                                   "(or: pip install imageio imageio-ffmpeg)") from None
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = imageio.get_writer(str(self.target), fps=fps)
+            from smd_cli.outputs import temporary_beside
+
+            self.partial = temporary_beside(self.target)
+            self.writer = imageio.get_writer(str(self.partial), format="FFMPEG", fps=fps)
         elif self.kind == "folder" and self.target is not None:
             self.target.mkdir(parents=True, exist_ok=True)
+            if not overwrite:  # continue after the frames of an earlier run instead of replacing them
+                numbers = [int(p.stem[6:]) for p in self.target.glob("frame-*.png") if p.stem[6:].isdigit()]
+                self.first = max(numbers, default=0) + 1
 
     def add(self, frame: Image.Image) -> None:
         self.count += 1
@@ -183,29 +194,31 @@ class FrameSink:
         if self.kind == "folder":
             from smd_cli.outputs import save_image
 
-            save_image(frame, self.target / f"frame-{self.count:05d}.png")
+            save_image(frame, self.target / f"frame-{self.first + self.count - 1:05d}.png", overwrite=True)
         elif self.kind == "gif":
             self.frames.append(frame)
         else:
             self.writer.append_data(np.asarray(frame))
 
     def close(self) -> Optional[Path]:
-        """Finish the file with the frames so far (also after Ctrl-C)."""
+        """Finish the file with the frames so far (also after Ctrl-C); returns the path written."""
+        from smd_cli.outputs import finish, write_atomic
+
         if self.target is None:
             return None
         if self.kind == "gif" and self.frames:
-
             first, rest = self.frames[0], self.frames[1:]
-            buffer = io.BytesIO()
-            first.save(buffer, format="GIF", save_all=True, append_images=rest, loop=0,
-                       duration=max(int(1000 / self.fps), 20))
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.target.with_name(f".{self.target.name}.tmp")
-            tmp.write_bytes(buffer.getvalue())
-            os.replace(tmp, self.target)
-        elif self.kind == "mp4" and self.writer is not None:
+            return write_atomic(self.target, lambda fh: first.save(
+                fh, format="GIF", save_all=True, append_images=rest, loop=0,
+                duration=max(int(1000 / self.fps), 20)), self.overwrite)
+        if self.kind == "mp4" and self.writer is not None:
             self.writer.close()
-        return self.target
+            self.writer = None
+            if self.count == 0:
+                self.partial.unlink(missing_ok=True)
+                return None
+            return finish(self.partial, self.target, self.overwrite)
+        return self.target if self.count else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +328,7 @@ class StreamRun:
     started: float = field(default_factory=time.perf_counter)
     last_call: float = 0.0
     last_reload: str = "-"
+    written: Optional[Path] = None  # where the frames went, once the sink is closed
 
     @property
     def fps(self) -> float:
@@ -325,13 +339,14 @@ class StreamRun:
 def run_stream(stream: StreamMultiDiffusion, sink: FrameSink, *, frames: int | None = None,
                seconds: float | None = None, watcher: SceneWatcher | None = None,
                state: LiveState | None = None, on_frame: Callable[[int, Image.Image, StreamRun], None] | None = None,
-               on_reload: Callable[[str], None] | None = None) -> StreamRun:
+               on_reload: Callable[[str], None] | None = None, run: StreamRun | None = None) -> StreamRun:
     """Generate frames until `frames` or `seconds` is reached (or forever), applying scene edits.
 
     A broken edit is reported through `on_reload` and the stream keeps running on the last good
-    scene. The sink is closed, with the frames so far, however the loop ends (Ctrl-C included).
+    scene. The sink is closed, with the frames so far, however the loop ends (Ctrl-C included);
+    pass `run` to read the counters and the written path even then.
     """
-    run = StreamRun()
+    run = run if run is not None else StreamRun()
     try:
         while (frames is None or run.frames < frames) and (seconds is None or time.perf_counter() - run.started < seconds):
             if watcher is not None and watcher.changed():
@@ -355,5 +370,5 @@ def run_stream(stream: StreamMultiDiffusion, sink: FrameSink, *, frames: int | N
             if on_frame is not None:
                 on_frame(run.frames, frame, run)
     finally:
-        sink.close()
+        run.written = sink.close()
     return run

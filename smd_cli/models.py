@@ -102,27 +102,108 @@ def _looks_like_path(name: str) -> bool:
     return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name) is None or name.endswith(SINGLE_FILE_SUFFIXES)
 
 
-def vae_downscale_factor(model: str | None) -> int | None:
-    """The VAE's downscale factor read from a local or cached config without loading anything."""
+def config_json(model: str | None, name: str) -> dict | None:
+    """A component's config (`vae/config.json`) from a local folder or the hub cache, loading nothing."""
     model = model or DEFAULT_MODEL
     path = Path(model).expanduser()
     config: Path | None = None
     if path.is_dir():
-        config = path / "vae" / "config.json"
+        config = path / name
     elif not _looks_like_path(model):
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            found = try_to_load_from_cache(model, "vae/config.json")
+            found = try_to_load_from_cache(model, name)
             config = Path(found) if isinstance(found, str) else None
         except Exception:  # a cache lookup must never stop validation
             config = None
     if config is None or not config.is_file():
         return None
     try:
-        return vae_factor(json.loads(config.read_text()))
-    except (ValueError, KeyError, TypeError, OSError):
+        data = json.loads(config.read_text())
+    except (ValueError, OSError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def vae_downscale_factor(model: str | None) -> int | None:
+    """The VAE's downscale factor read from a local or cached config without loading anything."""
+    try:
+        return vae_factor(config_json(model, "vae/config.json") or {})
+    except (KeyError, TypeError):
+        return None
+
+
+# (layer, view) pairs per UNet call where free memory cannot be asked for (the CPU, MPS).
+AUTO_BATCH_CPU = 8
+# Activations per latent pixel of one UNet batch item: about 64 KiB at half precision for SD1.5's
+# UNet (320 base channels); a UNet with fewer channels needs proportionally less.
+UNET_BYTES_PER_LATENT_PIXEL = 64 * 1024
+SD_UNET_CHANNELS = 320
+SD_VAE_CHANNELS = 128
+# The VAE decoder holds a few full-resolution tensors of twice its first block's width at once.
+VAE_TENSORS_AT_FULL_SIZE = 8
+SD15_WEIGHT_BYTES_FP16 = 2_130_000_000
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak memory of one generation, in bytes, by part; a deliberately rough, low estimate."""
+
+    weights: int
+    unet: int
+    decode: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.unet + self.decode
+
+
+def estimate_memory(model: str | None, *, width: int, height: int, factor: int, tile_size: int,
+                    max_batch: int, cfg: bool, dtype_bytes: int) -> MemoryEstimate:
+    """What generating a `width` x `height` canvas needs, from the model's configs and file sizes."""
+    unet = config_json(model, "unet/config.json") or {}
+    vae = config_json(model, "vae/config.json") or {}
+    unet_channels = (unet.get("block_out_channels") or [SD_UNET_CHANNELS])[0]
+    vae_channels = (vae.get("block_out_channels") or vae.get("decoder_block_out_channels") or [SD_VAE_CHANNELS])[0]
+    window = min(tile_size, width) // factor * (min(tile_size, height) // factor)
+    per_pixel = UNET_BYTES_PER_LATENT_PIXEL * unet_channels // SD_UNET_CHANNELS * dtype_bytes // 2
+    return MemoryEstimate(
+        weights=_weight_bytes(model, dtype_bytes),
+        unet=max_batch * (2 if cfg else 1) * window * per_pixel,
+        decode=width * height * vae_channels * VAE_TENSORS_AT_FULL_SIZE * dtype_bytes,
+    )
+
+
+def _weight_bytes(model: str | None, dtype_bytes: int) -> int:
+    path = Path(model or DEFAULT_MODEL).expanduser()
+    if path.is_file():
+        return path.stat().st_size * dtype_bytes // 4  # checkpoints are mostly float32
+    if not path.is_dir():
+        return SD15_WEIGHT_BYTES_FP16 * dtype_bytes // 2
+    total = 0
+    for part in ("unet", "vae", "text_encoder"):
+        files = sorted((path / part).glob("*.safetensors")) or sorted((path / part).glob("*.bin"))
+        half = [f for f in files if "fp16" in f.name]
+        for f in half or files:
+            total += f.stat().st_size * dtype_bytes // (2 if half else 4)
+    return total
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free memory on `device` in bytes: GPU memory for CUDA, RAM for the CPU; None where unknown."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return int(psutil.virtual_memory().available)
+    return None
 
 
 def vae_factor(config) -> int:

@@ -1,10 +1,12 @@
-"""Output paths and image files: templates checked before any model loads, atomic writes."""
+"""Output paths and image files: templates checked before any model loads, atomic writes, no overwrites."""
 
 from __future__ import annotations
 
+import errno
 import os
 import string
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,55 +15,146 @@ from smd_cli.errors import OutputError
 if TYPE_CHECKING:
     from PIL import Image
 
-TEMPLATE_FIELDS = ("scene", "seed", "steps")
+TEMPLATE_FIELDS = ("scene", "seed", "steps", "index", "date", "time")
 DEFAULT_TEMPLATE = "{scene}-{seed}.png"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+_EXAMPLE = {"scene": "scene", "seed": 0, "steps": 0, "index": 0, "date": "2000-01-01", "time": "000000"}
+
+
+def template_fields(template: str) -> list[str]:
+    """The `{field}` names a template uses, raising `OutputError` for a malformed one."""
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise OutputError(f"bad output template {template!r}: {exc}") from None
 
 
 def check_template(template: str, extension: bool = True) -> None:
     """Raise `OutputError` for an unknown `{field}`, a malformed template or a missing image extension."""
-    try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:
-        raise OutputError(f"bad output template {template!r}: {exc}") from None
-    for name in fields:
+    for name in template_fields(template):
         if name not in TEMPLATE_FIELDS:
             known = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
             raise OutputError(f"unknown field {{{name}}} in output template {template!r}; known: {known}")
     try:  # format specs and conversions fail only when filled in: try them now, before any work
-        filled = template.format(scene="scene", seed=0, steps=0)
-    except (ValueError, TypeError, IndexError) as exc:
+        filled = template.format(**_EXAMPLE)
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
         raise OutputError(f"bad output template {template!r}: {exc}") from None
-    if extension and not (template.endswith(("/", os.sep)) or Path(template).is_dir()):
+    if extension and not is_folder(template):
         if Path(filled).suffix.lower() not in IMAGE_SUFFIXES:
             raise OutputError(f"output {template!r} needs an image extension: one of "
                               f"{', '.join(sorted(IMAGE_SUFFIXES))}, or a folder ending in /")
 
 
-def output_path(template: str, *, scene: str, seed: int, steps: int) -> Path:
-    """Fill a template; a folder (existing, or written with a trailing slash) gets the default name."""
-    if template.endswith(("/", os.sep)) or Path(template).is_dir():
+def is_folder(template: str) -> bool:
+    """A template names a folder when it ends with a slash or is an existing folder."""
+    return template.endswith(("/", os.sep)) or Path(template).expanduser().is_dir()
+
+
+def output_path(template: str, *, scene: str, seed: int, steps: int, index: int = 0,
+                when: datetime | None = None) -> Path:
+    """Fill a template; a folder (existing, or written with a trailing slash) gets the default name.
+
+    `{date}` is YYYY-MM-DD and `{time}` HHMMSS, both local time of `when` (default: now).
+    """
+    if is_folder(template):
         template = str(Path(template) / DEFAULT_TEMPLATE)
     check_template(template)
-    return Path(template.format(scene=scene, seed=seed, steps=steps)).expanduser()
+    when = when or datetime.now()
+    return Path(template.format(scene=scene, seed=seed, steps=steps, index=index,
+                                date=when.strftime("%Y-%m-%d"), time=when.strftime("%H%M%S"))).expanduser()
 
 
-def save_image(image: Image.Image, path: Path, pnginfo=None) -> Path:
-    """Write atomically: a temporary file in the same folder, then a rename, so no file is ever half-written."""
+def check_writable(path: Path) -> None:
+    """Fail now, before any generation, if `path`'s folder cannot be created or written to."""
+    folder = Path(path).expanduser().absolute().parent
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write {path}: {existing} is a file, not a folder")
+    try:  # a real probe: permission bits say nothing to root, read-only mounts say nothing to access()
+        with tempfile.TemporaryFile(dir=existing, prefix=".smd-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: folder {existing} is not writable "
+                          f"({exc.strerror or exc})") from None
+
+
+def numbered(path: Path, n: int) -> Path:
+    """`out.png`, `out-1.png`, `out-2.png`, ..."""
+    return path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+
+
+def save_image(image: Image.Image, path: Path, pnginfo=None, overwrite: bool = False) -> Path:
+    """Write an image atomically (see `write_atomic`); PNG text chunks from `pnginfo`."""
+    path = Path(path)
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else path.suffix.lstrip(".").upper()
+    extra = {"pnginfo": pnginfo} if pnginfo is not None and fmt == "PNG" else {}
+    return write_atomic(path, lambda fh: image.save(fh, format=fmt, **extra), overwrite)
+
+
+def temporary_beside(path: Path) -> Path:
+    """A fresh, empty temporary file in `path`'s folder (created with it), for writers that need a name."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    os.close(fd)
+    return Path(tmp)
+
+
+def finish(tmp: Path, path: Path, overwrite: bool = False) -> Path:
+    """Give a finished temporary file its name and return the name taken.
+
+    An existing file is kept unless `overwrite`: the new one then gets the first free name
+    `stem-1`, `stem-2`, ... (claimed atomically, so parallel writers never collide).
+    """
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else path.suffix.lstrip(".").upper()
-            image.save(fh, format=fmt, **({"pnginfo": pnginfo} if pnginfo is not None and fmt == "PNG" else {}))
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+            return path
+        return _claim(str(tmp), path)
     except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, write, overwrite: bool = False) -> Path:
+    """Write a file through `write(fh)` atomically and return the path written.
+
+    The bytes go to a temporary file in the same folder, which then takes its name in one step,
+    so no file is ever half-written, even on Ctrl-C.
+    """
+    tmp = temporary_beside(path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+    return finish(tmp, path, overwrite)
+
+
+def _claim(tmp: str, path: Path) -> Path:
+    """Give the finished temporary file the first free numbered name; never replaces a file."""
+    for n in range(100_000):
+        target = numbered(path, n)
+        try:
+            os.link(tmp, target)  # fails if target exists: claiming and naming are one step
+            return target
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            if not target.exists():  # a file system without hard links: check, then rename
+                os.replace(tmp, target)
+                return target
+    raise OutputError(f"cannot write {path}: no free numbered name left")

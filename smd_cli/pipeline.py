@@ -19,7 +19,15 @@ from PIL import Image
 
 from smd_cli import masks as mask_ops
 from smd_cli.errors import ModelError, SmdError
-from smd_cli.models import Components, load_components, resolve_device, resolve_dtype, vae_factor, warn_if_slow
+from smd_cli.models import (
+    AUTO_BATCH_CPU,
+    Components,
+    load_components,
+    resolve_device,
+    resolve_dtype,
+    vae_factor,
+    warn_if_slow,
+)
 from smd_cli.sampler import Schedule, StepCallback, randn, sample
 from smd_cli.views import layout, view_sizes
 from smd_cli.masks import SceneMasks
@@ -31,7 +39,6 @@ DEFAULT_LCM_INDICES = (0, 4, 12, 25, 37)
 SCHEDULERS = ("lcm", "ddim", "euler")
 DEFAULT_STEPS = {"lcm": 4, "ddim": 50, "euler": 50}  # lcm: used only for an explicit non-default count
 DEFAULT_TILE_SIZE = 768  # pixels (SPEC 7); a canvas within one tile is one view
-AUTO_BATCH_CPU = 8
 TEXT_CACHE_SIZE = 256  # remembered prompt encodings
 CIRCULAR_DECODE_PAD = 8  # latent columns wrapped around each side before decoding a 360-degree canvas
 SUPPORTED_SD_VERSIONS = ("1.5", "1.4", "1", "2.0", "2.1", "2")

@@ -7,11 +7,13 @@ noise of a batch of latents, each denoised under the prompt of its layer.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from smd_cli.errors import OutOfMemory
 from smd_cli.views import View, full_view
 
 Predict = Callable[[torch.Tensor, int, Sequence[int]], torch.Tensor]
@@ -174,6 +176,39 @@ def step_output(batch: StepBatch, eps: torch.Tensor, schedule: Schedule, views: 
     return x0
 
 
+OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+
+
+class BatchHalvedWarning(UserWarning):
+    """The device ran out of memory and the step was retried with smaller UNet batches."""
+
+
+def predict_pairs(predict: Predict, batch: StepBatch, t: float,
+                  max_batch: int | None) -> tuple[list[torch.Tensor], int | None]:
+    """The noise of every pair of a step in chunks of `max_batch`, halving the chunk on out-of-memory.
+
+    Predictions are pure, so a step that ran out of memory is simply evaluated again with half
+    the batch, down to one pair per call. Returns the noises and the batch size that worked,
+    which later steps keep.
+    """
+    chunk = max_batch or max(len(batch.pairs), 1)
+    halved = False
+    while True:
+        try:
+            return [predict(torch.cat(batch.inputs[i : i + chunk]), t, [p for p, _ in batch.pairs[i : i + chunk]])
+                    for i in range(0, len(batch.pairs), chunk)], (chunk if halved else max_batch)
+        except OOM_ERRORS:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if chunk <= 1:
+                raise OutOfMemory("out of memory even with one (layer, view) pair per UNet call: make the "
+                                  "canvas or tile_size smaller, or use --dtype float16 or --vae tiny") from None
+            smaller = (min(chunk, len(batch.pairs)) + 1) // 2
+            warnings.warn(f"out of memory with {min(chunk, len(batch.pairs))} (layer, view) pairs per UNet call; "
+                          f"retrying with {smaller}", BatchHalvedWarning, stacklevel=2)
+            chunk, halved = smaller, True
+
+
 def sample(
     predict: Predict,
     latents: torch.Tensor,
@@ -209,9 +244,7 @@ def sample(
     for k in range(steps):
         batch = step_inputs(x, noise, k, schedule, masks[k], views, active[k], bootstrap_steps=bootstrap_steps,
                             bootstrap_mix_steps=bootstrap_mix_steps, white=white, background=background)
-        chunk = max_batch or max(len(batch.pairs), 1)
-        eps = [predict(torch.cat(batch.inputs[i : i + chunk]), schedule.timesteps[k],
-                       [p for p, _ in batch.pairs[i : i + chunk]]) for i in range(0, len(batch.pairs), chunk)]
+        eps, max_batch = predict_pairs(predict, batch, schedule.timesteps[k], max_batch)
         x0 = step_output(batch, torch.cat(eps) if eps else x, schedule, views, x.shape,
                          leak_sensitivity=leak_sensitivity, background=background)
         if callback is not None:

@@ -485,6 +485,17 @@ def _apply_overrides(data: dict, overrides, path: Path | None) -> set[KeyPath]:
     return done
 
 
+# Steps of each scheduler when the scene gives neither `steps` nor `timesteps`.
+DEFAULT_STEP_COUNTS = {"lcm": 5, "ddim": 50, "euler": 50}
+
+
+def step_count(scene: Scene) -> int:
+    """How many steps a scene will take."""
+    if scene.timesteps is not None:
+        return len(scene.timesteps)
+    return scene.steps or DEFAULT_STEP_COUNTS[scene.scheduler]
+
+
 def is_fraction_box(values: tuple[float, ...]) -> bool:
     """Rect/ellipse numbers are fractions of the canvas when every one lies within [0, 1]."""
     return all(0.0 <= v <= 1.0 for v in values)

@@ -80,7 +80,7 @@ def test_several_scenes_load_the_model_once(run_cli, tiny_model, scene_dir, tmp_
 def test_one_output_file_for_several_scenes_is_refused(run_cli, scene_dir, tmp_path):
     result = run_cli("generate", scene_dir / "scene.yaml", scene_dir / "scene.yaml", "--out", tmp_path / "x.png")
     assert result.exit_code == 2
-    assert "names one file for 2 scenes" in result.stderr
+    assert "names one file for 2 images" in result.stderr
 
 
 @pytest.mark.parametrize("args, fragment", [

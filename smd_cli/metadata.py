@@ -1,0 +1,203 @@
+"""What an image records about how it was made: PNG text chunks written with it, read back by
+`smd show` and `smd reproduce`.
+
+Chunks (all text):
+- `parameters`: a short human-readable summary, the kind other image tools show.
+- `smd-scene`: the fully resolved scene as YAML: every default filled in, the seed, canvas size,
+  step count and model settings made explicit, and file paths made absolute.
+- `smd-files`: YAML mapping each file the scene reads (masks, palettes, the inpainting picture)
+  to its SHA-256.
+- `smd-name`, `smd-version`, `smd-seed`, `smd-model`, `smd-device`, `smd-dtype`: single values.
+- `smd-timings`: JSON, seconds per stage.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from smd_cli import __version__
+from smd_cli.errors import SmdError
+from smd_cli.scene import ImageMask, PaletteMask, SceneFile, format_key, validate_scene
+
+
+@dataclass
+class Record:
+    """How an image was made, as written into it."""
+
+    scene: dict[str, Any]
+    name: str
+    seed: int
+    model: str
+    files: dict[str, str] = field(default_factory=dict)  # absolute path -> sha256
+    version: str = __version__
+    device: str = ""
+    dtype: str = ""
+    config: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def scene_file(self) -> SceneFile:
+        """The recorded scene, validated again; its paths are absolute, so it works from anywhere."""
+        sf = validate_scene(dict(self.scene))
+        sf.label = self.name
+        return sf
+
+    def check_files(self) -> list[tuple[str, str]]:
+        """(path, 'matches' | 'changed' | 'missing') for every recorded file."""
+        out = []
+        for path, digest in self.files.items():
+            p = Path(path)
+            out.append((path, "missing" if not p.is_file() else "matches" if sha256(p) == digest else "changed"))
+        return out
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def scene_files(sf: SceneFile) -> dict[tuple, Path]:
+    """Each file the scene reads, by key path: mask images, palettes and the inpainting picture."""
+    files: dict[tuple, Path] = {}
+    for i, layer in enumerate(sf.scene.layers):
+        if isinstance(layer.mask, ImageMask):
+            files[("layers", i, "mask", "image")] = sf.resolve(layer.mask.image).absolute()
+        elif isinstance(layer.mask, PaletteMask):
+            files[("layers", i, "mask", "palette")] = sf.resolve(layer.mask.palette).absolute()
+    if sf.scene.background.image is not None:
+        files[("background", "image")] = sf.resolve(sf.scene.background.image).absolute()
+    return files
+
+
+def _set(data: dict, key: tuple, value: Any) -> None:
+    node: Any = data
+    for part in key[:-1]:
+        node = node[part]
+    node[key[-1]] = value
+
+
+def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: int, model: str,
+                   lcm_lora: str | None, vae: str | None) -> dict[str, Any]:
+    """The scene with nothing left to a default: what `reproduce` needs to run it again."""
+    data = sf.scene.model_dump(mode="json", exclude_none=False)
+    for key, path in scene_files(sf).items():
+        _set(data, key, str(path))
+    data.update(seed=seed, width=width, height=height, model=_absolute(model), lcm_lora=lcm_lora or "none",
+                vae=_absolute(vae) if vae else None, output=None)
+    if data.get("timesteps") is None:
+        data["steps"] = steps
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def _absolute(source: str) -> str:
+    """A local model path made absolute; a hub id or keyword as it is."""
+    p = Path(source).expanduser()
+    return str(p.absolute()) if p.exists() else source
+
+
+def make_record(sf: SceneFile, *, seed: int, width: int, height: int, steps: int, model: str,
+                lcm_lora: str | None, vae: str | None, config: str | None, device: str, dtype: str,
+                timings: dict[str, float]) -> Record:
+    files = {str(p): sha256(p) for p in scene_files(sf).values() if p.is_file()}
+    scene = resolved_scene(sf, seed=seed, width=width, height=height, steps=steps, model=model,
+                           lcm_lora=lcm_lora, vae=vae)
+    return Record(scene=scene, name=sf.name, seed=seed, model=scene["model"], files=files, device=device,
+                  dtype=dtype, config=_absolute(config) if config else None,
+                  timings={k: round(v, 4) for k, v in timings.items()})
+
+
+def parameters_text(record: Record) -> str:
+    """One prompt line, the negative prompts, then `Key: value` pairs, as other image tools show."""
+    s = record.scene
+    prompts = " | ".join(f"{layer['name']}: {layer['prompt']}" for layer in s["layers"])
+    if s["background"].get("prompt"):
+        prompts = f"background: {s['background']['prompt']} | {prompts}"
+    negatives = [n for n in [s["background"].get("negative_prompt")] + [la["negative_prompt"] for la in s["layers"]] if n]
+    steps = s.get("steps") or len(s.get("timesteps") or [])
+    pairs = {"Steps": steps, "Sampler": s["scheduler"], "CFG scale": s["guidance_scale"], "Seed": record.seed,
+             "Size": f"{s['width']}x{s['height']}", "Model": record.model, "Layers": len(s["layers"]),
+             "Version": f"smd {record.version}"}
+    lines = [prompts] + ([f"Negative prompt: {'; '.join(negatives)}"] if negatives else [])
+    return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in pairs.items())])
+
+
+def png_info(record: Record):
+    """The record as PNG text chunks (PIL's PngInfo; UTF-8 iTXt where needed)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    chunks = {
+        "parameters": parameters_text(record),
+        "smd-scene": _yaml(record.scene),
+        "smd-files": _yaml(record.files) if record.files else "{}\n",
+        "smd-name": record.name,
+        "smd-version": record.version,
+        "smd-seed": str(record.seed),
+        "smd-model": record.model,
+        "smd-device": record.device,
+        "smd-dtype": record.dtype,
+        "smd-timings": json.dumps(record.timings),
+    }
+    if record.config:
+        chunks["smd-config"] = record.config
+    for key, value in chunks.items():
+        info.add_itxt(key, value)
+    return info
+
+
+def _yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+
+
+def read_record(path: str | Path) -> Record:
+    """The record of an image made by smd; `SmdError` when it has none or cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            text = {str(k): str(v) for k, v in (getattr(image, "text", {}) or {}).items()}
+    except FileNotFoundError:
+        raise SmdError(f"{path}: file not found") from None
+    except (OSError, UnidentifiedImageError) as exc:
+        raise SmdError(f"{path}: cannot read the image ({exc})") from None
+    if "smd-scene" not in text:
+        raise SmdError(f"{path}: no smd metadata in this image (smd records it in the PNGs it writes)")
+    try:
+        scene = yaml.safe_load(text["smd-scene"])
+        files = yaml.safe_load(text.get("smd-files", "{}")) or {}
+        timings = json.loads(text.get("smd-timings", "{}"))
+        seed = int(text.get("smd-seed", scene.get("seed")))
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as exc:
+        raise SmdError(f"{path}: the smd metadata is damaged ({exc})") from None
+    if not isinstance(scene, dict) or not isinstance(files, dict):
+        raise SmdError(f"{path}: the smd metadata is damaged (the scene is not a mapping)")
+    return Record(scene=scene, name=text.get("smd-name", path.stem), seed=seed,
+                  model=text.get("smd-model", scene.get("model", "")), files=files,
+                  version=text.get("smd-version", "?"), device=text.get("smd-device", ""),
+                  dtype=text.get("smd-dtype", ""), config=text.get("smd-config"), timings=timings)
+
+
+def describe(record: Record) -> str:
+    """Everything recorded, as one YAML document for `smd show`."""
+    files = {path: {"sha256": record.files[path], "now": status} for path, status in record.check_files()}
+    doc = {"name": record.name, "smd": record.version, "model": record.model, "seed": record.seed,
+           "device": record.device, "dtype": record.dtype, "timings": record.timings}
+    if record.config:
+        doc["config"] = record.config
+    doc.update(files=files, scene=record.scene)
+    return _yaml(doc)
+
+
+__all__ = ["Record", "make_record", "png_info", "read_record", "describe", "format_key", "sha256"]

@@ -1,0 +1,362 @@
+"""Production use: batches that go on after a failure, seeds, JSON, dry runs, outputs that never
+overwrite, metadata with `smd show` / `smd reproduce`, Ctrl-C, out-of-memory and memory checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DATA, write
+from PIL import Image
+
+from smd_cli.batch import parse_seeds
+from smd_cli.errors import SmdError
+
+
+@pytest.fixture()
+def scene_dir(tmp_path) -> Path:
+    target = tmp_path / "scene"
+    shutil.copytree(DATA, target)
+    return target
+
+
+def small_scene(folder: Path, name: str, seed: int | None = 1, extra: str = "") -> Path:
+    head = f"seed: {seed}\n" if seed is not None else ""
+    return write(folder / f"{name}.yaml", f"{head}width: 32\nheight: 32\n{extra}layers:\n  - {{prompt: {name}}}\n")
+
+
+def gen(run_cli, tiny_model, *args):
+    return run_cli("generate", *args, "--model", tiny_model, "--device", "cpu")
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+
+def test_existing_files_are_never_overwritten(run_cli, tiny_model, tmp_path):
+    scene = small_scene(tmp_path, "a")
+    out = tmp_path / "out" / "a.png"
+    first = gen(run_cli, tiny_model, scene, "--out", out)
+    assert first.exit_code == 0 and first.stdout.strip() == str(out)
+    out.write_bytes(b"precious")  # whatever is there must survive the next run
+    second = gen(run_cli, tiny_model, scene, "--out", out)
+    assert second.exit_code == 0, second.stderr
+    assert second.stdout.strip() == str(tmp_path / "out" / "a-1.png")
+    assert "a-1.png beside it" in second.stderr
+    assert out.read_bytes() == b"precious"
+    third = gen(run_cli, tiny_model, scene, "--out", out)
+    assert third.stdout.strip() == str(tmp_path / "out" / "a-2.png")
+    replaced = gen(run_cli, tiny_model, scene, "--out", out, "--overwrite")
+    assert replaced.stdout.strip() == str(out)
+    assert Image.open(out).size == (32, 32)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a-1.png", "a-2.png", "a.png"]  # no temp files
+
+
+def test_index_date_and_time_in_templates(run_cli, tiny_model, tmp_path):
+    import re
+
+    result = gen(run_cli, tiny_model, small_scene(tmp_path, "a"), small_scene(tmp_path, "b"),
+                 "--out", tmp_path / "{date}" / "{index:03d}-{scene}-{time}.png")
+    assert result.exit_code == 0, result.stderr
+    paths = [Path(p) for p in result.stdout.split()]
+    assert [p.name[:6] for p in paths] == ["000-a-", "001-b-"]
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", paths[0].parent.name)
+    assert re.fullmatch(r"\d{3}-a-\d{6}\.png", paths[0].name)
+
+
+def test_unwritable_output_is_refused_before_any_model_loads(run_cli, tmp_path, monkeypatch):
+    from smd_cli import pipeline
+
+    monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    (tmp_path / "file").write_text("not a folder")
+    result = run_cli("generate", small_scene(tmp_path, "a"), "--out", tmp_path / "file" / "x.png")
+    assert result.exit_code == 2
+    assert f"cannot write {tmp_path / 'file' / 'x.png'}: {tmp_path / 'file'} is a file, not a folder" in result.stderr
+
+
+def test_seeds_parse():
+    assert parse_seeds("1,2,3") == [1, 2, 3]
+    assert parse_seeds("10-13") == [10, 11, 12, 13]
+    assert parse_seeds("5, 1-2, 5") == [5, 1, 2]
+    for bad in ("a", "3-1", "1,,2", "-4"):
+        with pytest.raises(SmdError, match="--seeds"):
+            parse_seeds(bad)
+
+
+# --- batches ----------------------------------------------------------------------------------
+
+
+def test_seeds_make_one_image_each(run_cli, tiny_model, tmp_path, pipe):
+    from smd_cli.scene import load_scene
+
+    scene = small_scene(tmp_path, "a")
+    result = gen(run_cli, tiny_model, scene, "--seeds", "3,5-6", "--out", tmp_path / "o" / "{scene}-{seed}.png",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json_lines(result.stdout)
+    assert [r["seed"] for r in rows] == [3, 5, 6] and {r["status"] for r in rows} == {"done"}
+    assert [Path(r["path"]).name for r in rows] == ["a-3.png", "a-5.png", "a-6.png"]
+    expected = pipe.generate(load_scene(scene, {("seed",): 5})).image
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o" / "a-5.png")), np.asarray(expected))
+    assert "summary" in result.stderr and "3 done" in result.stderr  # the table goes to stderr
+
+
+def test_repeat_draws_random_seeds_and_reports_them(run_cli, tiny_model, tmp_path):
+    result = gen(run_cli, tiny_model, small_scene(tmp_path, "a"), "--repeat", "2", "--json",
+                 "--out", tmp_path / "{scene}-{index}-{seed}.png")
+    assert result.exit_code == 0, result.stderr
+    rows = json_lines(result.stdout)
+    assert len(rows) == 2 and rows[0]["seed"] != rows[1]["seed"]
+    for i, row in enumerate(rows):
+        assert Path(row["path"]).name == f"a-{i}-{row['seed']}.png" and Path(row["path"]).is_file()
+        assert row["seconds"] > 0 and row["scene"] == "a"
+
+
+def test_a_failing_scene_does_not_stop_the_batch(run_cli, tiny_model, tmp_path):
+    good = small_scene(tmp_path, "good")
+    broken = write(tmp_path / "broken.yaml", "layers: [\n")
+    bad_steps = small_scene(tmp_path, "toolong", extra="steps: 60\n")  # fails only once the model is known
+    other = small_scene(tmp_path, "other")
+    result = gen(run_cli, tiny_model, good, broken, bad_steps, other, "--out", tmp_path / "o" / "{scene}.png")
+    assert result.exit_code == 1
+    assert result.stdout.split() == [str(tmp_path / "o" / "good.png"), str(tmp_path / "o" / "other.png")]
+    assert "broken.yaml:2: not valid YAML" in result.stderr
+    assert "lcm takes at most 50 steps" in result.stderr
+    table = result.stderr[result.stderr.index("summary"):]
+    for name, status in (("good", "done"), ("broken", "invalid"), ("toolong", "invalid"), ("other", "done")):
+        assert any(name in line and status in line for line in table.splitlines()), table
+    assert "2 done, 2 invalid" in table
+
+
+def test_a_failure_during_generation_is_reported_and_the_rest_run(run_cli, tiny_model, tmp_path, monkeypatch):
+    from smd_cli.pipeline import StableMultiDiffusionPipeline
+
+    original = StableMultiDiffusionPipeline.generate
+
+    def flaky(self, scene, **kwargs):
+        if scene.name == "b":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return original(self, scene, **kwargs)
+
+    monkeypatch.setattr(StableMultiDiffusionPipeline, "generate", flaky)
+    scenes = [small_scene(tmp_path, n) for n in "abc"]
+    result = gen(run_cli, tiny_model, *scenes, "--json", "--out", tmp_path / "{scene}.png")
+    assert result.exit_code == 1
+    rows = json_lines(result.stdout)
+    assert [(r["scene"], r["status"]) for r in rows] == [("a", "done"), ("b", "failed"), ("c", "done")]
+    assert rows[1]["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert "Traceback" not in result.stderr
+    verbose = gen(run_cli, tiny_model, scenes[1], "--verbose", "--out", tmp_path / "v.png")
+    assert verbose.exit_code == 1 and "Traceback" in verbose.stderr  # --verbose shows where it came from
+
+
+def test_nothing_could_start_exits_2(run_cli, tiny_model, tmp_path):
+    a = write(tmp_path / "a.yaml", "seeed: 1\nlayers: [{prompt: a}]\n")
+    b = write(tmp_path / "b.yaml", "layers: []\n")
+    result = gen(run_cli, tiny_model, a, b)
+    assert result.exit_code == 2
+    assert "did you mean 'seed'" in result.stderr and "at least 1 item" in result.stderr
+
+
+def test_json_keeps_stdout_machine_readable(run_cli, tiny_model, tmp_path):
+    result = gen(run_cli, tiny_model, small_scene(tmp_path, "a"), "--json", "--out", tmp_path / "a.png")
+    assert result.exit_code == 0
+    (row,) = json_lines(result.stdout)
+    assert set(row) == {"scene", "file", "seed", "path", "seconds", "status"}
+    assert row["path"] == str(tmp_path / "a.png") and row["file"] == str(tmp_path / "a.yaml")
+    assert "loaded" in result.stderr and "a: seed 1" in result.stderr
+
+
+def test_dry_run_loads_nothing_and_writes_nothing(run_cli, tiny_model, tmp_path, monkeypatch):
+    from smd_cli import pipeline
+
+    monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    scenes = [small_scene(tmp_path, "a"), small_scene(tmp_path, "b", seed=None)]
+    out = tmp_path / "o" / "{scene}-{seed}.png"
+    result = gen(run_cli, tiny_model, *scenes, "--seeds", "7,8", "--dry-run", "--json", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    rows = json_lines(result.stdout)
+    assert [(r["scene"], r["seed"], r["status"]) for r in rows] == [("a", 7, "planned"), ("a", 8, "planned"),
+                                                                   ("b", 7, "planned"), ("b", 8, "planned")]
+    assert rows[0]["path"] == str(tmp_path / "o" / "a-7.png") and rows[0]["width"] == 32
+    assert not (tmp_path / "o").exists()
+    table = gen(run_cli, tiny_model, *scenes, "--dry-run")
+    assert table.exit_code == 0 and "2 image(s)" in table.stdout and "nothing loaded" in table.stdout
+    broken = write(tmp_path / "broken.yaml", "layers: 3\n")
+    partly = gen(run_cli, tiny_model, scenes[0], broken, "--dry-run")
+    assert partly.exit_code == 1 and "broken.yaml:1: layers" in partly.stderr
+
+
+def test_quiet_and_verbose(run_cli, tiny_model, tmp_path):
+    scene = small_scene(tmp_path, "a")
+    quiet = gen(run_cli, tiny_model, scene, "--quiet", "--out", tmp_path / "q.png")
+    assert quiet.exit_code == 0 and quiet.stdout.strip() == str(tmp_path / "q.png")
+    assert quiet.stderr.strip() == ""
+    verbose = gen(run_cli, tiny_model, scene, "--verbose", "--out", tmp_path / "v.png")
+    assert "needs about" in verbose.stderr and "GiB free on cpu" in verbose.stderr
+    assert "prepare" in verbose.stderr and "32x32, 1 layer(s), 5 lcm steps" in verbose.stderr
+    both = gen(run_cli, tiny_model, scene, "--quiet", "--verbose")
+    assert both.exit_code == 2 and "--quiet or --verbose" in both.stderr
+
+
+# --- Ctrl-C -----------------------------------------------------------------------------------
+
+
+def test_ctrl_c_in_a_batch_keeps_what_was_done_and_exits_130(run_cli, tiny_model, tmp_path, monkeypatch):
+    from smd_cli.pipeline import StableMultiDiffusionPipeline
+
+    original, calls = StableMultiDiffusionPipeline.generate, []
+
+    def interrupted_second(self, scene, **kwargs):
+        calls.append(scene.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, scene, **kwargs)
+
+    monkeypatch.setattr(StableMultiDiffusionPipeline, "generate", interrupted_second)
+    scenes = [small_scene(tmp_path, n) for n in "abc"]
+    result = gen(run_cli, tiny_model, *scenes, "--out", tmp_path / "o" / "{scene}.png")
+    assert result.exit_code == 130
+    assert calls == ["a", "b"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png"]
+    assert result.stdout.split() == [str(tmp_path / "o" / "a.png")]
+    assert "interrupted" in result.stderr
+    assert "1 done, 1 interrupted, 1 skipped" in result.stderr
+
+
+def test_ctrl_c_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
+    from smd_cli.outputs import save_image
+
+    image = Image.new("RGB", (64, 64), (200, 10, 10))
+
+    def half_then_interrupt(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG half of a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_image(image, tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- metadata, show and reproduce ---------------------------------------------------------------
+
+
+def test_png_records_the_resolved_scene(run_cli, tiny_model, scene_dir, tmp_path):
+    import yaml
+
+    from smd_cli.metadata import sha256
+
+    out = tmp_path / "x.png"
+    result = gen(run_cli, tiny_model, scene_dir / "scene.yaml", "--out", out, "--steps", "3")
+    assert result.exit_code == 0, result.stderr
+    text = Image.open(out).text
+    scene = yaml.safe_load(text["smd-scene"])
+    assert scene["seed"] == 42 and scene["steps"] == 3 and (scene["width"], scene["height"]) == (64, 64)
+    assert scene["model"] == str(tiny_model) and scene["lcm_lora"] == "none"
+    assert scene["mask_type"] == "discrete" and scene["cover_alpha"] == 0.3  # defaults written out
+    palette = scene_dir / "masks" / "palette.png"
+    assert scene["layers"][0]["mask"]["palette"] == str(palette)
+    files = yaml.safe_load(text["smd-files"])
+    assert files == {str(palette): sha256(palette), str(scene_dir / "masks" / "right.png"):
+                     sha256(scene_dir / "masks" / "right.png")}
+    assert text["smd-version"] == "0.1.0" and text["smd-seed"] == "42" and text["smd-name"] == "scene"
+    assert set(json.loads(text["smd-timings"])) == {"prepare", "generate"}
+    assert text["parameters"].startswith("background: blue sky | sun: the sun | lake: blue lake")
+    assert "Steps: 3, Sampler: lcm, CFG scale: 1.0, Seed: 42, Size: 64x64" in text["parameters"]
+
+    shown = run_cli("show", out)
+    assert shown.exit_code == 0
+    doc = yaml.safe_load(shown.stdout)
+    assert doc["seed"] == 42 and doc["scene"] == scene and doc["files"][str(palette)]["now"] == "matches"
+    assert json.loads(run_cli("show", out, "--json").stdout)["model"] == str(tiny_model)
+
+
+def test_reproduce_is_bit_identical_on_the_cpu(run_cli, tiny_model, scene_dir, tmp_path):
+    out = tmp_path / "x.png"
+    assert gen(run_cli, tiny_model, scene_dir / "scene.yaml", "--out", out, "--seed", "9",
+               "--set", "layers[0].prompt=a red sun").exit_code == 0
+    again = run_cli("reproduce", out)
+    assert again.exit_code == 0, again.stderr
+    copy = tmp_path / "x-reproduced.png"
+    assert again.stdout.strip() == str(copy)
+    assert f"identical to {out}" in again.stderr
+    np.testing.assert_array_equal(np.asarray(Image.open(copy)), np.asarray(Image.open(out)))
+    assert Image.open(copy).text["smd-scene"] == Image.open(out).text["smd-scene"]
+
+    # A repainted mask: reproduce says which file changed, and the picture differs.
+    mask = scene_dir / "masks" / "right.png"
+    Image.fromarray(255 - np.asarray(Image.open(mask))).save(mask)
+    changed = run_cli("reproduce", out, "--out", tmp_path / "y.png")
+    assert changed.exit_code == 0
+    assert f"warning: {mask} has changed since the image was made" in changed.stderr
+    assert f"differs from {out}" in changed.stderr
+    assert "changed" in run_cli("show", out).stdout
+
+
+def test_show_on_an_image_without_a_record(run_cli, tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    result = run_cli("show", tmp_path / "plain.png")
+    assert result.exit_code == 2 and "no smd metadata in this image" in result.stderr
+    result = run_cli("reproduce", tmp_path / "missing.png")
+    assert result.exit_code == 2 and "missing.png: file not found" in result.stderr
+
+
+def test_reproduce_a_prompt_only_image(run_cli, tiny_model, tmp_path):
+    out = tmp_path / "p.png"
+    result = gen(run_cli, tiny_model, "--prompt", "a lighthouse", "--width", "32", "--height", "32", "--out", out)
+    assert result.exit_code == 0
+    again = run_cli("reproduce", out, "--out", tmp_path / "q.png")
+    assert again.exit_code == 0 and "identical to" in again.stderr
+
+
+# --- faults and limits --------------------------------------------------------------------------
+
+
+def test_out_of_memory_halves_the_batch_until_it_fits(pipe, monkeypatch):
+    import torch
+
+    from smd_cli.pipeline import StableMultiDiffusionPipeline
+
+    calls = []
+    original = StableMultiDiffusionPipeline.unet_eps
+
+    def small_device(self, x, *args, **kwargs):
+        calls.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, x, *args, **kwargs)
+
+    masks = np.zeros((3, 64, 64), np.float32)
+    masks[0, :, :32], masks[1, :, 32:], masks[2, 16:48, 16:48] = 1, 1, 1
+    kwargs = dict(masks=masks, height=64, width=64, output_type="np", bootstrap_steps=0)
+    reference = pipe(["a", "b", "c"], generator=torch.Generator().manual_seed(0), max_batch=2, **kwargs)
+    monkeypatch.setattr(StableMultiDiffusionPipeline, "unet_eps", small_device)
+    with pytest.warns(UserWarning, match="out of memory with 3 .* retrying with 2"):
+        image = pipe(["a", "b", "c"], generator=torch.Generator().manual_seed(0), max_batch=8, **kwargs)
+    np.testing.assert_array_equal(image, reference)
+    assert calls[:3] == [3, 2, 1] and set(calls[3:]) == {2, 1}  # the halved size holds for later steps
+
+    monkeypatch.setattr(StableMultiDiffusionPipeline, "unet_eps",
+                        lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.warns(UserWarning), pytest.raises(SmdError, match="out of memory even with one"):
+        pipe(["a", "b", "c"], generator=torch.Generator().manual_seed(0), max_batch=8, **kwargs)
+
+
+def test_a_canvas_too_large_for_the_device_is_refused_before_loading(run_cli, tiny_model, tmp_path, monkeypatch):
+    from smd_cli import models, pipeline
+
+    monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(models, "available_memory", lambda device: 2 * 1024**3)
+    scene = write(tmp_path / "big.yaml", "width: 8192\nheight: 8192\nlayers: [{prompt: a}]\n")
+    result = gen(run_cli, tiny_model, scene)
+    assert result.exit_code == 2
+    assert "big.yaml:1: width: a 8192x8192 canvas needs about" in result.stderr
+    assert "but only 2.0 GiB is free" in result.stderr
+    assert "lower --max-batch or tile_size" in result.stderr or "--vae tiny" in result.stderr
