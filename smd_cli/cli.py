@@ -561,7 +561,6 @@ def _run(items: list, opts: RunOptions, check=None, exit_when_done: bool = True)
     if shard.main or interrupted:
         _summary(everything, ui, interrupted)
     code = 130 if interrupted else exit_code(everything)
-    _report_status(code, shard)
     if exit_when_done:
         raise typer.Exit(code)
     return everything
@@ -774,29 +773,17 @@ def _launch(opts: RunOptions) -> None:
     with socket.socket() as probe:  # a free port for the processes to meet on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(count),
+    # --multi_gpu is accelerate's launcher for several processes on one machine; with --device cpu
+    # they are CPU processes that talk over gloo.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port)] + (["--cpu"] if opts.device == "cpu" else []) + \
-              ["-m", "smd_cli", *sys.argv[1:]]
+               "--main_process_port", str(port), "-m", "smd_cli", *sys.argv[1:]]
     with tempfile.TemporaryDirectory(prefix="smd-") as folder:
         status = Path(folder) / "status"
         env = dict(os.environ, SMD_STATUS_FILE=str(status))
         returned = subprocess.call(command, env=env)
         code = int(status.read_text()) if status.is_file() else (returned or 1)
     raise typer.Exit(code)
-
-
-def _report_status(code: int, shard) -> None:
-    """Under `smd generate --distributed`, the main process hands the batch's exit code to the
-    launching command, and every process exits 0 so the launcher reports no crash."""
-    import os
-
-    target = os.environ.get("SMD_STATUS_FILE")
-    if target is None or shard.size == 1:
-        return
-    if shard.main:
-        Path(target).write_text(str(code))
-    raise typer.Exit(0)
 
 
 def _as_overrides(items: list) -> list[str] | dict:
@@ -855,8 +842,7 @@ def _render(pipe, job, opts: RunOptions, ui: Ui) -> Path:
     """Make one image and write it with its record; returns the path written."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from smd_cli.metadata import make_record, png_info
-    from smd_cli.outputs import output_path, save_image
+    from smd_cli.outputs import output_path
 
     sf = job.scene
     steps = len(pipe.schedule(sf.scene.steps, sf.scene.timesteps, sf.scene.scheduler))
@@ -866,15 +852,7 @@ def _render(pipe, job, opts: RunOptions, ui: Ui) -> Path:
         result = pipe.generate(sf, masks=job.masks, max_batch=opts.max_batch,
                                callback=lambda k, n, x0: progress.update(task, completed=k + 1))
     path = output_path(job.template, scene=sf.name, seed=result.seed, steps=steps, index=job.index)
-    info = None
-    if path.suffix.lower() == ".png":
-        width, height = result.image.size
-        c = pipe.components
-        record = make_record(sf, seed=result.seed, width=width, height=height, steps=steps, model=c.source,
-                             lcm_lora=c.lcm_lora, vae=c.vae_source, config=opts.config, device=str(pipe.device),
-                             dtype=str(pipe.dtype).removeprefix("torch."), timings=result.timings)
-        info = png_info(record)
-    written = save_image(result.image, path, info, overwrite=opts.overwrite)
+    written = result.save(path, overwrite=opts.overwrite)
     if written != path:
         ui.info(f"{path} exists; wrote {written.name} beside it (--overwrite replaces)")
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
@@ -884,7 +862,21 @@ def _render(pipe, job, opts: RunOptions, ui: Ui) -> Path:
 
 
 def main() -> None:
-    app(prog_name="smd")
+    import os
+
+    status = os.environ.get("SMD_STATUS_FILE")
+    if status is None:
+        app(prog_name="smd")
+        return
+    # A process started by `smd generate --distributed`: the main one hands the exit code to the
+    # command that launched it, and every process exits 0 so the launcher reports no crash.
+    try:
+        app(prog_name="smd")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if os.environ.get("RANK", "0") == "0":
+        Path(status).write_text(str(code))
 
 
 if __name__ == "__main__":  # pragma: no cover

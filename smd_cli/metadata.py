@@ -25,7 +25,7 @@ import yaml
 
 from smd_cli import __version__
 from smd_cli.errors import SmdError
-from smd_cli.scene import ImageMask, PaletteMask, SceneFile, format_key, validate_scene
+from smd_cli.scene import ImageMask, PaletteMask, SceneFile, validate_scene
 
 
 @dataclass
@@ -200,4 +200,4 @@ def describe(record: Record) -> str:
     return _yaml(doc)
 
 
-__all__ = ["Record", "make_record", "png_info", "read_record", "describe", "format_key", "sha256"]
+__all__ = ["Record", "make_record", "png_info", "read_record", "describe", "sha256"]

@@ -48,6 +48,7 @@ class Components:
     source: str = "<components>"
     lcm_lora: str | None = None
     vae_source: str | None = None
+    config: str | None = None  # the folder whose configs a single-file model was read with
 
 
 def resolve_device(device: Any = None) -> torch.device:
@@ -390,4 +391,4 @@ def load_components(model: str | None = None, *, device: torch.device, dtype: to
     pipe.to(device)
     return Components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                       scheduler_config=dict(pipe.scheduler.config), source=model, lcm_lora=applied,
-                      vae_source=(DEFAULT_TINY_VAE if vae == "tiny" else vae) if vae else None)
+                      vae_source=(DEFAULT_TINY_VAE if vae == "tiny" else vae) if vae else None, config=config)

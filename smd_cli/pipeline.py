@@ -11,6 +11,7 @@ import random
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -31,6 +32,7 @@ from smd_cli.models import (
 from smd_cli.sampler import Schedule, StepCallback, randn, sample
 from smd_cli.views import layout, view_sizes
 from smd_cli.masks import SceneMasks
+from smd_cli.metadata import Record, make_record
 from smd_cli.scene import SceneFile
 
 # SPEC section 1: the default schedule takes these indices of the 50-step LCM grid.
@@ -131,6 +133,17 @@ class Result:
     image: Any
     seed: int | None
     timings: dict[str, float] = field(default_factory=dict)
+    record: Record | None = None  # how it was made, written into the PNG by `save`
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the image atomically, with its record when it is a PNG; an existing file is kept
+        (the image gets `name-1.png`, ...) unless `overwrite`. Returns the path written."""
+        from smd_cli.metadata import png_info
+        from smd_cli.outputs import save_image
+
+        path = Path(path)
+        info = png_info(self.record) if self.record is not None and path.suffix.lower() == ".png" else None
+        return save_image(self.image, path, info, overwrite=overwrite)
 
 
 class StableMultiDiffusionPipeline:
@@ -585,8 +598,13 @@ class StableMultiDiffusionPipeline:
             callback=callback,
         )
         done = time.perf_counter()
-        return Result(image=image, seed=seed,
-                      timings={"prepare": prepared - started, "generate": done - prepared})
+        timings = {"prepare": prepared - started, "generate": done - prepared}
+        c = self.components
+        record = make_record(scene, seed=seed, width=width, height=height, model=c.source, lcm_lora=c.lcm_lora,
+                             vae=c.vae_source, config=c.config, device=str(self.device),
+                             steps=len(self.schedule(s.steps, s.timesteps, s.scheduler)),
+                             dtype=str(self.dtype).removeprefix("torch."), timings=timings)
+        return Result(image=image, seed=seed, timings=timings, record=record)
 
 
 def _prefixed(prefix: str, negative: str) -> str:

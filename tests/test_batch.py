@@ -300,6 +300,24 @@ def test_reproduce_is_bit_identical_on_the_cpu(run_cli, tiny_model, scene_dir, t
     assert "changed" in run_cli("show", out).stdout
 
 
+def test_python_api_saves_and_reads_records(pipe, scene_dir, tmp_path):
+    from smd_cli.metadata import read_record
+    from smd_cli.scene import load_scene
+
+    result = pipe.generate(load_scene(scene_dir / "scene.yaml"))
+    first = result.save(tmp_path / "a.png")
+    second = result.save(tmp_path / "a.png")
+    assert (first.name, second.name) == ("a.png", "a-1.png")
+    record = read_record(first)
+    assert record.seed == 42 and record.name == "scene" and record.dtype == "float32"
+    assert all(status == "matches" for _, status in record.check_files())
+    again = pipe.generate(record.scene_file())
+    np.testing.assert_array_equal(np.asarray(again.image), np.asarray(result.image))
+    result.save(tmp_path / "b.jpg")
+    with pytest.raises(SmdError, match="no smd metadata"):
+        read_record(tmp_path / "b.jpg")
+
+
 def test_show_on_an_image_without_a_record(run_cli, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     result = run_cli("show", tmp_path / "plain.png")
@@ -360,3 +378,46 @@ def test_a_canvas_too_large_for_the_device_is_refused_before_loading(run_cli, ti
     assert "big.yaml:1: width: a 8192x8192 canvas needs about" in result.stderr
     assert "but only 2.0 GiB is free" in result.stderr
     assert "lower --max-batch or tile_size" in result.stderr or "--vae tiny" in result.stderr
+
+
+# --- several processes --------------------------------------------------------------------------
+
+
+def _smd(*args: str, cwd: Path) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_distributed_shards_the_batch_across_two_processes(tiny_model, tmp_path):
+    for name in "abc":
+        small_scene(tmp_path, name)
+    write(tmp_path / "broken.yaml", "seeed: 1\nlayers: [{prompt: x}]\n")
+    done = _smd("-m", "smd_cli", "generate", "a.yaml", "b.yaml", "broken.yaml", "c.yaml", "--model", str(tiny_model),
+                "--device", "cpu", "--json", "--verbose", "--out", "o/{scene}.png", "--distributed", "--processes",
+                "2", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr  # one scene was broken; the others were made
+    rows = json_lines(done.stdout)
+    assert sorted((r["scene"], r["status"]) for r in rows) == [("a", "done"), ("b", "done"), ("broken", "invalid"),
+                                                               ("c", "done")]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png", "b.png", "c.png"]
+    assert "process 1 of 2: 2 of 3 images" in done.stderr and "process 2 of 2: 1 of 3 images" in done.stderr
+    assert done.stderr.count("summary") == 1 and "3 done, 1 invalid" in done.stderr
+    assert done.stderr.count("did you mean 'seed'") == 1  # reported once, not by every process
+    assert "Traceback" not in done.stderr
+
+
+def test_accelerate_launch_runs_smd_as_a_module(tiny_model, tmp_path):
+    for name in "abcd":
+        small_scene(tmp_path, name)
+    done = _smd("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m", "smd_cli",
+                "generate", "a.yaml", "b.yaml", "c.yaml", "d.yaml", "--model", str(tiny_model), "--device", "cpu",
+                "--verbose", "--out", "o/{scene}-{index}.png", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(Path(p).name for p in done.stdout.split()) == ["a-0.png", "b-1.png", "c-2.png", "d-3.png"]
+    assert done.stderr.count("of 2: 2 of 4 images") == 2 and done.stderr.count("loaded") == 2
+    assert done.stderr.count("summary") == 1

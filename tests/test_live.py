@@ -42,14 +42,37 @@ def test_frames_as_numbered_pngs(run_cli, tiny_model, scene_dir, tmp_path):
         "frame-00001.png", "frame-00002.png", "frame-00003.png"]
 
 
+def test_streams_never_overwrite_earlier_outputs(run_cli, tiny_model, scene_dir, tmp_path):
+    def stream(*args):
+        result = run_cli("stream", scene_dir / "scene.yaml", "--model", tiny_model, "--device", "cpu",
+                         "--frames", "2", *args)
+        assert result.exit_code == 0, result.stderr
+        return result.stdout.strip()
+
+    assert stream("--out", tmp_path / "s.gif") == str(tmp_path / "s.gif")
+    assert stream("--out", tmp_path / "s.gif") == str(tmp_path / "s-1.gif")
+    assert stream("--out", tmp_path / "s.gif", "--overwrite") == str(tmp_path / "s.gif")
+    stream("--out", tmp_path / "frames")
+    stream("--out", tmp_path / "frames")  # numbered on after the first run's frames
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == [f"frame-0000{i}.png" for i in range(1, 5)]
+    stream("--out", tmp_path / "frames", "--overwrite")
+    assert len(list((tmp_path / "frames").iterdir())) == 4
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files
+
+
 def test_mp4_output(run_cli, tiny_model, scene_dir, tmp_path):
     imageio = pytest.importorskip("imageio.v2", reason="MP4 output is the optional [mp4] extra")
     result = run_cli("stream", scene_dir / "scene.yaml", "--model", tiny_model, "--device", "cpu",
                      "--frames", "4", "--fps", "4", "--out", tmp_path / "s.mp4")
     assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "s.mp4")
     reader = imageio.get_reader(str(tmp_path / "s.mp4"))
     frames = [frame for frame in reader]
     assert len(frames) == 4 and frames[0].shape[:2] == (64, 64)
+    again = run_cli("stream", scene_dir / "scene.yaml", "--model", tiny_model, "--device", "cpu",
+                    "--frames", "1", "--out", tmp_path / "s.mp4")
+    assert again.stdout.strip() == str(tmp_path / "s-1.mp4")  # written beside it, then named: never half an MP4
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["s-1.mp4", "s.mp4"] and not list(tmp_path.glob(".*"))
 
 
 def test_ctrl_c_finishes_the_gif_with_the_frames_so_far(pipe, scene_dir, tmp_path):
