@@ -156,6 +156,12 @@ VERBOSE = typer.Option(False, "--verbose", "-v", help="Also print memory estimat
 DISTRIBUTED = typer.Option(False, "--distributed", help="Share the images among --processes processes "
                            "with Hugging Face Accelerate (one per GPU).")
 PROCESSES = typer.Option(None, "--processes", min=1, help="Processes for --distributed (default: one per GPU).")
+REGION_CROP = typer.Option(False, "--region-crop", help="Denoise each layer only around its mask (faster for "
+                           "small regions on large canvases; close to, not equal to, the default). Scene key "
+                           "region_crop.")
+COMPILE = typer.Option(False, "--compile", help="torch.compile the UNet (slow first call per batch shape; "
+                       "CUDA graphs in smd stream).")
+CHANNELS_LAST = typer.Option(False, "--channels-last", help="Channels-last memory layout for the UNet and VAE.")
 
 
 @dataclass
@@ -180,6 +186,8 @@ class RunOptions:
     verbose: bool = False
     distributed: bool = False
     processes: Optional[int] = None
+    compile: bool = False
+    channels_last: bool = False
 
 
 def _overrides(set_: list[str], **values) -> list:
@@ -222,7 +230,8 @@ def generate(
     device: str = DEVICE, dtype: str = DTYPE, lcm_lora: Optional[str] = LCM_LORA, vae: Optional[str] = VAE,
     max_batch: Optional[int] = MAX_BATCH, set_: List[str] = SET, overwrite: bool = OVERWRITE, json_: bool = JSON,
     dry_run: bool = DRY_RUN, quiet: bool = QUIET, verbose: bool = VERBOSE, distributed: bool = DISTRIBUTED,
-    processes: Optional[int] = PROCESSES,
+    processes: Optional[int] = PROCESSES, region_crop: bool = REGION_CROP, compile_: bool = COMPILE,
+    channels_last: bool = CHANNELS_LAST,
 ) -> None:
     """Generate images from scenes (one per scene and seed), loading the model once for all of them.
 
@@ -235,8 +244,9 @@ def generate(
         opts = _options(seed, seeds, repeat, set_, model=model, config=config, output=output, device=device,
                         dtype=dtype, lcm_lora=lcm_lora, vae=vae, max_batch=max_batch, overwrite=overwrite,
                         json=json_, dry_run=dry_run, quiet=quiet, verbose=verbose, distributed=distributed,
-                        processes=processes, overrides=dict(steps=steps, width=width, height=height,
-                                                            scheduler=scheduler))
+                        processes=processes, compile=compile_, channels_last=channels_last, overrides=dict(
+                            region_crop=region_crop or None, steps=steps, width=width, height=height,
+                            scheduler=scheduler))
         files = list(scenes or [])
         if not files and prompt is None:
             raise SmdError("give one or more scene files, or --prompt \"...\"")
@@ -260,7 +270,8 @@ def inpaint(
     device: str = DEVICE, dtype: str = DTYPE, lcm_lora: Optional[str] = LCM_LORA, vae: Optional[str] = VAE,
     max_batch: Optional[int] = MAX_BATCH, set_: List[str] = SET, overwrite: bool = OVERWRITE, json_: bool = JSON,
     dry_run: bool = DRY_RUN, quiet: bool = QUIET, verbose: bool = VERBOSE, distributed: bool = DISTRIBUTED,
-    processes: Optional[int] = PROCESSES,
+    processes: Optional[int] = PROCESSES, region_crop: bool = REGION_CROP, compile_: bool = COMPILE,
+    channels_last: bool = CHANNELS_LAST,
 ) -> None:
     """Paint the scene's layers over a picture; outside every mask the picture stays as it was."""
     with user_errors():
@@ -269,7 +280,8 @@ def inpaint(
         opts = _options(seed, seeds, repeat, set_, model=model, config=config, output=output, device=device,
                         dtype=dtype, lcm_lora=lcm_lora, vae=vae, max_batch=max_batch, overwrite=overwrite,
                         json=json_, dry_run=dry_run, quiet=quiet, verbose=verbose, distributed=distributed,
-                        processes=processes, overrides=dict(steps=steps, scheduler=scheduler))
+                        processes=processes, compile=compile_, channels_last=channels_last, overrides=dict(
+                            region_crop=region_crop or None, steps=steps, scheduler=scheduler))
         if image is not None:
             opts.overrides.append((("background", "image"), str(image.resolve())))
 
@@ -295,7 +307,8 @@ def panorama(
     device: str = DEVICE, dtype: str = DTYPE, lcm_lora: Optional[str] = LCM_LORA, vae: Optional[str] = VAE,
     max_batch: Optional[int] = MAX_BATCH, set_: List[str] = SET, overwrite: bool = OVERWRITE, json_: bool = JSON,
     dry_run: bool = DRY_RUN, quiet: bool = QUIET, verbose: bool = VERBOSE, distributed: bool = DISTRIBUTED,
-    processes: Optional[int] = PROCESSES,
+    processes: Optional[int] = PROCESSES, region_crop: bool = REGION_CROP, compile_: bool = COMPILE,
+    channels_last: bool = CHANNELS_LAST,
 ) -> None:
     """Generate a wide image from one prompt, denoised in overlapping views."""
     with user_errors():
@@ -305,8 +318,9 @@ def panorama(
         opts = _options(seed, seeds, repeat, set_, model=model, config=config, output=output, device=device,
                         dtype=dtype, lcm_lora=lcm_lora, vae=vae, max_batch=max_batch, overwrite=overwrite,
                         json=json_, dry_run=dry_run, quiet=quiet, verbose=verbose, distributed=distributed,
-                        processes=processes, overrides=dict(
-                            steps=steps, scheduler=scheduler, circular=circular or None,
+                        processes=processes, compile=compile_, channels_last=channels_last, overrides=dict(
+                            region_crop=region_crop or None, steps=steps, scheduler=scheduler,
+                            circular=circular or None,
                             width=width if width or is_scene else PANORAMA_WIDTH,
                             height=height if height or is_scene else PANORAMA_HEIGHT))
 
@@ -417,7 +431,9 @@ def stream(
     cfg_type: str = typer.Option("none", "--cfg", help="Guidance in the stream: none, full, self or initialize."),
     model: Optional[str] = MODEL, config: Optional[str] = CONFIG, device: str = DEVICE, dtype: str = DTYPE,
     lcm_lora: Optional[str] = LCM_LORA, vae: Optional[str] = VAE, set_: List[str] = SET,
-    overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    overwrite: bool = OVERWRITE, quiet: bool = QUIET, compile_: bool = COMPILE, channels_last: bool = CHANNELS_LAST,
+    overlap_decode: bool = typer.Option(False, "--overlap-decode", help="Decode each frame while the UNet "
+                                        "works on the next (a GPU side stream; a thread elsewhere)."),
 ) -> None:
     """Stream frames from a scene while you edit it: runs until --frames/--seconds or Ctrl-C.
 
@@ -446,12 +462,12 @@ def stream(
         check_source(model or sf.source(sf.scene.model))
         scene_masks(sf, *checked_canvas(sf, vae_downscale_factor(model or sf.source(sf.scene.model)) or 8))
         address = parse_address(preview) if preview else None
-        opts = RunOptions(model, config, None, device, dtype, lcm_lora, vae, quiet=quiet)
+        opts = RunOptions(model, config, None, device, dtype, lcm_lora, vae, quiet=quiet, channels_last=channels_last)
         ui = Ui(opts)
         sink = FrameSink(output, fps, overwrite)  # checks the output before the model loads
         resolved = resolve_device(device)
         pipe = _pipeline({}, opts, sf, resolved, resolve_dtype(dtype, resolved), ui)
-        live = scene_stream(sf, pipe, cfg_type=cfg_type)
+        live = scene_stream(sf, pipe, cfg_type=cfg_type, overlap_decode=overlap_decode, compile=compile_)
         state = LiveState(prompts=[layer.prompt for layer in live.layers])
         server = None
         if address is not None:
@@ -830,7 +846,7 @@ def _pipeline(cache: dict, opts: RunOptions, sf: SceneFile, device, dtype, ui: U
         except SmdError as exc:
             cache[key] = exc
             raise
-        pipe = cache[key]
+        pipe = cache[key].optimize(channels_last=opts.channels_last, compile=opts.compile)
         extras = "".join(f" + {x}" for x in (pipe.components.lcm_lora, pipe.components.vae_source) if x)
         ui.info(f"loaded {pipe.components.source}{extras} in {time.perf_counter() - started:.1f} s")
     if isinstance(cache[key], SmdError):

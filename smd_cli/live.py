@@ -21,7 +21,8 @@ from smd_cli.scene import SceneFile, load_scene
 from smd_cli.stream import StreamMultiDiffusion
 
 
-def scene_stream(sf: SceneFile, pipe, *, cfg_type: str = "none") -> StreamMultiDiffusion:
+def scene_stream(sf: SceneFile, pipe, *, cfg_type: str = "none", overlap_decode: bool = False,
+                 compile: bool = False) -> StreamMultiDiffusion:
     """A stream set up from a scene: its canvas, settings, background and layers."""
     s = sf.scene
     width, height = checked_canvas(sf, pipe.vae_scale_factor)
@@ -32,7 +33,7 @@ def scene_stream(sf: SceneFile, pipe, *, cfg_type: str = "none") -> StreamMultiD
         autoflush=False, mask_type=mask_type, bootstrap_steps=s.bootstrap.steps,
         bootstrap_mix_steps=s.bootstrap.mix_steps, bootstrap_leak_sensitivity=s.bootstrap.leak_sensitivity,
         cover_alpha=s.cover_alpha, seed=s.seed if s.seed is not None else 2024, timesteps=s.timesteps,
-        tile_size=s.tile_size)
+        tile_size=s.tile_size, overlap_decode=overlap_decode, compile=compile)
     apply_scene(stream, sf)
     stream.flush()
     stream.autoflush = True

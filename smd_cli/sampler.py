@@ -110,8 +110,9 @@ class StepBatch:
     k: int
     pairs: list[tuple[int, int]]  # (layer, view)
     inputs: list[torch.Tensor]  # x_p, bootstrapped where k < bootstrap_steps
-    masks: list[torch.Tensor]  # m_{p,k} cut to the view
+    masks: list[torch.Tensor]  # m_{p,k} cut to the pair's window
     b_noisy: Optional[torch.Tensor]  # the noised flat background while bootstrapping, else None
+    windows: list[View]  # where each pair is evaluated: its view, or a crop of it around the mask
 
 
 def active_pairs(masks: torch.Tensor, views: Sequence[View], skip_empty: bool = True) -> torch.Tensor:
@@ -125,7 +126,7 @@ def active_pairs(masks: torch.Tensor, views: Sequence[View], skip_empty: bool = 
 def step_inputs(x: torch.Tensor, noise: torch.Tensor, k: int, schedule: Schedule, masks_k: torch.Tensor,
                 views: Sequence[View], active_k: torch.Tensor, *, bootstrap_steps: int = 0,
                 bootstrap_mix_steps: float = 1.0, white: torch.Tensor | None = None,
-                background: torch.Tensor | None = None) -> StepBatch:
+                background: torch.Tensor | None = None, crop: RegionCrop | None = None) -> StepBatch:
     """SPEC 3.1-3.2 for step k: cut x into views per layer, bootstrapping on the first steps.
 
     `noise` is the noise x holds; the flat bootstrap background is noised with it, so
@@ -137,43 +138,83 @@ def step_inputs(x: torch.Tensor, noise: torch.Tensor, k: int, schedule: Schedule
         flat = white if background is None else r * white + (1 - r) * background
         b_noisy = noised(flat, schedule.alphas[k], schedule.sigmas[k], noise)
     pairs = [(p, v) for v in range(len(views)) for p in range(masks_k.shape[0]) if active_k[p, v]]
-    inputs, pair_masks = [], []
+    inputs, pair_masks, windows = [], [], []
     for p, v in pairs:
         view = views[v]
+        if crop is not None:
+            view = crop.window(view, masks_k[p, 0])
         x_p = view.crop(x)
         m = view.crop(masks_k[p : p + 1])
         if b_noisy is not None:
             x_p = bootstrap_blend(x_p, m, view.crop(b_noisy))
         inputs.append(x_p)
         pair_masks.append(m)
-    return StepBatch(k, pairs, inputs, pair_masks, b_noisy)
+        windows.append(view)
+    return StepBatch(k, pairs, inputs, pair_masks, b_noisy, windows)
 
 
-def step_output(batch: StepBatch, eps: torch.Tensor, schedule: Schedule, views: Sequence[View],
+def step_output(batch: StepBatch, eps: Sequence[torch.Tensor] | torch.Tensor, schedule: Schedule,
                 shape: Sequence[int], *, leak_sensitivity: float | None = None,
                 background: torch.Tensor | None = None) -> torch.Tensor:
-    """SPEC 3.4-3.6 for step k: clean estimates, leak suppression, weighted aggregation into X0."""
+    """SPEC 3.4-3.6 for step k: clean estimates, leak suppression, weighted aggregation into X0.
+
+    `eps[i]` is the noise predicted for pair i (a batched tensor, or one tensor per pair when
+    the pairs' windows differ in size).
+    """
     k = batch.k
     a, s = schedule.alphas[k], schedule.sigmas[k]
-    value = torch.zeros(shape, dtype=torch.float32, device=eps.device)
-    count = torch.zeros((shape[0], 1, *shape[2:]), dtype=torch.float32, device=eps.device)
-    if batch.pairs:
-        x_in = torch.cat(batch.inputs)
-        x0_batch = clean_estimate(x_in, eps, a, s, schedule.c_skip[k], schedule.c_out[k])
-        for i, (p, v) in enumerate(batch.pairs):
-            view = views[v]
-            m = batch.masks[i]
-            x0_p = x0_batch[i : i + 1]
-            if batch.b_noisy is not None and leak_sensitivity:
-                m = suppress_leak(m, x0_p, view.crop(batch.b_noisy), leak_sensitivity)
-            if view.weight is not None:
-                m = m * view.weight
-            view.add_into(value, m * x0_p)
-            view.add_into(count, m)
+    device = batch.inputs[0].device if batch.inputs else None
+    value = torch.zeros(shape, dtype=torch.float32, device=device)
+    count = torch.zeros((shape[0], 1, *shape[2:]), dtype=torch.float32, device=device)
+    for i, window in enumerate(batch.windows):
+        x_p = batch.inputs[i]
+        x0_p = clean_estimate(x_p, eps[i].reshape(x_p.shape), a, s, schedule.c_skip[k], schedule.c_out[k])
+        m = batch.masks[i]
+        if batch.b_noisy is not None and leak_sensitivity:
+            m = suppress_leak(m, x0_p, window.crop(batch.b_noisy), leak_sensitivity)
+        if window.weight is not None:
+            m = m * window.weight
+        window.add_into(value, m * x0_p)
+        window.add_into(count, m)
     x0 = aggregate(value, count)
     if background is not None:
         x0 = blend_background(x0, count, background)
     return x0
+
+
+@dataclass
+class RegionCrop:
+    """Evaluate a layer only around its mask instead of over the whole view, when that is cheaper.
+
+    The window is the mask's bounding box within the view, widened by `margin` latent pixels of
+    context on each side, rounded up to a multiple of `granularity` (the UNet's total downsampling)
+    and kept inside the view. Where that window would cover more than `max_share` of the view,
+    the whole view is used. Outside the window the layer's mask is zero, so only the UNet's
+    context shrinks: results stay close to, not equal to, uncropped ones.
+    """
+
+    margin: int = 16
+    granularity: int = 8
+    max_share: float = 0.75
+
+    def window(self, view: View, mask: torch.Tensor) -> View:
+        m = view.crop(mask)
+        rows, cols = m.any(1).nonzero(), m.any(0).nonzero()
+        if len(rows) == 0:
+            return view
+        h, w = m.shape
+        r0, r1 = self._span(int(rows[0]), int(rows[-1]) + 1, h)
+        c0, c1 = self._span(int(cols[0]), int(cols[-1]) + 1, w)
+        if (r1 - r0) * (c1 - c0) > self.max_share * h * w:
+            return view
+        return view.sub(r0, r1, c0, c1)
+
+    def _span(self, lo: int, hi: int, size: int) -> tuple[int, int]:
+        """[lo, hi) widened by the margin to a multiple of the granularity, within [0, size)."""
+        lo, hi = max(lo - self.margin, 0), min(hi + self.margin, size)
+        length = min(-(-(hi - lo) // self.granularity) * self.granularity, size)
+        lo = min(lo, size - length)
+        return lo, lo + length
 
 
 OOM_ERRORS = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
@@ -185,7 +226,8 @@ class BatchHalvedWarning(UserWarning):
 
 def predict_pairs(predict: Predict, batch: StepBatch, t: float,
                   max_batch: int | None) -> tuple[list[torch.Tensor], int | None]:
-    """The noise of every pair of a step in chunks of `max_batch`, halving the chunk on out-of-memory.
+    """The noise of every pair of a step, in chunks of up to `max_batch` pairs whose windows have
+    the same shape, halving the chunk on out-of-memory.
 
     Predictions are pure, so a step that ran out of memory is simply evaluated again with half
     the batch, down to one pair per call. Returns the noises and the batch size that worked,
@@ -193,10 +235,19 @@ def predict_pairs(predict: Predict, batch: StepBatch, t: float,
     """
     chunk = max_batch or max(len(batch.pairs), 1)
     halved = False
+    groups: dict[tuple, list[int]] = {}  # pairs whose windows have one shape share UNet calls
+    for i, x_p in enumerate(batch.inputs):
+        groups.setdefault(tuple(x_p.shape), []).append(i)
     while True:
         try:
-            return [predict(torch.cat(batch.inputs[i : i + chunk]), t, [p for p, _ in batch.pairs[i : i + chunk]])
-                    for i in range(0, len(batch.pairs), chunk)], (chunk if halved else max_batch)
+            eps: list[torch.Tensor] = [torch.empty(0)] * len(batch.pairs)
+            for members in groups.values():
+                for start in range(0, len(members), chunk):
+                    part = members[start : start + chunk]
+                    out = predict(torch.cat([batch.inputs[i] for i in part]), t, [batch.pairs[i][0] for i in part])
+                    for i, e in zip(part, out.split(1)):
+                        eps[i] = e
+            return eps, (chunk if halved else max_batch)
         except OOM_ERRORS:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -225,6 +276,7 @@ def sample(
     noises: Sequence[torch.Tensor] | None = None,
     max_batch: int | None = None,
     skip_empty: bool = True,
+    crop: RegionCrop | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Region-based sampling (SPEC 3): average the (layer, view) clean estimates, then step from X0.
@@ -233,7 +285,8 @@ def sample(
     the final latent. Pairs whose mask is empty in their view are not evaluated (they would add
     nothing; `skip_empty=False` evaluates them anyway, for measurements); the rest go through
     `predict` in batches of `max_batch`. LCM draws fresh noise for each transition from
-    `generator`, or takes `noises[k]` for the transition into step k + 1 when given.
+    `generator`, or takes `noises[k]` for the transition into step k + 1 when given. With `crop`,
+    each pair is evaluated only around its mask (`RegionCrop`).
     """
     height, width = latents.shape[-2:]
     views = list(views) if views else [full_view(height, width)]
@@ -243,9 +296,9 @@ def sample(
     noise = latents  # the noise realisation of x_k; for k = 0 the initial latent itself
     for k in range(steps):
         batch = step_inputs(x, noise, k, schedule, masks[k], views, active[k], bootstrap_steps=bootstrap_steps,
-                            bootstrap_mix_steps=bootstrap_mix_steps, white=white, background=background)
+                            bootstrap_mix_steps=bootstrap_mix_steps, white=white, background=background, crop=crop)
         eps, max_batch = predict_pairs(predict, batch, schedule.timesteps[k], max_batch)
-        x0 = step_output(batch, torch.cat(eps) if eps else x, schedule, views, x.shape,
+        x0 = step_output(batch, eps, schedule, x.shape,
                          leak_sensitivity=leak_sensitivity, background=background)
         if callback is not None:
             callback(k, steps, x0)

@@ -188,6 +188,7 @@ class Scene(_Model):
     tile_stride: Annotated[StrictInt, Field(ge=1, le=MAX_SIZE)] | None = None
     tile_weighting: Literal["triangular", "uniform"] = "triangular"
     circular: StrictBool = False
+    region_crop: StrictBool = False
     bootstrap: Bootstrap = Field(default_factory=Bootstrap)
     negative_prefix: str | None = None
     background: Background = Field(default_factory=Background)

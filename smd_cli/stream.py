@@ -8,6 +8,7 @@ as a frame.
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -60,7 +61,8 @@ class StreamMultiDiffusion:
                  bootstrap_leak_sensitivity: float | None = 0.2, cover_alpha: float = 0.3, seed: int = 2024,
                  timesteps: Sequence[int] | None = None, tile_size: int = DEFAULT_TILE_SIZE,
                  dtype: Any = None, lcm_lora: str | None = "auto", vae: str | None = None,
-                 pipeline: StableMultiDiffusionPipeline | None = None):
+                 pipeline: StableMultiDiffusionPipeline | None = None, overlap_decode: bool = False,
+                 compile: bool = False):
         if cfg_type not in STREAM_CFG_TYPES:
             raise SmdError(f"cfg_type must be one of {', '.join(STREAM_CFG_TYPES)}, got {cfg_type!r}")
         self.pipe = pipeline or StableMultiDiffusionPipeline(
@@ -106,6 +108,13 @@ class StreamMultiDiffusion:
         self._cond: torch.Tensor | None = None
         self._uncond: torch.Tensor | None = None
         self.calls = 0
+        # Decoding frame n while the UNet runs frame n + 1: the stream then runs one call ahead.
+        self.overlap_decode = overlap_decode
+        self._pending: tuple | None = None
+        self._decoder: concurrent.futures.ThreadPoolExecutor | None = None
+        self._side_stream = None  # CUDA stream for decoding beside the UNet
+        if compile:  # one fixed batch shape per call: CUDA graphs replay it without launch overhead
+            pipe.optimize(compile=True, mode="reduce-overhead" if pipe.device.type == "cuda" else None)
 
     # -----------------------------------------------------------------------------------------
     # Updates
@@ -214,7 +223,7 @@ class StreamMultiDiffusion:
         x0s, start = [], 0
         for batch in batches:
             n = len(batch.pairs)
-            x0s.append(step_output(batch, eps[start : start + n], schedule, self.views, self.shape,
+            x0s.append(step_output(batch, eps[start : start + n], schedule, self.shape,
                                    leak_sensitivity=self.leak_sensitivity, background=self.background_latent))
             start += n
         self.stages = [lcm_transition(x0s[k], schedule.alphas[k + 1], schedule.sigmas[k + 1], self.stage_noises[k])
@@ -266,11 +275,48 @@ class StreamMultiDiffusion:
         self.stock = torch.cat([held[:1].expand_as(residual[:1]), held[1:] + residual[:-1]])
 
     def __call__(self) -> Image.Image:
-        """The next frame as a PIL image."""
-        return self.decode(self.step())
+        """The next frame as a PIL image.
+
+        With `overlap_decode`, the frame decoded here is the one the previous call denoised, and it
+        is decoded (in a worker thread, on a side CUDA stream on a GPU) while the UNet denoises the
+        next: the frames are the same, an update shows one call later.
+        """
+        if not self.overlap_decode:
+            return self.decode(self.step())
+        if self._pending is None:
+            self._pending = self._frame_inputs(self.step())
+        done = self._decode_async(self._pending)
+        self._pending = self._frame_inputs(self.step())
+        return done.result()
 
     def decode(self, x0: torch.Tensor) -> Image.Image:
-        return self.pipe.to_image(self.pipe.pixels(x0, blurred=self._prepared.blurred, picture=self.background_image))
+        return self._decode(self._frame_inputs(x0))
+
+    def _frame_inputs(self, x0: torch.Tensor) -> tuple:
+        """What decoding a frame needs, fixed now so that later updates do not reach it."""
+        return x0, self._prepared.blurred, self.background_image
+
+    def _decode(self, inputs: tuple) -> Image.Image:
+        x0, blurred, picture = inputs
+        return self.pipe.to_image(self.pipe.pixels(x0, blurred=blurred, picture=picture))
+
+    def _decode_async(self, inputs: tuple) -> concurrent.futures.Future:
+        if self._decoder is None:
+            self._decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="smd-decode")
+        if self.pipe.device.type != "cuda":
+            return self._decoder.submit(self._decode, inputs)
+        ready = torch.cuda.Event()
+        ready.record()  # x0 is complete on the main stream here
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.pipe.device)
+        side = self._side_stream
+
+        def work() -> Image.Image:
+            with torch.cuda.stream(side):
+                side.wait_event(ready)
+                return self._decode(inputs)
+
+        return self._decoder.submit(work)
 
 
 def _paste(target: torch.Tensor, value: torch.Tensor, view) -> torch.Tensor:

@@ -30,6 +30,13 @@ class View:
         t = t[..., self.rows, :]
         return t[..., self.cols] if isinstance(self.cols, slice) else t.index_select(-1, self.cols)
 
+    def sub(self, r0: int, r1: int, c0: int, c1: int) -> "View":
+        """The part [r0:r1, c0:c1] of this view (coordinates within the view), with its weights."""
+        rows = slice(self.rows.start + r0, self.rows.start + r1)
+        cols = slice(self.cols.start + c0, self.cols.start + c1) if isinstance(self.cols, slice) else self.cols[c0:c1]
+        weight = None if self.weight is None else self.weight[..., r0:r1, c0:c1]
+        return View(rows, cols, weight)
+
     def add_into(self, target: torch.Tensor, value: torch.Tensor) -> None:
         """target[..., rows, cols] += value, in place."""
         region = target[..., self.rows, :]
