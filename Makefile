@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test clean
+.PHONY: install test bench clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,9 @@ install:
 
 test:
 	$(BIN)/python -m pytest -q
+
+bench:
+	$(BIN)/python -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,104 @@
+"""Panorama: smd's sampler against diffusers' MultiDiffusion (`StableDiffusionPanoramaPipeline`).
+
+Both load the same local folder, so UNet, VAE and text encoder weights are identical and only the
+samplers differ: smd's 5 LCM steps over its default views (tile 768 px, stride half a tile),
+batched, against MultiDiffusion's 50 DDIM steps with guidance 7.5 over 64-latent windows every 8
+latents. `--size cpu` shrinks the canvas, smd's tile and MultiDiffusion's window and stride by 8.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from benchmarks.common import (
+    PeakMemory,
+    append_report,
+    base_parser,
+    comparison_rows,
+    finish_args,
+    measure,
+    model_summary,
+    quiet,
+    warm_up,
+)
+
+PROMPT = "a photo of the dolomites"
+DDIM_STEPS = 50
+GUIDANCE = 7.5
+DIFFUSERS_FACTOR = 8  # `get_views` divides pixel sizes by SD's VAE factor, whatever the model's
+
+
+@dataclass(frozen=True)
+class Size:
+    height: int
+    width: int
+    tile_size: int  # smd's views, in pixels
+    window: int  # MultiDiffusion's views, in latents
+    stride: int
+
+
+SIZES = {"cpu": Size(64, 384, 96, 8, 1), "full": Size(512, 3072, 768, 64, 8)}
+
+
+def run_smd(args, size: Size):
+    """smd as shipped: LCM, 5 steps, guidance 1, its default views, (layer, view) pairs batched."""
+    import torch
+
+    from smd_cli import StableMultiDiffusionPipeline
+
+    pipe = StableMultiDiffusionPipeline(args.device, hf_key=args.model, dtype=args.dtype, lcm_lora="none")
+    warm_up(pipe.unet, _window(size.tile_size // pipe.vae_scale_factor, size, pipe.vae_scale_factor))
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    return measure(lambda: pipe.sample_panorama(PROMPT, height=size.height, width=size.width,
+                                                tile_size=size.tile_size, generator=generator, output_type="np"),
+                   pipe.unet, args.device)
+
+
+def run_multidiffusion(args, size: Size):
+    """diffusers' MultiDiffusion panorama on the same folder: DDIM 50 steps, guidance 7.5."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
+
+    ref = StableDiffusionPanoramaPipeline.from_pretrained(args.model, torch_dtype=args.dtype, safety_checker=None,
+                                                          requires_safety_checker=False).to(args.device)
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    # The pipeline always asks for its default 64-latent window; the CPU size needs a smaller one.
+    ref.get_views = functools.partial(ref.get_views, window_size=size.window, stride=size.stride)
+    warm_up(ref.unet, _window(size.window, size, DIFFUSERS_FACTOR))
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    return measure(lambda: ref(PROMPT, height=size.height, width=size.width, num_inference_steps=DDIM_STEPS,
+                               guidance_scale=GUIDANCE, view_batch_size=args.view_batch_size, generator=generator,
+                               output_type="np"),
+                   ref.unet, args.device)
+
+
+def _window(window: int, size: Size, factor: int) -> tuple[int, int]:
+    """A view's latent size: the window, cut to the canvas."""
+    return min(window, size.height // factor), min(window, size.width // factor)
+
+
+def main(argv=None) -> str:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--view-batch-size", type=int, default=8,
+                        help="MultiDiffusion's views per UNet call (smd batches pairs by itself)")
+    args = finish_args(parser.parse_args(argv))
+    size = SIZES[args.size]
+    with quiet():
+        smd = run_smd(args, size)
+        baseline = run_multidiffusion(args, size)
+    rows = comparison_rows((f"smd: LCM 5 steps, guidance 1, tile {size.tile_size} px", smd),
+                           (f"MultiDiffusion: DDIM {DDIM_STEPS} steps, guidance {GUIDANCE}, window {size.window} "
+                            f"stride {size.stride} latents, {args.view_batch_size} views/call", baseline))
+    notes = [f"{size.width}x{size.height} canvas, prompt {PROMPT!r}, seed {args.seed}, {args.dtype}, "
+             f"{model_summary(args.model)}; both pipelines load the same folder and decode to pixels "
+             "inside the timed run",
+             "UNet batch items count each latent in a call once (guidance's unconditional half included)",
+             f"peak MiB: {PeakMemory.method(args.device)}"]
+    return append_report(f"Panorama ({args.size}): smd vs diffusers StableDiffusionPanoramaPipeline", rows, notes,
+                         device=args.device, write=not args.no_report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Run the panorama, regional, stream, startup and fast-path benchmarks in turn (`make bench`).
+
+Options other than `--model`, `--vae` and `--compile` go to every benchmark, e.g. `--device cuda
+--size full`. Without `--model`/`--vae`, one tiny random model and one tiny autoencoder are built
+and shared. `--compile` adds torch.compile to the fast paths (minutes of compiling on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from benchmarks import fast_paths, panorama, regional, startup, stream
+from benchmarks.common import scratch_dir, tiny_model, tiny_taesd
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="local diffusers folder (default: a tiny random model)")
+    parser.add_argument("--vae", default=None,
+                        help="AutoencoderTiny folder for the stream (default: a tiny random one)")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile in the fast paths")
+    args, shared = parser.parse_known_args(argv)
+    started = time.perf_counter()
+    scratch = scratch_dir()
+    model = args.model or str(tiny_model(scratch / "tiny-sd"))
+    vae = args.vae or str(tiny_taesd(scratch / "taesd"))
+    shared = ["--model", model, *shared]
+    panorama.main(shared)
+    regional.main(shared)
+    stream.main(shared + ["--vae", vae])
+    startup.main(shared)
+    fast_paths.main(shared + (["--compile"] if args.compile else []))
+    print(f"all benchmarks: {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
