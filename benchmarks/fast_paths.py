@@ -81,15 +81,19 @@ class LatentPixels:
 
 
 def stream_rows(args, pipe) -> list[dict]:
-    """Frames per second with the stream's decoding in sequence and beside the UNet."""
+    """Frames per second with the stream's decoding in sequence and beside the UNet (and, with
+    --compile, with the UNet compiled: CUDA graphs on a GPU)."""
     size = 256 if args.size == "cpu" else 512
+    cases = [("default", pipe, False), ("--overlap-decode", pipe, True)]
+    if args.compile:
+        mode = "reduce-overhead" if args.device.type == "cuda" else None
+        cases.append(("--compile", fresh_pipeline(pipe).optimize(compile=True, mode=mode), False))
     rows = []
-    for overlap in (False, True):
-        stream = make_stream(pipe, size, 3, args.seed)
+    for name, pipeline, overlap in cases:
+        stream = make_stream(pipeline, size, 3, args.seed)
         stream.overlap_decode = overlap
-        stream()  # the overlapped stream's first call runs two steps: keep it out of the timing
-        rows.append({"stream, 3 layers": "--overlap-decode" if overlap else "default",
-                     **measure_stream(stream, args.frames, args.device)})
+        stream()  # compiling, and the overlapped stream's first call of two steps, stay out of the timing
+        rows.append({"stream, 3 layers": name, **measure_stream(stream, args.frames, args.device)})
     return rows
 
 

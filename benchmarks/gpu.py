@@ -1,4 +1,4 @@
-"""All four benchmarks on a GPU at the published sizes, on random weights with SD 1.5's shapes.
+"""Every benchmark on a GPU at the published sizes, on random weights with SD 1.5's shapes.
 
 No weights can be downloaded, so the UNet (about 860M parameters), the VAE and the CLIP ViT-L/14
 text encoder are built from Stable Diffusion 1.5's configs with random values, saved in float16

@@ -379,21 +379,37 @@ class StableMultiDiffusionPipeline:
         if channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
-        if compile and not hasattr(self.unet, "_orig_mod"):
+        if compile and not self.compiled:
             self.unet = torch.compile(self.unet, mode=mode, backend=backend, dynamic=False)
         return self
 
-    def _predictor(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float):
-        """`predict(x, t, layers)` for the sampler: UNet noise with classifier-free guidance (SPEC 3.3)."""
+    @property
+    def compiled(self) -> bool:
+        return hasattr(self.unet, "_orig_mod")
+
+    def _predictor(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float,
+                   pad: bool = False):
+        """`predict(x, t, layers)` for the sampler: UNet noise with classifier-free guidance (SPEC 3.3).
+
+        With `pad`, a batch is padded with copies of its last pair up to the next power of two (and
+        the padding dropped from the result): a compiled UNet then sees a few fixed batch shapes
+        (1, 2, 4, ... up to --max-batch) instead of one per remainder, and halving on out-of-memory
+        still shrinks the batch.
+        """
 
         def predict(x: torch.Tensor, t: float, layers: Sequence[int]) -> torch.Tensor:
-            index = torch.as_tensor(list(layers), device=cond.device)
+            count, layers = len(x), list(layers)
+            size = 1 << (count - 1).bit_length()
+            if pad and size > count:
+                x = torch.cat([x, x[-1:].expand(size - count, *x.shape[1:])])
+                layers += [layers[-1]] * (size - count)
+            index = torch.as_tensor(layers, device=cond.device)
             if uncond is None:
-                return self.unet_eps(x, t, cond[index], guidance_scale)
+                return self.unet_eps(x, t, cond[index], guidance_scale)[:count]
             # Both halves in one batch.
             eps_u, eps_c = self.unet_eps(torch.cat([x, x]), t, torch.cat([uncond[index], cond[index]]),
                                          guidance_scale).chunk(2)
-            return eps_u + guidance_scale * (eps_c - eps_u)
+            return (eps_u + guidance_scale * (eps_c - eps_u))[:count]
 
         return predict
 
@@ -543,13 +559,14 @@ class StableMultiDiffusionPipeline:
         window, stride = view_sizes(height, width, tile_size, tile_stride, f)
         views = layout(shape[2], shape[3], (window, window), (stride, stride), weighting=tile_weighting,
                        circular=circular, device=self.device)
+        max_batch = max_batch or self.auto_max_batch((min(window, shape[2]), min(window, shape[3])), uncond is not None)
         x0 = sample(
-            self._predictor(cond, uncond, guidance_scale), latents, schedule, step_masks,
+            self._predictor(cond, uncond, guidance_scale, pad=self.compiled), latents, schedule, step_masks,
             views=views, bootstrap_steps=bootstrap_steps, bootstrap_mix_steps=bootstrap_mix_steps,
             leak_sensitivity=bootstrap_leak_sensitivity, white=white, background=bg_latent,
             generator=generator, noises=noises, callback=callback, skip_empty=skip_empty,
             crop=self._crop(region_crop),
-            max_batch=max_batch or self.auto_max_batch((min(window, shape[2]), min(window, shape[3])), uncond is not None),
+            max_batch=max_batch,
         )
         if output_type == "latent":
             return x0

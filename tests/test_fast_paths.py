@@ -91,20 +91,40 @@ def test_channels_last_gives_the_same_image(tiny_model):
     np.testing.assert_allclose(b, a, atol=1e-5)
 
 
-def test_compiled_unet_traces_one_graph_for_all_steps(tiny_model):
+def test_compiled_unet_traces_one_graph_per_batch_shape(tiny_model):
     """The compile path on the CPU, with dynamo's eager backend (inductor's CPU build takes minutes):
-    one graph serves every timestep, because t reaches the UNet as a tensor."""
+    t reaches the UNet as a tensor, so one graph serves every timestep, and batches are padded to
+    powers of two, so three pairs run as a batch of four."""
     from torch._dynamo.utils import counters
 
     from smd_cli import StableMultiDiffusionPipeline
 
+    def batch_sizes(unet, run) -> set[int]:
+        sizes = []
+        hook = unet.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+        try:
+            run()
+        finally:
+            hook.remove()
+        return set(sizes)
+
     pipe = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_model))
-    expected = pipe.sample("a cat", height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(0))
+    masks = np.zeros((3, 64, 64), np.float32)
+    masks[0, :32, :32], masks[1, :32, 32:], masks[2, 32:, :32] = 1, 1, 1  # the last quarter is background
+    kwargs = dict(masks=masks, height=64, width=64, output_type="np", max_batch=8, background_prompt="sky")
+    late = dict(kwargs, mask_strengths=[1.0, 1.0, 0.9])  # the third layer joins in the last steps only
+    expected = pipe(["a", "b", "c"], generator=torch.Generator().manual_seed(0), **kwargs)
+    assert batch_sizes(pipe.unet, lambda: pipe(["a", "b", "c"], **late)) == {3, 4}
+
     torch._dynamo.reset()
     counters.clear()
     pipe.optimize(compile=True, backend="eager")
-    image = pipe.sample("a cat", height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(0))
-    np.testing.assert_array_equal(image, expected)
+    images = []
+    sizes = batch_sizes(pipe.unet._orig_mod, lambda: images.append(
+        pipe(["a", "b", "c"], generator=torch.Generator().manual_seed(0), **kwargs)))
+    np.testing.assert_allclose(images[0], expected, atol=1e-5)
+    assert sizes == {4} and counters["stats"]["unique_graphs"] == 1  # 3 layers + background: 4 pairs
+    assert batch_sizes(pipe.unet._orig_mod, lambda: pipe(["a", "b", "c"], **late)) == {4}  # 3 padded to 4
     assert counters["stats"]["unique_graphs"] == 1
 
 
