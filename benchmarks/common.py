@@ -336,6 +336,12 @@ def comparison_rows(smd: tuple[str, Measurement], baseline: tuple[str, Measureme
     return rows
 
 
+def comparison_notes(device) -> list[str]:
+    """The notes every smd-against-baseline table carries: what its columns count."""
+    return ["UNet batch items count each latent in a call once (guidance's unconditional half included)",
+            f"peak MiB: {PeakMemory.method(device)}"]
+
+
 def _cost_row(name: str, m: Measurement) -> dict:
     return {"run": name, "UNet calls": m.calls, "UNet batch items": m.items, "wall s": f"{m.seconds:.2f}",
             "peak MiB": f"{m.peak_mib:.0f}"}

@@ -12,9 +12,9 @@ import functools
 from dataclasses import dataclass
 
 from benchmarks.common import (
-    PeakMemory,
     append_report,
     base_parser,
+    comparison_notes,
     comparison_rows,
     finish_args,
     measure,
@@ -93,9 +93,7 @@ def main(argv=None) -> str:
                             f"stride {size.stride} latents, {args.view_batch_size} views/call", baseline))
     notes = [f"{size.width}x{size.height} canvas, prompt {PROMPT!r}, seed {args.seed}, {args.dtype}, "
              f"{model_summary(args.model)}; both pipelines load the same folder and decode to pixels "
-             "inside the timed run",
-             "UNet batch items count each latent in a call once (guidance's unconditional half included)",
-             f"peak MiB: {PeakMemory.method(args.device)}"]
+             "inside the timed run", *comparison_notes(args.device)]
     return append_report(f"Panorama ({args.size}): smd vs diffusers StableDiffusionPanoramaPipeline", rows, notes,
                          device=args.device, write=not args.no_report)
 

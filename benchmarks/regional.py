@@ -17,9 +17,9 @@ from benchmarks.common import (
     REFERENCE,
     REPO,
     SHAPES,
-    PeakMemory,
     append_report,
     base_parser,
+    comparison_notes,
     comparison_rows,
     finish_args,
     fresh_pipeline,
@@ -117,8 +117,7 @@ def main(argv=None) -> str:
     notes = [f"{size.width}x{size.height} canvas, tile {size.tile_size} px, {layer_count(inputs['masks'])}, "
              f"{source}; bootstrap {BOOTSTRAP_STEPS} steps in both; seed {args.seed}, {args.dtype}",
              f"{model_summary(args.model)}; decoding to pixels is inside the timed run",
-             "UNet batch items count each latent in a call once (guidance's unconditional half included)",
-             f"peak MiB: {PeakMemory.method(args.device)}"]
+             *comparison_notes(args.device)]
     return append_report(f"Regional ({args.size}): smd vs the MultiDiffusion region-based baseline", rows, notes,
                          device=args.device, write=not args.no_report)
 

@@ -347,15 +347,11 @@ def show(
     with user_errors():
         import json
 
-        from smd_cli.metadata import describe, read_record
+        from smd_cli.metadata import as_dict, describe, read_record
 
         record = read_record(image)
         if json_:
-            files = {p: {"sha256": record.files[p], "now": st} for p, st in record.check_files()}
-            out.print(json.dumps({"name": record.name, "smd": record.version, "model": record.model,
-                                  "seed": record.seed, "device": record.device, "dtype": record.dtype,
-                                  "config": record.config, "timings": record.timings, "files": files,
-                                  "scene": record.scene}, indent=2))
+            out.print(json.dumps(as_dict(record), indent=2))
         else:
             out.print(describe(record), end="")
 
@@ -379,18 +375,13 @@ def reproduce(
         from smd_cli.metadata import read_record
 
         record = read_record(image)
-        for path, status in record.check_files():
-            if status != "matches":
-                warnings.warn(f"{path} has {status} since the image was made: the result will differ"
-                              if status == "changed" else f"{path} is missing", stacklevel=1)
-            elif verbose:
-                err.print(f"{path}: unchanged (sha256 matches)")
-        sf = record.scene_file()
+        sf = record.scene_file()  # its files' hashes are checked as they are read, with a warning each
         if output is None:
             output = str(image.with_name(f"{image.stem}-reproduced.png"))
+        recorded_device = (record.device or "auto").split(":")[0]  # the kind: cuda:1 ran there, cuda runs here
         opts = _options(None, None, None, [], model=model, config=config or record.config, output=output,
-                        device=device or (record.device or "auto").split(":")[0], dtype=dtype or record.dtype or "auto", lcm_lora=None, vae=None,
-                        max_batch=max_batch, overwrite=overwrite, json=json_, dry_run=False, quiet=quiet,
+                        device=device or recorded_device, dtype=dtype or record.dtype or "auto", lcm_lora=None,
+                        vae=None, max_batch=max_batch, overwrite=overwrite, json=json_, dry_run=False, quiet=quiet,
                         verbose=verbose, distributed=False, processes=None, overrides={})
         outcomes = _run([sf], opts, exit_when_done=False)
         done = [o for o in outcomes if o.path]

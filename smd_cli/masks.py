@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,10 @@ class SceneMasks:
         return self.masks.shape[2]
 
 
+class FileChangedWarning(UserWarning):
+    """A file a scene reads is not the one whose SHA-256 the scene recorded."""
+
+
 class _Images:
     """Reads each image of a scene once, turning failures into located scene errors."""
 
@@ -129,11 +134,12 @@ class _Images:
         self.sf = sf
         self.cache: dict[Path, Image.Image] = {}
 
-    def get(self, relative: str, key: tuple, what: str = "mask") -> Image.Image:
+    def get(self, relative: str, key: tuple, what: str = "mask", sha256: str | None = None) -> Image.Image:
         path = self.sf.resolve(relative)
         if path not in self.cache:
             if not path.exists():
                 raise self.sf.error(key, f"{what} file not found: {path}")
+            self.check_hash(path, key, sha256)
             try:
                 self.cache[path] = load_image(path)
             except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -141,12 +147,24 @@ class _Images:
                 raise self.sf.error(key, f"cannot read {what} image {path}: {reason}") from None
         return self.cache[path]
 
-    def size(self, relative: str, key: tuple, what: str = "mask") -> tuple[int, int]:
+    def check_hash(self, path: Path, key: tuple, expected: str | None) -> None:
+        """Warn when a file differs from the SHA-256 the scene recorded for it (as in smd's images)."""
+        if expected is None:
+            return
+        from smd_cli.metadata import sha256
+
+        if sha256(path) != expected:
+            warnings.warn(str(self.sf.error(key, f"{path} has changed since its sha256 was recorded; the result "
+                                                 "will differ from the image it was recorded for")),
+                          FileChangedWarning, stacklevel=2)
+
+    def size(self, relative: str, key: tuple, what: str = "mask", sha256: str | None = None) -> tuple[int, int]:
         path = self.sf.resolve(relative)
         if path in self.cache:
             return self.cache[path].size
         if not path.exists():
             raise self.sf.error(key, f"{what} file not found: {path}")
+        self.check_hash(path, key, sha256)
         try:
             with Image.open(path) as im:
                 return im.size
@@ -221,7 +239,7 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
             out[i] = ellipse_mask(spec.ellipse, height, width)
         else:
             source = _image_source(spec)
-            image = images.get(source, key)
+            image = images.get(source, key, sha256=spec.sha256)
             if aspect_mismatch(image.size, width, height):
                 raise sf.error(key, f"mask image is {image.size[0]}x{image.size[1]} but the canvas is "
                                     f"{width}x{height}: the aspect ratios differ; crop or pad the image, "
@@ -247,7 +265,8 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
                     m = (m > spec.threshold).astype(np.float32)
                 out[i] = m
     if sf.scene.background.image is not None:  # checked here so that no model loads for a missing file
-        images.size(sf.scene.background.image, ("background", "image"), "background")
+        images.size(sf.scene.background.image, ("background", "image"), "background",
+                    sf.scene.background.image_sha256)
     if not out.any():
         raise sf.error(("layers",), "every layer's mask is empty: nothing would be painted; "
                                     "check the mask images, colours and rectangles")

@@ -4,7 +4,8 @@
 Chunks (all text):
 - `parameters`: a short human-readable summary, the kind other image tools show.
 - `smd-scene`: the fully resolved scene as YAML: every default filled in, the seed, canvas size,
-  step count and model settings made explicit, and file paths made absolute.
+  step count and model settings made explicit, file paths made absolute and each file's SHA-256
+  beside its path (`sha256`, `image_sha256`).
 - `smd-files`: YAML mapping each file the scene reads (masks, palettes, the inpainting picture)
   to its SHA-256.
 - `smd-name`, `smd-version`, `smd-seed`, `smd-model`, `smd-device`, `smd-dtype`: single values.
@@ -92,6 +93,8 @@ def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: 
     data = sf.scene.model_dump(mode="json", exclude_none=False)
     for key, path in scene_files(sf).items():
         _set(data, key, str(path))
+        if path.is_file():  # the hash beside the path: a scene run again warns when the file changed
+            _set(data, key[:-1] + ("image_sha256" if key == ("background", "image") else "sha256",), sha256(path))
     data.update(seed=seed, width=width, height=height, model=_absolute(model), lcm_lora=lcm_lora or "none",
                 vae=_absolute(vae) if vae else None, output=None)
     if data.get("timesteps") is None:
@@ -122,7 +125,8 @@ def parameters_text(record: Record) -> str:
     prompts = " | ".join(f"{layer['name']}: {layer['prompt']}" for layer in s["layers"])
     if s["background"].get("prompt"):
         prompts = f"background: {s['background']['prompt']} | {prompts}"
-    negatives = [n for n in [s["background"].get("negative_prompt")] + [la["negative_prompt"] for la in s["layers"]] if n]
+    negatives = [s["background"].get("negative_prompt")] + [layer["negative_prompt"] for layer in s["layers"]]
+    negatives = [n for n in negatives if n]
     steps = s.get("steps") or len(s.get("timesteps") or [])
     pairs = {"Steps": steps, "Sampler": s["scheduler"], "CFG scale": s["guidance_scale"], "Seed": record.seed,
              "Size": f"{s['width']}x{s['height']}", "Model": record.model, "Layers": len(s["layers"]),
@@ -189,15 +193,20 @@ def read_record(path: str | Path) -> Record:
                   dtype=text.get("smd-dtype", ""), config=text.get("smd-config"), timings=timings)
 
 
-def describe(record: Record) -> str:
-    """Everything recorded, as one YAML document for `smd show`."""
+def as_dict(record: Record) -> dict[str, Any]:
+    """Everything recorded, with each file's hash checked now, for `smd show`."""
     files = {path: {"sha256": record.files[path], "now": status} for path, status in record.check_files()}
     doc = {"name": record.name, "smd": record.version, "model": record.model, "seed": record.seed,
            "device": record.device, "dtype": record.dtype, "timings": record.timings}
     if record.config:
         doc["config"] = record.config
     doc.update(files=files, scene=record.scene)
-    return _yaml(doc)
+    return doc
 
 
-__all__ = ["Record", "make_record", "png_info", "read_record", "describe", "sha256"]
+def describe(record: Record) -> str:
+    """`as_dict` as one YAML document."""
+    return _yaml(as_dict(record))
+
+
+__all__ = ["Record", "make_record", "png_info", "read_record", "as_dict", "describe", "sha256"]

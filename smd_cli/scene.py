@@ -61,12 +61,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+# A file's SHA-256 in hex: recorded in the scenes smd writes into its images, checked when present.
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class ImageMask(_Model):
     """A mask image: its alpha channel where it has one, else its luminance."""
 
     image: str
     invert: StrictBool = False
     threshold: Unit | None = 0.5
+    sha256: Sha256 | None = None
 
 
 class PaletteMask(_Model):
@@ -75,6 +80,7 @@ class PaletteMask(_Model):
     palette: str
     color: Color
     background_color: Color = "#000000"
+    sha256: Sha256 | None = None
 
 
 def _four_numbers(values: list[float], names: str) -> list[float]:
@@ -155,6 +161,7 @@ class Background(_Model):
     prompt: str = ""
     negative_prompt: str = ""
     image: str | None = None
+    image_sha256: Sha256 | None = None
 
 
 class Layer(_Model):

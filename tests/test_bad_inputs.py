@@ -63,6 +63,8 @@ CORPUS = [
      "mask image is 64x16 but the canvas is 32x32: the aspect ratios differ", 2),
     ("palette colour absent", "generate", mask_scene('{palette: p.png, color: "#00ff00"}'),
      {"p.png": png(color=(255, 0, 0))}, [], "colour #00ff00 matches no pixel of p.png; its main colours are #ff0000", 2),
+    ("malformed mask hash", "generate", mask_scene("{image: m.png, sha256: abc}"), {"m.png": png()}, [],
+     "layers[0].mask.sha256: string should match pattern", 2),
     ("all masks empty", "generate", mask_scene("m.png"), {"m.png": png(color=(0, 0, 0))}, [],
      "every layer's mask is empty", 2),
     ("canvas off the model's grid", "generate", "width: 33\nheight: 32\n" + LAYER, {}, [],

@@ -263,6 +263,7 @@ def test_png_records_the_resolved_scene(run_cli, tiny_model, scene_dir, tmp_path
     assert scene["mask_type"] == "discrete" and scene["cover_alpha"] == 0.3  # defaults written out
     palette = scene_dir / "masks" / "palette.png"
     assert scene["layers"][0]["mask"]["palette"] == str(palette)
+    assert scene["layers"][0]["mask"]["sha256"] == sha256(palette)  # each file's hash beside its path
     files = yaml.safe_load(text["smd-files"])
     assert files == {str(palette): sha256(palette), str(scene_dir / "masks" / "right.png"):
                      sha256(scene_dir / "masks" / "right.png")}
@@ -295,7 +296,7 @@ def test_reproduce_is_bit_identical_on_the_cpu(run_cli, tiny_model, scene_dir, t
     Image.fromarray(255 - np.asarray(Image.open(mask))).save(mask)
     changed = run_cli("reproduce", out, "--out", tmp_path / "y.png")
     assert changed.exit_code == 0
-    assert f"warning: {mask} has changed since the image was made" in changed.stderr
+    assert f"layers[2].mask: {mask} has changed since its sha256 was recorded" in changed.stderr
     assert f"differs from {out}" in changed.stderr
     assert "changed" in run_cli("show", out).stdout
 
@@ -316,6 +317,20 @@ def test_python_api_saves_and_reads_records(pipe, scene_dir, tmp_path):
     result.save(tmp_path / "b.jpg")
     with pytest.raises(SmdError, match="no smd metadata"):
         read_record(tmp_path / "b.jpg")
+
+
+def test_a_scene_with_recorded_hashes_warns_when_a_file_changed(run_cli, tmp_path):
+    from smd_cli.metadata import sha256
+
+    Image.new("L", (32, 32), 255).save(tmp_path / "m.png")
+    digest = sha256(tmp_path / "m.png")
+    scene = write(tmp_path / "s.yaml", f"layers:\n  - prompt: a\n    mask: {{image: m.png, sha256: {digest}}}\n")
+    same = run_cli("validate", scene)
+    assert same.exit_code == 0 and "warning" not in same.stderr
+    Image.new("L", (32, 32), 200).save(tmp_path / "m.png")
+    changed = run_cli("validate", scene)
+    assert changed.exit_code == 0  # still a valid scene: the new file is used, with a warning
+    assert f"warning: {scene}:3: layers[0].mask: {tmp_path / 'm.png'} has changed since its sha256" in changed.stderr
 
 
 def test_show_on_an_image_without_a_record(run_cli, tmp_path):
