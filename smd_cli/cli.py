@@ -7,6 +7,7 @@ Heavy modules are imported inside the commands that need them, so `smd --help` a
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,8 +33,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
-out = Console(highlight=False, soft_wrap=True, markup=False)
+# Piped into a file or another program, tables are as wide as their content: no cell is cut short.
+PIPE_WIDTH = 10_000
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False,
+              width=None if sys.stderr.isatty() else PIPE_WIDTH)
+out = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else PIPE_WIDTH)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
