@@ -113,6 +113,15 @@ class Shard:
         """Jobs rank, rank + size, ...: an even share, whatever the jobs' costs' order."""
         return jobs[self.rank :: self.size]
 
+    def least(self, value: int | None) -> int | None:
+        """The smallest of every process's `value` (None where unknown)."""
+        if self.size == 1 or self.state is None:
+            return value
+        from accelerate.utils import gather_object
+
+        known = [v for v in gather_object([value]) if v is not None]
+        return min(known) if known else None
+
     def gather(self, outcomes: list[Outcome]) -> list[Outcome]:
         """Every process's outcomes, in job order, on every process."""
         if self.size == 1 or self.state is None:

@@ -7,6 +7,7 @@ Heavy modules are imported inside the commands that need them, so `smd --help` a
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 import warnings
@@ -35,9 +36,11 @@ app = typer.Typer(
 )
 # Piped into a file or another program, tables are as wide as their content: no cell is cut short.
 PIPE_WIDTH = 10_000
-err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False,
+# No markup, highlighting or emoji codes: a path like `x:cat:1.png` must print as it is on disk.
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False,
               width=None if sys.stderr.isatty() else PIPE_WIDTH)
-out = Console(highlight=False, soft_wrap=True, markup=False, width=None if sys.stdout.isatty() else PIPE_WIDTH)
+out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False,
+              width=None if sys.stdout.isatty() else PIPE_WIDTH)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -318,7 +321,9 @@ def panorama(
     with user_errors():
         from smd_cli.scene import scene_from_prompt
 
-        is_scene = prompt.endswith((".yaml", ".yml")) and Path(prompt).is_file()
+        is_scene = prompt.endswith((".yaml", ".yml"))
+        if is_scene and not Path(prompt).is_file():
+            raise SmdError(f"{prompt}: scene file not found (a prompt that ends in .yaml: write it differently)")
         opts = _options(seed, seeds, repeat, set_, model=model, config=config, output=output, device=device,
                         dtype=dtype, lcm_lora=lcm_lora, vae=vae, max_batch=max_batch, overwrite=overwrite,
                         json=json_, dry_run=dry_run, quiet=quiet, verbose=verbose, distributed=distributed,
@@ -529,7 +534,7 @@ def _run(items: list, opts: RunOptions, check=None, exit_when_done: bool = True)
     A failing image does not stop the others; the exit code sums them up (see `batch.exit_code`).
     """
     from smd_cli.batch import INTERRUPTED, Shard, exit_code, join_processes, launched_distributed
-    from smd_cli.models import check_source, resolve_device, resolve_dtype
+    from smd_cli.models import available_memory, check_source, resolve_device, resolve_dtype
 
     if opts.distributed and not launched_distributed():
         _launch(opts)  # runs this same command in several processes, then exits
@@ -539,7 +544,8 @@ def _run(items: list, opts: RunOptions, check=None, exit_when_done: bool = True)
         check_source(opts.model)
     device = shard.state.device if shard.state is not None and opts.device == "auto" else resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
-    jobs, invalid = _plan(items, opts, check, device, dtype, ui)
+    free = shard.least(available_memory(device))  # the same in every process, so all plan the same
+    jobs, invalid = _plan(items, opts, check, device, dtype, free, ui)
     if shard.size > 1:  # seeds drawn at random must be the same in every process
         from accelerate.utils import broadcast_object_list
 
@@ -570,7 +576,8 @@ def _run(items: list, opts: RunOptions, check=None, exit_when_done: bool = True)
     if not interrupted:
         everything = shard.gather(everything)
     if shard.main or interrupted:
-        _summary(everything, ui, interrupted)
+        _summary(everything, ui, interrupted, f" of process {shard.rank + 1} of {shard.size}"
+                 if interrupted and shard.size > 1 else "")
     code = 130 if interrupted else exit_code(everything)
     if exit_when_done:
         raise typer.Exit(code)
@@ -583,7 +590,7 @@ def _seeded(sf: SceneFile, seed: int) -> SceneFile:
     return with_seed(sf, seed)
 
 
-def _plan(items: list, opts: RunOptions, check, device, dtype, ui: Ui) -> tuple[list, list]:
+def _plan(items: list, opts: RunOptions, check, device, dtype, free: int | None, ui: Ui) -> tuple[list, list]:
     """Every image to make as a `Job`, and an `Outcome` for each scene that cannot start."""
     from datetime import datetime
 
@@ -609,7 +616,7 @@ def _plan(items: list, opts: RunOptions, check, device, dtype, ui: Ui) -> tuple[
             factor = vae_downscale_factor(model) or 8
             width, height = checked_canvas(sf, factor)
             masks = scene_masks(sf, width, height)
-            _check_memory(sf, model, width, height, factor, device, dtype, opts, ui)
+            _check_memory(sf, model, width, height, factor, device, dtype, free, opts, ui)
             template = _output_template(sf, opts.output)
             made = [Job(len(jobs) + n, _seeded(sf, seed), seed, template, masks, drawn)
                     for n, (seed, drawn) in enumerate(seeds_for(sf, seeds, opts.repeat))]
@@ -636,41 +643,47 @@ def _job_path(job, when=None) -> Path:
 
 
 def _check_distinct_outputs(jobs: list, opts: RunOptions) -> None:
-    """An explicit --out must give each image its own file (a scene's own `output` is numbered)."""
-    if opts.output is None or len(jobs) < 2:
+    """Images of one batch must not share a file where one would replace another: with an explicit
+    --out, or with --overwrite. (Otherwise a clash is numbered -1, -2, ... like any existing file.)"""
+    if len(jobs) < 2 or (opts.output is None and not opts.overwrite):
         return
     from datetime import datetime
 
     now = datetime.now()
-    paths = [_job_path(job, now) for job in jobs]
-    if len(set(paths)) < len(paths):
-        scenes = len({job.scene.name for job in jobs})
-        what = f"{len(jobs)} images" if scenes == 1 else f"{scenes} scenes" if scenes == len(jobs) else \
-            f"{len(jobs)} images of {scenes} scenes"
+    paths = [_job_path(job, now).absolute() for job in jobs]
+    if len(set(paths)) == len(paths):
+        return
+    scenes = len({job.scene.name for job in jobs})
+    what = f"{len(jobs)} images" if scenes == 1 else f"{scenes} scenes" if scenes == len(jobs) else \
+        f"{len(jobs)} images of {scenes} scenes"
+    if opts.output is not None:
         raise SmdError(f"--out {opts.output} names one file for {what}; give a folder, or a template with "
                        "{scene}, {seed} or {index}")
+    clash = next(p for p in paths if paths.count(p) > 1)
+    raise SmdError(f"with --overwrite, images would replace each other in {clash}; give --out with {{scene}}, "
+                   "{seed} or {index}, or leave out --overwrite to number them")
 
 
-def _check_memory(sf: SceneFile, model, width: int, height: int, factor: int, device, dtype,
+def _check_memory(sf: SceneFile, model, width: int, height: int, factor: int, device, dtype, free: int | None,
                   opts: RunOptions, ui: Ui) -> None:
     """Refuse, before loading anything, a canvas that clearly cannot fit on the device."""
     import torch
 
-    from smd_cli.models import AUTO_BATCH_CPU, available_memory, estimate_memory
+    from smd_cli.models import AUTO_BATCH_CPU, estimate_memory
 
     batch = opts.max_batch or (1 if device.type == "cuda" else AUTO_BATCH_CPU)
     cfg = sf.scene.guidance_scale > 1.0
     est = estimate_memory(model, width=width, height=height, factor=factor, tile_size=sf.scene.tile_size,
-                          max_batch=batch, cfg=cfg, dtype_bytes=torch.finfo(dtype).bits // 8)
-    free = available_memory(device)
+                          max_batch=batch, cfg=cfg, dtype_bytes=torch.finfo(dtype).bits // 8,
+                          vae=opts.vae or sf.source(sf.scene.vae))
     gib = 1024**3
     parts = (f"weights {est.weights / gib:.1f}, UNet batch of {batch} {est.unet / gib:.1f}, "
              f"decoding {est.decode / gib:.1f}")
     ui.detail(f"{sf.name}: needs about {est.total / gib:.1f} GiB ({parts})"
               + (f", {free / gib:.1f} GiB free on {device}" if free is not None else ""))
     if free is not None and est.total > free:
-        hint = ("lower --max-batch or tile_size" if est.unet > est.decode else
-                "use --vae tiny, whose decoder needs far less")
+        hint = "lower --max-batch or tile_size" if est.unet > est.decode else (
+            "use --vae tiny, whose decoder needs far less" if est.vae_is_full else "the decoder alone is too large")
         raise sf.error(("width",), f"a {width}x{height} canvas needs about {est.total / gib:.1f} GiB on {device} "
                                    f"({parts} GiB) but only {free / gib:.1f} GiB is free; {hint}, or make the "
                                    "canvas smaller")
@@ -716,7 +729,7 @@ def _execute(jobs: list, opts: RunOptions, ui: Ui, device, dtype) -> list:
     return outcomes
 
 
-def _summary(outcomes: list, ui: Ui, interrupted: bool) -> None:
+def _summary(outcomes: list, ui: Ui, interrupted: bool, which: str = "") -> None:
     """A table of every image at the end of a batch (always after a failure or Ctrl-C)."""
     from rich.table import Table
 
@@ -725,7 +738,7 @@ def _summary(outcomes: list, ui: Ui, interrupted: bool) -> None:
     troubled = interrupted or any(o.status != DONE for o in outcomes)
     if (len(outcomes) < 2 and not interrupted) or (ui.quiet and not troubled):
         return
-    table = Table(title="summary", title_justify="left")
+    table = Table(title=f"summary{which}", title_justify="left")
     for column in ("scene", "seed", "status", "output", "seconds"):
         table.add_column(column, justify="right" if column in ("seed", "seconds") else "left")
     for o in outcomes:
@@ -766,12 +779,14 @@ def _print_plan(jobs: list, opts: RunOptions, ui: Ui, device, dtype) -> None:
 
 
 def _launch(opts: RunOptions) -> None:
-    """Run this same command under `accelerate launch` with one process per GPU (or --processes)."""
-    import os
+    """Run this same command in one process per GPU (or --processes), then exit with the batch's code.
+
+    The processes get the environment a launcher such as `accelerate launch` gives them (rank,
+    world size, where to meet), and Accelerate joins them into one group. A Ctrl-C reaches them
+    all; each keeps what it finished and says so.
+    """
     import socket
     import subprocess
-    import sys
-    import tempfile
 
     count = opts.processes
     if count is None:
@@ -784,17 +799,20 @@ def _launch(opts: RunOptions) -> None:
     with socket.socket() as probe:  # a free port for the processes to meet on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    # --multi_gpu is accelerate's launcher for several processes on one machine; with --device cpu
-    # they are CPU processes that talk over gloo.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), "-m", "smd_cli", *sys.argv[1:]]
-    with tempfile.TemporaryDirectory(prefix="smd-") as folder:
-        status = Path(folder) / "status"
-        env = dict(os.environ, SMD_STATUS_FILE=str(status))
-        returned = subprocess.call(command, env=env)
-        code = int(status.read_text()) if status.is_file() else (returned or 1)
-    raise typer.Exit(code)
+    shared = dict(os.environ, WORLD_SIZE=str(count), LOCAL_WORLD_SIZE=str(count), MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=str(port))
+    if opts.device == "cpu":  # CPU processes share the cores instead of each taking all of them
+        shared.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))
+    workers = [subprocess.Popen([sys.executable, "-m", "smd_cli", *sys.argv[1:]],
+                                env=dict(shared, RANK=str(rank), LOCAL_RANK=str(rank))) for rank in range(count)]
+    try:
+        codes = [worker.wait() for worker in workers]
+    except KeyboardInterrupt:  # the workers had it too: let them finish their summaries
+        for worker in workers:
+            worker.wait()
+        raise typer.Exit(130) from None
+    # Every process sums up the same gathered outcomes; a different code means one of them crashed.
+    raise typer.Exit(codes[0] if len(set(codes)) == 1 else max(abs(c) for c in codes))
 
 
 def _as_overrides(items: list) -> list[str] | dict:
@@ -816,7 +834,8 @@ def _output_template(sf: SceneFile, output: str | None) -> str:
         check_template(output)
         return output
     if sf.scene.output is not None:
-        return str(sf.resolve(sf.scene.output))
+        folder = sf.scene.output.endswith(("/", os.sep))  # a folder to be made: keep saying so
+        return str(sf.resolve(sf.scene.output)) + (os.sep if folder else "")
     return DEFAULT_TEMPLATE
 
 
@@ -873,21 +892,7 @@ def _render(pipe, job, opts: RunOptions, ui: Ui) -> Path:
 
 
 def main() -> None:
-    import os
-
-    status = os.environ.get("SMD_STATUS_FILE")
-    if status is None:
-        app(prog_name="smd")
-        return
-    # A process started by `smd generate --distributed`: the main one hands the exit code to the
-    # command that launched it, and every process exits 0 so the launcher reports no crash.
-    try:
-        app(prog_name="smd")
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    if os.environ.get("RANK", "0") == "0":
-        Path(status).write_text(str(code))
+    app(prog_name="smd")
 
 
 if __name__ == "__main__":  # pragma: no cover

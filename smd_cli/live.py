@@ -174,14 +174,10 @@ class FrameSink:
             check_writable(self.target / "frame.png" if self.kind == "folder" else self.target)
         if self.kind == "mp4":
             try:
-                import imageio.v2 as imageio
+                import imageio.v2  # noqa: F401 - the writer opens with the first frame
             except ImportError:
                 raise OutputError("MP4 output needs imageio with ffmpeg: pip install 'smd-cli[mp4]' "
                                   "(or: pip install imageio imageio-ffmpeg)") from None
-            from smd_cli.outputs import temporary_beside
-
-            self.partial = temporary_beside(self.target)
-            self.writer = imageio.get_writer(str(self.partial), format="FFMPEG", fps=fps)
         elif self.kind == "folder" and self.target is not None:
             self.target.mkdir(parents=True, exist_ok=True)
             if not overwrite:  # continue after the frames of an earlier run instead of replacing them
@@ -199,6 +195,13 @@ class FrameSink:
         elif self.kind == "gif":
             self.frames.append(frame)
         else:
+            if self.writer is None:  # opened with the first frame: a run that makes none leaves no file
+                import imageio.v2 as imageio
+
+                from smd_cli.outputs import temporary_beside
+
+                self.partial = temporary_beside(self.target)
+                self.writer = imageio.get_writer(str(self.partial), format="FFMPEG", fps=self.fps)
             self.writer.append_data(np.asarray(frame))
 
     def close(self) -> Optional[Path]:
@@ -215,9 +218,6 @@ class FrameSink:
         if self.kind == "mp4" and self.writer is not None:
             self.writer.close()
             self.writer = None
-            if self.count == 0:
-                self.partial.unlink(missing_ok=True)
-                return None
             return finish(self.partial, self.target, self.overwrite)
         return self.target if self.count else None
 

@@ -7,9 +7,10 @@ must not import torch. Arrays are float32 in [0, 1], shaped [P, H, W] for P laye
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ BLUR_FLOOR = 1e-7
 # Reading
 
 
-def load_image(path: Path) -> Image.Image:
+def load_image(path: Path | io.BytesIO) -> Image.Image:
     """Open and fully decode an image; raises OSError or ValueError for unreadable files."""
     with Image.open(path) as im:
         im.load()
@@ -113,6 +114,7 @@ class SceneMasks:
 
     masks: np.ndarray  # [P, H, W]
     names: list[str]
+    files: dict[Path, str] = field(default_factory=dict)  # absolute path -> SHA-256 of the bytes read
 
     @property
     def height(self) -> int:
@@ -133,43 +135,44 @@ class _Images:
     def __init__(self, sf: SceneFile):
         self.sf = sf
         self.cache: dict[Path, Image.Image] = {}
+        self.hashes: dict[Path, str] = {}  # SHA-256 of the bytes each image was decoded from
 
     def get(self, relative: str, key: tuple, what: str = "mask", sha256: str | None = None) -> Image.Image:
         path = self.sf.resolve(relative)
         if path not in self.cache:
-            if not path.exists():
-                raise self.sf.error(key, f"{what} file not found: {path}")
-            self.check_hash(path, key, sha256)
             try:
-                self.cache[path] = load_image(path)
+                self.cache[path] = load_image(io.BytesIO(self._read(path, key, what, sha256)))
             except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
                 reason = "not an image PIL can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
                 raise self.sf.error(key, f"cannot read {what} image {path}: {reason}") from None
         return self.cache[path]
 
-    def check_hash(self, path: Path, key: tuple, expected: str | None) -> None:
-        """Warn when a file differs from the SHA-256 the scene recorded for it (as in smd's images)."""
-        if expected is None:
-            return
-        from smd_cli.metadata import sha256
-
-        if sha256(path) != expected:
-            warnings.warn(str(self.sf.error(key, f"{path} has changed since its sha256 was recorded; the result "
-                                                 "will differ from the image it was recorded for")),
-                          FileChangedWarning, stacklevel=2)
-
     def size(self, relative: str, key: tuple, what: str = "mask", sha256: str | None = None) -> tuple[int, int]:
         path = self.sf.resolve(relative)
         if path in self.cache:
             return self.cache[path].size
-        if not path.exists():
-            raise self.sf.error(key, f"{what} file not found: {path}")
-        self.check_hash(path, key, sha256)
+        data = self._read(path, key, what, sha256)
         try:
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 return im.size
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise self.sf.error(key, f"cannot read {what} image {path}: {exc}") from None
+
+    def _read(self, path: Path, key: tuple, what: str, expected: str | None) -> bytes:
+        """The file's bytes, hashed as read (so a record names exactly what was used); warns when a
+        hash the scene recorded (as in the scenes smd writes into its images) no longer matches."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise self.sf.error(key, f"{what} file not found: {path}") from None
+        except OSError as exc:
+            raise self.sf.error(key, f"cannot read {what} image {path}: {exc.strerror or exc}") from None
+        self.hashes[path.absolute()] = digest = hashlib.sha256(data).hexdigest()
+        if expected is not None and digest != expected:
+            warnings.warn(str(self.sf.error(key, f"{path} has changed since its sha256 was recorded; the result "
+                                                 "will differ from the image it was recorded for")),
+                          FileChangedWarning, stacklevel=3)
+        return data
 
 
 def _image_source(mask) -> str | None:
@@ -270,7 +273,8 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
     if not out.any():
         raise sf.error(("layers",), "every layer's mask is empty: nothing would be painted; "
                                     "check the mask images, colours and rectangles")
-    return SceneMasks(masks=out, names=[layer.name or f"layer{i + 1}" for i, layer in enumerate(layers)])
+    return SceneMasks(masks=out, names=[layer.name or f"layer{i + 1}" for i, layer in enumerate(layers)],
+                      files=images.hashes)
 
 
 def scene_background(sf: SceneFile) -> Image.Image | None:

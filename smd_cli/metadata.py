@@ -26,7 +26,7 @@ import yaml
 
 from smd_cli import __version__
 from smd_cli.errors import SmdError
-from smd_cli.scene import ImageMask, PaletteMask, SceneFile, validate_scene
+from smd_cli.scene import ImageMask, PaletteMask, SceneFile, parse_mapping, validate_scene
 
 
 @dataclass
@@ -88,13 +88,13 @@ def _set(data: dict, key: tuple, value: Any) -> None:
 
 
 def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: int, model: str,
-                   lcm_lora: str | None, vae: str | None) -> dict[str, Any]:
+                   lcm_lora: str | None, vae: str | None, files: dict[Path, str]) -> dict[str, Any]:
     """The scene with nothing left to a default: what `reproduce` needs to run it again."""
     data = sf.scene.model_dump(mode="json", exclude_none=False)
     for key, path in scene_files(sf).items():
         _set(data, key, str(path))
-        if path.is_file():  # the hash beside the path: a scene run again warns when the file changed
-            _set(data, key[:-1] + ("image_sha256" if key == ("background", "image") else "sha256",), sha256(path))
+        if path in files:  # the hash beside the path: a scene run again warns when the file changed
+            _set(data, key[:-1] + ("image_sha256" if key == ("background", "image") else "sha256",), files[path])
     data.update(seed=seed, width=width, height=height, model=_absolute(model), lcm_lora=lcm_lora or "none",
                 vae=_absolute(vae) if vae else None, output=None)
     if data.get("timesteps") is None:
@@ -110,10 +110,16 @@ def _absolute(source: str) -> str:
 
 def make_record(sf: SceneFile, *, seed: int, width: int, height: int, steps: int, model: str,
                 lcm_lora: str | None, vae: str | None, config: str | None, device: str, dtype: str,
-                timings: dict[str, float]) -> Record:
-    files = {str(p): sha256(p) for p in scene_files(sf).values() if p.is_file()}
+                timings: dict[str, float], files: dict[Path, str] | None = None) -> Record:
+    """The record of an image. `files` are the hashes of the bytes the masks were made from (as
+    `scene_masks` read them); files missing there are hashed now."""
+    files = dict(files or {})
+    for path in scene_files(sf).values():
+        if path not in files and path.is_file():
+            files[path] = sha256(path)
     scene = resolved_scene(sf, seed=seed, width=width, height=height, steps=steps, model=model,
-                           lcm_lora=lcm_lora, vae=vae)
+                           lcm_lora=lcm_lora, vae=vae, files=files)
+    files = {str(p): digest for p, digest in files.items() if p in scene_files(sf).values()}
     return Record(scene=scene, name=sf.name, seed=seed, model=scene["model"], files=files, device=device,
                   dtype=dtype, config=_absolute(config) if config else None,
                   timings={k: round(v, 4) for k, v in timings.items()})
@@ -178,12 +184,12 @@ def read_record(path: str | Path) -> Record:
         raise SmdError(f"{path}: cannot read the image ({exc})") from None
     if "smd-scene" not in text:
         raise SmdError(f"{path}: no smd metadata in this image (smd records it in the PNGs it writes)")
-    try:
-        scene = yaml.safe_load(text["smd-scene"])
-        files = yaml.safe_load(text.get("smd-files", "{}")) or {}
+    try:  # the scene loader's parser: bounded, so a crafted chunk cannot expand without end
+        scene, _ = parse_mapping(text["smd-scene"], path)
+        files, _ = parse_mapping(text.get("smd-files", "{}"), path, allow_empty=True)
         timings = json.loads(text.get("smd-timings", "{}"))
         seed = int(text.get("smd-seed", scene.get("seed")))
-    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as exc:
+    except (SmdError, ValueError, TypeError, AttributeError) as exc:
         raise SmdError(f"{path}: the smd metadata is damaged ({exc})") from None
     if not isinstance(scene, dict) or not isinstance(files, dict):
         raise SmdError(f"{path}: the smd metadata is damaged (the scene is not a mapping)")

@@ -145,6 +145,9 @@ SD_VAE_CHANNELS = 128
 # The VAE decoder holds a few full-resolution tensors of twice its first block's width at once.
 VAE_TENSORS_AT_FULL_SIZE = 8
 SD15_WEIGHT_BYTES_FP16 = 2_130_000_000
+# The tiny autoencoder (TAESD) decodes with 64 channels and keeps about two such tensors at full size.
+TAESD_CONFIG = {"decoder_block_out_channels": [64, 64, 64, 64]}
+TAESD_TENSORS_AT_FULL_SIZE = 2
 
 
 @dataclass
@@ -154,6 +157,7 @@ class MemoryEstimate:
     weights: int
     unet: int
     decode: int
+    vae_is_full: bool = True  # the model's own (or another full) autoencoder, not the tiny one
 
     @property
     def total(self) -> int:
@@ -161,18 +165,26 @@ class MemoryEstimate:
 
 
 def estimate_memory(model: str | None, *, width: int, height: int, factor: int, tile_size: int,
-                    max_batch: int, cfg: bool, dtype_bytes: int) -> MemoryEstimate:
-    """What generating a `width` x `height` canvas needs, from the model's configs and file sizes."""
+                    max_batch: int, cfg: bool, dtype_bytes: int, vae: str | None = None) -> MemoryEstimate:
+    """What generating a `width` x `height` canvas needs, from the model's configs and file sizes.
+
+    `vae` is a replacement autoencoder (`tiny`, a folder or a hub id), whose decoder counts instead.
+    """
     unet = config_json(model, "unet/config.json") or {}
-    vae = config_json(model, "vae/config.json") or {}
+    vae_config = (TAESD_CONFIG if vae == "tiny" else
+                  (config_json(vae, "config.json") or {}) if vae else (config_json(model, "vae/config.json") or {}))
+    tiny = "decoder_block_out_channels" in vae_config
     unet_channels = (unet.get("block_out_channels") or [SD_UNET_CHANNELS])[0]
-    vae_channels = (vae.get("block_out_channels") or vae.get("decoder_block_out_channels") or [SD_VAE_CHANNELS])[0]
+    vae_channels = (vae_config.get("block_out_channels") or vae_config.get("decoder_block_out_channels")
+                    or [SD_VAE_CHANNELS])[0]
     window = min(tile_size, width) // factor * (min(tile_size, height) // factor)
     per_pixel = UNET_BYTES_PER_LATENT_PIXEL * unet_channels // SD_UNET_CHANNELS * dtype_bytes // 2
     return MemoryEstimate(
         weights=_weight_bytes(model, dtype_bytes),
         unet=max_batch * (2 if cfg else 1) * window * per_pixel,
-        decode=width * height * vae_channels * VAE_TENSORS_AT_FULL_SIZE * dtype_bytes,
+        decode=width * height * vae_channels * (TAESD_TENSORS_AT_FULL_SIZE if tiny else VAE_TENSORS_AT_FULL_SIZE)
+        * dtype_bytes,
+        vae_is_full=not tiny,
     )
 
 

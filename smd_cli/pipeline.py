@@ -644,7 +644,7 @@ class StableMultiDiffusionPipeline:
         record = make_record(scene, seed=seed, width=width, height=height, model=c.source, lcm_lora=c.lcm_lora,
                              vae=c.vae_source, config=c.config, device=str(self.device),
                              steps=len(self.schedule(s.steps, s.timesteps, s.scheduler)),
-                             dtype=str(self.dtype).removeprefix("torch."), timings=timings)
+                             dtype=str(self.dtype).removeprefix("torch."), timings=timings, files=masks.files)
         return Result(image=image, seed=seed, timings=timings, record=record)
 
 

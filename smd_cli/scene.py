@@ -270,6 +270,13 @@ def _yaml_error(exc: yaml.YAMLError, path: Path | None) -> SceneError:
     return SceneError(f"not valid YAML: {problem}", file=path, line=mark.line + 1 if mark else None)
 
 
+def parse_mapping(text: str, path: Path | None = None, allow_empty: bool = False) -> tuple[dict, dict[KeyPath, int]]:
+    """A YAML mapping parsed with the safe loader, bounded in size, with the line of every key."""
+    if allow_empty and not text.strip():
+        return {}, {}
+    return _index_lines(text, path)
+
+
 def _index_lines(text: str, path: Path | None) -> tuple[Any, dict[KeyPath, int]]:
     """Parse YAML safely into data and a map from key path to (1-based) line."""
     try:

@@ -436,3 +436,85 @@ def test_accelerate_launch_runs_smd_as_a_module(tiny_model, tmp_path):
     assert sorted(Path(p).name for p in done.stdout.split()) == ["a-0.png", "b-1.png", "c-2.png", "d-3.png"]
     assert done.stderr.count("of 2: 2 of 4 images") == 2 and done.stderr.count("loaded") == 2
     assert done.stderr.count("summary") == 1
+
+
+# --- found in review ------------------------------------------------------------------------------
+
+
+def test_overwrite_never_lets_images_of_one_batch_replace_each_other(run_cli, tiny_model, tmp_path):
+    scene = small_scene(tmp_path, "c", extra="output: fixed.png\n")
+    result = gen(run_cli, tiny_model, scene, "--seeds", "1-3", "--overwrite")
+    assert result.exit_code == 2 and "images would replace each other in" in result.stderr
+    numbered = gen(run_cli, tiny_model, scene, "--seeds", "1-2")  # without --overwrite they are numbered
+    assert [Path(p).name for p in numbered.stdout.split()] == ["fixed.png", "fixed-1.png"]
+
+
+def test_outputs_get_the_usual_permissions(run_cli, tiny_model, tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        assert gen(run_cli, tiny_model, small_scene(tmp_path, "a"), "--out", tmp_path / "a.png").exit_code == 0
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_scene_output_folder_that_does_not_exist_yet(run_cli, tiny_model, tmp_path):
+    scene = small_scene(tmp_path, "b", extra="output: renders/\n")
+    result = gen(run_cli, tiny_model, scene)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "renders" / "b-1.png")
+
+
+def test_paths_print_as_they_are_on_disk(run_cli, tiny_model, tmp_path):
+    result = gen(run_cli, tiny_model, small_scene(tmp_path, "cat"), "--json", "--out", tmp_path / "x:{scene}:{seed}.png")
+    assert result.exit_code == 0
+    (row,) = json_lines(result.stdout)
+    assert row["path"] == str(tmp_path / "x:cat:1.png") and Path(row["path"]).is_file()
+
+
+def test_the_hash_recorded_is_of_the_bytes_the_masks_were_made_from(pipe, tmp_path):
+    from smd_cli.masks import scene_masks
+    from smd_cli.metadata import read_record
+    from smd_cli.scene import load_scene
+
+    Image.new("L", (32, 32), 255).save(tmp_path / "m.png")
+    scene = load_scene(write(tmp_path / "s.yaml", "seed: 1\nlayers:\n  - {prompt: a, mask: m.png}\n"))
+    masks = scene_masks(scene)
+    Image.new("L", (32, 32), 0).save(tmp_path / "m.png")  # repainted while the batch runs
+    path = pipe.generate(scene, masks=masks).save(tmp_path / "x.png")
+    assert read_record(path).check_files() == [(str(tmp_path / "m.png"), "changed")]
+
+
+def test_a_record_that_expands_without_end_is_refused(run_cli, tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    bomb = "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdef", "bcdefg"))
+    info = PngInfo()
+    info.add_itxt("smd-scene", bomb)
+    Image.new("RGB", (8, 8)).save(tmp_path / "bomb.png", pnginfo=info)
+    result = run_cli("show", tmp_path / "bomb.png", "--json")
+    assert result.exit_code == 2 and "the smd metadata is damaged" in result.stderr
+
+
+def test_memory_hint_follows_the_autoencoder(run_cli, tiny_model, tmp_path, monkeypatch):
+    from smd_cli import models
+
+    monkeypatch.setattr(models, "available_memory", lambda device: 2 * 1024**3)
+    scene = write(tmp_path / "big.yaml", "width: 8192\nheight: 8192\nlayers: [{prompt: a}]\n")
+    full = gen(run_cli, tiny_model, scene, "--dry-run")
+    assert full.exit_code == 2 and "use --vae tiny, whose decoder needs far less" in full.stderr
+    tiny = gen(run_cli, tiny_model, scene, "--dry-run", "--vae", "tiny")  # TAESD is wider than this tiny VAE
+    assert tiny.exit_code == 2 and "the decoder alone is too large" in tiny.stderr
+    # With SD's own autoencoder (a hub id's defaults), the tiny one needs several times less.
+    sizes = dict(width=8192, height=8192, factor=8, tile_size=768, max_batch=1, cfg=False, dtype_bytes=2)
+    sd = models.estimate_memory("some/sd-model", **sizes)
+    taesd = models.estimate_memory("some/sd-model", vae="tiny", **sizes)
+    assert sd.vae_is_full and not taesd.vae_is_full and sd.decode > 4 * taesd.decode
+
+
+def test_a_panorama_scene_that_is_not_there(run_cli):
+    result = run_cli("panorama", "missng.yaml")
+    assert result.exit_code == 2 and "missng.yaml: scene file not found" in result.stderr
