@@ -115,6 +115,7 @@ class SceneMasks:
     masks: np.ndarray  # [P, H, W]
     names: list[str]
     files: dict[Path, str] = field(default_factory=dict)  # absolute path -> SHA-256 of the bytes read
+    picture: Image.Image | None = None  # the inpainting picture, as read with the masks
 
     @property
     def height(self) -> int:
@@ -267,14 +268,15 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
                 if spec.threshold is not None:
                     m = (m > spec.threshold).astype(np.float32)
                 out[i] = m
-    if sf.scene.background.image is not None:  # checked here so that no model loads for a missing file
-        images.size(sf.scene.background.image, ("background", "image"), "background",
-                    sf.scene.background.image_sha256)
+    picture = None
+    if sf.scene.background.image is not None:  # read here, so that no model loads for a missing or broken file
+        picture = images.get(sf.scene.background.image, ("background", "image"), "background",
+                             sf.scene.background.image_sha256).convert("RGB")
     if not out.any():
         raise sf.error(("layers",), "every layer's mask is empty: nothing would be painted; "
                                     "check the mask images, colours and rectangles")
     return SceneMasks(masks=out, names=[layer.name or f"layer{i + 1}" for i, layer in enumerate(layers)],
-                      files=images.hashes)
+                      files=images.hashes, picture=picture)
 
 
 def scene_background(sf: SceneFile) -> Image.Image | None:

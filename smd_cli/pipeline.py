@@ -616,7 +616,7 @@ class StableMultiDiffusionPipeline:
             [layer.prompt for layer in s.layers],
             [layer.negative_prompt for layer in s.layers],
             masks=masks.masks,
-            background=mask_ops.scene_background(scene),
+            background=masks.picture,
             background_prompt=s.background.prompt,
             background_negative_prompt=s.background.negative_prompt,
             height=height, width=width,

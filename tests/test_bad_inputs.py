@@ -97,6 +97,8 @@ CORPUS = [
     ("inpaint without a picture", "inpaint", SMALL + LAYER, {}, [], "inpainting needs a picture", 2),
     ("inpaint picture missing", "inpaint", SMALL + LAYER, {}, ["--image", "{dir}/photo.jpg"],
      "--image", 2),
+    ("truncated inpainting picture", "inpaint", SMALL + LAYER, {"p.png": png()[:60]}, ["--image", "{dir}/p.png"],
+     "background.image: cannot read background image", 2),
     ("panorama of several layers", "panorama", "layers:\n  - {prompt: a}\n  - {prompt: b}\n", {}, [],
      "a panorama scene has one layer, this one has 2", 2),
     ("stream guidance", "stream", SMALL + LAYER, {}, ["--cfg", "most"], "--cfg must be one of", 2),
