@@ -8,7 +8,7 @@ import dataclasses
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from smd_cli.errors import SmdError
@@ -58,6 +58,11 @@ class Job:
     template: str
     masks: Optional[SceneMasks] = None
     random_seed: bool = False  # the seed was drawn, not given
+
+    def outcome(self, status: str, **details) -> Outcome:
+        """What became of this job."""
+        return Outcome(scene=self.scene.name, file=str(self.scene.path) if self.scene.path else None,
+                       seed=self.seed, index=self.index, status=status, **details)
 
 
 @dataclass
@@ -157,19 +162,8 @@ def exit_code(outcomes: list[Outcome]) -> int:
     return 1
 
 
-@dataclass
-class Tally:
-    """Counts by status, for the last line of a summary."""
-
-    counts: dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, outcomes: list[Outcome]) -> "Tally":
-        counts: dict[str, int] = {}
-        for o in outcomes:
-            counts[o.status] = counts.get(o.status, 0) + 1
-        return cls(counts)
-
-    def __str__(self) -> str:
-        order = (DONE, FAILED, INVALID, INTERRUPTED, SKIPPED)
-        return ", ".join(f"{self.counts[s]} {s}" for s in order if self.counts.get(s))
+def tally(outcomes: list[Outcome]) -> str:
+    """Counts by status, for the last line of a summary: `2 done, 1 failed`."""
+    order = (DONE, FAILED, INVALID, INTERRUPTED, SKIPPED)
+    counts = {status: sum(o.status == status for o in outcomes) for status in order}
+    return ", ".join(f"{n} {status}" for status, n in counts.items() if n)

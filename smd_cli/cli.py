@@ -11,7 +11,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, List, Optional
 
@@ -201,17 +201,25 @@ def _overrides(set_: list[str], **values) -> list:
     return [(k, v) for k, v in values.items() if v is not None] + list(set_)
 
 
-def _options(seed, seeds, repeat, set_, **kwargs) -> RunOptions:
-    """Check the batch options that conflict, before any scene is read."""
-    if seed is not None and (seeds or repeat):
+# Command parameters named apart from their RunOptions field (Python builtins).
+RENAMED = {"json_": "json", "compile_": "compile"}
+
+
+def _options(params: dict, **scene_overrides) -> RunOptions:
+    """RunOptions from a command's parameters (its `locals()`), checking the options that conflict
+    before any scene is read. `scene_overrides` are the command's own scene keys (steps, width, ...)."""
+    names = {f.name for f in fields(RunOptions)} - {"overrides"}
+    values = {RENAMED.get(k, k): v for k, v in params.items()}
+    opts = RunOptions(**{k: v for k, v in values.items() if k in names})
+    seed = values.get("seed")
+    if seed is not None and (opts.seeds or opts.repeat):
         raise SmdError("give --seed, --seeds or --repeat, not several of them")
-    if seeds and repeat:
+    if opts.seeds and opts.repeat:
         raise SmdError("give --seeds or --repeat, not both")
-    if kwargs.get("quiet") and kwargs.get("verbose"):
+    if opts.quiet and opts.verbose:
         raise SmdError("give --quiet or --verbose, not both")
-    overrides = kwargs.pop("overrides")
-    opts = RunOptions(seeds=seeds, repeat=repeat, **kwargs)
-    opts.overrides = _overrides(set_, seed=seed, **overrides)
+    opts.overrides = _overrides(values.get("set_", []), seed=seed, region_crop=values.get("region_crop") or None,
+                                **scene_overrides)
     if opts.seeds is not None:
         from smd_cli.batch import parse_seeds
 
@@ -245,15 +253,11 @@ def generate(
     A scene that fails does not stop the others: a summary follows, and the exit code is 0 when
     every image was made, 1 when some failed, 2 when none could start.
     """
+    params = locals()
     with user_errors():
         from smd_cli.scene import scene_from_prompt
 
-        opts = _options(seed, seeds, repeat, set_, model=model, config=config, output=output, device=device,
-                        dtype=dtype, lcm_lora=lcm_lora, vae=vae, max_batch=max_batch, overwrite=overwrite,
-                        json=json_, dry_run=dry_run, quiet=quiet, verbose=verbose, distributed=distributed,
-                        processes=processes, compile=compile_, channels_last=channels_last, overrides=dict(
-                            region_crop=region_crop or None, steps=steps, width=width, height=height,
-                            scheduler=scheduler))
+        opts = _options(params, steps=steps, width=width, height=height, scheduler=scheduler)
         files = list(scenes or [])
         if not files and prompt is None:
             raise SmdError("give one or more scene files, or --prompt \"...\"")
@@ -281,14 +285,11 @@ def inpaint(
     channels_last: bool = CHANNELS_LAST,
 ) -> None:
     """Paint the scene's layers over a picture; outside every mask the picture stays as it was."""
+    params = locals()
     with user_errors():
         if image is not None and not image.is_file():
             raise SmdError(f"--image {image}: file not found")
-        opts = _options(seed, seeds, repeat, set_, model=model, config=config, output=output, device=device,
-                        dtype=dtype, lcm_lora=lcm_lora, vae=vae, max_batch=max_batch, overwrite=overwrite,
-                        json=json_, dry_run=dry_run, quiet=quiet, verbose=verbose, distributed=distributed,
-                        processes=processes, compile=compile_, channels_last=channels_last, overrides=dict(
-                            region_crop=region_crop or None, steps=steps, scheduler=scheduler))
+        opts = _options(params, steps=steps, scheduler=scheduler)
         if image is not None:
             opts.overrides.append((("background", "image"), str(image.resolve())))
 
@@ -318,20 +319,16 @@ def panorama(
     channels_last: bool = CHANNELS_LAST,
 ) -> None:
     """Generate a wide image from one prompt, denoised in overlapping views."""
+    params = locals()
     with user_errors():
         from smd_cli.scene import scene_from_prompt
 
         is_scene = prompt.endswith((".yaml", ".yml"))
         if is_scene and not Path(prompt).is_file():
             raise SmdError(f"{prompt}: scene file not found (a prompt that ends in .yaml: write it differently)")
-        opts = _options(seed, seeds, repeat, set_, model=model, config=config, output=output, device=device,
-                        dtype=dtype, lcm_lora=lcm_lora, vae=vae, max_batch=max_batch, overwrite=overwrite,
-                        json=json_, dry_run=dry_run, quiet=quiet, verbose=verbose, distributed=distributed,
-                        processes=processes, compile=compile_, channels_last=channels_last, overrides=dict(
-                            region_crop=region_crop or None, steps=steps, scheduler=scheduler,
-                            circular=circular or None,
-                            width=width if width or is_scene else PANORAMA_WIDTH,
-                            height=height if height or is_scene else PANORAMA_HEIGHT))
+        opts = _options(params, steps=steps, scheduler=scheduler, circular=circular or None,
+                        width=width if width or is_scene else PANORAMA_WIDTH,
+                        height=height if height or is_scene else PANORAMA_HEIGHT)
 
         def one_layer(sf: SceneFile) -> None:
             if len(sf.scene.layers) != 1:
@@ -388,10 +385,9 @@ def reproduce(
         if output is None:
             output = str(image.with_name(f"{image.stem}-reproduced.png"))
         recorded_device = (record.device or "auto").split(":")[0]  # the kind: cuda:1 ran there, cuda runs here
-        opts = _options(None, None, None, [], model=model, config=config or record.config, output=output,
-                        device=device or recorded_device, dtype=dtype or record.dtype or "auto", lcm_lora=None,
-                        vae=None, max_batch=max_batch, overwrite=overwrite, json=json_, dry_run=False, quiet=quiet,
-                        verbose=verbose, distributed=False, processes=None, overrides={})
+        opts = _options(dict(model=model, config=config or record.config, output=output,
+                             device=device or recorded_device, dtype=dtype or record.dtype or "auto",
+                             max_batch=max_batch, overwrite=overwrite, json=json_, quiet=quiet, verbose=verbose))
         outcomes = _run([sf], opts, exit_when_done=False)
         done = [o for o in outcomes if o.path]
         if done:
@@ -533,7 +529,7 @@ def _run(items: list, opts: RunOptions, check=None, exit_when_done: bool = True)
     `items` are scene paths (read here, so that a broken one fails alone) or ready `SceneFile`s.
     A failing image does not stop the others; the exit code sums them up (see `batch.exit_code`).
     """
-    from smd_cli.batch import INTERRUPTED, Shard, exit_code, join_processes, launched_distributed
+    from smd_cli.batch import INTERRUPTED, Shard, exit_code, join_processes, launched_distributed, with_seed
     from smd_cli.models import available_memory, check_source, resolve_device, resolve_dtype
 
     if opts.distributed and not launched_distributed():
@@ -551,7 +547,7 @@ def _run(items: list, opts: RunOptions, check=None, exit_when_done: bool = True)
 
         seeds = broadcast_object_list([[job.seed for job in jobs]])[0]
         for job, seed in zip(jobs, seeds):
-            job.seed, job.scene = seed, _seeded(job.scene, seed)
+            job.seed, job.scene = seed, with_seed(job.scene, seed)
     if shard.main:
         for outcome in invalid:
             ui.error(outcome.error)
@@ -584,17 +580,11 @@ def _run(items: list, opts: RunOptions, check=None, exit_when_done: bool = True)
     return everything
 
 
-def _seeded(sf: SceneFile, seed: int) -> SceneFile:
-    from smd_cli.batch import with_seed
-
-    return with_seed(sf, seed)
-
-
 def _plan(items: list, opts: RunOptions, check, device, dtype, free: int | None, ui: Ui) -> tuple[list, list]:
     """Every image to make as a `Job`, and an `Outcome` for each scene that cannot start."""
     from datetime import datetime
 
-    from smd_cli.batch import INVALID, Job, Outcome, parse_seeds, seeds_for
+    from smd_cli.batch import INVALID, Job, Outcome, parse_seeds, seeds_for, with_seed
     from smd_cli.masks import checked_canvas, scene_masks
     from smd_cli.models import check_source, vae_downscale_factor
     from smd_cli.outputs import check_writable
@@ -618,7 +608,7 @@ def _plan(items: list, opts: RunOptions, check, device, dtype, free: int | None,
             masks = scene_masks(sf, width, height)
             _check_memory(sf, model, width, height, factor, device, dtype, free, opts, ui)
             template = _output_template(sf, opts.output)
-            made = [Job(len(jobs) + n, _seeded(sf, seed), seed, template, masks, drawn)
+            made = [Job(len(jobs) + n, with_seed(sf, seed), seed, template, masks, drawn)
                     for n, (seed, drawn) in enumerate(seeds_for(sf, seeds, opts.repeat))]
             for job in made:
                 check_writable(_job_path(job, now))
@@ -693,13 +683,11 @@ def _execute(jobs: list, opts: RunOptions, ui: Ui, device, dtype) -> list:
     """Make the images one after another; a failure is recorded and the batch goes on."""
     import traceback
 
-    from smd_cli.batch import DONE, FAILED, INTERRUPTED, INVALID, SKIPPED, Outcome
+    from smd_cli.batch import DONE, FAILED, INTERRUPTED, INVALID, SKIPPED
 
     pipes: dict = {}
     outcomes: list = []
     for n, job in enumerate(jobs):
-        base = dict(scene=job.scene.name, file=str(job.scene.path) if job.scene.path else None, seed=job.seed,
-                    index=job.index)
         started = time.perf_counter()
         try:
             try:
@@ -707,19 +695,18 @@ def _execute(jobs: list, opts: RunOptions, ui: Ui, device, dtype) -> list:
                 s = job.scene.scene
                 pipe.schedule(s.steps, s.timesteps, s.scheduler)
             except SmdError as exc:  # no model, or steps it cannot take: the image never started
-                outcome = Outcome(**base, status=INVALID, error=str(exc))
+                outcome = job.outcome(INVALID, error=str(exc))
             else:
-                outcome = Outcome(**base, status=DONE, path=str(_render(pipe, job, opts, ui)))
+                outcome = job.outcome(DONE, path=str(_render(pipe, job, opts, ui)))
         except KeyboardInterrupt:
-            outcomes.append(Outcome(**base, status=INTERRUPTED, seconds=time.perf_counter() - started))
-            outcomes += [Outcome(scene=j.scene.name, file=str(j.scene.path) if j.scene.path else None, seed=j.seed,
-                                 index=j.index, status=SKIPPED) for j in jobs[n + 1:]]
+            outcomes.append(job.outcome(INTERRUPTED, seconds=time.perf_counter() - started))
+            outcomes += [later.outcome(SKIPPED) for later in jobs[n + 1:]]
             err.print("interrupted")
             break
         except SmdError as exc:
-            outcome = Outcome(**base, status=FAILED, error=str(exc))
+            outcome = job.outcome(FAILED, error=str(exc))
         except Exception as exc:  # a bug or a library failure: report it and go on with the batch
-            outcome = Outcome(**base, status=FAILED, error=f"{type(exc).__name__}: {exc}")
+            outcome = job.outcome(FAILED, error=f"{type(exc).__name__}: {exc}")
             ui.detail(traceback.format_exc())
         outcome.seconds = time.perf_counter() - started
         if outcome.status != DONE:
@@ -733,7 +720,7 @@ def _summary(outcomes: list, ui: Ui, interrupted: bool, which: str = "") -> None
     """A table of every image at the end of a batch (always after a failure or Ctrl-C)."""
     from rich.table import Table
 
-    from smd_cli.batch import DONE, Tally
+    from smd_cli.batch import DONE, tally
 
     troubled = interrupted or any(o.status != DONE for o in outcomes)
     if (len(outcomes) < 2 and not interrupted) or (ui.quiet and not troubled):
@@ -745,7 +732,7 @@ def _summary(outcomes: list, ui: Ui, interrupted: bool, which: str = "") -> None
         table.add_row(o.scene, "-" if o.seed is None else str(o.seed), o.status,
                       o.path or _short(o.error or "-", 60), f"{o.seconds:.1f}" if o.seconds else "-")
     err.print(table)
-    err.print(str(Tally.of(outcomes)))
+    err.print(tally(outcomes))
 
 
 def _print_plan(jobs: list, opts: RunOptions, ui: Ui, device, dtype) -> None:
@@ -873,9 +860,10 @@ def _render(pipe, job, opts: RunOptions, ui: Ui) -> Path:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from smd_cli.outputs import output_path
+    from smd_cli.scene import step_count
 
     sf = job.scene
-    steps = len(pipe.schedule(sf.scene.steps, sf.scene.timesteps, sf.scene.scheduler))
+    steps = step_count(sf.scene)  # what the schedule, checked before this image started, will take
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not err.is_terminal or ui.quiet) as progress:
         task = progress.add_task(sf.name, total=steps)

@@ -148,13 +148,15 @@ class _Images:
                 raise self.sf.error(key, f"cannot read {what} image {path}: {reason}") from None
         return self.cache[path]
 
-    def size(self, relative: str, key: tuple, what: str = "mask", sha256: str | None = None) -> tuple[int, int]:
+    def size(self, relative: str, key: tuple, what: str = "mask") -> tuple[int, int]:
+        """The image's size from its header only (reading and hashing are `get`'s)."""
         path = self.sf.resolve(relative)
         if path in self.cache:
             return self.cache[path].size
-        data = self._read(path, key, what, sha256)
+        if not path.exists():
+            raise self.sf.error(key, f"{what} file not found: {path}")
         try:
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(path) as im:
                 return im.size
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise self.sf.error(key, f"cannot read {what} image {path}: {exc}") from None

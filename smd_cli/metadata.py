@@ -113,13 +113,12 @@ def make_record(sf: SceneFile, *, seed: int, width: int, height: int, steps: int
                 timings: dict[str, float], files: dict[Path, str] | None = None) -> Record:
     """The record of an image. `files` are the hashes of the bytes the masks were made from (as
     `scene_masks` read them); files missing there are hashed now."""
-    files = dict(files or {})
-    for path in scene_files(sf).values():
-        if path not in files and path.is_file():
-            files[path] = sha256(path)
+    read = files or {}
+    files = {path: read[path] if path in read else sha256(path)
+             for path in scene_files(sf).values() if path in read or path.is_file()}
     scene = resolved_scene(sf, seed=seed, width=width, height=height, steps=steps, model=model,
                            lcm_lora=lcm_lora, vae=vae, files=files)
-    files = {str(p): digest for p, digest in files.items() if p in scene_files(sf).values()}
+    files = {str(path): digest for path, digest in files.items()}
     return Record(scene=scene, name=sf.name, seed=seed, model=scene["model"], files=files, device=device,
                   dtype=dtype, config=_absolute(config) if config else None,
                   timings={k: round(v, 4) for k, v in timings.items()})

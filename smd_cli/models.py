@@ -171,9 +171,8 @@ def estimate_memory(model: str | None, *, width: int, height: int, factor: int, 
     `vae` is a replacement autoencoder (`tiny`, a folder or a hub id), whose decoder counts instead.
     """
     unet = config_json(model, "unet/config.json") or {}
-    vae_config = (TAESD_CONFIG if vae == "tiny" else
-                  (config_json(vae, "config.json") or {}) if vae else (config_json(model, "vae/config.json") or {}))
-    tiny = "decoder_block_out_channels" in vae_config
+    vae_config = _decoder_config(model, vae)
+    tiny = "decoder_block_out_channels" in vae_config  # AutoencoderTiny's key; AutoencoderKL has block_out_channels
     unet_channels = (unet.get("block_out_channels") or [SD_UNET_CHANNELS])[0]
     vae_channels = (vae_config.get("block_out_channels") or vae_config.get("decoder_block_out_channels")
                     or [SD_VAE_CHANNELS])[0]
@@ -186,6 +185,14 @@ def estimate_memory(model: str | None, *, width: int, height: int, factor: int, 
         * dtype_bytes,
         vae_is_full=not tiny,
     )
+
+
+def _decoder_config(model: str | None, vae: str | None) -> dict:
+    """The config of the autoencoder that will decode: the replacement `vae`, else the model's own."""
+    if vae == "tiny":
+        return TAESD_CONFIG
+    found = config_json(vae, "config.json") if vae else config_json(model, "vae/config.json")
+    return found or {}
 
 
 def _weight_bytes(model: str | None, dtype_bytes: int) -> int:

@@ -33,7 +33,7 @@ from smd_cli.sampler import RegionCrop, Schedule, StepCallback, randn, sample
 from smd_cli.views import layout, view_sizes
 from smd_cli.masks import SceneMasks
 from smd_cli.metadata import Record, make_record
-from smd_cli.scene import SceneFile
+from smd_cli.scene import SceneFile, step_count
 
 # SPEC section 1: the default schedule takes these indices of the 50-step LCM grid.
 LCM_ORIGINAL_STEPS = 50
@@ -643,7 +643,7 @@ class StableMultiDiffusionPipeline:
         c = self.components
         record = make_record(scene, seed=seed, width=width, height=height, model=c.source, lcm_lora=c.lcm_lora,
                              vae=c.vae_source, config=c.config, device=str(self.device),
-                             steps=len(self.schedule(s.steps, s.timesteps, s.scheduler)),
+                             steps=step_count(s),
                              dtype=str(self.dtype).removeprefix("torch."), timings=timings, files=masks.files)
         return Result(image=image, seed=seed, timings=timings, record=record)
 
