@@ -15,6 +15,8 @@ __all__ = [
     "StreamMultiDiffusion",
     "seed_everything",
     "load_scene",
+    "generate",
+    "Result",
     "SmdError",
     "SceneError",
     "ModelError",
@@ -26,6 +28,8 @@ _LAZY = {
     "StreamMultiDiffusion": "smd_cli.stream",
     "seed_everything": "smd_cli.pipeline",
     "load_scene": "smd_cli.scene",
+    "generate": "smd_cli.render",
+    "Result": "smd_cli.render",
     "SmdError": "smd_cli.errors",
     "SceneError": "smd_cli.errors",
     "ModelError": "smd_cli.errors",
@@ -34,8 +38,9 @@ _LAZY = {
 if TYPE_CHECKING:
     from smd_cli.errors import ModelError, SceneError, SmdError
     from smd_cli.pipeline import StableMultiDiffusionPipeline, seed_everything
-    from smd_cli.stream import StreamMultiDiffusion
+    from smd_cli.render import Result, generate
     from smd_cli.scene import load_scene
+    from smd_cli.stream import StreamMultiDiffusion
 
 
 def __getattr__(name: str):

@@ -1,5 +1,16 @@
-"""Batches: which images a command makes (scenes x seeds), how they are shared among processes,
-and how the run is summed up. No I/O beyond what the caller hands in; no torch at import.
+"""Batches: the images a command makes (scenes x seeds), planned and checked before any model loads,
+then made one after another with each model loaded once. A failing image is recorded and the
+batch goes on. Progress and messages go to an `on_event` callback, so that the CLI only prints
+and a Python caller can do as it likes:
+
+    from smd_cli import batch
+
+    options = batch.Options(seeds=[1, 2, 3], output="out/")
+    plan = batch.plan(["scenes/village.yaml", "scenes/sunset-lake.yaml"], options)
+    outcomes = batch.run(plan, options, on_event=print)
+    batch.exit_code(outcomes)   # 0: all made, 1: some failed, 2: none could start
+
+No torch at import.
 """
 
 from __future__ import annotations
@@ -8,13 +19,23 @@ import dataclasses
 import os
 import random
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
+from smd_cli import defaults
+from smd_cli.distributed import Shard
 from smd_cli.errors import SmdError
 
 if TYPE_CHECKING:
+    import torch
+
     from smd_cli.masks import SceneMasks
+    from smd_cli.metadata import Record
+    from smd_cli.pipeline import StableMultiDiffusionPipeline
     from smd_cli.scene import SceneFile
 
 MAX_SEEDS = 100_000
@@ -23,6 +44,84 @@ SEED_LIMIT = 2**63
 # Job statuses: done, failed (during generation), invalid (never started: the scene or its files
 # are wrong), interrupted (Ctrl-C during it), skipped (not reached before Ctrl-C).
 DONE, FAILED, INVALID, INTERRUPTED, SKIPPED = "done", "failed", "invalid", "interrupted", "skipped"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a batch is asked for, and what it reports
+
+
+@dataclass
+class Options:
+    """What a batch is asked for: the model, where outputs go, which seeds, and the fast paths."""
+
+    model: Optional[str] = None  # instead of each scene's own
+    config: Optional[str] = None
+    output: Optional[str] = None  # a file, folder or template; default: each scene's `output`
+    device: str = "auto"
+    dtype: str = "auto"
+    lcm_lora: Optional[str] = None
+    vae: Optional[str] = None
+    max_batch: Optional[int] = None
+    overrides: dict = field(default_factory=dict)  # scene key path -> value, for every scene
+    seeds: Optional[list[int]] = None  # one image per seed
+    repeat: Optional[int] = None  # or this many random seeds
+    overwrite: bool = False
+    compile: bool = False
+    channels_last: bool = False
+
+
+@dataclass
+class Message:
+    """Something to tell: `info` (progress notes), `detail` (for --verbose) or `error`."""
+
+    level: str
+    text: str
+
+
+@dataclass
+class Loading:
+    """A model starts loading."""
+
+    model: str
+    device: str
+    dtype: str
+
+
+@dataclass
+class Loaded:
+    """A model finished loading (its description), or failed to (None)."""
+
+    description: Optional[str]
+    seconds: float
+
+
+@dataclass
+class Progress:
+    """An image is `step` of `steps` steps done (0 when it starts)."""
+
+    job: Job
+    step: int
+    steps: int
+
+
+@dataclass
+class Finished:
+    """An image is done, or failed (with the traceback of an unexpected failure)."""
+
+    outcome: Outcome
+    traceback: Optional[str] = None
+
+
+Event = Union[Message, Loading, Loaded, Progress, Finished]
+OnEvent = Callable[[Event], None]
+
+
+def _ignore(event: Event) -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds, jobs and outcomes
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -64,6 +163,14 @@ class Job:
         return Outcome(scene=self.scene.name, file=str(self.scene.path) if self.scene.path else None,
                        seed=self.seed, index=self.index, status=status, **details)
 
+    def path(self, when: datetime | None = None) -> Path:
+        """Where the image goes: the template filled in."""
+        from smd_cli.outputs import output_path
+        from smd_cli.scene import step_count
+
+        return output_path(self.template, scene=self.scene.name, seed=self.seed,
+                           steps=step_count(self.scene.scene), index=self.index, when=when)
+
 
 @dataclass
 class Outcome:
@@ -102,55 +209,31 @@ def with_seed(sf: SceneFile, seed: int) -> SceneFile:
     return dataclasses.replace(sf, scene=sf.scene.model_copy(update={"seed": seed}))
 
 
-@dataclass
-class Shard:
-    """This process's place among the processes sharing a batch."""
+def output_template(sf: SceneFile, output: str | None) -> str:
+    """Where a scene's images go: `output` (checked), else the scene's `output`, else the default."""
+    from smd_cli.outputs import DEFAULT_TEMPLATE, check_template
 
-    rank: int = 0
-    size: int = 1
-    state: Any = None  # accelerate's PartialState when distributed
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def take(self, jobs: list[Job]) -> list[Job]:
-        """Jobs rank, rank + size, ...: an even share, whatever the jobs' costs' order."""
-        return jobs[self.rank :: self.size]
-
-    def least(self, value: int | None) -> int | None:
-        """The smallest of every process's `value` (None where unknown)."""
-        if self.size == 1 or self.state is None:
-            return value
-        from accelerate.utils import gather_object
-
-        known = [v for v in gather_object([value]) if v is not None]
-        return min(known) if known else None
-
-    def gather(self, outcomes: list[Outcome]) -> list[Outcome]:
-        """Every process's outcomes, in job order, on every process."""
-        if self.size == 1 or self.state is None:
-            return outcomes
-        from accelerate.utils import gather_object
-
-        rows = gather_object([dataclasses.asdict(o) for o in outcomes])
-        merged = [Outcome(**row) for row in rows]
-        return sorted(merged, key=lambda o: (o.index is None, o.index if o.index is not None else 0))
+    if output is not None:
+        check_template(output)
+        return output
+    if sf.scene.output is not None:
+        folder = sf.scene.output.endswith(("/", os.sep))  # a folder to be made: keep saying so
+        return str(sf.resolve(sf.scene.output)) + (os.sep if folder else "")
+    return DEFAULT_TEMPLATE
 
 
-def launched_distributed() -> bool:
-    """True inside `accelerate launch` (or torchrun) with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+def reproducing(record: Record, output: str, *, model: str | None = None, config: str | None = None,
+                device: str | None = None, dtype: str | None = None, **options) -> Options:
+    """Options to make a recorded image again: on the recorded kind of device (cuda:1 ran there,
+    cuda runs here), in the recorded dtype, with the recorded configs, unless told otherwise."""
+    return Options(model=model, config=config or record.config, output=output,
+                   device=device or (record.device or "auto").split(":")[0], dtype=dtype or record.dtype or "auto",
+                   **options)
 
 
-def join_processes(cpu: bool) -> Shard:
-    """Join the process group the launcher set up; each process learns its rank."""
-    try:
-        from accelerate import PartialState
-    except ImportError:
-        raise SmdError("distributed runs need Hugging Face Accelerate: pip install accelerate") from None
-    state = PartialState(cpu=cpu)
-    return Shard(rank=state.process_index, size=state.num_processes, state=state)
+def model_of(sf: SceneFile, options: Options) -> str | None:
+    """The model a scene runs on: the batch's, else the scene's (None: the default model)."""
+    return options.model or sf.source(sf.scene.model)
 
 
 def exit_code(outcomes: list[Outcome]) -> int:
@@ -167,3 +250,225 @@ def tally(outcomes: list[Outcome]) -> str:
     order = (DONE, FAILED, INVALID, INTERRUPTED, SKIPPED)
     counts = {status: sum(o.status == status for o in outcomes) for status in order}
     return ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: everything checked before any model loads
+
+
+@dataclass
+class Plan:
+    """The images of a batch, the scenes that cannot start, and where the images will be made."""
+
+    jobs: list[Job]
+    invalid: list[Outcome]
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+    shard: Shard = field(default_factory=Shard)
+
+    def rows(self, options: Options) -> list[dict[str, Any]]:
+        """What each image will be, for a dry run."""
+        return [{"scene": job.scene.name, "file": str(job.scene.path) if job.scene.path else None, "seed": job.seed,
+                 "width": job.masks.width, "height": job.masks.height, "layers": len(job.scene.scene.layers),
+                 "steps": _steps(job), "model": model_of(job.scene, options) or defaults.MODEL,
+                 "path": str(job.path()), "status": "planned"} for job in self.jobs]
+
+
+def _steps(job: Job) -> int:
+    from smd_cli.scene import step_count
+
+    return step_count(job.scene.scene)
+
+
+def plan(items: Iterable[Union[str, Path, SceneFile]], options: Options, *,
+         check: Callable[[SceneFile], None] | None = None, shard: Shard | None = None,
+         on_event: OnEvent | None = None) -> Plan:
+    """Every image to make (scenes x seeds) as a `Job`, each checked before any model loads: the
+    scene and its files, the model's folder, the canvas against the model's downscale factor and
+    the device's free memory, the output template and folder. A scene that fails any of these is
+    an `invalid` outcome and the others go on; `check(scene)` adds a command's own rule.
+
+    `items` are scene paths (read here, so that a broken one fails alone) or `SceneFile`s.
+    Raises `SmdError` for what stops the whole batch (a missing --model, a bad device).
+    """
+    from smd_cli.memory import available_memory
+    from smd_cli.models import check_source, resolve_device, resolve_dtype
+
+    shard = shard or Shard()
+    emit = on_event or _ignore
+    if options.model:
+        check_source(options.model)
+    device = shard.state.device if shard.state is not None and options.device == "auto" \
+        else resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    free = shard.least(available_memory(device))  # the same in every process, so all plan the same
+    now = datetime.now()
+    jobs: list[Job] = []
+    invalid: list[Outcome] = []
+    for item in items:
+        try:
+            made = _plan_scene(item, options, check, device, dtype, free, len(jobs), now, emit)
+        except SmdError as exc:
+            path = Path(item) if isinstance(item, (str, Path)) else None
+            invalid.append(Outcome(scene=path.stem if path else item.name, file=str(path) if path else None,
+                                   seed=None, status=INVALID, error=str(exc)))
+            continue
+        jobs.extend(made)
+    seeds = shard.same([job.seed for job in jobs])  # seeds drawn at random must be the same in every process
+    for job, seed in zip(jobs, seeds):
+        job.seed, job.scene = seed, with_seed(job.scene, seed)
+    _check_distinct_outputs(jobs, options)
+    return Plan(jobs, invalid, device, dtype, shard)
+
+
+def _plan_scene(item, options: Options, check, device, dtype, free: int | None, first: int, now: datetime,
+                emit: OnEvent) -> list[Job]:
+    """The jobs of one scene, every check passed; raises `SmdError` at the first problem."""
+    from smd_cli.masks import checked_canvas, scene_masks
+    from smd_cli.memory import check_memory
+    from smd_cli.models import check_source, vae_downscale_factor
+    from smd_cli.outputs import check_writable
+    from smd_cli.scene import load_scene, step_count
+
+    sf = load_scene(item, options.overrides) if isinstance(item, (str, Path)) else item
+    if check is not None:
+        check(sf)
+    model = model_of(sf, options)
+    check_source(model)
+    factor = vae_downscale_factor(model)
+    width, height = checked_canvas(sf, factor)
+    masks = scene_masks(sf, width, height)
+    emit(Message("detail", check_memory(sf, model, width=width, height=height, factor=factor, device=device,
+                                        dtype=dtype, free=free, max_batch=options.max_batch,
+                                        vae=options.vae or sf.source(sf.scene.vae))))
+    template = output_template(sf, options.output)
+    made = [Job(first + n, with_seed(sf, seed), seed, template, masks, drawn)
+            for n, (seed, drawn) in enumerate(seeds_for(sf, options.seeds, options.repeat))]
+    for job in made:
+        check_writable(job.path(now))
+    drawn = [job.seed for job in made if job.random_seed]
+    if options.repeat and drawn:
+        emit(Message("detail", f"{sf.name}: random seeds {', '.join(map(str, drawn))}"))
+    emit(Message("detail", f"{sf.name}: {width}x{height}, {len(sf.scene.layers)} layer(s), "
+                           f"{step_count(sf.scene)} {sf.scene.scheduler} steps"))
+    return made
+
+
+def _check_distinct_outputs(jobs: list[Job], options: Options) -> None:
+    """Images of one batch must not share a file where one would replace another: with an explicit
+    output, or with `overwrite`. (Otherwise a clash is numbered -1, -2, ... like any existing file.)"""
+    if len(jobs) < 2 or (options.output is None and not options.overwrite):
+        return
+    now = datetime.now()
+    paths = [job.path(now).absolute() for job in jobs]
+    if len(set(paths)) == len(paths):
+        return
+    scenes = len({job.scene.name for job in jobs})
+    what = f"{len(jobs)} images" if scenes == 1 else f"{scenes} scenes" if scenes == len(jobs) else \
+        f"{len(jobs)} images of {scenes} scenes"
+    if options.output is not None:
+        raise SmdError(f"--out {options.output} names one file for {what}; give a folder, or a template with "
+                       "{scene}, {seed} or {index}")
+    clash = next(p for p in paths if paths.count(p) > 1)
+    raise SmdError(f"with --overwrite, images would replace each other in {clash}; give --out with {{scene}}, "
+                   "{seed} or {index}, or leave out --overwrite to number them")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+class ModelCache:
+    """One loaded pipeline per distinct (model, LCM LoRA, autoencoder), loaded on first use; the
+    previous one is freed first. A model that failed to load fails again at once."""
+
+    def __init__(self, options: Options, device: torch.device, dtype: torch.dtype, on_event: OnEvent | None = None):
+        self.options, self.device, self.dtype = options, device, dtype
+        self.emit = on_event or _ignore
+        self.loaded: dict[tuple, Any] = {}
+
+    def get(self, sf: SceneFile) -> StableMultiDiffusionPipeline:
+        o = self.options
+        key = (model_of(sf, o), o.lcm_lora or sf.source(sf.scene.lcm_lora) or "auto", o.vae or sf.source(sf.scene.vae))
+        if key not in self.loaded:
+            self.loaded.clear()  # free the previous model before loading another
+            self.loaded[key] = self._load(*key)
+        if isinstance(self.loaded[key], SmdError):
+            raise self.loaded[key]
+        return self.loaded[key]
+
+    def _load(self, model: str | None, lcm_lora: str, vae: str | None) -> Any:
+        from smd_cli.pipeline import StableMultiDiffusionPipeline
+
+        started = time.perf_counter()
+        self.emit(Loading(model or defaults.MODEL, str(self.device), str(self.dtype).removeprefix("torch.")))
+        try:
+            pipe = StableMultiDiffusionPipeline(self.device, hf_key=model, dtype=self.dtype, lcm_lora=lcm_lora,
+                                                config=self.options.config, vae=vae)
+        except SmdError as exc:
+            self.emit(Loaded(None, time.perf_counter() - started))
+            return exc
+        pipe.optimize(channels_last=self.options.channels_last, compile=self.options.compile)
+        extras = "".join(f" + {x}" for x in (pipe.components.lcm_lora, pipe.components.vae_source) if x)
+        self.emit(Loaded(f"{pipe.components.source}{extras}", time.perf_counter() - started))
+        return pipe
+
+
+def run(plan: Plan, options: Options, *, on_event: OnEvent | None = None,
+        cache: ModelCache | None = None) -> list[Outcome]:
+    """Make this process's share of the planned images, one after another; returns every outcome of
+    the batch (the scenes that could not start, then the jobs in order, gathered from every process).
+
+    A failing image is reported and the batch goes on. Ctrl-C stops after writing nothing half-way:
+    the image in progress is `interrupted`, the rest `skipped`, and the outcomes are not gathered.
+    """
+    emit = on_event or _ignore
+    cache = cache or ModelCache(options, plan.device, plan.dtype, emit)
+    shard = plan.shard
+    mine = shard.take(plan.jobs)
+    if shard.size > 1:
+        emit(Message("detail", f"process {shard.rank + 1} of {shard.size}: {len(mine)} of {len(plan.jobs)} images "
+                               f"on {plan.device}"))
+    outcomes: list[Outcome] = []
+    for n, job in enumerate(mine):
+        started = time.perf_counter()
+        try:
+            outcome, trace = _make(job, options, cache, emit), None
+        except KeyboardInterrupt:
+            outcomes.append(job.outcome(INTERRUPTED, seconds=time.perf_counter() - started))
+            outcomes += [later.outcome(SKIPPED) for later in mine[n + 1:]]
+            emit(Message("info", "interrupted"))
+            return (plan.invalid if shard.main else []) + outcomes
+        except SmdError as exc:
+            outcome, trace = job.outcome(FAILED, error=str(exc)), None
+        except Exception as exc:  # a bug or a library failure: report it and go on with the batch
+            outcome, trace = job.outcome(FAILED, error=f"{type(exc).__name__}: {exc}"), traceback.format_exc()
+        outcome.seconds = time.perf_counter() - started
+        emit(Finished(outcome, trace))
+        outcomes.append(outcome)
+    everything = shard.gather((plan.invalid if shard.main else []) + outcomes)
+    return sorted(everything, key=lambda o: (o.index is not None, o.index or 0)) if shard.shared else everything
+
+
+def _make(job: Job, options: Options, cache: ModelCache, emit: OnEvent) -> Outcome:
+    """Make one image and write it with its record."""
+    from smd_cli.render import generate
+    from smd_cli.scene import step_count
+
+    sf = job.scene
+    try:
+        pipe = cache.get(sf)
+        pipe.schedule(sf.scene.steps, sf.scene.timesteps, sf.scene.scheduler)
+    except SmdError as exc:  # no model, or steps it cannot take: the image never started
+        return job.outcome(INVALID, error=str(exc))
+    steps = step_count(sf.scene)  # what the schedule, checked just now, will take
+    emit(Progress(job, 0, steps))
+    result = generate(pipe, sf, masks=job.masks, max_batch=options.max_batch,
+                      callback=lambda k, n, x0: emit(Progress(job, k + 1, steps)))
+    path = job.path()
+    written = result.save(path, overwrite=options.overwrite)
+    if written != path:
+        emit(Message("info", f"{path} exists; wrote {written.name} beside it (--overwrite replaces)"))
+    emit(Message("info", f"{sf.name}: seed {result.seed}, {result.timings['generate']:.1f} s"))
+    emit(Message("detail", f"{sf.name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())))
+    return job.outcome(DONE, path=str(written))

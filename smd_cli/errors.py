@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def printable(text: str) -> str:
+    """`text` with control characters escaped (a newline becomes `\\n`), safe to print on one line."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class SmdError(Exception):
     """Base of smd's own errors: the message says what is wrong and how to fix it."""
 
@@ -27,7 +32,7 @@ class SceneError(SmdError):
         if self.file:
             where = self.file + (f":{self.line}" if self.line else "") + ": "
         key = f"{self.key}: " if self.key else ""
-        return f"{where}{key}{self.message}"
+        return printable(f"{where}{key}{self.message}")
 
 
 class ModelError(SmdError):

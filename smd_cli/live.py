@@ -1,8 +1,11 @@
-"""Live streaming of a scene: scene files turned into stream updates, frame sinks, file watching,
-and the local preview server behind `smd stream`."""
+"""`smd stream`: a live session on a scene, watching its files, frame sinks, and the local preview server.
+
+Scenes become streams and live updates in `smd_cli.render` (`scene_stream`, `apply_scene`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import io
 import json
@@ -10,87 +13,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 from PIL import Image
 
+from smd_cli import defaults
 from smd_cli.errors import OutputError, SmdError
-from smd_cli.masks import checked_canvas, scene_background, scene_masks
-from smd_cli.scene import SceneFile, load_scene
+from smd_cli.masks import checked_canvas, scene_masks
+from smd_cli.render import apply_scene, scene_stream
+from smd_cli.scene import SceneFile, load_scene, scene_files
 from smd_cli.stream import StreamMultiDiffusion
 
-
-def scene_stream(sf: SceneFile, pipe, *, cfg_type: str = "none", overlap_decode: bool = False,
-                 compile: bool = False) -> StreamMultiDiffusion:
-    """A stream set up from a scene: its canvas, settings, background and layers."""
-    s = sf.scene
-    width, height = checked_canvas(sf, pipe.vae_scale_factor)
-    # Streams default to continuous masks (SPEC 7) unless the scene chose.
-    mask_type = s.mask_type if "mask_type" in s.model_fields_set else "continuous"
-    stream = StreamMultiDiffusion(
-        pipeline=pipe, height=height, width=width, cfg_type=cfg_type, guidance_scale=s.guidance_scale,
-        autoflush=False, mask_type=mask_type, bootstrap_steps=s.bootstrap.steps,
-        bootstrap_mix_steps=s.bootstrap.mix_steps, bootstrap_leak_sensitivity=s.bootstrap.leak_sensitivity,
-        cover_alpha=s.cover_alpha, seed=s.seed if s.seed is not None else 2024, timesteps=s.timesteps,
-        tile_size=s.tile_size, overlap_decode=overlap_decode, compile=compile)
-    apply_scene(stream, sf)
-    stream.flush()
-    stream.autoflush = True
-    return stream
-
-
-def apply_scene(stream: StreamMultiDiffusion, sf: SceneFile) -> list[str]:
-    """Turn the differences between the stream and a (re)loaded scene into layer updates.
-
-    Returns a description of what changed. The stream keeps running: no model reload, no restart.
-    """
-    s = sf.scene
-    masks = scene_masks(sf, stream.width, stream.height).masks
-    prefix = s.negative_prefix
-    changes: list[str] = []
-    flush, stream.autoflush = stream.autoflush, False
-    try:
-        picture = scene_background(sf)  # without one, the background prompt paints the uncovered area
-        if picture is None and stream.background_image is not None:
-            stream.remove_background_image()
-            changes.append("background image removed")
-        elif picture is not None and (stream.background_image is None or picture.resize(
-                (stream.width, stream.height)).tobytes() != stream.background_image.tobytes()):
-            stream.update_background(picture)
-            changes.append("background image")
-        negative_bg = _prefixed(prefix, s.background.negative_prompt)
-        if s.background.prompt != (stream.background_prompt or "") or negative_bg != stream.background_negative_prompt:
-            stream.update_background(prompt=s.background.prompt, negative_prompt=negative_bg)
-            changes.append("background prompt")
-        for i, layer in enumerate(s.layers):
-            fields = dict(prompt=layer.prompt, negative_prompt=_prefixed(prefix, layer.negative_prompt),
-                          mask_strength=layer.mask_strength, mask_std=layer.mask_std,
-                          prompt_strength=layer.prompt_strength)
-            if i >= len(stream.layers):
-                stream.update_single_layer(i, mask=masks[i], **fields)
-                changes.append(f"added {layer.name}")
-                continue
-            current = stream.layers[i]
-            edits = {k: v for k, v in fields.items() if getattr(current, k) != v}
-            mask_changed = current.mask is None or not np.array_equal(current.mask, masks[i])
-            if edits or mask_changed:
-                stream.update_single_layer(i, mask=masks[i] if mask_changed else None, **edits)
-                changes.append(f"{layer.name}: " + ", ".join(list(edits) + (["mask"] if mask_changed else [])))
-        while len(stream.layers) > len(s.layers):
-            stream.remove_single_layer(len(stream.layers) - 1)
-            changes.append("removed a layer")
-    finally:
-        stream.autoflush = flush
-    if changes and flush:
-        stream.flush()
-    return changes
-
-
-def _prefixed(prefix: str | None, negative: str) -> str:
-    if not prefix:
-        return negative
-    return f"{prefix}, {negative}" if negative else prefix
+if TYPE_CHECKING:
+    from smd_cli import batch
 
 
 class SceneWatcher:
@@ -101,26 +37,9 @@ class SceneWatcher:
         self.overrides = overrides
         self.stamps = self._stamps(None)
 
-    def _files(self, sf: SceneFile | None) -> list[Path]:
-        files = [self.path]
-        if sf is not None:
-            s = sf.scene
-            for layer in s.layers:
-                source = getattr(layer.mask, "image", None) or getattr(layer.mask, "palette", None)
-                if source:
-                    files.append(sf.resolve(source))
-            if s.background.image:
-                files.append(sf.resolve(s.background.image))
-        return files
-
     def _stamps(self, sf: SceneFile | None) -> dict[Path, float]:
-        out = {}
-        for f in self._files(sf):
-            try:
-                out[f] = f.stat().st_mtime_ns
-            except OSError:
-                out[f] = -1
-        return out
+        files = [self.path] + (list(scene_files(sf).values()) if sf is not None else [])
+        return {f: self._stamp(f) for f in files}
 
     def watch(self, sf: SceneFile) -> None:
         """Start watching the files of this (good) scene."""
@@ -373,3 +292,57 @@ def run_stream(stream: StreamMultiDiffusion, sink: FrameSink, *, frames: int | N
     finally:
         run.written = sink.close()
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# A session: what `smd stream` runs
+
+
+@dataclass
+class Session:
+    """A live stream of a scene: the stream, where its frames go, and what watches and shows it."""
+
+    stream: StreamMultiDiffusion
+    sink: FrameSink
+    state: LiveState
+    server: Optional[PreviewServer] = None
+    watcher: Optional[SceneWatcher] = None
+
+    def run(self, **loop) -> StreamRun:
+        """`run_stream` with this session's sink, watcher and preview (see there for `loop`)."""
+        return run_stream(self.stream, self.sink, watcher=self.watcher, state=self.state, **loop)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def open_session(scene: Path, options: batch.Options, *, output: Path | None = None, fps: float = 8.0,
+                 watch: bool = False, preview: str | None = None, cfg_type: str = defaults.STREAM_CFG_TYPE,
+                 overlap_decode: bool = False, on_event=None) -> Session:
+    """Check all that can fail before a model loads (the scene and its masks, the output, the preview
+    address), then load the model (`options`, with `options.overrides` applied to the scene) and start
+    streaming the scene. `options.compile` compiles for the stream's one fixed shape."""
+    from smd_cli.batch import ModelCache, model_of
+    from smd_cli.models import check_source, resolve_device, resolve_dtype, vae_downscale_factor
+
+    if cfg_type not in defaults.STREAM_CFG_TYPES:
+        raise SmdError(f"--cfg must be one of {', '.join(defaults.STREAM_CFG_TYPES)}, got {cfg_type!r}")
+    sf = load_scene(scene, options.overrides)
+    model = model_of(sf, options)
+    check_source(model)
+    scene_masks(sf, *checked_canvas(sf, vae_downscale_factor(model)))
+    address = parse_address(preview) if preview else None
+    sink = FrameSink(output, fps, options.overwrite)
+    device = resolve_device(options.device)
+    cache = ModelCache(dataclasses.replace(options, compile=False), device, resolve_dtype(options.dtype, device),
+                       on_event)
+    stream = scene_stream(sf, cache.get(sf), cfg_type=cfg_type, overlap_decode=overlap_decode,
+                          compile=options.compile)
+    watcher = None
+    if watch:
+        watcher = SceneWatcher(scene, options.overrides)
+        watcher.watch(sf)
+    state = LiveState(prompts=[layer.prompt for layer in stream.layers])
+    server = PreviewServer(state, *address).start() if address is not None else None
+    return Session(stream, sink, state, server, watcher)

@@ -12,11 +12,14 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from smd_cli.scene import DEFAULT_SIZE, EllipseMask, ImageMask, PaletteMask, RectMask, SceneFile, is_fraction_box
+from smd_cli import defaults
+from smd_cli.errors import SmdError
+from smd_cli.scene import EllipseMask, PaletteMask, RectMask, SceneFile, is_fraction_box, mask_file, scene_files
 
 ASPECT_TOLERANCE = 0.01
 BLUR_FLOOR = 1e-7
@@ -54,6 +57,56 @@ def aspect_mismatch(size: tuple[int, int], width: int, height: int) -> bool:
     """True when an image of `size` (w, h) cannot be resized to the canvas without distortion."""
     w, h = size
     return abs(w / h - width / height) > ASPECT_TOLERANCE * (width / height)
+
+
+def fit_masks(masks: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[P, h, w] masks resized to the canvas, refused when their aspect ratio differs from it."""
+    if masks.shape[1:] == (height, width):
+        return masks
+    if aspect_mismatch((masks.shape[2], masks.shape[1]), width, height):
+        raise SmdError(f"masks are {masks.shape[2]}x{masks.shape[1]} but the canvas is {width}x{height}: "
+                       "the aspect ratios differ")
+    return np.stack([resize(m, height, width) for m in masks])
+
+
+def fit_picture(image: Image.Image, width: int, height: int) -> Image.Image:
+    """A background picture as RGB at canvas size, with a warning when that changes its aspect ratio."""
+    image = image.convert("RGB")
+    if aspect_mismatch(image.size, width, height):
+        warnings.warn(f"background image is {image.size[0]}x{image.size[1]}; resized to the {width}x{height} "
+                      "canvas, which changes its aspect ratio", stacklevel=3)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    return image
+
+
+def api_masks(masks: Any, count: int) -> np.ndarray:
+    """Masks given to the Python API, as [P, H, W] floats in [0, 1]: a tensor or array [P, 1, H, W]
+    or [P, H, W], or a list of tensors, arrays or PIL images, one per prompt."""
+    if hasattr(masks, "ndim"):  # a torch tensor or a numpy array
+        items = list(masks) if masks.ndim >= 3 else [masks]
+    else:
+        items = list(masks)
+    arrays = []
+    for item in items:
+        if isinstance(item, Image.Image):
+            arr = image_mask(item)
+        else:
+            if hasattr(item, "detach"):  # torch, imported only by whoever made the tensor
+                item = item.detach().float().cpu().numpy()
+            arr = np.asarray(item, np.float32).astype(np.float32)
+            while arr.ndim > 2:
+                arr = arr[0]
+        arrays.append(arr)
+    if len(arrays) != count:
+        raise SmdError(f"{len(arrays)} masks for {count} prompts; give one mask per prompt")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise SmdError(f"masks have different sizes: {sorted(shapes)}")
+    out = np.stack(arrays)
+    if not np.isfinite(out).all() or out.min() < 0 or out.max() > 1:
+        raise SmdError("mask values must lie in [0, 1] (divide 0..255 images by 255)")
+    return out
 
 
 def _box(values: tuple[float, ...], width: int, height: int) -> tuple[float, float, float, float]:
@@ -178,39 +231,29 @@ class _Images:
         return data
 
 
-def _image_source(mask) -> str | None:
-    if isinstance(mask, ImageMask):
-        return mask.image
-    if isinstance(mask, PaletteMask):
-        return mask.palette
-    return None
-
-
-def canvas_size(sf: SceneFile, images: _Images | None = None, multiple: int = 8) -> tuple[int, int]:
-    """(width, height): from the scene, else from the first mask image or the background image, else 512."""
+def canvas_size(sf: SceneFile, images: _Images | None = None, multiple: int = 1) -> tuple[int, int]:
+    """(width, height): from the scene, else from the first mask image or the background image, else
+    `defaults.SIZE`. A side derived from an image's aspect ratio is rounded to a `multiple`."""
     s = sf.scene
     if s.width is not None and s.height is not None:
         return s.width, s.height
     images = images or _Images(sf)
-    sources = [(_image_source(layer.mask), ("layers", i, "mask"), "mask") for i, layer in enumerate(s.layers)]
-    sources.append((s.background.image, ("background", "image"), "background"))
-    for source, key, what in sources:
-        if source is None:
-            continue
-        mw, mh = images.size(source, key, what)
+    for key, path in scene_files(sf).items():
+        mw, mh = images.size(str(path), key, "mask" if key[0] == "layers" else "background")
         if s.width is None and s.height is None:
             return mw, mh
         if s.width is not None:
             return s.width, max(multiple, round(s.width * mh / mw / multiple) * multiple)
         return max(multiple, round(s.height * mw / mh / multiple) * multiple), s.height  # type: ignore[operator]
-    return s.width or DEFAULT_SIZE, s.height or DEFAULT_SIZE
+    return s.width or defaults.SIZE, s.height or defaults.SIZE
 
 
-def checked_canvas(sf: SceneFile, factor: int) -> tuple[int, int]:
-    """The canvas size, which must be divisible by the model's VAE downscale factor."""
-    width, height = canvas_size(sf, multiple=factor)
+def checked_canvas(sf: SceneFile, factor: int | None) -> tuple[int, int]:
+    """The canvas size, which must be divisible by the model's VAE downscale factor. With the factor
+    unknown (a hub model not downloaded yet) that is checked once the model has loaded."""
+    width, height = canvas_size(sf, multiple=factor or 1)
     for key, size in (("width", width), ("height", height)):
-        if size % factor:
+        if factor and size % factor:
             raise sf.error((key,), f"canvas {width}x{height} is not divisible by the model's downscale "
                                    f"factor {factor}; use multiples of {factor}")
     return width, height
@@ -244,8 +287,7 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
         elif isinstance(spec, EllipseMask):
             out[i] = ellipse_mask(spec.ellipse, height, width)
         else:
-            source = _image_source(spec)
-            image = images.get(source, key, sha256=spec.sha256)
+            image = images.get(mask_file(spec), key, sha256=spec.sha256)
             if aspect_mismatch(image.size, width, height):
                 raise sf.error(key, f"mask image is {image.size[0]}x{image.size[1]} but the canvas is "
                                     f"{width}x{height}: the aspect ratios differ; crop or pad the image, "
@@ -279,13 +321,6 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
                                     "check the mask images, colours and rectangles")
     return SceneMasks(masks=out, names=[layer.name or f"layer{i + 1}" for i, layer in enumerate(layers)],
                       files=images.hashes, picture=picture)
-
-
-def scene_background(sf: SceneFile) -> Image.Image | None:
-    """The picture to paint on (inpainting), or None."""
-    if sf.scene.background.image is None:
-        return None
-    return _Images(sf).get(sf.scene.background.image, ("background", "image"), "background").convert("RGB")
 
 
 def background_mask(masks: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ import yaml
 
 from smd_cli import __version__
 from smd_cli.errors import SmdError
-from smd_cli.scene import ImageMask, PaletteMask, SceneFile, parse_mapping, validate_scene
+from smd_cli.scene import SceneFile, parse_mapping, scene_files, validate_scene
 
 
 @dataclass
@@ -46,7 +46,11 @@ class Record:
 
     def scene_file(self) -> SceneFile:
         """The recorded scene, validated again; its paths are absolute, so it works from anywhere."""
-        sf = validate_scene(dict(self.scene))
+        scene = dict(self.scene)
+        if isinstance(scene.get("bootstrap"), dict) and "centre" not in scene["bootstrap"]:
+            # Recorded before bootstrap.centre existed, when layers were never centred.
+            scene["bootstrap"] = {**scene["bootstrap"], "centre": False}
+        sf = validate_scene(scene)
         sf.label = self.name
         return sf
 
@@ -67,34 +71,20 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def scene_files(sf: SceneFile) -> dict[tuple, Path]:
-    """Each file the scene reads, by key path: mask images, palettes and the inpainting picture."""
-    files: dict[tuple, Path] = {}
-    for i, layer in enumerate(sf.scene.layers):
-        if isinstance(layer.mask, ImageMask):
-            files[("layers", i, "mask", "image")] = sf.resolve(layer.mask.image).absolute()
-        elif isinstance(layer.mask, PaletteMask):
-            files[("layers", i, "mask", "palette")] = sf.resolve(layer.mask.palette).absolute()
-    if sf.scene.background.image is not None:
-        files[("background", "image")] = sf.resolve(sf.scene.background.image).absolute()
-    return files
-
-
-def _set(data: dict, key: tuple, value: Any) -> None:
-    node: Any = data
-    for part in key[:-1]:
-        node = node[part]
-    node[key[-1]] = value
-
-
 def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: int, model: str,
                    lcm_lora: str | None, vae: str | None, files: dict[Path, str]) -> dict[str, Any]:
     """The scene with nothing left to a default: what `reproduce` needs to run it again."""
     data = sf.scene.model_dump(mode="json", exclude_none=False)
     for key, path in scene_files(sf).items():
-        _set(data, key, str(path))
-        if path in files:  # the hash beside the path: a scene run again warns when the file changed
-            _set(data, key[:-1] + ("image_sha256" if key == ("background", "image") else "sha256",), files[path])
+        # The path made absolute, and the hash beside it: a scene run again warns when the file changed.
+        if key == ("background", "image"):
+            node, name, hash_key = data["background"], "image", "image_sha256"
+        else:
+            node = data["layers"][key[1]]["mask"]
+            name, hash_key = ("image" if "image" in node else "palette"), "sha256"
+        node[name] = str(path)
+        if path in files:
+            node[hash_key] = files[path]
     data.update(seed=seed, width=width, height=height, model=_absolute(model), lcm_lora=lcm_lora or "none",
                 vae=_absolute(vae) if vae else None, output=None)
     if data.get("timesteps") is None:
@@ -214,4 +204,29 @@ def describe(record: Record) -> str:
     return _yaml(as_dict(record))
 
 
-__all__ = ["Record", "make_record", "png_info", "read_record", "as_dict", "describe", "sha256"]
+@dataclass
+class Comparison:
+    """How a reproduced image compares with the original, pixel by pixel."""
+
+    identical: bool
+    summary: str  # one line for people
+
+
+def compare_images(original: Path, new: Path) -> Comparison:
+    """Whether two images have the same pixels, and if not, how much they differ."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(original) as a, Image.open(new) as b:
+        x, y = np.asarray(a.convert("RGB"), np.int16), np.asarray(b.convert("RGB"), np.int16)
+    if x.shape != y.shape:
+        return Comparison(False, f"differs from {original}: {y.shape[1]}x{y.shape[0]} instead of "
+                                 f"{x.shape[1]}x{x.shape[0]}")
+    if (x == y).all():
+        return Comparison(True, f"identical to {original}")
+    diff = np.abs(x - y)
+    return Comparison(False, f"differs from {original}: {100 * (diff.max(-1) > 0).mean():.1f}% of pixels, by up to "
+                             f"{int(diff.max())} of 255 (another device or dtype, or changed files)")
+
+
+__all__ = ["Record", "make_record", "png_info", "read_record", "as_dict", "describe", "sha256", "compare_images"]

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from smd_cli import defaults
 from smd_cli.errors import ModelError
-from smd_cli.scene import DEFAULT_LCM_LORA, DEFAULT_MODEL
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +27,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-DEFAULT_TINY_VAE = "madebyollin/taesd"
 # SD1.x UNets condition on CLIP ViT-L/14 states of width 768: the LCM LoRA for SD1.5 fits those.
 SD1_CROSS_ATTENTION_DIM = 768
 
@@ -105,7 +104,7 @@ def _looks_like_path(name: str) -> bool:
 
 def config_json(model: str | None, name: str) -> dict | None:
     """A component's config (`vae/config.json`) from a local folder or the hub cache, loading nothing."""
-    model = model or DEFAULT_MODEL
+    model = model or defaults.MODEL
     path = Path(model).expanduser()
     config: Path | None = None
     if path.is_dir():
@@ -128,102 +127,15 @@ def config_json(model: str | None, name: str) -> dict | None:
 
 
 def vae_downscale_factor(model: str | None) -> int | None:
-    """The VAE's downscale factor read from a local or cached config without loading anything."""
+    """The VAE's downscale factor, read from a local or cached config without loading anything; the
+    default model's is known before it is downloaded, any other's is None until then."""
+    config = config_json(model, "vae/config.json")
+    if config is None:
+        return defaults.MODEL_VAE_FACTOR if (model or defaults.MODEL) == defaults.MODEL else None
     try:
-        return vae_factor(config_json(model, "vae/config.json") or {})
+        return vae_factor(config)
     except (KeyError, TypeError):
         return None
-
-
-# (layer, view) pairs per UNet call where free memory cannot be asked for (the CPU, MPS).
-AUTO_BATCH_CPU = 8
-# Activations per latent pixel of one UNet batch item: about 64 KiB at half precision for SD1.5's
-# UNet (320 base channels); a UNet with fewer channels needs proportionally less.
-UNET_BYTES_PER_LATENT_PIXEL = 64 * 1024
-SD_UNET_CHANNELS = 320
-SD_VAE_CHANNELS = 128
-# The VAE decoder holds a few full-resolution tensors of twice its first block's width at once.
-VAE_TENSORS_AT_FULL_SIZE = 8
-SD15_WEIGHT_BYTES_FP16 = 2_130_000_000
-# The tiny autoencoder (TAESD) decodes with 64 channels and keeps about two such tensors at full size.
-TAESD_CONFIG = {"decoder_block_out_channels": [64, 64, 64, 64]}
-TAESD_TENSORS_AT_FULL_SIZE = 2
-
-
-@dataclass
-class MemoryEstimate:
-    """Peak memory of one generation, in bytes, by part; a deliberately rough, low estimate."""
-
-    weights: int
-    unet: int
-    decode: int
-    vae_is_full: bool = True  # the model's own (or another full) autoencoder, not the tiny one
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.unet + self.decode
-
-
-def estimate_memory(model: str | None, *, width: int, height: int, factor: int, tile_size: int,
-                    max_batch: int, cfg: bool, dtype_bytes: int, vae: str | None = None) -> MemoryEstimate:
-    """What generating a `width` x `height` canvas needs, from the model's configs and file sizes.
-
-    `vae` is a replacement autoencoder (`tiny`, a folder or a hub id), whose decoder counts instead.
-    """
-    unet = config_json(model, "unet/config.json") or {}
-    vae_config = _decoder_config(model, vae)
-    tiny = "decoder_block_out_channels" in vae_config  # AutoencoderTiny's key; AutoencoderKL has block_out_channels
-    unet_channels = (unet.get("block_out_channels") or [SD_UNET_CHANNELS])[0]
-    vae_channels = (vae_config.get("block_out_channels") or vae_config.get("decoder_block_out_channels")
-                    or [SD_VAE_CHANNELS])[0]
-    window = min(tile_size, width) // factor * (min(tile_size, height) // factor)
-    per_pixel = UNET_BYTES_PER_LATENT_PIXEL * unet_channels // SD_UNET_CHANNELS * dtype_bytes // 2
-    return MemoryEstimate(
-        weights=_weight_bytes(model, dtype_bytes),
-        unet=max_batch * (2 if cfg else 1) * window * per_pixel,
-        decode=width * height * vae_channels * (TAESD_TENSORS_AT_FULL_SIZE if tiny else VAE_TENSORS_AT_FULL_SIZE)
-        * dtype_bytes,
-        vae_is_full=not tiny,
-    )
-
-
-def _decoder_config(model: str | None, vae: str | None) -> dict:
-    """The config of the autoencoder that will decode: the replacement `vae`, else the model's own."""
-    if vae == "tiny":
-        return TAESD_CONFIG
-    found = config_json(vae, "config.json") if vae else config_json(model, "vae/config.json")
-    return found or {}
-
-
-def _weight_bytes(model: str | None, dtype_bytes: int) -> int:
-    path = Path(model or DEFAULT_MODEL).expanduser()
-    if path.is_file():
-        return path.stat().st_size * dtype_bytes // 4  # checkpoints are mostly float32
-    if not path.is_dir():
-        return SD15_WEIGHT_BYTES_FP16 * dtype_bytes // 2
-    total = 0
-    for part in ("unet", "vae", "text_encoder"):
-        files = sorted((path / part).glob("*.safetensors")) or sorted((path / part).glob("*.bin"))
-        half = [f for f in files if "fp16" in f.name]
-        for f in half or files:
-            total += f.stat().st_size * dtype_bytes // (2 if half else 4)
-    return total
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Free memory on `device` in bytes: GPU memory for CUDA, RAM for the CPU; None where unknown."""
-    import torch
-
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    if device.type == "cpu":
-        try:
-            import psutil
-        except ImportError:
-            return None
-        return int(psutil.virtual_memory().available)
-    return None
 
 
 def vae_factor(config) -> int:
@@ -352,7 +264,7 @@ def load_vae(vae: str, *, dtype: torch.dtype):
     """An autoencoder to replace the model's: `tiny` (TAESD), or a hub id or local folder of one."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
-    name = DEFAULT_TINY_VAE if vae == "tiny" else vae
+    name = defaults.TINY_VAE if vae == "tiny" else vae
     path = Path(name).expanduser()
     cls = AutoencoderTiny
     if path.is_dir():
@@ -382,7 +294,7 @@ def apply_lcm_lora(pipe, lcm_lora: str | None) -> str | None:
     if lcm_lora == "auto":
         if not lcm_lora_fits(pipe.unet):
             return None
-        lcm_lora = DEFAULT_LCM_LORA
+        lcm_lora = defaults.LCM_LORA
     path = Path(lcm_lora).expanduser()
     hint = " (use --lcm-lora none for a model that needs none)"
     with _loading(lcm_lora, "LCM LoRA", hint):
@@ -402,7 +314,7 @@ def apply_lcm_lora(pipe, lcm_lora: str | None) -> str | None:
 def load_components(model: str | None = None, *, device: torch.device, dtype: torch.dtype,
                     lcm_lora: str | None = "auto", config: str | None = None, vae: str | None = None) -> Components:
     """Load a model onto `device`, with the LCM LoRA fused and the VAE replaced where asked for."""
-    model = model or DEFAULT_MODEL
+    model = model or defaults.MODEL
     pipe = load_pipeline(model, dtype=dtype, config=config)
     applied = apply_lcm_lora(pipe, lcm_lora)
     if vae:
@@ -410,4 +322,4 @@ def load_components(model: str | None = None, *, device: torch.device, dtype: to
     pipe.to(device)
     return Components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                       scheduler_config=dict(pipe.scheduler.config), source=model, lcm_lora=applied,
-                      vae_source=(DEFAULT_TINY_VAE if vae == "tiny" else vae) if vae else None, config=config)
+                      vae_source=(defaults.TINY_VAE if vae == "tiny" else vae) if vae else None, config=config)

@@ -2,21 +2,24 @@
 
 Small pure tensor functions carry the paper's formulas; `sample` runs the step loop over them.
 The loop knows nothing of prompts, models or guidance: it calls `predict(x, t, layers)` for the
-noise of a batch of latents, each denoised under the prompt of its layer.
+noise of a batch of latents, each denoised under the prompt of its layer. The schedules (which
+alpha_k, sigma_k and transition each scheduler takes) are small functions beside `Schedule`.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from smd_cli.errors import OutOfMemory
+from smd_cli import defaults
+from smd_cli.errors import OutOfMemory, SmdError
 from smd_cli.views import View, full_view
 
-Predict = Callable[[torch.Tensor, int, Sequence[int]], torch.Tensor]
+Predict = Callable[[torch.Tensor, Any, Sequence[int]], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
@@ -46,6 +49,103 @@ class Schedule:
         return self.sigmas[:-1] + [0.0]
 
 
+# ---------------------------------------------------------------------------------------------
+# Schedules: one function per scheduler, from a model's scheduler config (SPEC 1, 3).
+
+
+def lcm_schedule(config: Mapping, steps: int | None = None, timesteps: Sequence[int] | None = None) -> Schedule:
+    """LCM: SPEC's 5-step grid by default; other counts spaced as diffusers' `LCMScheduler` spaces them,
+    with its boundary scalings c_skip, c_out. Fresh noise after each step."""
+    from diffusers import LCMScheduler
+
+    lcm = LCMScheduler.from_config(config)
+    train = _check_timesteps(config, timesteps)
+    if timesteps is None and steps in (None, defaults.STEPS["lcm"]):
+        stride = train // defaults.LCM_ORIGINAL_STEPS
+        grid = [train - 1 - i * stride for i in range(defaults.LCM_ORIGINAL_STEPS)]
+        timesteps = [grid[i] for i in defaults.LCM_INDICES]
+    elif timesteps is None:
+        limit = lcm.config.get("original_inference_steps", defaults.LCM_ORIGINAL_STEPS)
+        timesteps = _spaced(lcm, steps, train, "lcm", limit, "; use scheduler ddim or euler for more")
+    ts = [int(t) for t in timesteps]
+    alphas, sigmas = _vp_levels(lcm.alphas_cumprod, ts)
+    scalings = [lcm.get_scalings_for_boundary_condition_discrete(t) for t in ts]
+    return Schedule(ts, alphas + [1.0], sigmas + [0.0], [c[0] for c in scalings], [c[1] for c in scalings])
+
+
+def ddim_schedule(config: Mapping, steps: int | None = None, timesteps: Sequence[int] | None = None) -> Schedule:
+    """DDIM (eta = 0): the deterministic transition from X0, ending at diffusers' `final_alpha_cumprod`."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(config)
+    train = _check_timesteps(config, timesteps)
+    ts = [int(t) for t in timesteps] if timesteps is not None else \
+        _spaced(ddim, steps or defaults.STEPS["ddim"], train, "ddim", train)
+    alphas, sigmas = _vp_levels(ddim.alphas_cumprod, ts)
+    final = float(ddim.final_alpha_cumprod)
+    return Schedule(ts, alphas + [math.sqrt(final)], sigmas + [math.sqrt(1.0 - final)],
+                    [0.0] * len(ts), [1.0] * len(ts), kind="ddim")
+
+
+def euler_schedule(config: Mapping, steps: int | None = None, timesteps: Sequence[int] | None = None) -> Schedule:
+    """Euler on diffusers' `EulerDiscreteScheduler` timesteps. Its sigma steps are DDIM's in the
+    variance-preserving parameterisation, so it is the same deterministic transition."""
+    from diffusers import EulerDiscreteScheduler
+
+    euler = EulerDiscreteScheduler.from_config(config)
+    _check_timesteps(config, timesteps)
+    if timesteps is not None:
+        euler.set_timesteps(timesteps=[int(t) for t in timesteps])
+    else:
+        euler.set_timesteps(steps or defaults.STEPS["euler"])
+    ts = [float(t) for t in euler.timesteps]
+    ve = [float(x) for x in euler.sigmas]  # K + 1 noise levels sigma/alpha, the last 0
+    alphas = [1.0 / math.sqrt(1.0 + v * v) for v in ve]
+    sigmas = [v / math.sqrt(1.0 + v * v) for v in ve]
+    return Schedule(ts, alphas, sigmas, [0.0] * len(ts), [1.0] * len(ts), kind="ddim",
+                    init_scale=float(euler.init_noise_sigma) * alphas[0])
+
+
+SCHEDULES: dict[str, Callable[..., Schedule]] = {"lcm": lcm_schedule, "ddim": ddim_schedule, "euler": euler_schedule}
+
+
+def make_schedule(scheduler: str, config: Mapping, steps: int | None = None,
+                  timesteps: Sequence[int] | None = None) -> Schedule:
+    """The schedule of `scheduler` (one of `defaults.SCHEDULERS`) for a model's scheduler config."""
+    if scheduler not in SCHEDULES:
+        raise SmdError(f"scheduler must be one of {', '.join(defaults.SCHEDULERS)}, got {scheduler!r}")
+    return SCHEDULES[scheduler](config, steps, timesteps)
+
+
+def _check_timesteps(config: Mapping, timesteps: Sequence[int] | None) -> int:
+    """The model's number of training timesteps; explicit timesteps must lie below it."""
+    train = int(config.get("num_train_timesteps", 1000))
+    if timesteps is not None and any(t < 0 or t >= train for t in timesteps):
+        raise SmdError(f"timesteps must lie in [0, {train - 1}] for this model, got {list(timesteps)}")
+    return train
+
+
+def _spaced(scheduler, steps: int, train: int, name: str, limit: int, hint: str = "") -> list[int]:
+    """`steps` timesteps spaced as the diffusers scheduler spaces them, at most `limit` of them."""
+    if steps > limit:
+        raise SmdError(f"{name} takes at most {limit} steps for this model, got {steps}{hint}")
+    scheduler.set_timesteps(num_inference_steps=steps)
+    ts = [int(t) for t in scheduler.timesteps]
+    if any(t < 0 or t >= train for t in ts):
+        raise SmdError(f"{steps} {name} steps do not fit this model's {train} training timesteps; use fewer steps")
+    return ts
+
+
+def _vp_levels(alphas_cumprod: torch.Tensor, timesteps: Sequence[int]) -> tuple[list[float], list[float]]:
+    """alpha_k = sqrt(abar(t_k)), sigma_k = sqrt(1 - abar(t_k)) (SPEC 1)."""
+    abar = [float(alphas_cumprod[t]) for t in timesteps]
+    return [math.sqrt(a) for a in abar], [math.sqrt(1.0 - a) for a in abar]
+
+
+# ---------------------------------------------------------------------------------------------
+# The step's formulas (SPEC 3)
+
+
 def randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device,
           dtype: torch.dtype) -> torch.Tensor:
     """Gaussian noise drawn on the generator's device (so a CPU seed gives the same noise anywhere)."""
@@ -55,9 +155,10 @@ def randn(shape: Sequence[int], generator: Optional[torch.Generator], device: to
     return noise.to(device)
 
 
-def noised(b: torch.Tensor, alpha: float, sigma: float, noise: torch.Tensor) -> torch.Tensor:
-    """b~ = alpha_k * b + sigma_k * noise (SPEC 3.2)."""
-    return alpha * b + sigma * noise
+def renoise(x0: torch.Tensor, alpha: float, sigma: float, noise: torch.Tensor) -> torch.Tensor:
+    """alpha * X0 + sigma * noise: the noised bootstrap background b~ (SPEC 3.2), the transition
+    into the next step with fresh noise (LCM) or the noise x_k held (DDIM), a stream's stages (SPEC 6)."""
+    return alpha * x0 + sigma * noise
 
 
 def bootstrap_mix(k: int, mix_steps: float) -> float:
@@ -68,6 +169,30 @@ def bootstrap_mix(k: int, mix_steps: float) -> float:
 def bootstrap_blend(x_p: torch.Tensor, m: torch.Tensor, b_noisy: torch.Tensor) -> torch.Tensor:
     """x_p = (1 - m) * b~ + m * x_p: the layer alone on a flat background (SPEC 3.2)."""
     return (1 - m) * b_noisy + m * x_p
+
+
+def centring_shift(m: torch.Tensor) -> tuple[int, int]:
+    """(dy, dx) that moves the centre of the bounding box of mask m [..., h, w] (where m > 0) to the
+    window's centre (h // 2, w // 2), as the reference centres layers while bootstrapping; (0, 0)
+    for an empty mask."""
+    h, w = m.shape[-2:]
+    occupied = m.reshape(-1, h, w).amax(0) > 0
+    rows, cols = occupied.any(1).nonzero(), occupied.any(0).nonzero()
+    if len(rows) == 0:
+        return 0, 0
+    return h // 2 - (int(rows[0]) + int(rows[-1]) + 1) // 2, w // 2 - (int(cols[0]) + int(cols[-1]) + 1) // 2
+
+
+def shift(x: torch.Tensor, dy: int, dx: int, fill: torch.Tensor) -> torch.Tensor:
+    """x moved down dy and right dx without wrapping: out[..., i, j] = x[..., i - dy, j - dx] where that
+    lies inside x, else fill[..., i, j]."""
+    if dy == 0 and dx == 0:
+        return x
+    h, w = x.shape[-2:]
+    out = fill.expand_as(x).clone()
+    out[..., max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = \
+        x[..., max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)]
+    return out
 
 
 def clean_estimate(x: torch.Tensor, eps: torch.Tensor, alpha: float, sigma: float,
@@ -93,11 +218,6 @@ def blend_background(x0: torch.Tensor, count: torch.Tensor, bg: torch.Tensor) ->
     return (1 - w) * x0 + w * bg
 
 
-def lcm_transition(x0: torch.Tensor, alpha_next: float, sigma_next: float, noise: torch.Tensor) -> torch.Tensor:
-    """x_{k+1} = alpha_{k+1} X0 + sigma_{k+1} * fresh noise (SPEC 3, LCM)."""
-    return alpha_next * x0 + sigma_next * noise
-
-
 def ddim_noise(x: torch.Tensor, x0: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
     """eps* = (x - alpha_k X0) / sigma_k: the noise that x_k holds given the aggregated X0 (SPEC 3, DDIM)."""
     return (x - alpha * x0) / sigma
@@ -113,6 +233,12 @@ class StepBatch:
     masks: list[torch.Tensor]  # m_{p,k} cut to the pair's window
     b_noisy: Optional[torch.Tensor]  # the noised flat background while bootstrapping, else None
     windows: list[View]  # where each pair is evaluated: its view, or a crop of it around the mask
+    shifts: list[tuple[int, int]]  # how each input was moved to centre its mask (SPEC 3.2); (0, 0) if not
+
+    def uncentred(self, i: int, t: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        """A tensor of pair i's centred frame moved back to its window (`fill` where nothing maps)."""
+        dy, dx = self.shifts[i]
+        return shift(t, -dy, -dx, fill)
 
 
 def active_pairs(masks: torch.Tensor, views: Sequence[View], skip_empty: bool = True) -> torch.Tensor:
@@ -125,32 +251,44 @@ def active_pairs(masks: torch.Tensor, views: Sequence[View], skip_empty: bool = 
 
 def step_inputs(x: torch.Tensor, noise: torch.Tensor, k: int, schedule: Schedule, masks_k: torch.Tensor,
                 views: Sequence[View], active_k: torch.Tensor, *, bootstrap_steps: int = 0,
-                bootstrap_mix_steps: float = 1.0, white: torch.Tensor | None = None,
+                bootstrap_mix_steps: float = 1.0, centre: bool = False, white: torch.Tensor | None = None,
                 background: torch.Tensor | None = None, crop: RegionCrop | None = None) -> StepBatch:
     """SPEC 3.1-3.2 for step k: cut x into views per layer, bootstrapping on the first steps.
 
     `noise` is the noise x holds; the flat bootstrap background is noised with it, so
-    bootstrapping draws no random numbers of its own.
+    bootstrapping draws no random numbers of its own, and the composite of a layer on it is a
+    noised image with one noise realisation. With `centre`, each bootstrapped layer is moved so
+    that its mask's bounding box is centred in its window, padded with the bootstrap background;
+    `step_output` moves its clean estimate back.
     """
-    b_noisy = None
+    b_noisy = flat = None
     if k < bootstrap_steps and white is not None:
         r = bootstrap_mix(k, bootstrap_mix_steps)
         flat = white if background is None else r * white + (1 - r) * background
-        b_noisy = noised(flat, schedule.alphas[k], schedule.sigmas[k], noise)
+        b_noisy = renoise(flat, schedule.alphas[k], schedule.sigmas[k], noise)
     pairs = [(p, v) for v in range(len(views)) for p in range(masks_k.shape[0]) if active_k[p, v]]
-    inputs, pair_masks, windows = [], [], []
+    inputs, pair_masks, windows, shifts = [], [], [], []
     for p, v in pairs:
         view = views[v]
         if crop is not None:
             view = crop.window(view, masks_k[p, 0])
         x_p = view.crop(x)
         m = view.crop(masks_k[p : p + 1])
+        moved = (0, 0)
         if b_noisy is not None:
             x_p = bootstrap_blend(x_p, m, view.crop(b_noisy))
+            if centre:
+                moved = centring_shift(m)
+                # The strip moved in is bootstrap background noised with the noise moved out on the
+                # other side: each noise value stays once in the input, as in a noised image, and
+                # no content wraps around (with a flat background, exactly the reference's roll).
+                wrapped = torch.roll(view.crop(noise), moved, dims=(-2, -1))
+                x_p = shift(x_p, *moved, renoise(view.crop(flat), schedule.alphas[k], schedule.sigmas[k], wrapped))
         inputs.append(x_p)
         pair_masks.append(m)
         windows.append(view)
-    return StepBatch(k, pairs, inputs, pair_masks, b_noisy, windows)
+        shifts.append(moved)
+    return StepBatch(k, pairs, inputs, pair_masks, b_noisy, windows, shifts)
 
 
 def step_output(batch: StepBatch, eps: Sequence[torch.Tensor] | torch.Tensor, schedule: Schedule,
@@ -170,8 +308,11 @@ def step_output(batch: StepBatch, eps: Sequence[torch.Tensor] | torch.Tensor, sc
         x_p = batch.inputs[i]
         x0_p = clean_estimate(x_p, eps[i].reshape(x_p.shape), a, s, schedule.c_skip[k], schedule.c_out[k])
         m = batch.masks[i]
-        if batch.b_noisy is not None and leak_sensitivity:
-            m = suppress_leak(m, x0_p, window.crop(batch.b_noisy), leak_sensitivity)
+        if batch.b_noisy is not None:
+            b = window.crop(batch.b_noisy)
+            x0_p = batch.uncentred(i, x0_p, b)
+            if leak_sensitivity:
+                m = suppress_leak(m, x0_p, b, leak_sensitivity)
         if window.weight is not None:
             m = m * window.weight
         window.add_into(value, m * x0_p)
@@ -270,6 +411,7 @@ def sample(
     bootstrap_steps: int = 0,
     bootstrap_mix_steps: float = 1.0,
     leak_sensitivity: float | None = None,
+    centre: bool = False,
     white: torch.Tensor | None = None,
     background: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -286,7 +428,8 @@ def sample(
     nothing; `skip_empty=False` evaluates them anyway, for measurements); the rest go through
     `predict` in batches of `max_batch`. LCM draws fresh noise for each transition from
     `generator`, or takes `noises[k]` for the transition into step k + 1 when given. With `crop`,
-    each pair is evaluated only around its mask (`RegionCrop`).
+    each pair is evaluated only around its mask (`RegionCrop`); with `centre`, bootstrapped layers
+    are centred in their windows (`step_inputs`).
     """
     height, width = latents.shape[-2:]
     views = list(views) if views else [full_view(height, width)]
@@ -296,7 +439,8 @@ def sample(
     noise = latents  # the noise realisation of x_k; for k = 0 the initial latent itself
     for k in range(steps):
         batch = step_inputs(x, noise, k, schedule, masks[k], views, active[k], bootstrap_steps=bootstrap_steps,
-                            bootstrap_mix_steps=bootstrap_mix_steps, white=white, background=background, crop=crop)
+                            bootstrap_mix_steps=bootstrap_mix_steps, centre=centre, white=white,
+                            background=background, crop=crop)
         eps, max_batch = predict_pairs(predict, batch, schedule.timesteps[k], max_batch)
         x0 = step_output(batch, eps, schedule, x.shape,
                          leak_sensitivity=leak_sensitivity, background=background)
@@ -305,10 +449,10 @@ def sample(
         a_next, s_next = schedule.alphas[k + 1], schedule.sigmas[k + 1]
         if schedule.kind == "ddim":
             noise = ddim_noise(x, x0, schedule.alphas[k], schedule.sigmas[k])
-            x = lcm_transition(x0, a_next, s_next, noise)
+            x = renoise(x0, a_next, s_next, noise)
         elif k + 1 < steps:
             noise = noises[k] if noises is not None else randn(x.shape, generator, x.device, x.dtype)
-            x = lcm_transition(x0, a_next, s_next, noise)
+            x = renoise(x0, a_next, s_next, noise)
         else:
             x = x0
     return x

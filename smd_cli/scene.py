@@ -27,16 +27,11 @@ from pydantic import (
     field_validator,
 )
 
+from smd_cli import defaults
 from smd_cli.errors import SceneError
 
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-DEFAULT_LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
-DEFAULT_SIZE = 512
-MAX_SIZE = 16384
 # A scene is a few hundred nodes; far beyond this means YAML aliases expanding out of control.
 MAX_NODES = 100_000
-# Guidance in a stream (SPEC 6); here so that the CLI can check it before any model loads.
-STREAM_CFG_TYPES = ("none", "full", "self", "initialize")
 
 Unit = Annotated[float, Field(strict=True, ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Field(strict=True, ge=0.0)]
@@ -83,10 +78,17 @@ class PaletteMask(_Model):
     sha256: Sha256 | None = None
 
 
-def _four_numbers(values: list[float], names: str) -> list[float]:
-    if len(values) != 4:
-        raise ValueError(f"needs 4 numbers [{names}], got {values}")
-    return values
+def _box(names: str, check):
+    """A validator for four numbers [names] that `check(values)` accepts (or names the problem of)."""
+    def validate(cls, v):
+        if len(v) != 4:
+            raise ValueError(f"needs 4 numbers [{names}], got {v}")
+        problem = check(v)
+        if problem:
+            raise ValueError(f"{problem}, got {list(v)}")
+        return v
+
+    return classmethod(validate)
 
 
 class RectMask(_Model):
@@ -94,12 +96,8 @@ class RectMask(_Model):
 
     rect: list[Number]
 
-    @field_validator("rect")
-    @classmethod
-    def _ordered(cls, v):
-        if _four_numbers(v, "x0, y0, x1, y1")[2] <= v[0] or v[3] <= v[1]:
-            raise ValueError(f"needs x0 < x1 and y0 < y1, got {list(v)}")
-        return v
+    _ordered = field_validator("rect")(_box("x0, y0, x1, y1", lambda v: (v[2] <= v[0] or v[3] <= v[1])
+                                            and "needs x0 < x1 and y0 < y1"))
 
 
 class EllipseMask(_Model):
@@ -107,12 +105,8 @@ class EllipseMask(_Model):
 
     ellipse: list[Number]
 
-    @field_validator("ellipse")
-    @classmethod
-    def _positive_radii(cls, v):
-        if _four_numbers(v, "cx, cy, rx, ry")[2] <= 0 or v[3] <= 0:
-            raise ValueError(f"radii rx and ry must be positive, got {list(v)}")
-        return v
+    _positive_radii = field_validator("ellipse")(_box("cx, cy, rx, ry", lambda v: (v[2] <= 0 or v[3] <= 0)
+                                                      and "radii rx and ry must be positive"))
 
 
 MASK_FORMS = {"image": ImageMask, "palette": PaletteMask, "rect": RectMask, "ellipse": EllipseMask}
@@ -147,9 +141,10 @@ MaskSpec = Annotated[
 class Bootstrap(_Model):
     """Bootstrapping (SPEC 3.2, 3.5): the first steps see each layer alone on a flat background."""
 
-    steps: Annotated[StrictInt, Field(ge=0, le=1000)] = 1
-    mix_steps: NonNegative = 1.0
-    leak_sensitivity: NonNegative | None = 0.2
+    steps: Annotated[StrictInt, Field(ge=0, le=1000)] = defaults.BOOTSTRAP_STEPS
+    mix_steps: NonNegative = defaults.BOOTSTRAP_MIX_STEPS
+    leak_sensitivity: NonNegative | None = defaults.LEAK_SENSITIVITY
+    centre: StrictBool = defaults.BOOTSTRAP_CENTRE
 
 
 class Background(_Model):
@@ -171,9 +166,9 @@ class Layer(_Model):
     prompt: str
     negative_prompt: str = ""
     mask: MaskSpec | None = None
-    mask_strength: Unit = 1.0
-    mask_std: Annotated[float, Field(strict=True, ge=0.0, le=256.0)] = 0.0
-    prompt_strength: Unit = 1.0
+    mask_strength: Unit = defaults.MASK_STRENGTH
+    mask_std: Annotated[float, Field(strict=True, ge=0.0, le=256.0)] = defaults.MASK_STD
+    prompt_strength: Unit = defaults.PROMPT_STRENGTH
 
 
 class Scene(_Model):
@@ -182,18 +177,18 @@ class Scene(_Model):
     model: str | None = None
     lcm_lora: str | None = None
     vae: str | None = None
-    width: Annotated[StrictInt, Field(ge=8, le=MAX_SIZE)] | None = None
-    height: Annotated[StrictInt, Field(ge=8, le=MAX_SIZE)] | None = None
+    width: Annotated[StrictInt, Field(ge=8, le=defaults.MAX_SIZE)] | None = None
+    height: Annotated[StrictInt, Field(ge=8, le=defaults.MAX_SIZE)] | None = None
     seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
     steps: Annotated[StrictInt, Field(ge=1, le=1000)] | None = None
     timesteps: Annotated[list[Annotated[StrictInt, Field(ge=0, le=9999)]], Field(min_length=1)] | None = None
-    scheduler: Literal["lcm", "ddim", "euler"] = "lcm"
-    guidance_scale: Annotated[float, Field(strict=True, ge=0.0, le=100.0)] = 1.0
-    mask_type: Literal["discrete", "semi-continuous", "continuous"] = "discrete"
-    cover_alpha: Unit = 0.3
-    tile_size: Annotated[StrictInt, Field(ge=8, le=MAX_SIZE)] = 768
-    tile_stride: Annotated[StrictInt, Field(ge=1, le=MAX_SIZE)] | None = None
-    tile_weighting: Literal["triangular", "uniform"] = "triangular"
+    scheduler: Literal[defaults.SCHEDULERS] = defaults.SCHEDULER  # type: ignore[valid-type]
+    guidance_scale: Annotated[float, Field(strict=True, ge=0.0, le=100.0)] = defaults.GUIDANCE_SCALE
+    mask_type: Literal[defaults.MASK_TYPES] = defaults.MASK_TYPE  # type: ignore[valid-type]
+    cover_alpha: Unit = defaults.COVER_ALPHA
+    tile_size: Annotated[StrictInt, Field(ge=8, le=defaults.MAX_SIZE)] = defaults.TILE_SIZE
+    tile_stride: Annotated[StrictInt, Field(ge=1, le=defaults.MAX_SIZE)] | None = None
+    tile_weighting: Literal[defaults.TILE_WEIGHTINGS] = defaults.TILE_WEIGHTING  # type: ignore[valid-type]
     circular: StrictBool = False
     region_crop: StrictBool = False
     bootstrap: Bootstrap = Field(default_factory=Bootstrap)
@@ -500,15 +495,46 @@ def _apply_overrides(data: dict, overrides, path: Path | None) -> set[KeyPath]:
     return done
 
 
-# Steps of each scheduler when the scene gives neither `steps` nor `timesteps`.
-DEFAULT_STEP_COUNTS = {"lcm": 5, "ddim": 50, "euler": 50}
-
-
 def step_count(scene: Scene) -> int:
     """How many steps a scene will take."""
     if scene.timesteps is not None:
         return len(scene.timesteps)
-    return scene.steps or DEFAULT_STEP_COUNTS[scene.scheduler]
+    return scene.steps or defaults.STEPS[scene.scheduler]
+
+
+def mask_file(mask: Any) -> str | None:
+    """The image a mask reads (an image mask's or a palette's), as written in the scene."""
+    if isinstance(mask, ImageMask):
+        return mask.image
+    if isinstance(mask, PaletteMask):
+        return mask.palette
+    return None
+
+
+def scene_files(sf: SceneFile) -> dict[KeyPath, Path]:
+    """Every file a scene reads, in scene order, by the key that names it (`layers[i].mask` for a
+    mask image or palette, `background.image`), as absolute paths."""
+    files: dict[KeyPath, Path] = {}
+    for i, layer in enumerate(sf.scene.layers):
+        source = mask_file(layer.mask)
+        if source is not None:
+            files[("layers", i, "mask")] = sf.resolve(source).absolute()
+    if sf.scene.background.image is not None:
+        files[("background", "image")] = sf.resolve(sf.scene.background.image).absolute()
+    return files
+
+
+def merge_overrides(items: list) -> dict[KeyPath, Any]:
+    """Command-line values as one ordered override mapping: `key.path=value` strings (--set) and
+    (key, value) pairs from options such as --seed; a later one wins."""
+    pairs: dict[KeyPath, Any] = {}
+    for item in items:
+        if isinstance(item, str):
+            key, value = parse_override(item)
+        else:
+            key, value = (item[0] if isinstance(item[0], tuple) else (item[0],)), item[1]
+        pairs[key] = value
+    return pairs
 
 
 def is_fraction_box(values: tuple[float, ...]) -> bool:

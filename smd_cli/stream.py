@@ -16,21 +16,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from smd_cli import defaults
+from smd_cli import masks as mask_ops
 from smd_cli.errors import SmdError
-from smd_cli.pipeline import (
-    DEFAULT_TILE_SIZE,
-    Layers,
-    StableMultiDiffusionPipeline,
-    masks_to_array,
-)
-from smd_cli.sampler import (
-    active_pairs,
-    lcm_transition,
-    randn,
-    step_inputs,
-    step_output,
-)
-from smd_cli.scene import STREAM_CFG_TYPES
+from smd_cli.family import Conditioning
+from smd_cli.pipeline import StableMultiDiffusionPipeline
+from smd_cli.prepare import Layers, prepare_layers, prepare_text
+from smd_cli.sampler import active_pairs, randn, renoise, step_inputs, step_output
 from smd_cli.views import layout, view_sizes
 
 
@@ -41,9 +33,9 @@ class StreamLayer:
     prompt: str
     negative_prompt: str = ""
     mask: np.ndarray | None = None  # [H, W] in [0, 1]; None is the whole canvas
-    mask_strength: float = 1.0
-    mask_std: float = 0.0
-    prompt_strength: float = 1.0
+    mask_strength: float = defaults.MASK_STRENGTH
+    mask_std: float = defaults.MASK_STD
+    prompt_strength: float = defaults.PROMPT_STRENGTH
 
 
 class StreamMultiDiffusion:
@@ -54,20 +46,34 @@ class StreamMultiDiffusion:
     re-blur only changed masks; with `autoflush` the next frame already shows them.
     """
 
-    def __init__(self, device: Any = None, hf_key: str | None = None, sd_version: str = "1.5", *,
-                 height: int = 512, width: int = 512, cfg_type: str = "none", guidance_scale: float = 1.2,
-                 delta: float = 1.0, autoflush: bool = True, use_tiny_vae: bool = True,
-                 mask_type: str = "continuous", bootstrap_steps: int = 1, bootstrap_mix_steps: float = 1.0,
-                 bootstrap_leak_sensitivity: float | None = 0.2, cover_alpha: float = 0.3, seed: int = 2024,
-                 timesteps: Sequence[int] | None = None, tile_size: int = DEFAULT_TILE_SIZE,
-                 dtype: Any = None, lcm_lora: str | None = "auto", vae: str | None = None,
+    def __init__(self, device: Any = None, hf_key: str | None = None, sd_version: str | None = None, *,
+                 height: int = defaults.STREAM_SIZE, width: int = defaults.STREAM_SIZE,
+                 cfg_type: str = defaults.STREAM_CFG_TYPE, guidance_scale: float = defaults.STREAM_GUIDANCE_SCALE,
+                 delta: float = defaults.STREAM_DELTA, autoflush: bool = True, use_tiny_vae: bool | None = None,
+                 mask_type: str = defaults.STREAM_MASK_TYPE, bootstrap_steps: int = defaults.BOOTSTRAP_STEPS,
+                 bootstrap_mix_steps: float = defaults.BOOTSTRAP_MIX_STEPS,
+                 bootstrap_leak_sensitivity: float | None = defaults.LEAK_SENSITIVITY,
+                 bootstrap_centre: bool = defaults.BOOTSTRAP_CENTRE,
+                 cover_alpha: float = defaults.COVER_ALPHA, seed: int = defaults.STREAM_SEED,
+                 timesteps: Sequence[int] | None = None, tile_size: int = defaults.TILE_SIZE,
+                 dtype: Any = None, lcm_lora: str | None = None, vae: str | None = None,
                  pipeline: StableMultiDiffusionPipeline | None = None, overlap_decode: bool = False,
                  compile: bool = False):
-        if cfg_type not in STREAM_CFG_TYPES:
-            raise SmdError(f"cfg_type must be one of {', '.join(STREAM_CFG_TYPES)}, got {cfg_type!r}")
+        """Load a model as `StableMultiDiffusionPipeline` does (the tiny autoencoder by default), or
+        stream from a loaded `pipeline`, which then decides the model, device, dtype and autoencoder."""
+        if cfg_type not in defaults.STREAM_CFG_TYPES:
+            raise SmdError(f"cfg_type must be one of {', '.join(defaults.STREAM_CFG_TYPES)}, got {cfg_type!r}")
+        loading = dict(device=device, hf_key=hf_key, sd_version=sd_version, dtype=dtype, lcm_lora=lcm_lora, vae=vae,
+                       use_tiny_vae=use_tiny_vae)
+        if pipeline is not None:
+            given = [name for name, value in loading.items() if value is not None]
+            if given:
+                raise SmdError(f"StreamMultiDiffusion(pipeline=...) streams from that pipeline's model; "
+                               f"{', '.join(given)} would be ignored: leave them out, or leave out pipeline")
         self.pipe = pipeline or StableMultiDiffusionPipeline(
-            device, hf_key=hf_key, sd_version=sd_version, dtype=dtype, lcm_lora=lcm_lora, vae=vae,
-            use_tiny_vae=use_tiny_vae)
+            device, hf_key=hf_key, sd_version=sd_version or "1.5", dtype=dtype,
+            lcm_lora="auto" if lcm_lora is None else lcm_lora, vae=vae,
+            use_tiny_vae=True if use_tiny_vae is None else use_tiny_vae)
         pipe = self.pipe
         f = pipe.vae_scale_factor
         if height % f or width % f:
@@ -81,9 +87,10 @@ class StreamMultiDiffusion:
         self.bootstrap_steps = bootstrap_steps
         self.bootstrap_mix_steps = bootstrap_mix_steps
         self.leak_sensitivity = bootstrap_leak_sensitivity
+        self.bootstrap_centre = bootstrap_centre
         self.cover_alpha = cover_alpha
         self.schedule = pipe.schedule(timesteps=timesteps)
-        self.shape = (1, pipe.unet.config.in_channels, height // f, width // f)
+        self.shape = (1, pipe.family.channels, height // f, width // f)
         window, stride = view_sizes(height, width, tile_size, None, f)
         self.views = layout(self.shape[2], self.shape[3], (window, window), (stride, stride), device=pipe.device)
 
@@ -94,7 +101,7 @@ class StreamMultiDiffusion:
         self.stage_noises = [randn(self.shape, self.generator, pipe.device, torch.float32) for _ in range(stages - 1)]
         self.white = pipe.white_latent(height, width)
         self.stages: list[torch.Tensor] = [
-            lcm_transition(self.white, self.schedule.alphas[k], self.schedule.sigmas[k], self.stage_noises[k - 1])
+            renoise(self.white, self.schedule.alphas[k], self.schedule.sigmas[k], self.stage_noises[k - 1])
             for k in range(1, stages)]
         self.stock: torch.Tensor | None = None  # residual-CFG noise per stage and layer; persists
 
@@ -105,8 +112,8 @@ class StreamMultiDiffusion:
         self.background_negative_prompt = ""
         self._blur_cache: dict = {}
         self._prepared: Layers | None = None
-        self._cond: torch.Tensor | None = None
-        self._uncond: torch.Tensor | None = None
+        self._cond: Conditioning | None = None
+        self._uncond: Conditioning | None = None
         self.calls = 0
         # Decoding frame n while the UNet runs frame n + 1: the stream then runs one call ahead.
         self.overlap_decode = overlap_decode
@@ -123,11 +130,8 @@ class StreamMultiDiffusion:
                           negative_prompt: str | None = None) -> None:
         """Replace the background picture (kept where no layer paints) and/or its prompts."""
         if image is not None:
-            image = image.convert("RGB")
-            if image.size != (self.width, self.height):
-                image = image.resize((self.width, self.height), Image.LANCZOS)
-            self.background_image = image
-            self.background_latent = self.pipe.encode_image(image, self.height, self.width)
+            self.background_image = mask_ops.fit_picture(image, self.width, self.height)
+            self.background_latent = self.pipe.encode_image(self.background_image)
         if prompt is not None:
             self.background_prompt = prompt
         if negative_prompt is not None:
@@ -164,14 +168,9 @@ class StreamMultiDiffusion:
         del self.layers[idx]
         self._changed()
 
-    remove_layer = remove_single_layer
-
     def _mask(self, mask: Any) -> np.ndarray:
-        array = masks_to_array([mask] if not isinstance(mask, (list, tuple)) else mask, 1)[0]
-        if array.shape != (self.height, self.width):
-            array = masks_to_array([Image.fromarray((array * 255).astype(np.uint8)).resize(
-                (self.width, self.height), Image.BILINEAR)], 1)[0]
-        return array
+        array = mask_ops.api_masks([mask] if not isinstance(mask, (list, tuple)) else mask, 1)
+        return mask_ops.fit_masks(array, self.height, self.width)[0]
 
     def _changed(self) -> None:
         self._prepared = None
@@ -187,13 +186,14 @@ class StreamMultiDiffusion:
                         np.stack([full if l.mask is None else l.mask for l in self.layers]),
                         [l.mask_strength for l in self.layers], [l.mask_std for l in self.layers],
                         [l.prompt_strength for l in self.layers])
-        self._prepared = self.pipe.prepare_layers(
-            layers, self.schedule, cover_alpha=self.cover_alpha, mask_type=self.mask_type,
-            background_image=self.background_latent is not None, background_prompt=self.background_prompt,
-            background_negative_prompt=self.background_negative_prompt, blur_cache=self._blur_cache)
-        need_uncond = self.cfg_type != "none" and self.pipe.unet.config.get("time_cond_proj_dim") is None
-        self._cond, self._uncond = self.pipe.prepare_text(self._prepared, self.background_prompt,
-                                                          self.background_negative_prompt, need_uncond)
+        self._prepared = prepare_layers(
+            layers, self.schedule, factor=self.pipe.vae_scale_factor, device=self.pipe.device,
+            cover_alpha=self.cover_alpha, mask_type=self.mask_type, picture=self.background_latent is not None,
+            background_prompt=self.background_prompt, background_negative_prompt=self.background_negative_prompt,
+            blur_cache=self._blur_cache)
+        self._cond, self._uncond = prepare_text(self.pipe.encode_prompts, self._prepared, self.background_prompt,
+                                                self.background_negative_prompt,
+                                                self.pipe.runs_unconditional(self.guidance_scale))
         self._active = active_pairs(self._prepared.step_masks, self.views)
         if self.stock is None or self.stock.shape[1] != len(self._prepared.prompts):
             self.stock = None  # layers were added or removed: restart the residual noise
@@ -217,8 +217,8 @@ class StreamMultiDiffusion:
         noises = [fresh] + self.stage_noises  # the noise each stage's latent holds
         batches = [step_inputs(latents[k], noises[k], k, schedule, self._prepared.step_masks[k], self.views,
                                self._active[k], bootstrap_steps=self.bootstrap_steps,
-                               bootstrap_mix_steps=self.bootstrap_mix_steps, white=self.white,
-                               background=self.background_latent) for k in range(len(schedule))]
+                               bootstrap_mix_steps=self.bootstrap_mix_steps, centre=self.bootstrap_centre,
+                               white=self.white, background=self.background_latent) for k in range(len(schedule))]
         eps = self._predict(batches, noises)
         x0s, start = [], 0
         for batch in batches:
@@ -226,7 +226,7 @@ class StreamMultiDiffusion:
             x0s.append(step_output(batch, eps[start : start + n], schedule, self.shape,
                                    leak_sensitivity=self.leak_sensitivity, background=self.background_latent))
             start += n
-        self.stages = [lcm_transition(x0s[k], schedule.alphas[k + 1], schedule.sigmas[k + 1], self.stage_noises[k])
+        self.stages = [renoise(x0s[k], schedule.alphas[k + 1], schedule.sigmas[k + 1], self.stage_noises[k])
                        for k in range(len(schedule) - 1)]
         self.calls += 1
         return x0s[-1]
@@ -238,25 +238,29 @@ class StreamMultiDiffusion:
         t = torch.tensor([self.schedule.timesteps[b.k] for b in batches for _ in b.pairs], device=pipe.device)
         layers = torch.tensor([p for b in batches for p, _ in b.pairs], device=pipe.device)
         cond = self._cond[layers]
-        if self._uncond is None:  # cfg_type none, or a guidance-distilled UNet (guidance as embedding)
-            return pipe.unet_eps(x, t, cond, g)
+        if self._uncond is None:  # no unconditional pass: cfg_type none, guidance <= 1, or a distilled model
+            return pipe.predict(x, t, cond, g)
         if self.cfg_type == "full":
-            eps_u, eps_c = pipe.unet_eps(torch.cat([x, x]), torch.cat([t, t]),
-                                         torch.cat([self._uncond[layers], cond]), g).chunk(2)
+            eps_u, eps_c = pipe.predict(torch.cat([x, x]), torch.cat([t, t]),
+                                        Conditioning.cat([self._uncond[layers], cond]), g).chunk(2)
             return eps_u + g * (eps_c - eps_u)
         # Residual guidance: the unconditional noise is delta times the stock noise, which starts as
         # the noise each stage's latent holds and then carries its residual down the stages.
         stock = self._stock(noises)
         first = len(batches[0].pairs)
         if self.cfg_type == "initialize":  # one extra unconditional pass, for stage 0 only
-            out = pipe.unet_eps(torch.cat([x, x[:first]]), torch.cat([t, t[:first]]),
-                                torch.cat([cond, self._uncond[layers[:first]]]), g)
+            out = pipe.predict(torch.cat([x, x[:first]]), torch.cat([t, t[:first]]),
+                               Conditioning.cat([cond, self._uncond[layers[:first]]]), g)
             eps_c, eps_u0 = out[: len(x)], out[len(x):]
-            for i, (p, v) in enumerate(batches[0].pairs):
-                stock[0, p] = _paste(stock[0, p], eps_u0[i], self.views[v])
+            for i, (p, _) in enumerate(batches[0].pairs):
+                window = batches[0].windows[i]
+                held = window.crop(stock[0, p : p + 1])
+                stock[0, p] = _paste(stock[0, p], batches[0].uncentred(i, eps_u0[i : i + 1], held)[0], window)
         else:
-            eps_c = pipe.unet_eps(x, t, cond, g)
-        eps_u = torch.cat([self.views[v].crop(stock[b.k, p : p + 1]) for b in batches for p, v in b.pairs])
+            eps_c = pipe.predict(x, t, cond, g)
+        # A centred input holds its noise moved with it, the noise moved out wrapping round (SPEC 3.2).
+        eps_u = torch.cat([torch.roll(b.windows[i].crop(stock[b.k, p : p + 1]), b.shifts[i], dims=(-2, -1))
+                           for b in batches for i, (p, _) in enumerate(b.pairs)])
         self._carry_stock(stock, noises)
         return self.delta * eps_u + g * (eps_c - self.delta * eps_u)
 

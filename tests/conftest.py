@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,15 @@ def reference_pipe(tiny_model):
 
 
 @pytest.fixture()
+def scene_dir(tmp_path) -> Path:
+    """A copy of tests/data (a scene with a palette and an image mask), so outputs written next to the
+    scene stay in a temporary folder."""
+    target = tmp_path / "scene"
+    shutil.copytree(DATA, target)
+    return target
+
+
+@pytest.fixture()
 def run_cli():
     """Invoke `smd` in-process; returns the click Result (exit_code, stdout, stderr)."""
     from typer.testing import CliRunner
@@ -77,3 +87,14 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def load_mask(path):
+    """A published mask as the original README loads it: alpha > 0.5, as a float tensor [1, H, W]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    # The README: mask = (T.ToTensor()(Image.open(...).convert('RGBA'))[-1:] > 0.5).float()
+    rgba = np.asarray(Image.open(path).convert("RGBA"), dtype=np.float32) / 255.0
+    return (torch.from_numpy(rgba[..., 3:]).permute(2, 0, 1) > 0.5).float()

@@ -112,10 +112,10 @@ def test_corpus_size():
 
 @pytest.mark.parametrize("name, command, scene, files, args, fragment, code", CORPUS, ids=[c[0] for c in CORPUS])
 def test_bad_input(run_cli, tiny_model, tmp_path, monkeypatch, name, command, scene, files, args, fragment, code):
-    from smd_cli import models
+    from smd_cli import memory
 
     # The same answer on every machine: this device has 4 GiB free.
-    monkeypatch.setattr(models, "available_memory", lambda device: 4 * 1024**3)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 4 * 1024**3)
     for file, content in files.items():
         (tmp_path / file).write_bytes(content if isinstance(content, bytes) else content.encode())
     scene_path = tmp_path / "s.yaml"

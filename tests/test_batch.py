@@ -4,23 +4,16 @@ overwrite, metadata with `smd show` / `smd reproduce`, Ctrl-C, out-of-memory and
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA, write
+from conftest import write
 from PIL import Image
 
+from smd_cli import generate
 from smd_cli.batch import parse_seeds
 from smd_cli.errors import SmdError
-
-
-@pytest.fixture()
-def scene_dir(tmp_path) -> Path:
-    target = tmp_path / "scene"
-    shutil.copytree(DATA, target)
-    return target
 
 
 def small_scene(folder: Path, name: str, seed: int | None = 1, extra: str = "") -> Path:
@@ -102,7 +95,7 @@ def test_seeds_make_one_image_each(run_cli, tiny_model, tmp_path, pipe):
     rows = json_lines(result.stdout)
     assert [r["seed"] for r in rows] == [3, 5, 6] and {r["status"] for r in rows} == {"done"}
     assert [Path(r["path"]).name for r in rows] == ["a-3.png", "a-5.png", "a-6.png"]
-    expected = pipe.generate(load_scene(scene, {("seed",): 5})).image
+    expected = generate(pipe, load_scene(scene, {("seed",): 5})).image
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o" / "a-5.png")), np.asarray(expected))
     assert "summary" in result.stderr and "3 done" in result.stderr  # the table goes to stderr
 
@@ -135,16 +128,16 @@ def test_a_failing_scene_does_not_stop_the_batch(run_cli, tiny_model, tmp_path):
 
 
 def test_a_failure_during_generation_is_reported_and_the_rest_run(run_cli, tiny_model, tmp_path, monkeypatch):
-    from smd_cli.pipeline import StableMultiDiffusionPipeline
+    from smd_cli import render
 
-    original = StableMultiDiffusionPipeline.generate
+    original = render.generate
 
-    def flaky(self, scene, **kwargs):
+    def flaky(pipe, scene, **kwargs):
         if scene.name == "b":
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return original(self, scene, **kwargs)
+        return original(pipe, scene, **kwargs)
 
-    monkeypatch.setattr(StableMultiDiffusionPipeline, "generate", flaky)
+    monkeypatch.setattr(render, "generate", flaky)
     scenes = [small_scene(tmp_path, n) for n in "abc"]
     result = gen(run_cli, tiny_model, *scenes, "--json", "--out", tmp_path / "{scene}.png")
     assert result.exit_code == 1
@@ -209,17 +202,17 @@ def test_quiet_and_verbose(run_cli, tiny_model, tmp_path):
 
 
 def test_ctrl_c_in_a_batch_keeps_what_was_done_and_exits_130(run_cli, tiny_model, tmp_path, monkeypatch):
-    from smd_cli.pipeline import StableMultiDiffusionPipeline
+    from smd_cli import render
 
-    original, calls = StableMultiDiffusionPipeline.generate, []
+    original, calls = render.generate, []
 
-    def interrupted_second(self, scene, **kwargs):
+    def interrupted_second(pipe, scene, **kwargs):
         calls.append(scene.name)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return original(self, scene, **kwargs)
+        return original(pipe, scene, **kwargs)
 
-    monkeypatch.setattr(StableMultiDiffusionPipeline, "generate", interrupted_second)
+    monkeypatch.setattr(render, "generate", interrupted_second)
     scenes = [small_scene(tmp_path, n) for n in "abc"]
     result = gen(run_cli, tiny_model, *scenes, "--out", tmp_path / "o" / "{scene}.png")
     assert result.exit_code == 130
@@ -305,14 +298,14 @@ def test_python_api_saves_and_reads_records(pipe, scene_dir, tmp_path):
     from smd_cli.metadata import read_record
     from smd_cli.scene import load_scene
 
-    result = pipe.generate(load_scene(scene_dir / "scene.yaml"))
+    result = generate(pipe, load_scene(scene_dir / "scene.yaml"))
     first = result.save(tmp_path / "a.png")
     second = result.save(tmp_path / "a.png")
     assert (first.name, second.name) == ("a.png", "a-1.png")
     record = read_record(first)
     assert record.seed == 42 and record.name == "scene" and record.dtype == "float32"
     assert all(status == "matches" for _, status in record.check_files())
-    again = pipe.generate(record.scene_file())
+    again = generate(pipe, record.scene_file())
     np.testing.assert_array_equal(np.asarray(again.image), np.asarray(result.image))
     result.save(tmp_path / "b.jpg")
     with pytest.raises(SmdError, match="no smd metadata"):
@@ -358,7 +351,7 @@ def test_out_of_memory_halves_the_batch_until_it_fits(pipe, monkeypatch):
     from smd_cli.pipeline import StableMultiDiffusionPipeline
 
     calls = []
-    original = StableMultiDiffusionPipeline.unet_eps
+    original = StableMultiDiffusionPipeline.predict
 
     def small_device(self, x, *args, **kwargs):
         calls.append(x.shape[0])
@@ -370,23 +363,23 @@ def test_out_of_memory_halves_the_batch_until_it_fits(pipe, monkeypatch):
     masks[0, :, :32], masks[1, :, 32:], masks[2, 16:48, 16:48] = 1, 1, 1
     kwargs = dict(masks=masks, height=64, width=64, output_type="np", bootstrap_steps=0)
     reference = pipe(["a", "b", "c"], generator=torch.Generator().manual_seed(0), max_batch=2, **kwargs)
-    monkeypatch.setattr(StableMultiDiffusionPipeline, "unet_eps", small_device)
+    monkeypatch.setattr(StableMultiDiffusionPipeline, "predict", small_device)
     with pytest.warns(UserWarning, match="out of memory with 3 .* retrying with 2"):
         image = pipe(["a", "b", "c"], generator=torch.Generator().manual_seed(0), max_batch=8, **kwargs)
     np.testing.assert_array_equal(image, reference)
     assert calls[:3] == [3, 2, 1] and set(calls[3:]) == {2, 1}  # the halved size holds for later steps
 
-    monkeypatch.setattr(StableMultiDiffusionPipeline, "unet_eps",
+    monkeypatch.setattr(StableMultiDiffusionPipeline, "predict",
                         lambda self, *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
     with pytest.warns(UserWarning), pytest.raises(SmdError, match="out of memory even with one"):
         pipe(["a", "b", "c"], generator=torch.Generator().manual_seed(0), max_batch=8, **kwargs)
 
 
 def test_a_canvas_too_large_for_the_device_is_refused_before_loading(run_cli, tiny_model, tmp_path, monkeypatch):
-    from smd_cli import models, pipeline
+    from smd_cli import memory, pipeline
 
     monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
-    monkeypatch.setattr(models, "available_memory", lambda device: 2 * 1024**3)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2 * 1024**3)
     scene = write(tmp_path / "big.yaml", "width: 8192\nheight: 8192\nlayers: [{prompt: a}]\n")
     result = gen(run_cli, tiny_model, scene)
     assert result.exit_code == 2
@@ -483,7 +476,7 @@ def test_the_hash_recorded_is_of_the_bytes_the_masks_were_made_from(pipe, tmp_pa
     scene = load_scene(write(tmp_path / "s.yaml", "seed: 1\nlayers:\n  - {prompt: a, mask: m.png}\n"))
     masks = scene_masks(scene)
     Image.new("L", (32, 32), 0).save(tmp_path / "m.png")  # repainted while the batch runs
-    path = pipe.generate(scene, masks=masks).save(tmp_path / "x.png")
+    path = generate(pipe, scene, masks=masks).save(tmp_path / "x.png")
     assert read_record(path).check_files() == [(str(tmp_path / "m.png"), "changed")]
 
 
@@ -500,9 +493,9 @@ def test_a_record_that_expands_without_end_is_refused(run_cli, tmp_path):
 
 
 def test_memory_hint_follows_the_autoencoder(run_cli, tiny_model, tmp_path, monkeypatch):
-    from smd_cli import models
+    from smd_cli import memory
 
-    monkeypatch.setattr(models, "available_memory", lambda device: 2 * 1024**3)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2 * 1024**3)
     scene = write(tmp_path / "big.yaml", "width: 8192\nheight: 8192\nlayers: [{prompt: a}]\n")
     full = gen(run_cli, tiny_model, scene, "--dry-run")
     assert full.exit_code == 2 and "use --vae tiny, whose decoder needs far less" in full.stderr
@@ -510,11 +503,38 @@ def test_memory_hint_follows_the_autoencoder(run_cli, tiny_model, tmp_path, monk
     assert tiny.exit_code == 2 and "the decoder alone is too large" in tiny.stderr
     # With SD's own autoencoder (a hub id's defaults), the tiny one needs several times less.
     sizes = dict(width=8192, height=8192, factor=8, tile_size=768, max_batch=1, cfg=False, dtype_bytes=2)
-    sd = models.estimate_memory("some/sd-model", **sizes)
-    taesd = models.estimate_memory("some/sd-model", vae="tiny", **sizes)
+    sd = memory.estimate_memory("some/sd-model", **sizes)
+    taesd = memory.estimate_memory("some/sd-model", vae="tiny", **sizes)
     assert sd.vae_is_full and not taesd.vae_is_full and sd.decode > 4 * taesd.decode
 
 
 def test_a_panorama_scene_that_is_not_there(run_cli):
     result = run_cli("panorama", "missng.yaml")
     assert result.exit_code == 2 and "missng.yaml: scene file not found" in result.stderr
+
+
+# --- the library behind the command -------------------------------------------------------------
+
+
+def test_the_batch_engine_from_python(tiny_model, tmp_path):
+    """What `smd generate` runs, called from Python: every check before loading, events for everything."""
+    from smd_cli import batch
+
+    scenes = [small_scene(tmp_path, "a"), write(tmp_path / "broken.yaml", "layers: [\n"), small_scene(tmp_path, "b")]
+    options = batch.Options(model=str(tiny_model), device="cpu", seeds=[1, 2],
+                            output=str(tmp_path / "o" / "{scene}-{seed}.png"))
+    events: list = []
+    plan = batch.plan(scenes, options, on_event=events.append)
+    assert [(j.scene.name, j.seed) for j in plan.jobs] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    assert [o.scene for o in plan.invalid] == ["broken"] and "not valid YAML" in plan.invalid[0].error
+    assert any(isinstance(e, batch.Message) and "needs about" in e.text for e in events)
+    outcomes = batch.run(plan, options, on_event=events.append)
+    assert [o.status for o in outcomes] == ["invalid", "done", "done", "done", "done"]
+    assert batch.exit_code(outcomes) == 1
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a-1.png", "a-2.png", "b-1.png", "b-2.png"]
+    kinds = [type(e).__name__ for e in events]
+    assert kinds.count("Loading") == 1 and kinds.count("Loaded") == 1  # one model for the whole batch
+    steps = [(e.job.index, e.step) for e in events if isinstance(e, batch.Progress)]
+    assert steps == [(i, k) for i in range(4) for k in range(6)]  # 0 when it starts, then each of 5 steps
+    finished = [e.outcome.path for e in events if isinstance(e, batch.Finished)]
+    assert finished == [o.path for o in outcomes[1:]]

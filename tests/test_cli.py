@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import DATA, SCENES, write
 from PIL import Image
-
-
-@pytest.fixture()
-def scene_dir(tmp_path) -> Path:
-    """A copy of tests/data, so outputs written next to the scene stay in a temporary folder."""
-    target = tmp_path / "scene"
-    shutil.copytree(DATA, target)
-    return target
 
 
 def test_generate_a_scene_end_to_end(run_cli, tiny_model, scene_dir):
@@ -33,12 +23,13 @@ def test_generate_a_scene_end_to_end(run_cli, tiny_model, scene_dir):
 
 
 def test_cli_output_equals_the_python_api(run_cli, tiny_model, scene_dir, pipe, tmp_path):
+    from smd_cli import generate
     from smd_cli.scene import load_scene
 
     out = tmp_path / "cli.png"
     result = run_cli("generate", scene_dir / "scene.yaml", "--model", tiny_model, "--device", "cpu", "--out", out)
     assert result.exit_code == 0, result.stderr
-    api = pipe.generate(load_scene(scene_dir / "scene.yaml")).image
+    api = generate(pipe, load_scene(scene_dir / "scene.yaml")).image
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(api))
 
 

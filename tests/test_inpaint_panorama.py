@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE, write
+from conftest import REFERENCE, load_mask, write
 from PIL import Image
-from test_seed_examples import load_mask
 
+from smd_cli import generate
 from smd_cli import masks as M
 from smd_cli.scene import load_scene
 
@@ -40,7 +40,7 @@ layers:
 
 def test_inpainting_keeps_the_picture_exactly_outside_every_blurred_mask(pipe, tmp_path, photo):
     sf = load_scene(_inpaint_scene(tmp_path, photo))
-    out = np.asarray(pipe.generate(sf).image)
+    out = np.asarray(generate(pipe, sf).image)
     resized = np.asarray(Image.open(photo).convert("RGB").resize((64, 64), Image.LANCZOS))
     raw = M.scene_masks(sf).masks
     blurred, _ = M.prepare(raw, cover_alpha=0.3, stds=[2, 0], strengths=[1, 1])

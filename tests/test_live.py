@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import urllib.request
 from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA
 from PIL import Image
 
-from smd_cli.live import FrameSink, LiveState, PreviewServer, SceneWatcher, run_stream, scene_stream
+from smd_cli.live import FrameSink, LiveState, PreviewServer, SceneWatcher, run_stream
+from smd_cli.render import scene_stream
 from smd_cli.scene import load_scene
-
-
-@pytest.fixture()
-def scene_dir(tmp_path) -> Path:
-    target = tmp_path / "scene"
-    shutil.copytree(DATA, target)
-    return target
 
 
 def test_gif_has_the_right_frame_count(run_cli, tiny_model, scene_dir, tmp_path):

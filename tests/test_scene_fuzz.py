@@ -10,7 +10,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smd_cli.errors import SmdError
+from smd_cli.errors import SceneError, SmdError
 from smd_cli.scene import Layer, Scene, SceneFile, load_scene
 
 EXAMPLES = 300
@@ -40,8 +40,11 @@ def check(tmp_path, text: str, overrides=None) -> None:
     try:
         result = load_scene(path, overrides)
     except SmdError as exc:
+        # One line that says where: the scene file (and line and key), or the --set text at fault.
         message = str(exc)
-        assert message and "Traceback" not in message
+        assert isinstance(exc, SceneError), type(exc)
+        assert message.strip() and "\n" not in message, message
+        assert message.startswith(str(path)) or message.startswith("--set "), message
         return
     assert isinstance(result, SceneFile) and isinstance(result.scene, Scene)
     for key in ("guidance_scale", "cover_alpha"):

@@ -5,17 +5,10 @@ from __future__ import annotations
 
 from functools import reduce
 
-import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE
+from conftest import REFERENCE, load_mask
 from PIL import Image
-
-
-def load_mask(path) -> torch.Tensor:
-    # The README: mask = (T.ToTensor()(Image.open(...).convert('RGBA'))[-1:] > 0.5).float()
-    rgba = np.asarray(Image.open(path).convert("RGBA"), dtype=np.float32) / 255.0
-    return (torch.from_numpy(rgba[..., 3:]).permute(2, 0, 1) > 0.5).float()
 
 
 @pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference scenes not available on this machine")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE
+from conftest import REFERENCE, load_mask
 from PIL import Image
 
 from smd_cli.sampler import randn
@@ -156,7 +156,6 @@ def test_zeus_streams_end_to_end(tiny_model_f8, tmp_path):
     """The original README's streaming example, with a tiny random TAESD standing in for madebyollin/taesd."""
     from functools import reduce
 
-    from test_seed_examples import load_mask
     from tinymodel import build_tiny_taesd
 
     from smd_cli import StreamMultiDiffusion

@@ -1,0 +1,56 @@
+"""SPEC section 7 in code: every default and every set of choices, in one place.
+
+Scenes (pydantic), the Python API, the stream and the CLI all take their defaults from here, so a
+default cannot differ between the ways in. No imports: `smd validate` reads this too.
+"""
+
+from __future__ import annotations
+
+# Models.
+MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MODEL_VAE_FACTOR = 8  # the default model's VAE downscale factor, known before the model is downloaded
+LCM_LORA = "latent-consistency/lcm-lora-sdv1-5"
+TINY_VAE = "madebyollin/taesd"
+
+# Schedules (SPEC 1): LCM's default 5 steps are these indices of its 50-step grid.
+SCHEDULERS = ("lcm", "ddim", "euler")
+SCHEDULER = "lcm"
+LCM_ORIGINAL_STEPS = 50
+LCM_INDICES = (0, 4, 12, 25, 37)
+STEPS = {"lcm": len(LCM_INDICES), "ddim": 50, "euler": 50}
+
+# Guidance and prompts.
+GUIDANCE_SCALE = 1.0
+NEGATIVE_PREFIX = "worst quality, bad quality, normal quality, cropped, framed"  # the examples' prefix
+
+# Masks (SPEC 2.2).
+MASK_TYPES = ("discrete", "semi-continuous", "continuous")
+MASK_TYPE = "discrete"
+STREAM_MASK_TYPE = "continuous"
+MASK_STRENGTH = 1.0
+MASK_STD = 0.0
+PROMPT_STRENGTH = 1.0
+COVER_ALPHA = 0.3
+
+# Bootstrapping (SPEC 3.2, 3.5).
+BOOTSTRAP_STEPS = 1
+BOOTSTRAP_MIX_STEPS = 1.0
+LEAK_SENSITIVITY = 0.2
+BOOTSTRAP_CENTRE = False
+
+# Canvas and views (SPEC 5).
+SIZE = 512  # pixels, when neither the scene nor a mask image gives one
+MAX_SIZE = 16384  # pixels, either side
+TILE_SIZE = 768  # pixels; a canvas within one tile is one view
+TILE_WEIGHTINGS = ("triangular", "uniform")
+TILE_WEIGHTING = "triangular"
+PANORAMA_WIDTH, PANORAMA_HEIGHT = 3072, 512  # the original project's panorama example
+
+# Streaming (SPEC 6).
+STREAM_CFG_TYPES = ("none", "full", "self", "initialize")
+STREAM_CFG_TYPE = "none"
+STREAM_GUIDANCE_SCALE = 1.2
+STREAM_DELTA = 1.0
+STREAM_SEED = 2024  # the original project's examples' seed
+STREAM_SIZE = 512
+

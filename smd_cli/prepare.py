@@ -1,0 +1,133 @@
+"""Inputs prepared once per generation (SPEC 2), by the pipeline and the stream alike.
+
+A `Request` is one image to make in the engine's terms: each layer's prompt, negative prompt,
+mask at canvas size and strengths, the background, and every setting of the method. The Python
+API (`StableMultiDiffusionPipeline.__call__`) and scenes (`smd_cli.render`) both arrive at one.
+From it, `prepare_layers` derives the per-step masks m_{p,k} at latent size (SPEC 2.2), with the
+uncovered area as a background layer, and `prepare_text` the conditioning of every layer, mixed
+toward the background prompt by prompt strength (SPEC 2.1). The model is reached only through
+the `encode` function passed in.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from smd_cli import defaults
+from smd_cli import masks as mask_ops
+from smd_cli.errors import SmdError
+from smd_cli.family import Conditioning
+from smd_cli.sampler import Schedule
+
+
+@dataclass
+class Layers:
+    """Per-layer inputs in layer order, and what SPEC 2.2 makes of their masks."""
+
+    prompts: list[str]
+    negatives: list[str]
+    masks: np.ndarray  # [P, H, W] raw masks at canvas size
+    strengths: list[float]
+    stds: list[float]
+    prompt_strengths: list[float]
+    blurred: np.ndarray | None = None  # [P, H, W], for the final pixel blend
+    step_masks: torch.Tensor | None = None  # [K, P, 1, h, w] m_{p,k}
+
+
+@dataclass
+class Request:
+    """One image to make: the layers at canvas size, the background, and the method's settings."""
+
+    layers: Layers
+    width: int
+    height: int
+    background_prompt: str | None = None
+    background_negative_prompt: str = ""
+    picture: Image.Image | None = None  # inpainting: kept wherever no layer paints; at canvas size
+    steps: int | None = None
+    timesteps: Sequence[int] | None = None
+    scheduler: str = defaults.SCHEDULER
+    guidance_scale: float = defaults.GUIDANCE_SCALE
+    mask_type: str = defaults.MASK_TYPE
+    cover_alpha: float = defaults.COVER_ALPHA
+    bootstrap_steps: int = defaults.BOOTSTRAP_STEPS
+    bootstrap_mix_steps: float = defaults.BOOTSTRAP_MIX_STEPS
+    leak_sensitivity: float | None = defaults.LEAK_SENSITIVITY
+    bootstrap_centre: bool = defaults.BOOTSTRAP_CENTRE
+    tile_size: int = defaults.TILE_SIZE
+    tile_stride: int | None = None
+    tile_weighting: str = defaults.TILE_WEIGHTING
+    circular: bool = False
+    region_crop: bool = False
+
+    def check(self, factor: int) -> None:
+        """Raise `SmdError` for settings no scene could have (the Python API takes anything)."""
+        if self.height % factor or self.width % factor:
+            raise SmdError(f"canvas {self.width}x{self.height} is not divisible by the model's downscale "
+                           f"factor {factor}")
+        for name, value, choices in (("mask_type", self.mask_type, defaults.MASK_TYPES),
+                                     ("tile_weighting", self.tile_weighting, defaults.TILE_WEIGHTINGS)):
+            if value not in choices:
+                raise SmdError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+        if self.layers.masks.shape[1:] != (self.height, self.width):
+            raise SmdError(f"masks are {self.layers.masks.shape[2]}x{self.layers.masks.shape[1]}, the canvas "
+                           f"{self.width}x{self.height}")
+
+
+def prefixed(prefix: str | None, negative: str) -> str:
+    """A negative prompt with the negative prefix in front (SPEC 2.1)."""
+    if not prefix:
+        return negative
+    return f"{prefix}, {negative}" if negative else prefix
+
+
+def prepare_layers(layers: Layers, schedule: Schedule, *, factor: int, device: torch.device, cover_alpha: float,
+                   mask_type: str, picture: bool, background_prompt: str | None,
+                   background_negative_prompt: str = "", blur_cache: dict | None = None) -> Layers:
+    """SPEC 2.2 for a set of layers: add the background layer over the uncovered area (unless a
+    picture fills it), then occlusion, blur, strength and per-step quantization at latent size.
+
+    `blur_cache` remembers blurs across calls, so that a stream blurs again only changed masks.
+    """
+    if not picture:
+        uncovered = mask_ops.background_mask(layers.masks)
+        if uncovered.max() > 0:
+            layers = Layers([background_prompt or ""] + layers.prompts,
+                            [background_negative_prompt] + layers.negatives,
+                            np.concatenate([uncovered[None], layers.masks]), [1.0] + layers.strengths,
+                            [0.0] + layers.stds, [1.0] + layers.prompt_strengths)
+    layers.blurred, strengthened = mask_ops.prepare(layers.masks, cover_alpha=cover_alpha, stds=layers.stds,
+                                                    strengths=layers.strengths, cache=blur_cache)
+    per_step = mask_ops.step_masks(strengthened, factor, schedule.mask_sigmas, mask_type)
+    layers.step_masks = torch.from_numpy(per_step).unsqueeze(2).to(device)
+    return layers
+
+
+def prepare_text(encode: Callable[[Sequence[str]], Conditioning], layers: Layers, background_prompt: str | None,
+                 background_negative_prompt: str, unconditional: bool) -> tuple[Conditioning, Conditioning | None]:
+    """SPEC 2.1: the conditioning of every layer (and its unconditional one, when guidance runs an
+    unconditional pass), mixed toward the background prompt's by each layer's prompt strength."""
+    prompts, negatives, weights = layers.prompts, layers.negatives, layers.prompt_strengths
+    texts = prompts + (negatives if unconditional else [])
+    strengths_below_one = any(w != 1.0 for w in weights)
+    mix = bool(background_prompt) and strengths_below_one
+    if not background_prompt and strengths_below_one:
+        warnings.warn("prompt strength below 1 mixes a layer toward the background prompt, and there is "
+                      "none; set a background prompt or leave prompt strength at 1", stacklevel=3)
+    if mix:
+        texts = texts + [background_prompt] + ([background_negative_prompt] if unconditional else [])
+    states = encode(texts)
+    count = len(prompts)
+    cond = states[:count]
+    uncond = states[count: 2 * count] if unconditional else None
+    if mix:
+        cond = cond.mix(states[len(texts) - (2 if unconditional else 1)], weights)
+        if uncond is not None:
+            uncond = uncond.mix(states[len(texts) - 1], weights)
+    return cond, uncond

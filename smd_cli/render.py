@@ -1,0 +1,174 @@
+"""Scenes rendered: a scene file becomes a `Request`, a request an image with its record.
+
+This is the one path from scenes to the engine. `generate` makes one image of a scene (what
+`smd generate`, `smd inpaint`, `smd panorama` and `smd reproduce` do for each image);
+`scene_stream` and `apply_scene` turn the same requests into a stream and its live updates
+(`smd stream` and `--watch`).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from smd_cli import defaults
+from smd_cli.masks import SceneMasks, checked_canvas, fit_picture, scene_masks
+from smd_cli.metadata import Record, make_record
+from smd_cli.prepare import Layers, Request, prefixed
+from smd_cli.scene import SceneFile, step_count
+
+if TYPE_CHECKING:
+    from smd_cli.pipeline import StableMultiDiffusionPipeline
+    from smd_cli.sampler import StepCallback
+    from smd_cli.stream import StreamMultiDiffusion
+
+
+@dataclass
+class Result:
+    """One generated image and what made it."""
+
+    image: Any
+    seed: int | None
+    timings: dict[str, float] = field(default_factory=dict)
+    record: Record | None = None  # how it was made, written into the PNG by `save`
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the image atomically, with its record when it is a PNG; an existing file is kept
+        (the image gets `name-1.png`, ...) unless `overwrite`. Returns the path written."""
+        from smd_cli.metadata import png_info
+        from smd_cli.outputs import save_image
+
+        path = Path(path)
+        info = png_info(self.record) if self.record is not None and path.suffix.lower() == ".png" else None
+        return save_image(self.image, path, info, overwrite=overwrite)
+
+
+def scene_request(sf: SceneFile, masks: SceneMasks) -> Request:
+    """What the engine needs of a scene whose masks were read at canvas size."""
+    s = sf.scene
+    prefix = s.negative_prefix
+    layers = Layers([layer.prompt for layer in s.layers],
+                    [prefixed(prefix, layer.negative_prompt) for layer in s.layers], masks.masks,
+                    [layer.mask_strength for layer in s.layers], [layer.mask_std for layer in s.layers],
+                    [layer.prompt_strength for layer in s.layers])
+    picture = None if masks.picture is None else fit_picture(masks.picture, masks.width, masks.height)
+    return Request(layers, masks.width, masks.height, s.background.prompt,
+                   prefixed(prefix, s.background.negative_prompt), picture, steps=s.steps, timesteps=s.timesteps,
+                   scheduler=s.scheduler, guidance_scale=s.guidance_scale, mask_type=s.mask_type,
+                   cover_alpha=s.cover_alpha, bootstrap_steps=s.bootstrap.steps,
+                   bootstrap_mix_steps=s.bootstrap.mix_steps, leak_sensitivity=s.bootstrap.leak_sensitivity,
+                   bootstrap_centre=s.bootstrap.centre, tile_size=s.tile_size, tile_stride=s.tile_stride, tile_weighting=s.tile_weighting,
+                   circular=s.circular, region_crop=s.region_crop)
+
+
+def needs_picture(sf: SceneFile) -> None:
+    """Inpainting paints over a picture: the scene must name one."""
+    if sf.scene.background.image is None:
+        raise sf.error(("background",), "inpainting needs a picture: set background.image in the scene "
+                                        "or pass --image PATH")
+
+
+def one_layer(sf: SceneFile) -> None:
+    """A panorama is one prompt over a wide canvas: the scene must have one layer."""
+    if len(sf.scene.layers) != 1:
+        raise sf.error(("layers",), f"a panorama scene has one layer, this one has {len(sf.scene.layers)}; "
+                                    "use `smd generate` for several")
+
+
+def generate(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, masks: SceneMasks | None = None,
+             max_batch: int | None = None, callback: StepCallback | None = None) -> Result:
+    """One image of a validated scene, with its seed (random if unset) and its record.
+
+    `masks` reuses masks read earlier (`scene_masks`), so that the record hashes the bytes used.
+    """
+    import torch
+
+    started = time.perf_counter()
+    width, height = checked_canvas(sf, pipe.vae_scale_factor)
+    if masks is None or (masks.width, masks.height) != (width, height):
+        masks = scene_masks(sf, width, height)
+    seed = sf.scene.seed if sf.scene.seed is not None else random.randrange(2**32)
+    request = scene_request(sf, masks)
+    prepared = time.perf_counter()
+    image = pipe.run(request, generator=torch.Generator("cpu").manual_seed(seed), max_batch=max_batch,
+                     callback=callback)
+    timings = {"prepare": prepared - started, "generate": time.perf_counter() - prepared}
+    c = pipe.components
+    record = make_record(sf, seed=seed, width=width, height=height, model=c.source, lcm_lora=c.lcm_lora,
+                         vae=c.vae_source, config=c.config, device=str(pipe.device), steps=step_count(sf.scene),
+                         dtype=str(pipe.dtype).removeprefix("torch."), timings=timings, files=masks.files)
+    return Result(image=image, seed=seed, timings=timings, record=record)
+
+
+def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type: str = defaults.STREAM_CFG_TYPE,
+                 overlap_decode: bool = False, compile: bool = False) -> StreamMultiDiffusion:
+    """A stream set up from a scene: its canvas, settings, background and layers, flushed."""
+    from smd_cli.stream import StreamMultiDiffusion
+
+    s = sf.scene
+    width, height = checked_canvas(sf, pipe.vae_scale_factor)
+    # Streams default to continuous masks (SPEC 7) unless the scene chose.
+    mask_type = s.mask_type if "mask_type" in s.model_fields_set else defaults.STREAM_MASK_TYPE
+    stream = StreamMultiDiffusion(
+        pipeline=pipe, height=height, width=width, cfg_type=cfg_type, guidance_scale=s.guidance_scale,
+        autoflush=False, mask_type=mask_type, bootstrap_steps=s.bootstrap.steps,
+        bootstrap_mix_steps=s.bootstrap.mix_steps, bootstrap_leak_sensitivity=s.bootstrap.leak_sensitivity,
+        bootstrap_centre=s.bootstrap.centre, cover_alpha=s.cover_alpha, seed=s.seed if s.seed is not None else defaults.STREAM_SEED,
+        timesteps=s.timesteps, tile_size=s.tile_size, overlap_decode=overlap_decode, compile=compile)
+    apply_scene(stream, sf)
+    stream.flush()
+    stream.autoflush = True
+    return stream
+
+
+def apply_scene(stream: StreamMultiDiffusion, sf: SceneFile) -> list[str]:
+    """Turn the differences between the stream and a (re)loaded scene into layer updates.
+
+    Returns a description of what changed. The stream keeps running: no model reload, no restart.
+    """
+    masks = scene_masks(sf, stream.width, stream.height)
+    request = scene_request(sf, masks)
+    layers = request.layers
+    changes: list[str] = []
+    flush, stream.autoflush = stream.autoflush, False
+    try:
+        picture = request.picture  # without one, the background prompt paints the uncovered area
+        if picture is None and stream.background_image is not None:
+            stream.remove_background_image()
+            changes.append("background image removed")
+        elif picture is not None and (stream.background_image is None
+                                      or picture.tobytes() != stream.background_image.tobytes()):
+            stream.update_background(picture)
+            changes.append("background image")
+        if (request.background_prompt != (stream.background_prompt or "")
+                or request.background_negative_prompt != stream.background_negative_prompt):
+            stream.update_background(prompt=request.background_prompt,
+                                     negative_prompt=request.background_negative_prompt)
+            changes.append("background prompt")
+        for i, name in enumerate(masks.names):
+            fields = dict(prompt=layers.prompts[i], negative_prompt=layers.negatives[i],
+                          mask_strength=layers.strengths[i], mask_std=layers.stds[i],
+                          prompt_strength=layers.prompt_strengths[i])
+            if i >= len(stream.layers):
+                stream.update_single_layer(i, mask=layers.masks[i], **fields)
+                changes.append(f"added {name}")
+                continue
+            current = stream.layers[i]
+            edits = {k: v for k, v in fields.items() if getattr(current, k) != v}
+            mask_changed = current.mask is None or not np.array_equal(current.mask, layers.masks[i])
+            if edits or mask_changed:
+                stream.update_single_layer(i, mask=layers.masks[i] if mask_changed else None, **edits)
+                changes.append(f"{name}: " + ", ".join(list(edits) + (["mask"] if mask_changed else [])))
+        while len(stream.layers) > len(layers.prompts):
+            stream.remove_single_layer(len(stream.layers) - 1)
+            changes.append("removed a layer")
+    finally:
+        stream.autoflush = flush
+    if changes and flush:
+        stream.flush()
+    return changes

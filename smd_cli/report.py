@@ -1,0 +1,187 @@
+"""Terminal output for people, as `smd` prints it: a batch's events, its plan and summary, and the
+coverage of a scene's masks. Results go to standard output, everything else to standard error;
+progress shows only on a terminal. A Python caller gets the command's output with
+`batch.run(plan, options, on_event=Reporter())`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from smd_cli import batch
+    from smd_cli.live import StreamRun
+    from smd_cli.masks import SceneMasks
+    from smd_cli.scene import SceneFile
+
+# Piped into a file or another program, tables are as wide as their content: no cell is cut short.
+PIPE_WIDTH = 10_000
+# No markup, highlighting or emoji codes: a path like `x:cat:1.png` must print as it is on disk.
+err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False,
+              width=None if sys.stderr.isatty() else PIPE_WIDTH)
+out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False,
+              width=None if sys.stdout.isatty() else PIPE_WIDTH)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` for the command line: one yellow line."""
+    err.print(f"[yellow]warning:[/] {escape(str(message))}", markup=True)
+
+
+def error(text: str) -> None:
+    err.print(f"[red]error:[/] {escape(text)}", markup=True)
+
+
+def short(text: str, limit: int = 48) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class Reporter:
+    """Prints a batch's events (an `on_event` for `batch.plan` and `batch.run`)."""
+
+    def __init__(self, quiet: bool = False, verbose: bool = False, json: bool = False):
+        self.quiet, self.verbose, self.json = quiet, verbose, json
+        self.live: Any = None  # the status line or progress bar shown now
+        self.task: Any = None
+
+    def __call__(self, event: batch.Event) -> None:
+        from smd_cli import batch
+
+        if isinstance(event, batch.Message):
+            {"info": self.info, "detail": self.detail, "error": error}[event.level](event.text)
+        elif isinstance(event, batch.Loading):
+            if err.is_terminal and not self.quiet:
+                self.live = err.status(f"loading {event.model} on {event.device} ({event.dtype})")
+                self.live.start()
+        elif isinstance(event, batch.Loaded):
+            self.close()
+            if event.description is not None:
+                self.info(f"loaded {event.description} in {event.seconds:.1f} s")
+        elif isinstance(event, batch.Progress):
+            self._progress(event)
+        elif isinstance(event, batch.Finished):
+            self.close()
+            if event.traceback:
+                self.detail(event.traceback)
+            if event.outcome.status != batch.DONE:
+                error(f"{event.outcome.scene} (seed {event.outcome.seed}): {event.outcome.error}")
+            self.result(event.outcome)
+
+    def _progress(self, event: batch.Progress) -> None:
+        if not err.is_terminal or self.quiet:
+            return
+        if self.task is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.live = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=err, transient=True)
+            self.live.start()
+            self.task = self.live.add_task(event.job.scene.name, total=event.steps)
+        self.live.update(self.task, completed=event.step)
+
+    def close(self) -> None:
+        """Take down the status line or progress bar, if one is shown."""
+        if self.live is not None:
+            self.live.stop()
+        self.live = self.task = None
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            err.print(text)
+
+    def detail(self, text: str) -> None:
+        if self.verbose:
+            err.print(text)
+
+    def result(self, outcome: batch.Outcome) -> None:
+        """An image made (its path) or, with --json, any outcome as one JSON line."""
+        if self.json:
+            out.print(json.dumps(outcome.as_json()), soft_wrap=True)
+        elif outcome.path and outcome.status == "done":
+            out.print(outcome.path)
+
+
+def summary(outcomes: list[batch.Outcome], quiet: bool, interrupted: bool, which: str = "") -> None:
+    """A table of every image at the end of a batch (always after a failure or Ctrl-C)."""
+    from smd_cli.batch import DONE, tally
+
+    troubled = interrupted or any(o.status != DONE for o in outcomes)
+    if (len(outcomes) < 2 and not interrupted) or (quiet and not troubled):
+        return
+    table = Table(title=f"summary{which}", title_justify="left")
+    for column in ("scene", "seed", "status", "output", "seconds"):
+        table.add_column(column, justify="right" if column in ("seed", "seconds") else "left")
+    for o in outcomes:
+        table.add_row(o.scene, "-" if o.seed is None else str(o.seed), o.status,
+                      o.path or short(o.error or "-", 60), f"{o.seconds:.1f}" if o.seconds else "-")
+    err.print(table)
+    err.print(tally(outcomes))
+
+
+def plan(plan: batch.Plan, options: batch.Options, as_json: bool) -> None:
+    """What a run would make, without loading a model: a table, or JSON lines."""
+    rows = plan.rows(options)
+    if as_json:
+        for row in rows:
+            out.print(json.dumps(row), soft_wrap=True)
+        return
+    table = Table(title=f"{len(rows)} image(s) on {plan.device} ({str(plan.dtype).removeprefix('torch.')}); "
+                        "nothing loaded", title_justify="left")
+    for column in ("scene", "seed", "size", "layers", "steps", "model", "output"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["scene"], str(r["seed"]), f"{r['width']}x{r['height']}", str(r["layers"]), str(r["steps"]),
+                      r["model"], r["path"])
+    out.print(table)
+
+
+def coverage(sf: SceneFile, masks: SceneMasks, title: str, factor_known: bool = True) -> None:
+    """`smd validate`'s table: each layer's prompt, mask, share of the canvas and overlaps."""
+    from smd_cli.masks import coverage_report
+
+    rows, uncovered = coverage_report(masks.masks, masks.names)
+    table = Table(title=f"{title}  {masks.width}x{masks.height}, {len(rows)} layer(s)", title_justify="left")
+    for column in ("#", "layer", "prompt", "mask", "coverage", "overlaps"):
+        table.add_column(column, justify="right" if column in ("#", "coverage") else "left")
+    for i, (row, layer) in enumerate(zip(rows, sf.scene.layers)):
+        overlaps = ", ".join(f"{k} {v:.1f}%" for k, v in row.overlaps.items()) or "-"
+        table.add_row(str(i), row.name, short(layer.prompt), describe_mask(layer.mask), f"{row.coverage:.1f}%",
+                      overlaps)
+    out.print(table)
+    bg = sf.scene.background.prompt
+    out.print(f"uncovered (background{': ' + repr(short(bg)) if bg else ''}): {uncovered:.1f}%")
+    if not factor_known:
+        out.print("the model's downscale factor is unknown until it is downloaded; the canvas is checked against "
+                  "it when it loads")
+    out.print()
+
+
+def describe_mask(mask) -> str:
+    """A mask as the scene gives it, in a few words."""
+    if mask is None:
+        return "whole canvas"
+    for key in ("image", "palette", "rect", "ellipse"):
+        if hasattr(mask, key):
+            value = getattr(mask, key)
+            extra = f" {mask.color}" if key == "palette" else ""
+            return f"{key} {list(value) if isinstance(value, tuple) else value}{extra}"
+    return str(mask)
+
+
+@contextlib.contextmanager
+def stream_status(quiet: bool) -> Iterator[Callable[[int, Any, StreamRun], None]]:
+    """A status line under a running stream, on a terminal: yields the `on_frame` that updates it."""
+    if not err.is_terminal or quiet:
+        yield lambda index, frame, run: None
+        return
+    with err.status("starting") as line:
+        yield lambda index, frame, run: line.update(
+            f"{index} frames, {run.fps:.2f} frames/s, {run.last_call * 1000:.0f} ms a frame, "
+            f"last reload: {run.last_reload}")
