@@ -36,7 +36,7 @@ COVER_ALPHA = 0.3
 BOOTSTRAP_STEPS = 1
 BOOTSTRAP_MIX_STEPS = 1.0
 LEAK_SENSITIVITY = 0.2
-BOOTSTRAP_CENTRE = False
+BOOTSTRAP_CENTRE = True  # the reference's choice: SD models draw objects best near the middle
 
 # Canvas and views (SPEC 5).
 SIZE = 512  # pixels, when neither the scene nor a mask image gives one

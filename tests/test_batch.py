@@ -244,6 +244,7 @@ def test_ctrl_c_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_png_records_the_resolved_scene(run_cli, tiny_model, scene_dir, tmp_path):
     import yaml
 
+    import smd_cli
     from smd_cli.metadata import sha256
 
     out = tmp_path / "x.png"
@@ -260,7 +261,7 @@ def test_png_records_the_resolved_scene(run_cli, tiny_model, scene_dir, tmp_path
     files = yaml.safe_load(text["smd-files"])
     assert files == {str(palette): sha256(palette), str(scene_dir / "masks" / "right.png"):
                      sha256(scene_dir / "masks" / "right.png")}
-    assert text["smd-version"] == "0.1.0" and text["smd-seed"] == "42" and text["smd-name"] == "scene"
+    assert text["smd-version"] == smd_cli.__version__ and text["smd-seed"] == "42" and text["smd-name"] == "scene"
     assert set(json.loads(text["smd-timings"])) == {"prepare", "generate"}
     assert text["parameters"].startswith("background: blue sky | sun: the sun | lake: blue lake")
     assert "Steps: 3, Sampler: lcm, CFG scale: 1.0, Seed: 42, Size: 64x64" in text["parameters"]
@@ -310,6 +311,20 @@ def test_python_api_saves_and_reads_records(pipe, scene_dir, tmp_path):
     result.save(tmp_path / "b.jpg")
     with pytest.raises(SmdError, match="no smd metadata"):
         read_record(tmp_path / "b.jpg")
+
+
+def test_records_made_before_centring_existed_reproduce_without_it(pipe, scene_dir, tmp_path):
+    from smd_cli.metadata import read_record
+    from smd_cli.scene import load_scene
+
+    plain = generate(pipe, load_scene(scene_dir / "scene.yaml", ["bootstrap.centre=false"]))
+    centred = generate(pipe, load_scene(scene_dir / "scene.yaml"))
+    assert np.abs(np.asarray(plain.image, int) - np.asarray(centred.image, int)).mean() > 0.5
+    record = read_record(plain.save(tmp_path / "old.png"))
+    assert record.scene["bootstrap"]["centre"] is False
+    del record.scene["bootstrap"]["centre"]  # as smd 0.1.0 wrote it
+    again = generate(pipe, record.scene_file())
+    np.testing.assert_array_equal(np.asarray(again.image), np.asarray(plain.image))
 
 
 def test_a_scene_with_recorded_hashes_warns_when_a_file_changed(run_cli, tmp_path):
