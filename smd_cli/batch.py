@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 from smd_cli import defaults
 from smd_cli.distributed import Shard
-from smd_cli.errors import SmdError
+from smd_cli.errors import SmdError, unexpected
 
 if TYPE_CHECKING:
     import torch
@@ -222,13 +222,19 @@ def output_template(sf: SceneFile, output: str | None) -> str:
     return DEFAULT_TEMPLATE
 
 
-def reproducing(record: Record, output: str, *, model: str | None = None, config: str | None = None,
-                device: str | None = None, dtype: str | None = None, **options) -> Options:
-    """Options to make a recorded image again: on the recorded kind of device (cuda:1 ran there,
-    cuda runs here), in the recorded dtype, with the recorded configs, unless told otherwise."""
-    return Options(model=model, config=config or record.config, output=output,
-                   device=device or (record.device or "auto").split(":")[0], dtype=dtype or record.dtype or "auto",
-                   **options)
+def reproducing(record: Record, source: Path, output: str | None = None, *, model: str | None = None,
+                config: str | None = None, device: str | None = None, dtype: str | None = None,
+                **options) -> tuple[SceneFile, Options]:
+    """The scene and options to make the image at `source` again from its `record`: on the recorded
+    kind of device (cuda:1 ran there, cuda runs here), in the recorded dtype, with the recorded
+    configs, unless told otherwise. The new image goes beside the source by default, never onto it."""
+    sf = record.scene_file()  # its files' hashes are checked as they are read, with a warning each
+    output = output if output is not None else str(source.with_name(f"{source.stem}-reproduced.png"))
+    if Job(0, sf, record.seed, output_template(sf, output)).path().resolve() == Path(source).resolve():
+        raise SmdError(f"--out {output} is the image being reproduced; the new image must go elsewhere")
+    return sf, Options(model=model, config=config or record.config, output=output,
+                       device=device or (record.device or "auto").split(":")[0],
+                       dtype=dtype or record.dtype or "auto", **options)
 
 
 def model_of(sf: SceneFile, options: Options) -> str | None:
@@ -308,10 +314,13 @@ def plan(items: Iterable[Union[str, Path, SceneFile]], options: Options, *,
     for item in items:
         try:
             made = _plan_scene(item, options, check, device, dtype, free, len(jobs), now, emit)
-        except SmdError as exc:
+        except Exception as exc:  # smd's own errors, and any other: the scene fails alone
             path = Path(item) if isinstance(item, (str, Path)) else None
+            error = str(exc) if isinstance(exc, SmdError) else unexpected(exc)
+            if not isinstance(exc, SmdError):
+                emit(Message("detail", traceback.format_exc()))
             invalid.append(Outcome(scene=path.stem if path else item.name, file=str(path) if path else None,
-                                   seed=None, status=INVALID, error=str(exc)))
+                                   seed=None, status=INVALID, error=error))
             continue
         jobs.extend(made)
     seeds = shard.same([job.seed for job in jobs])  # seeds drawn at random must be the same in every process
@@ -434,15 +443,15 @@ def run(plan: Plan, options: Options, *, on_event: OnEvent | None = None,
         started = time.perf_counter()
         try:
             outcome, trace = _make(job, options, cache, emit), None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM or SIGHUP (errors.Terminated)
             outcomes.append(job.outcome(INTERRUPTED, seconds=time.perf_counter() - started))
             outcomes += [later.outcome(SKIPPED) for later in mine[n + 1:]]
-            emit(Message("info", "interrupted"))
+            emit(Message("info", f"interrupted by {exc}" if str(exc) else "interrupted"))
             return (plan.invalid if shard.main else []) + outcomes
         except SmdError as exc:
             outcome, trace = job.outcome(FAILED, error=str(exc)), None
         except Exception as exc:  # a bug or a library failure: report it and go on with the batch
-            outcome, trace = job.outcome(FAILED, error=f"{type(exc).__name__}: {exc}"), traceback.format_exc()
+            outcome, trace = job.outcome(FAILED, error=unexpected(exc)), traceback.format_exc()
         outcome.seconds = time.perf_counter() - started
         emit(Finished(outcome, trace))
         outcomes.append(outcome)

@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import os
+import signal
 import sys
 import typing
 import warnings
@@ -22,11 +24,12 @@ from typing import TYPE_CHECKING, Any, Iterator, List, Optional
 import typer
 
 from smd_cli import __version__
-from smd_cli.errors import SmdError
-from smd_cli.report import err, error, out, show_warning
+from smd_cli.errors import SmdError, Terminated
+from smd_cli.report import error, out, put, say, show_warning
 
 if TYPE_CHECKING:
     from smd_cli import batch
+    from smd_cli.report import Reporter
 
 app = typer.Typer(
     name="smd",
@@ -39,21 +42,61 @@ app = typer.Typer(
 )
 
 
+INTERRUPTING = ("SIGTERM", "SIGHUP")  # handled as Ctrl-C is
+_received: list[int] = []  # the signals that interrupted this command
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Print smd's own errors as one clean line and exit 2; Ctrl-C exits 130."""
+    """Print smd's own errors as one clean line and exit with their code (2); Ctrl-C, SIGTERM and
+    SIGHUP end the command cleanly with 128 + the signal's number. Anything else is a bug in smd:
+    one line too, with the traceback only when SMD_TRACEBACK is set."""
     previous = warnings.showwarning
     warnings.showwarning = show_warning
     try:
-        yield
+        with signals_as_interrupts():
+            yield
     except SmdError as exc:
         error(str(exc))
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        say(f"interrupted by {exc}" if str(exc) else "interrupted")
+        raise typer.Exit(interrupted_code(exc)) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:
+        if os.environ.get("SMD_TRACEBACK"):
+            raise
+        error(f"unexpected {type(exc).__name__}: {exc} (a bug in smd: please report it; set SMD_TRACEBACK=1 for "
+              "the traceback)")
+        raise typer.Exit(1) from None
     finally:
         warnings.showwarning = previous
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Terminated`, a KeyboardInterrupt, wherever the command is."""
+    def interrupt(signum, frame):
+        _received.append(signum)
+        raise Terminated(signum)
+
+    _received.clear()
+    names = [name for name in INTERRUPTING if hasattr(signal, name)]
+    try:
+        previous = {name: signal.signal(getattr(signal, name), interrupt) for name in names}
+    except ValueError:  # not the main thread: leave the signals alone
+        previous = {}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def interrupted_code(exc: BaseException | None = None) -> int:
+    """128 + the signal that interrupted: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + getattr(exc, "signum", _received[-1] if _received else signal.SIGINT)
 
 
 def _version(value: bool) -> None:
@@ -300,25 +343,38 @@ def reproduce(
     device: Optional[str] = typer.Option(None, "--device", help="Default: the recorded kind of device "
                                          "(cpu, cuda, mps); results are identical only on the same kind."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Default: the recorded one."),
+    check: bool = typer.Option(False, "--check", help="Exit 1 when the new image differs from IMAGE."),
     opts: SimpleNamespace = None,
 ) -> None:
-    """Make an image again from the record in it, and say whether the result is identical."""
+    """Make an image again from the record in it, and say whether the result is identical.
+
+    The record is someone's image: the files it names are listed before anything reads them."""
     with user_errors():
+        import json
+
         from smd_cli.batch import reproducing
         from smd_cli.metadata import compare_images, read_record
+        from smd_cli.report import Reporter
 
         if opts.quiet and opts.verbose:
             raise SmdError("give --quiet or --verbose, not both")
         record = read_record(image)
-        sf = record.scene_file()  # its files' hashes are checked as they are read, with a warning each
-        output = output if output is not None else str(image.with_name(f"{image.stem}-reproduced.png"))
-        options = reproducing(record, output, model=model, config=opts.config, device=device, dtype=dtype,
-                              max_batch=opts.max_batch, overwrite=opts.overwrite)
-        outcomes, code = _run([sf], options, opts)
+        reporter = Reporter(opts.quiet, opts.verbose, opts.json, results=False)
+        reporter.info(f"{image}: {record.name}, seed {record.seed}, model {record.model}"
+                      + "".join(f"\n  reads {path}" for path in record.files))
+        sf, options = reproducing(record, image, output, model=model, config=opts.config, device=device,
+                                  dtype=dtype, max_batch=opts.max_batch, overwrite=opts.overwrite)
+        outcomes, code = _run([sf], options, opts, reporter=reporter)
         done = [o for o in outcomes if o.path]
-        if done:
-            err.print(compare_images(image, Path(done[0].path)).summary)
-        raise typer.Exit(code)
+        same = compare_images(image, Path(done[0].path)) if done else None
+        if same is not None:
+            say(same.summary)
+        for outcome in outcomes:
+            if opts.json:
+                out.print(json.dumps({**outcome.as_json(), "identical": same.identical if outcome.path else None}))
+            elif outcome.path:
+                put(outcome.path)
+        raise typer.Exit(1 if check and code == 0 and not same.identical else code)
 
 
 @app.command()
@@ -356,29 +412,30 @@ def stream(
         finally:
             reporter.close()
         if session.server is not None:
-            reporter.info("preview at http://{}:{}/".format(*session.server.address))
+            reporter.info(f"preview at {session.server.url}")
         run, interrupted = StreamRun(), False
         try:
             with stream_status(opts.quiet) as show:
                 session.run(frames=frames, seconds=seconds, on_frame=show, run=run,
                             on_reload=lambda text: reporter.info(f"reload: {text}"))
-        except KeyboardInterrupt:
-            interrupted = True
-            err.print(f"interrupted after {run.frames} frames" + (f"; kept in {run.written}" if run.written else ""))
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+            say(f"interrupted after {run.frames} frames" + (f"; kept in {run.written}" if run.written else ""))
         finally:
             session.close()
         if not interrupted:
             reporter.info(f"{run.frames} frames, {run.fps:.2f} frames/s")
         if run.written is not None:
-            out.print(str(run.written))
-        raise typer.Exit(130 if interrupted else 0)
+            put(str(run.written))
+        raise typer.Exit(interrupted_code(interrupted) if interrupted else 0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Running a batch
 
 
-def _run(items: list, options: batch.Options, opts: SimpleNamespace, check=None) -> tuple[list, int]:
+def _run(items: list, options: batch.Options, opts: SimpleNamespace, check=None,
+         reporter: Reporter | None = None) -> tuple[list, int]:
     """Plan every image (scenes x seeds), check everything, then load the model once and make them;
     print what happens and sum up. Returns the outcomes and the exit code (see `batch.exit_code`)."""
     from smd_cli import batch, report
@@ -388,14 +445,13 @@ def _run(items: list, options: batch.Options, opts: SimpleNamespace, check=None)
         count = process_count(opts.processes, options.device)
         if count > 1:
             raise typer.Exit(launch(sys.argv[1:], count, options.device))
-        err.print("--distributed: one process, so running here")
+        say("--distributed: one process, so running here")
     shard = join_processes(cpu=options.device == "cpu") if launched_distributed() else Shard()
-    reporter = report.Reporter(opts.quiet, opts.verbose, opts.json)
+    reporter = reporter or report.Reporter(opts.quiet, opts.verbose, opts.json)
     plan = batch.plan(items, options, check=check, shard=shard, on_event=reporter)
     for outcome in plan.invalid if shard.main else []:
         error(outcome.error)
-        if reporter.json:
-            reporter.result(outcome)
+        reporter.result(outcome)
     if getattr(opts, "dry_run", False):
         if shard.main:
             report.plan(plan, options, reporter.json)
@@ -410,7 +466,7 @@ def _run(items: list, options: batch.Options, opts: SimpleNamespace, check=None)
     if shard.main or interrupted:
         report.summary(outcomes, reporter.quiet, interrupted,
                        f" of process {shard.rank + 1} of {shard.size}" if interrupted and shard.size > 1 else "")
-    return outcomes, 130 if interrupted else batch.exit_code(outcomes)
+    return outcomes, interrupted_code() if interrupted else batch.exit_code(outcomes)
 
 
 def main() -> None:

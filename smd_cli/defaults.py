@@ -40,7 +40,7 @@ BOOTSTRAP_CENTRE = True  # the reference's choice: SD models draw objects best n
 
 # Canvas and views (SPEC 5).
 SIZE = 512  # pixels, when neither the scene nor a mask image gives one
-MAX_SIZE = 16384  # pixels, either side
+MIN_SIZE, MAX_SIZE = 8, 16384  # pixels, either side
 TILE_SIZE = 768  # pixels; a canvas within one tile is one view
 TILE_WEIGHTINGS = ("triangular", "uniform")
 TILE_WEIGHTING = "triangular"

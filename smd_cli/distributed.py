@@ -8,6 +8,7 @@ No torch at import.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -109,9 +110,13 @@ def launch(argv: Sequence[str], count: int, device: str) -> int:
                                 env=dict(shared, RANK=str(rank), LOCAL_RANK=str(rank))) for rank in range(count)]
     try:
         codes = [worker.wait() for worker in workers]
-    except KeyboardInterrupt:  # the workers had it too: let them finish their summaries
+    except KeyboardInterrupt as exc:  # a terminal's Ctrl-C reached them too; pass on SIGTERM or SIGHUP
+        signum = getattr(exc, "signum", signal.SIGINT)
         for worker in workers:
+            if signum != signal.SIGINT:
+                worker.send_signal(signum)
+        for worker in workers:  # let them finish their summaries
             worker.wait()
-        return 130
+        return 128 + signum
     # Every process sums up the same gathered outcomes; a different code means one of them crashed.
     return codes[0] if len(set(codes)) == 1 else max(abs(c) for c in codes)

@@ -1,8 +1,11 @@
-"""Errors a user can cause and fix. The CLI prints them as one line with exit code 2."""
+"""Errors a user can cause and fix. The CLI prints each problem as one line, with exit code 2."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
+
+MAX_REPORTED = 20  # problems of one scene reported at once
 
 
 def printable(text: str) -> str:
@@ -10,14 +13,24 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def unexpected(exc: BaseException) -> str:
+    """An exception that is not smd's own, in one line."""
+    return printable(f"{type(exc).__name__}: {exc}")
+
+
 class SmdError(Exception):
     """Base of smd's own errors: the message says what is wrong and how to fix it."""
 
     exit_code = 2
 
+    def messages(self) -> list[str]:
+        """Every problem, one line each."""
+        return [str(self)]
+
 
 class SceneError(SmdError):
-    """A problem in a scene file, located by file, line and key path (`layers[1].mask`)."""
+    """A problem in a scene file, located by file, line and key path (`layers[1].mask`); it may
+    carry the scene's other problems (`others`), so that one run reports them all."""
 
     def __init__(self, message: str, *, file: str | Path | None = None, line: int | None = None,
                  key: str | None = None):
@@ -25,7 +38,20 @@ class SceneError(SmdError):
         self.file = str(file) if file is not None else None
         self.line = line
         self.key = key
+        self.others: list[SceneError] = []
         super().__init__(str(self))
+
+    @staticmethod
+    def gather(errors: Sequence[SceneError]) -> SceneError:
+        """One error that carries all of `errors`, in the order of their lines in the file."""
+        ordered = sorted(errors, key=lambda e: (e.line is None, e.line or 0))
+        ordered[0].others = [e for e in ordered[1:]]
+        return ordered[0]
+
+    def messages(self) -> list[str]:
+        shown = [str(self)] + [str(e) for e in self.others[: MAX_REPORTED - 1]]
+        hidden = 1 + len(self.others) - len(shown)
+        return shown + ([f"... and {hidden} more problems in {self.file or 'the scene'}"] if hidden else [])
 
     def __str__(self) -> str:
         where = ""
@@ -41,6 +67,17 @@ class ModelError(SmdError):
 
 class OutputError(SmdError):
     """An output path that cannot be formed or written."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, which smd handles as Ctrl-C: finished work is kept, nothing is left
+    half-written, and the exit code is 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class OutOfMemory(SmdError):

@@ -6,11 +6,17 @@ Scenes become streams and live updates in `smd_cli.render` (`scene_stream`, `app
 from __future__ import annotations
 
 import dataclasses
+import errno
 import http.server
+import itertools
 import io
 import json
+import re
+import socket
+import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
@@ -19,9 +25,9 @@ import numpy as np
 from PIL import Image
 
 from smd_cli import defaults
-from smd_cli.errors import OutputError, SmdError
+from smd_cli.errors import OutputError, SmdError, unexpected
 from smd_cli.masks import checked_canvas, scene_masks
-from smd_cli.render import apply_scene, scene_stream
+from smd_cli.render import apply_scene, restart_needed, scene_stream
 from smd_cli.scene import SceneFile, load_scene, scene_files
 from smd_cli.stream import StreamMultiDiffusion
 
@@ -35,6 +41,7 @@ class SceneWatcher:
     def __init__(self, path: Path, overrides=None):
         self.path = Path(path)
         self.overrides = overrides
+        self.running: SceneFile | None = None  # the scene the stream was started with
         self.stamps = self._stamps(None)
 
     def _stamps(self, sf: SceneFile | None) -> dict[Path, float]:
@@ -42,12 +49,9 @@ class SceneWatcher:
         return {f: self._stamp(f) for f in files}
 
     def watch(self, sf: SceneFile) -> None:
-        """Start watching the files of this (good) scene."""
+        """Watch the files of this scene (the first one watched is the one the stream runs)."""
+        self.running = self.running or sf
         self.stamps = self._stamps(sf)
-
-    def settle(self) -> None:
-        """Accept the files as they are now (after a broken edit: wait for the next change)."""
-        self.stamps = {f: self._stamp(f) for f in self.stamps}
 
     def changed(self) -> bool:
         return any(self._stamp(f) != stamp for f, stamp in self.stamps.items())
@@ -60,10 +64,15 @@ class SceneWatcher:
             return -1
 
     def reload(self) -> SceneFile:
-        """The scene as it is now on disk; raises SmdError for a broken edit."""
-        sf = load_scene(self.path, self.overrides)
+        """The scene as it is now on disk; raises for a broken edit. Either way the files the scene
+        names from now on are watched, so that a mask file it lacked is noticed when it appears."""
+        try:
+            sf = load_scene(self.path, self.overrides)
+        except BaseException:
+            self.stamps = self._stamps(None)
+            raise
+        self.stamps = self._stamps(sf)
         scene_masks(sf)
-        self.watch(sf)
         return sf
 
 
@@ -79,7 +88,7 @@ class FrameSink:
         self.fps = fps
         self.overwrite = overwrite
         self.count = 0
-        self.first = 1  # number of the first frame file in a folder
+        self.next = 1  # the number the next frame file in a folder tries first
         self.frames: list[Image.Image] = []
         self.writer = None
         self.partial: Optional[Path] = None  # an MP4 being written, renamed into place on close
@@ -101,7 +110,7 @@ class FrameSink:
             self.target.mkdir(parents=True, exist_ok=True)
             if not overwrite:  # continue after the frames of an earlier run instead of replacing them
                 numbers = [int(p.stem[6:]) for p in self.target.glob("frame-*.png") if p.stem[6:].isdigit()]
-                self.first = max(numbers, default=0) + 1
+                self.next = max(numbers, default=0) + 1
 
     def add(self, frame: Image.Image) -> None:
         self.count += 1
@@ -110,7 +119,12 @@ class FrameSink:
         if self.kind == "folder":
             from smd_cli.outputs import save_image
 
-            save_image(frame, self.target / f"frame-{self.first + self.count - 1:05d}.png", overwrite=True)
+            # Each frame claims the next free number, so that two streams into one folder interleave
+            # their frames instead of replacing each other's.
+            name = self._frame(self.next)
+            written = save_image(frame, name, overwrite=self.overwrite,
+                                 names=(self._frame(n) for n in itertools.count(self.next)))
+            self.next = int(written.stem[6:]) + 1
         elif self.kind == "gif":
             self.frames.append(frame)
         else:
@@ -122,6 +136,9 @@ class FrameSink:
                 self.partial = temporary_beside(self.target)
                 self.writer = imageio.get_writer(str(self.partial), format="FFMPEG", fps=self.fps)
             self.writer.append_data(np.asarray(frame))
+
+    def _frame(self, number: int) -> Path:
+        return self.target / f"frame-{number:05d}.png"
 
     def close(self) -> Optional[Path]:
         """Finish the file with the frames so far (also after Ctrl-C); returns the path written."""
@@ -166,30 +183,82 @@ class LiveState:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-class PreviewServer:
-    """A standard-library HTTP server in a daemon thread: `/` page, `/frame.jpg`, `/state.json`."""
+class _Server(http.server.ThreadingHTTPServer):
+    """A threading HTTP server with a bounded number of client threads, for IPv4 or IPv6, that
+    lets clients go without a word: a closed tab or an idle connection is not an error."""
 
-    def __init__(self, state: LiveState, host: str = "127.0.0.1", port: int = 8000):
-        handler = self._handler(state)
-        self.httpd = http.server.ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address: tuple[str, int], handler, max_clients: int):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.clients = threading.BoundedSemaphore(max_clients)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.clients.acquire(blocking=False):  # as many clients as threads allowed: turn it away
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.clients.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.clients.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """Disconnects and timeouts are silent; anything else would be a bug in the handler."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, OSError)):
+            super().handle_error(request, client_address)
+
+
+class PreviewServer:
+    """A standard-library HTTP server in a daemon thread: `/` page, `/frame.jpg`, `/state.json`.
+
+    The address is bound when the server is made (so that a busy port fails before a model
+    loads) and served from `start`. At most `max_clients` connections are served at once, and a
+    connection idle for `timeout` seconds is closed.
+    """
+
+    def __init__(self, state: LiveState, host: str = "127.0.0.1", port: int = 8000, *, max_clients: int = 16,
+                 timeout: float = 10.0):
+        try:
+            self.httpd = _Server((host, port), self._handler(state, timeout), max_clients)
+        except OSError as exc:
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            reason = "the port is in use; give another, or 0 for any free one" if exc.errno == errno.EADDRINUSE \
+                else exc.strerror or str(exc)
+            raise SmdError(f"--preview {where}: cannot listen there: {reason}") from None
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
     def address(self) -> tuple[str, int]:
         return self.httpd.server_address[:2]
 
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
     def start(self) -> "PreviewServer":
         self.thread.start()
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        if self.thread.is_alive():
+            self.httpd.shutdown()
         self.httpd.server_close()
 
     @staticmethod
-    def _handler(state: LiveState):
+    def _handler(state: LiveState, idle: float):
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = idle  # seconds a connection may sit idle
+
             def log_message(self, *args):  # keep the terminal for the status line
                 pass
 
@@ -225,15 +294,21 @@ class PreviewServer:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """`PORT` or `HOST:PORT`; the host defaults to 127.0.0.1 (this machine only)."""
-    host, _, port = text.rpartition(":")
-    try:
-        number = int(port)
-    except ValueError:
-        raise SmdError(f"--preview expects PORT or HOST:PORT, got {text!r}") from None
+    """`PORT`, `HOST:PORT` or `[IPV6]:PORT`, with a host this machine can listen on; the host
+    defaults to 127.0.0.1 (this machine only)."""
+    m = re.fullmatch(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^\[\]]*?)):(?P<port>[^:]*)|(?P<only>[^:]*)", text.strip())
+    port = (m.group("port") if m.group("port") is not None else m.group("only")) if m else ""
+    if not m or not port.isdigit():
+        raise SmdError(f"--preview expects PORT, HOST:PORT or [IPV6]:PORT, got {text!r}")
+    number = int(port)
     if not 0 <= number < 65536:
         raise SmdError(f"--preview port must be 0..65535, got {number}")
-    return host or "127.0.0.1", number
+    host = m.group("v6") if m.group("v6") is not None else (m.group("host") or "127.0.0.1")
+    try:
+        socket.getaddrinfo(host, number, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise SmdError(f"--preview {text}: unknown host {host!r} ({getattr(exc, 'strerror', None) or exc})") from None
+    return host, number
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,11 +346,15 @@ def run_stream(stream: StreamMultiDiffusion, sink: FrameSink, *, frames: int | N
         while (frames is None or run.frames < frames) and (seconds is None or time.perf_counter() - run.started < seconds):
             if watcher is not None and watcher.changed():
                 try:
-                    changes = apply_scene(stream, watcher.reload())
+                    scene = watcher.reload()
+                    changes = apply_scene(stream, scene)
+                    frozen = restart_needed(watcher.running, scene) if watcher.running is not None else []
+                    if frozen:
+                        changes.append(f"restart to apply {', '.join(frozen)}")
                     run.last_reload = time.strftime("%H:%M:%S") + (" " + "; ".join(changes) if changes else "")
-                except SmdError as exc:
-                    watcher.settle()
-                    run.last_reload = f"{time.strftime('%H:%M:%S')} kept the last good scene: {exc}"
+                except Exception as exc:  # no edit, however broken, stops the stream
+                    reason = str(exc) if isinstance(exc, SmdError) else unexpected(exc)
+                    run.last_reload = f"{time.strftime('%H:%M:%S')} kept the last good scene: {reason}"
                 if on_reload is not None:
                     on_reload(run.last_reload)
             began = time.perf_counter()
@@ -332,17 +411,24 @@ def open_session(scene: Path, options: batch.Options, *, output: Path | None = N
     model = model_of(sf, options)
     check_source(model)
     scene_masks(sf, *checked_canvas(sf, vae_downscale_factor(model)))
-    address = parse_address(preview) if preview else None
     sink = FrameSink(output, fps, options.overwrite)
-    device = resolve_device(options.device)
-    cache = ModelCache(dataclasses.replace(options, compile=False), device, resolve_dtype(options.dtype, device),
-                       on_event)
-    stream = scene_stream(sf, cache.get(sf), cfg_type=cfg_type, overlap_decode=overlap_decode,
-                          compile=options.compile)
+    if output is None and not preview:
+        warnings.warn("without --out or --preview the frames are shown nowhere and kept nowhere", stacklevel=2)
+    state = LiveState()
+    server = PreviewServer(state, *parse_address(preview)) if preview else None  # listens now, serves later
+    try:
+        device = resolve_device(options.device)
+        cache = ModelCache(dataclasses.replace(options, compile=False), device, resolve_dtype(options.dtype, device),
+                           on_event)
+        stream = scene_stream(sf, cache.get(sf), cfg_type=cfg_type, overlap_decode=overlap_decode,
+                              compile=options.compile)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
     watcher = None
     if watch:
         watcher = SceneWatcher(scene, options.overrides)
         watcher.watch(sf)
-    state = LiveState(prompts=[layer.prompt for layer in stream.layers])
-    server = PreviewServer(state, *address).start() if address is not None else None
-    return Session(stream, sink, state, server, watcher)
+    state.prompts = [layer.prompt for layer in stream.layers]
+    return Session(stream, sink, state, server.start() if server else None, watcher)

@@ -6,42 +6,47 @@ must not import torch. Arrays are float32 in [0, 1], shaped [P, H, W] for P laye
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
 import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from smd_cli import defaults
-from smd_cli.errors import SmdError
+from smd_cli.errors import SceneError, SmdError
+from smd_cli.files import MAX_IMAGE_BYTES, UnreadableFile, decode_image, image_size, read_bytes
 from smd_cli.scene import EllipseMask, PaletteMask, RectMask, SceneFile, is_fraction_box, mask_file, scene_files
 
 ASPECT_TOLERANCE = 0.01
+PALETTE_TOLERANCE = 32  # how far (RGB distance) a pixel may be from a palette colour that is there
 BLUR_FLOOR = 1e-7
+MAX_MASK_BYTES = 4 * 2**30  # the layers' masks at canvas size, as float32
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading
 
 
-def load_image(path: Path | io.BytesIO) -> Image.Image:
-    """Open and fully decode an image; raises OSError or ValueError for unreadable files."""
-    with Image.open(path) as im:
-        im.load()
-        return im.copy()
-
-
 def image_mask(image: Image.Image) -> np.ndarray:
-    """The alpha channel where the image has a non-trivial one, otherwise luminance (SPEC 2.2)."""
+    """The alpha channel where the image has a non-trivial one, otherwise luminance (SPEC 2.2), in
+    [0, 1]: 16-bit grayscale by its 16-bit range, 32-bit integers by theirs, floats as they are."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         alpha = np.asarray(image.convert("RGBA"))[..., 3]
         if alpha.min() < 255:
             return alpha.astype(np.float32) / 255.0
+    if image.mode.startswith("I;16"):
+        return np.asarray(image, dtype=np.float32) / 65535.0
+    if image.mode == "I":  # 32-bit integers; 16-bit PNGs arrive this way from some decoders
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if values.min() >= 0 and values.max() <= 65535 else float(2**31 - 1)
+        return (values / top).clip(0.0, 1.0).astype(np.float32)
+    if image.mode == "F":
+        return np.nan_to_num(np.asarray(image, dtype=np.float32)).clip(0.0, 1.0)
     return np.asarray(image.convert("L")).astype(np.float32) / 255.0
 
 
@@ -137,14 +142,26 @@ def hex_to_rgb(color: str) -> tuple[int, int, int]:
     return int(color[1:3], 16), int(color[3:5], 16), int(color[5:7], 16)
 
 
-def palette_labels(image: Image.Image, colors: list[str]) -> np.ndarray:
-    """Index of the nearest listed colour for every pixel; transparent pixels get -1."""
-    rgba = np.asarray(image.convert("RGBA")).astype(np.int32)
-    palette = np.array([hex_to_rgb(c) for c in colors], dtype=np.int32)
-    dist = ((rgba[..., None, :3] - palette[None, None]) ** 2).sum(-1)
-    labels = dist.argmin(-1)
-    labels[rgba[..., 3] < 128] = -1
-    return labels
+def palette_labels(image: Image.Image, colors: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's nearest listed colour among those present in the image (index into `colors`;
+    -1 for transparent pixels), and which colours are present: a colour is present where some
+    opaque pixel lies within `PALETTE_TOLERANCE` of it. Anti-aliased edges thus go to the colours
+    actually painted, never to one that was listed but not used (a typo)."""
+    rgba = np.asarray(image.convert("RGBA"))
+    opaque = rgba[..., 3] >= 128
+    packed = (rgba[..., 0].astype(np.int64) << 16) | (rgba[..., 1].astype(np.int64) << 8) | rgba[..., 2]
+    values, inverse = np.unique(packed, return_inverse=True)  # distinct colours: few, even with edges
+    inverse = inverse.reshape(packed.shape)
+    rgb = np.stack([(values >> 16) & 255, (values >> 8) & 255, values & 255], axis=-1)
+    palette = np.array([hex_to_rgb(c) for c in colors], dtype=np.int64)
+    dist = ((rgb[:, None, :] - palette[None]) ** 2).sum(-1)  # [distinct colours, listed colours]
+    painted = np.zeros(len(values), dtype=bool)
+    painted[inverse[opaque]] = True
+    present = (dist[painted] <= PALETTE_TOLERANCE**2).any(axis=0)
+    dist[:, ~present] = np.iinfo(np.int64).max
+    labels = dist.argmin(axis=1)[inverse]
+    labels[~opaque | ~present.any()] = -1
+    return labels, present
 
 
 def main_colors(image: Image.Image, n: int = 5) -> list[str]:
@@ -194,11 +211,8 @@ class _Images:
     def get(self, relative: str, key: tuple, what: str = "mask", sha256: str | None = None) -> Image.Image:
         path = self.sf.resolve(relative)
         if path not in self.cache:
-            try:
-                self.cache[path] = load_image(io.BytesIO(self._read(path, key, what, sha256)))
-            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-                reason = "not an image PIL can read" if isinstance(exc, UnidentifiedImageError) else str(exc)
-                raise self.sf.error(key, f"cannot read {what} image {path}: {reason}") from None
+            with self._reading(path, key, what):
+                self.cache[path] = decode_image(self._read(path, key, what, sha256))
         return self.cache[path]
 
     def size(self, relative: str, key: tuple, what: str = "mask") -> tuple[int, int]:
@@ -206,23 +220,28 @@ class _Images:
         path = self.sf.resolve(relative)
         if path in self.cache:
             return self.cache[path].size
-        if not path.exists():
-            raise self.sf.error(key, f"{what} file not found: {path}")
+        with self._reading(path, key, what):
+            return image_size(path)
+
+    @contextlib.contextmanager
+    def _reading(self, path: Path, key: tuple, what: str) -> Iterator[None]:
+        """Any failure to read an image as an error located at the key that names it."""
         try:
-            with Image.open(path) as im:
-                return im.size
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise self.sf.error(key, f"cannot read {what} image {path}: {exc}") from None
+            yield
+        except FileNotFoundError:
+            raise self.sf.error(key, f"{what} file not found: {path}") from None
+        except UnreadableFile as exc:
+            raise self.sf.error(key, f"cannot read {what} image {path}: it is {exc}") from None
+        except UnidentifiedImageError:
+            raise self.sf.error(key, f"cannot read {what} image {path}: not an image PIL can read") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise self.sf.error(key, f"cannot read {what} image {path}: {reason}") from None
 
     def _read(self, path: Path, key: tuple, what: str, expected: str | None) -> bytes:
         """The file's bytes, hashed as read (so a record names exactly what was used); warns when a
         hash the scene recorded (as in the scenes smd writes into its images) no longer matches."""
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise self.sf.error(key, f"{what} file not found: {path}") from None
-        except OSError as exc:
-            raise self.sf.error(key, f"cannot read {what} image {path}: {exc.strerror or exc}") from None
+        data = read_bytes(path, MAX_IMAGE_BYTES)
         self.hashes[path.absolute()] = digest = hashlib.sha256(data).hexdigest()
         if expected is not None and digest != expected:
             warnings.warn(str(self.sf.error(key, f"{path} has changed since its sha256 was recorded; the result "
@@ -241,10 +260,15 @@ def canvas_size(sf: SceneFile, images: _Images | None = None, multiple: int = 1)
     for key, path in scene_files(sf).items():
         mw, mh = images.size(str(path), key, "mask" if key[0] == "layers" else "background")
         if s.width is None and s.height is None:
-            return mw, mh
-        if s.width is not None:
-            return s.width, max(multiple, round(s.width * mh / mw / multiple) * multiple)
-        return max(multiple, round(s.height * mw / mh / multiple) * multiple), s.height  # type: ignore[operator]
+            width, height = mw, mh
+        elif s.width is not None:
+            width, height = s.width, max(multiple, round(s.width * mh / mw / multiple) * multiple)
+        else:
+            width, height = max(multiple, round(s.height * mw / mh / multiple) * multiple), s.height
+        if not all(defaults.MIN_SIZE <= side <= defaults.MAX_SIZE for side in (width, height)):
+            raise sf.error(key, f"this {mw}x{mh} image makes the canvas {width}x{height}, but each side must be "
+                                f"{defaults.MIN_SIZE} to {defaults.MAX_SIZE} pixels; set width and height")
+        return width, height
     return s.width or defaults.SIZE, s.height or defaults.SIZE
 
 
@@ -271,56 +295,72 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
     for layer in layers:
         if isinstance(layer.mask, PaletteMask):
             colors = palette_colors.setdefault(sf.resolve(layer.mask.palette), [])
-            for c in (layer.mask.color, layer.mask.background_color):
-                if c not in colors:
-                    colors.append(c)
-    labels: dict[Path, np.ndarray] = {}
+            colors += (layer.mask.color, layer.mask.background_color)
+    palette_colors = {path: list(dict.fromkeys(colors)) for path, colors in palette_colors.items()}  # linear
+    labels: dict[Path, tuple] = {}
 
+    need = len(layers) * height * width * np.dtype(np.float32).itemsize
+    if need > MAX_MASK_BYTES:
+        raise sf.error(("layers",), f"{len(layers)} layers on a {width}x{height} canvas need {need / 2**30:.1f} GiB of "
+                                    f"masks, more than the {MAX_MASK_BYTES / 2**30:.0f} GiB smd allows; use fewer "
+                                    "layers or a smaller canvas")
     out = np.zeros((len(layers), height, width), dtype=np.float32)
+    problems: list[SceneError] = []
     for i, layer in enumerate(layers):
-        key = ("layers", i, "mask")
-        spec = layer.mask
-        if spec is None:
-            out[i] = 1.0
-        elif isinstance(spec, RectMask):
-            out[i] = rect_mask(spec.rect, height, width)
-        elif isinstance(spec, EllipseMask):
-            out[i] = ellipse_mask(spec.ellipse, height, width)
-        else:
-            image = images.get(mask_file(spec), key, sha256=spec.sha256)
-            if aspect_mismatch(image.size, width, height):
-                raise sf.error(key, f"mask image is {image.size[0]}x{image.size[1]} but the canvas is "
-                                    f"{width}x{height}: the aspect ratios differ; crop or pad the image, "
-                                    "or set width and height to match it")
-            if isinstance(spec, PaletteMask):
-                path = sf.resolve(spec.palette)
-                if path not in labels:
-                    labels[path] = palette_labels(image, palette_colors[path])
-                if spec.color == spec.background_color:
-                    raise sf.error(key + ("color",), f"colour {spec.color} is also the background colour of "
-                                                     f"{path.name}; give the layer its own colour")
-                hard = (labels[path] == palette_colors[path].index(spec.color)).astype(np.float32)
-                if not hard.any():
-                    found = ", ".join(main_colors(image)) or "none (fully transparent)"
-                    raise sf.error(key + ("color",), f"colour {spec.color} matches no pixel of {path.name}; "
-                                                     f"its main colours are {found}")
-                out[i] = (resize(hard, height, width) > 0.5).astype(np.float32)
-            else:
-                m = resize(image_mask(image), height, width)
-                if spec.invert:
-                    m = 1.0 - m
-                if spec.threshold is not None:
-                    m = (m > spec.threshold).astype(np.float32)
-                out[i] = m
+        try:
+            out[i] = _layer_mask(sf, images, i, layer.mask, width, height, palette_colors, labels)
+        except SceneError as exc:  # every layer's problem is reported, not only the first
+            problems.append(exc)
     picture = None
     if sf.scene.background.image is not None:  # read here, so that no model loads for a missing or broken file
-        picture = images.get(sf.scene.background.image, ("background", "image"), "background",
-                             sf.scene.background.image_sha256).convert("RGB")
+        try:
+            picture = images.get(sf.scene.background.image, ("background", "image"), "background",
+                                 sf.scene.background.image_sha256).convert("RGB")
+        except SceneError as exc:
+            problems.append(exc)
+    if problems:
+        raise SceneError.gather(problems)
     if not out.any():
         raise sf.error(("layers",), "every layer's mask is empty: nothing would be painted; "
                                     "check the mask images, colours and rectangles")
     return SceneMasks(masks=out, names=[layer.name or f"layer{i + 1}" for i, layer in enumerate(layers)],
                       files=images.hashes, picture=picture)
+
+
+def _layer_mask(sf: SceneFile, images: _Images, i: int, spec, width: int, height: int,
+                palette_colors: dict[Path, list[str]], labels: dict[Path, tuple]) -> np.ndarray | float:
+    """One layer's mask at canvas size (SPEC 2.2: read, resize, threshold)."""
+    key = ("layers", i, "mask")
+    if spec is None:
+        return 1.0
+    if isinstance(spec, RectMask):
+        return rect_mask(spec.rect, height, width)
+    if isinstance(spec, EllipseMask):
+        return ellipse_mask(spec.ellipse, height, width)
+    image = images.get(mask_file(spec), key, sha256=spec.sha256)
+    if aspect_mismatch(image.size, width, height):
+        raise sf.error(key, f"mask image is {image.size[0]}x{image.size[1]} but the canvas is {width}x{height}: "
+                            "the aspect ratios differ; crop or pad the image, or set width and height to match it")
+    if isinstance(spec, PaletteMask):
+        path = sf.resolve(spec.palette)
+        if spec.color == spec.background_color:
+            raise sf.error(key + ("color",), f"colour {spec.color} is also the background colour of {path.name}; "
+                                             "give the layer its own colour")
+        if path not in labels:
+            labels[path] = palette_labels(image, palette_colors[path])
+        found, present = labels[path]
+        index = palette_colors[path].index(spec.color)
+        if not present[index]:
+            colours = ", ".join(main_colors(image)) or "none (fully transparent)"
+            raise sf.error(key + ("color",), f"colour {spec.color} matches no pixel of {path.name} (none within "
+                                             f"{PALETTE_TOLERANCE} of it); its main colours are {colours}")
+        return (resize((found == index).astype(np.float32), height, width) > 0.5).astype(np.float32)
+    m = resize(image_mask(image), height, width)
+    if spec.invert:
+        m = 1.0 - m
+    if spec.threshold is not None:
+        m = (m > spec.threshold).astype(np.float32)
+    return m
 
 
 def background_mask(masks: np.ndarray) -> np.ndarray:

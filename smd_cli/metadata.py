@@ -16,8 +16,9 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from typing import Any
 import yaml
 
 from smd_cli import __version__
-from smd_cli.errors import SmdError
+from smd_cli.errors import SmdError, printable
+from smd_cli.files import MAX_IMAGE_BYTES, UnreadableFile, check_pixels, read_bytes, sha256
 from smd_cli.scene import SceneFile, parse_mapping, scene_files, validate_scene
 
 
@@ -55,20 +57,22 @@ class Record:
         return sf
 
     def check_files(self) -> list[tuple[str, str]]:
-        """(path, 'matches' | 'changed' | 'missing') for every recorded file."""
+        """(path, 'matches' | 'changed' | 'missing' | why it cannot be read) for every recorded file."""
         out = []
         for path, digest in self.files.items():
-            p = Path(path)
-            out.append((path, "missing" if not p.is_file() else "matches" if sha256(p) == digest else "changed"))
+            try:
+                status = "matches" if sha256(path) == digest else "changed"
+            except FileNotFoundError:
+                status = "missing"
+            except UnreadableFile as exc:
+                status = f"unreadable: {exc}"
+            except OSError as exc:
+                status = f"unreadable: {exc.strerror or exc}"
+            out.append((path, status))
         return out
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: int, model: str,
@@ -159,33 +163,55 @@ def _yaml(data: Any) -> str:
 
 
 def read_record(path: str | Path) -> Record:
-    """The record of an image made by smd; `SmdError` when it has none or cannot be read."""
+    """The record of an image made by smd, or someone else's image: every field is checked as the
+    untrusted input it is. `SmdError` when there is none or it cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
-        with Image.open(path) as image:
-            image.load()
+        data = read_bytes(path, MAX_IMAGE_BYTES)
+        with Image.open(io.BytesIO(data)) as image:
+            check_pixels(image.size)
+            image.load()  # text chunks may follow the pixels; PIL bounds each chunk's size
             text = {str(k): str(v) for k, v in (getattr(image, "text", {}) or {}).items()}
     except FileNotFoundError:
         raise SmdError(f"{path}: file not found") from None
-    except (OSError, UnidentifiedImageError) as exc:
+    except UnreadableFile as exc:
+        raise SmdError(f"{path}: cannot read the image: it is {exc}") from None
+    except UnidentifiedImageError:
+        raise SmdError(f"{path}: cannot read the image: not an image PIL can read") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # PIL: truncated, chunk limits
         raise SmdError(f"{path}: cannot read the image ({exc})") from None
     if "smd-scene" not in text:
         raise SmdError(f"{path}: no smd metadata in this image (smd records it in the PNGs it writes)")
     try:  # the scene loader's parser: bounded, so a crafted chunk cannot expand without end
         scene, _ = parse_mapping(text["smd-scene"], path)
-        files, _ = parse_mapping(text.get("smd-files", "{}"), path, allow_empty=True)
+        recorded, _ = parse_mapping(text.get("smd-files", "{}"), path, allow_empty=True)
         timings = json.loads(text.get("smd-timings", "{}"))
         seed = int(text.get("smd-seed", scene.get("seed")))
-    except (SmdError, ValueError, TypeError, AttributeError) as exc:
-        raise SmdError(f"{path}: the smd metadata is damaged ({exc})") from None
-    if not isinstance(scene, dict) or not isinstance(files, dict):
-        raise SmdError(f"{path}: the smd metadata is damaged (the scene is not a mapping)")
+    except (SmdError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise SmdError(f"{path}: the smd metadata is damaged ({printable(str(exc))})") from None
+    problem = _record_problem(scene, recorded, timings, seed)
+    if problem:
+        raise SmdError(f"{path}: the smd metadata is damaged ({problem})")
     return Record(scene=scene, name=text.get("smd-name", path.stem), seed=seed,
-                  model=text.get("smd-model", scene.get("model", "")), files=files,
+                  model=text.get("smd-model", scene.get("model", "")), files=recorded,
                   version=text.get("smd-version", "?"), device=text.get("smd-device", ""),
                   dtype=text.get("smd-dtype", ""), config=text.get("smd-config"), timings=timings)
+
+
+def _record_problem(scene: Any, recorded: Any, timings: Any, seed: int) -> str | None:
+    """What is wrong with the fields of a record read from an image, if anything."""
+    if not isinstance(scene, dict):
+        return "the scene is not a mapping"
+    if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, str) and SHA256.fullmatch(v)
+                                                 for k, v in recorded.items()):
+        return "smd-files is not a mapping of paths to SHA-256 hashes"
+    if not isinstance(timings, dict) or not all(isinstance(v, (int, float)) for v in timings.values()):
+        return "smd-timings is not a mapping of seconds"
+    if not 0 <= seed < 2**63:
+        return f"the seed {seed} is out of range"
+    return None
 
 
 def as_dict(record: Record) -> dict[str, Any]:
@@ -229,4 +255,4 @@ def compare_images(original: Path, new: Path) -> Comparison:
                              f"{int(diff.max())} of 255 (another device or dtype, or changed files)")
 
 
-__all__ = ["Record", "make_record", "png_info", "read_record", "as_dict", "describe", "sha256", "compare_images"]
+__all__ = ["Record", "make_record", "png_info", "read_record", "as_dict", "describe", "compare_images", "sha256"]

@@ -8,7 +8,7 @@ import string
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from smd_cli.errors import OutputError
 
@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
 TEMPLATE_FIELDS = ("scene", "seed", "steps", "index", "date", "time")
+MAX_NUMBERED = 100_000  # name-1.png ... name-99999.png
+MAX_NAME_CHARS = 100  # of a scene's name in a file name
 DEFAULT_TEMPLATE = "{scene}-{seed}.png"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 _EXAMPLE = {"scene": "scene", "seed": 0, "steps": 0, "index": 0, "date": "2000-01-01", "time": "000000"}
@@ -60,8 +62,16 @@ def output_path(template: str, *, scene: str, seed: int, steps: int, index: int 
         template = str(Path(template) / DEFAULT_TEMPLATE)
     check_template(template)
     when = when or datetime.now()
-    return Path(template.format(scene=scene, seed=seed, steps=steps, index=index,
+    return Path(template.format(scene=safe_name(scene), seed=seed, steps=steps, index=index,
                                 date=when.strftime("%Y-%m-%d"), time=when.strftime("%H%M%S"))).expanduser()
+
+
+def safe_name(name: str) -> str:
+    """A scene's name as one file-name component: no folders (`/`, `\\`), no `..`, no control
+    characters, so that a name from a stranger's image cannot place a file elsewhere."""
+    cleaned = "".join("_" if c in "/\\" or not c.isprintable() else c for c in name).strip()
+    cleaned = cleaned.lstrip(".") or "_"
+    return cleaned[:MAX_NAME_CHARS]
 
 
 def check_writable(path: Path) -> None:
@@ -87,12 +97,13 @@ def numbered(path: Path, n: int) -> Path:
     return path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
 
 
-def save_image(image: Image.Image, path: Path, pnginfo=None, overwrite: bool = False) -> Path:
+def save_image(image: Image.Image, path: Path, pnginfo=None, overwrite: bool = False,
+               names: Iterable[Path] | None = None) -> Path:
     """Write an image atomically (see `write_atomic`); PNG text chunks from `pnginfo`."""
     path = Path(path)
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else path.suffix.lstrip(".").upper()
     extra = {"pnginfo": pnginfo} if pnginfo is not None and fmt == "PNG" else {}
-    return write_atomic(path, lambda fh: image.save(fh, format=fmt, **extra), overwrite)
+    return write_atomic(path, lambda fh: image.save(fh, format=fmt, **extra), overwrite, names)
 
 
 def temporary_beside(path: Path) -> Path:
@@ -113,24 +124,25 @@ def _umask() -> int:
     return mask
 
 
-def finish(tmp: Path, path: Path, overwrite: bool = False) -> Path:
+def finish(tmp: Path, path: Path, overwrite: bool = False, names: Iterable[Path] | None = None) -> Path:
     """Give a finished temporary file its name and return the name taken.
 
-    An existing file is kept unless `overwrite`: the new one then gets the first free name
-    `stem-1`, `stem-2`, ... (claimed atomically, so parallel writers never collide).
+    An existing file is kept unless `overwrite`: the new one then gets the first free name of
+    `names` (by default `stem-1`, `stem-2`, ...), claimed atomically, so that parallel writers
+    never collide.
     """
     try:
         if overwrite:
             os.replace(tmp, path)
             return path
-        return _claim(str(tmp), path)
+        return _claim(str(tmp), path, names if names is not None else (numbered(path, n) for n in range(MAX_NUMBERED)))
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, write, overwrite: bool = False) -> Path:
+def write_atomic(path: Path, write, overwrite: bool = False, names: Iterable[Path] | None = None) -> Path:
     """Write a file through `write(fh)` atomically and return the path written.
 
     The bytes go to a temporary file in the same folder, which then takes its name in one step,
@@ -146,13 +158,12 @@ def write_atomic(path: Path, write, overwrite: bool = False) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return finish(tmp, path, overwrite)
+    return finish(tmp, path, overwrite, names)
 
 
-def _claim(tmp: str, path: Path) -> Path:
-    """Give the finished temporary file the first free numbered name; never replaces a file."""
-    for n in range(100_000):
-        target = numbered(path, n)
+def _claim(tmp: str, path: Path, names: Iterable[Path]) -> Path:
+    """Give the finished temporary file the first free name; never replaces a file."""
+    for target in names:
         try:
             os.link(tmp, target)  # fails if target exists: claiming and naming are one step
             return target

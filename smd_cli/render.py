@@ -126,6 +126,17 @@ def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type:
     return stream
 
 
+# Scene keys a stream takes when it starts; edits to them need a restart (`restart_needed`).
+STREAM_FIXED = ("model", "lcm_lora", "vae", "width", "height", "seed", "steps", "timesteps", "scheduler",
+                "guidance_scale", "mask_type", "cover_alpha", "tile_size", "tile_stride", "tile_weighting", "circular",
+                "region_crop", "bootstrap")
+
+
+def restart_needed(running: SceneFile, edited: SceneFile) -> list[str]:
+    """The settings of an edited scene that a running stream cannot take: they need a restart."""
+    return [key for key in STREAM_FIXED if getattr(running.scene, key) != getattr(edited.scene, key)]
+
+
 def apply_scene(stream: StreamMultiDiffusion, sf: SceneFile) -> list[str]:
     """Turn the differences between the stream and a (re)loaded scene into layer updates.
 

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from smd_cli.errors import printable
+
 if TYPE_CHECKING:
     from smd_cli import batch
     from smd_cli.live import StreamRun
@@ -32,22 +34,39 @@ out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False,
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """`warnings.showwarning` for the command line: one yellow line."""
-    err.print(f"[yellow]warning:[/] {escape(str(message))}", markup=True)
+    err.print(f"[yellow]warning:[/] {escape(printable(str(message)))}", markup=True)
 
 
 def error(text: str) -> None:
-    err.print(f"[red]error:[/] {escape(text)}", markup=True)
+    err.print(f"[red]error:[/] {escape(printable(text))}", markup=True)
+
+
+def say(text: str) -> None:
+    """A line on standard error, with any control characters in it escaped (a name or path from a
+    scene or a stranger's image must not move the cursor, clear the screen or start a new line)."""
+    err.print(printable(text))
+
+
+def put(text: str) -> None:
+    """A result line on standard output, escaped the same way."""
+    out.print(printable(text))
 
 
 def short(text: str, limit: int = 48) -> str:
+    text = printable(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _row(table: Table, *cells: str) -> None:
+    table.add_row(*(printable(str(cell)) for cell in cells))
 
 
 class Reporter:
     """Prints a batch's events (an `on_event` for `batch.plan` and `batch.run`)."""
 
-    def __init__(self, quiet: bool = False, verbose: bool = False, json: bool = False):
+    def __init__(self, quiet: bool = False, verbose: bool = False, json: bool = False, results: bool = True):
         self.quiet, self.verbose, self.json = quiet, verbose, json
+        self.results = results  # print outcomes (paths, or JSON lines) as they come
         self.live: Any = None  # the status line or progress bar shown now
         self.task: Any = None
 
@@ -68,8 +87,8 @@ class Reporter:
             self._progress(event)
         elif isinstance(event, batch.Finished):
             self.close()
-            if event.traceback:
-                self.detail(event.traceback)
+            for line in (event.traceback or "").splitlines():
+                self.detail(line)
             if event.outcome.status != batch.DONE:
                 error(f"{event.outcome.scene} (seed {event.outcome.seed}): {event.outcome.error}")
             self.result(event.outcome)
@@ -94,18 +113,20 @@ class Reporter:
 
     def info(self, text: str) -> None:
         if not self.quiet:
-            err.print(text)
+            say(text)
 
     def detail(self, text: str) -> None:
         if self.verbose:
-            err.print(text)
+            say(text)
 
     def result(self, outcome: batch.Outcome) -> None:
         """An image made (its path) or, with --json, any outcome as one JSON line."""
+        if not self.results:
+            return
         if self.json:
             out.print(json.dumps(outcome.as_json()), soft_wrap=True)
         elif outcome.path and outcome.status == "done":
-            out.print(outcome.path)
+            put(outcome.path)
 
 
 def summary(outcomes: list[batch.Outcome], quiet: bool, interrupted: bool, which: str = "") -> None:
@@ -119,8 +140,8 @@ def summary(outcomes: list[batch.Outcome], quiet: bool, interrupted: bool, which
     for column in ("scene", "seed", "status", "output", "seconds"):
         table.add_column(column, justify="right" if column in ("seed", "seconds") else "left")
     for o in outcomes:
-        table.add_row(o.scene, "-" if o.seed is None else str(o.seed), o.status,
-                      o.path or short(o.error or "-", 60), f"{o.seconds:.1f}" if o.seconds else "-")
+        _row(table, o.scene, "-" if o.seed is None else str(o.seed), o.status, o.path or short(o.error or "-", 60),
+             f"{o.seconds:.1f}" if o.seconds else "-")
     err.print(table)
     err.print(tally(outcomes))
 
@@ -137,8 +158,7 @@ def plan(plan: batch.Plan, options: batch.Options, as_json: bool) -> None:
     for column in ("scene", "seed", "size", "layers", "steps", "model", "output"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["scene"], str(r["seed"]), f"{r['width']}x{r['height']}", str(r["layers"]), str(r["steps"]),
-                      r["model"], r["path"])
+        _row(table, r["scene"], r["seed"], f"{r['width']}x{r['height']}", r["layers"], r["steps"], r["model"], r["path"])
     out.print(table)
 
 
@@ -147,13 +167,13 @@ def coverage(sf: SceneFile, masks: SceneMasks, title: str, factor_known: bool = 
     from smd_cli.masks import coverage_report
 
     rows, uncovered = coverage_report(masks.masks, masks.names)
-    table = Table(title=f"{title}  {masks.width}x{masks.height}, {len(rows)} layer(s)", title_justify="left")
+    table = Table(title=f"{printable(title)}  {masks.width}x{masks.height}, {len(rows)} layer(s)",
+                  title_justify="left")
     for column in ("#", "layer", "prompt", "mask", "coverage", "overlaps"):
         table.add_column(column, justify="right" if column in ("#", "coverage") else "left")
     for i, (row, layer) in enumerate(zip(rows, sf.scene.layers)):
         overlaps = ", ".join(f"{k} {v:.1f}%" for k, v in row.overlaps.items()) or "-"
-        table.add_row(str(i), row.name, short(layer.prompt), describe_mask(layer.mask), f"{row.coverage:.1f}%",
-                      overlaps)
+        _row(table, i, row.name, short(layer.prompt), describe_mask(layer.mask), f"{row.coverage:.1f}%", overlaps)
     out.print(table)
     bg = sf.scene.background.prompt
     out.print(f"uncovered (background{': ' + repr(short(bg)) if bg else ''}): {uncovered:.1f}%")

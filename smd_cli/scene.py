@@ -30,8 +30,15 @@ from pydantic import (
 from smd_cli import defaults
 from smd_cli.errors import SceneError
 
-# A scene is a few hundred nodes; far beyond this means YAML aliases expanding out of control.
+# A scene is a few hundred nodes, four or five levels deep; far beyond either means YAML aliases
+# expanding out of control, or referring to themselves.
 MAX_NODES = 100_000
+MAX_DEPTH = 64
+# What PyYAML's contexts mean, for "not valid YAML: ..., in a quoted string that starts here".
+YAML_CONTEXTS = {"while scanning a quoted scalar": "a quoted string",
+                 "while parsing a flow sequence": "a [ list", "while parsing a flow mapping": "a { mapping",
+                 "while parsing a block mapping": "the mapping", "while parsing a block collection": "the list",
+                 "while scanning a simple key": "a key", "while scanning a block scalar": "a block of text"}
 
 Unit = Annotated[float, Field(strict=True, ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Field(strict=True, ge=0.0)]
@@ -177,8 +184,8 @@ class Scene(_Model):
     model: str | None = None
     lcm_lora: str | None = None
     vae: str | None = None
-    width: Annotated[StrictInt, Field(ge=8, le=defaults.MAX_SIZE)] | None = None
-    height: Annotated[StrictInt, Field(ge=8, le=defaults.MAX_SIZE)] | None = None
+    width: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] | None = None
+    height: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] | None = None
     seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
     steps: Annotated[StrictInt, Field(ge=1, le=1000)] | None = None
     timesteps: Annotated[list[Annotated[StrictInt, Field(ge=0, le=9999)]], Field(min_length=1)] | None = None
@@ -186,7 +193,7 @@ class Scene(_Model):
     guidance_scale: Annotated[float, Field(strict=True, ge=0.0, le=100.0)] = defaults.GUIDANCE_SCALE
     mask_type: Literal[defaults.MASK_TYPES] = defaults.MASK_TYPE  # type: ignore[valid-type]
     cover_alpha: Unit = defaults.COVER_ALPHA
-    tile_size: Annotated[StrictInt, Field(ge=8, le=defaults.MAX_SIZE)] = defaults.TILE_SIZE
+    tile_size: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] = defaults.TILE_SIZE
     tile_stride: Annotated[StrictInt, Field(ge=1, le=defaults.MAX_SIZE)] | None = None
     tile_weighting: Literal[defaults.TILE_WEIGHTINGS] = defaults.TILE_WEIGHTING  # type: ignore[valid-type]
     circular: StrictBool = False
@@ -260,9 +267,34 @@ def find_line(lines: dict[KeyPath, int], key: KeyPath) -> int | None:
 
 
 def _yaml_error(exc: yaml.YAMLError, path: Path | None) -> SceneError:
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    """A syntax error located where the broken construct starts (an unclosed quote, say), with the
+    line where parsing stopped."""
+    problem_mark, context_mark = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    if context and context_mark and problem_mark and context_mark.line != problem_mark.line:
+        what = YAML_CONTEXTS.get(context, context)
+        return SceneError(f"not valid YAML: {problem} at line {problem_mark.line + 1}, in {what} that starts here",
+                          file=path, line=context_mark.line + 1)
+    mark = problem_mark or context_mark
     return SceneError(f"not valid YAML: {problem}", file=path, line=mark.line + 1 if mark else None)
+
+
+def _too_deep(path: Path | None, what: str = "the document", line: int | None = None) -> SceneError:
+    return SceneError(f"{what} nests more than {MAX_DEPTH} levels deep (or a YAML alias refers to a list or "
+                      "mapping that contains it)", file=path, line=line)
+
+
+def _depth_within(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether lists and mappings nest at most `limit` deep in `value`; a cycle never is."""
+    todo = [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (list, dict)):
+            if depth >= limit:
+                return False
+            todo += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
+    return True
 
 
 def parse_mapping(text: str, path: Path | None = None, allow_empty: bool = False) -> tuple[dict, dict[KeyPath, int]]:
@@ -278,6 +310,8 @@ def _index_lines(text: str, path: Path | None) -> tuple[Any, dict[KeyPath, int]]
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         raise _yaml_error(exc, path) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise _too_deep(path) from None
     if root is None:
         raise SceneError("the scene file is empty; it needs at least `layers:`", file=path)
 
@@ -290,11 +324,16 @@ def _index_lines(text: str, path: Path | None) -> tuple[Any, dict[KeyPath, int]]
         if count > MAX_NODES:
             raise SceneError(f"the document expands to more than {MAX_NODES} values "
                              "(YAML aliases nested too deep?)", file=path)
+        if len(key) > MAX_DEPTH:
+            raise _too_deep(path, line=node.start_mark.line + 1)
         lines.setdefault(key, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             seen: set[str] = set()
             for k, v in node.value:
-                name = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
+                if not isinstance(k, yaml.ScalarNode):
+                    raise SceneError("a key must be a plain word, not a list or mapping", file=path,
+                                     line=k.start_mark.line + 1, key=format_key(key) or None)
+                name = k.value
                 if name in seen:
                     raise SceneError(f"key '{name}' appears twice", file=path,
                                      line=k.start_mark.line + 1, key=format_key(key + (name,)))
@@ -333,6 +372,10 @@ def parse_override(text: str) -> tuple[KeyPath, Any]:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError:
         value = value_text
+    except RecursionError:
+        raise _too_deep(None, f"--set {key_text.strip()}: the value") from None
+    if not _depth_within(value):
+        raise _too_deep(None, f"--set {key_text.strip()}: the value")
     return tuple(parts), value
 
 
@@ -417,55 +460,78 @@ def validate_scene(data: dict, *, path: Path | None = None, lines: dict[KeyPath,
     try:
         scene = Scene.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
-        # An unknown key is usually a misspelt known one, which then also shows up as missing.
-        err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-        raise holder.error(_clean_loc(err["loc"]), _describe(err)) from None
+        raise SceneError.gather([holder.error(_clean_loc(e["loc"]), _describe(e))
+                                 for e in _reported(exc.errors())]) from None
     holder.scene = scene
-    _check_consistency(holder)
+    problems = _check_consistency(holder)
+    if problems:
+        raise SceneError.gather(problems)
     return holder
 
 
-def _check_consistency(sf: SceneFile) -> None:
+def _reported(errors: list[dict]) -> list[dict]:
+    """Pydantic's errors without the echoes of a misspelt key: `promt` is unknown, and then
+    `prompt` is also missing; only the first is worth saying ("did you mean 'prompt'?")."""
+    unknown = {(tuple(e["loc"][:-1]), str(e["loc"][-1])) for e in errors if e["type"] == "extra_forbidden"}
+
+    def echo(e: dict) -> bool:
+        parent, name = tuple(e["loc"][:-1]), str(e["loc"][-1])
+        return e["type"] == "missing" and any(
+            p == parent and difflib.get_close_matches(name, [other], cutoff=0.6) for p, other in unknown)
+
+    return [e for e in errors if not echo(e)] or errors
+
+
+def _check_consistency(sf: SceneFile) -> list[SceneError]:
+    """What the scene's keys say together that no key says alone."""
     s = sf.scene
+    problems: list[SceneError] = []
     if s.timesteps is not None:
         if any(b >= a for a, b in zip(s.timesteps, s.timesteps[1:])):
-            raise sf.error(("timesteps",), f"must be strictly decreasing, got {s.timesteps}")
+            problems.append(sf.error(("timesteps",), f"must be strictly decreasing, got {s.timesteps}"))
         if s.steps is not None and s.steps != len(s.timesteps):
-            raise sf.error(("steps",), f"says {s.steps} steps but timesteps lists {len(s.timesteps)}; "
-                                       "give one of them")
+            problems.append(sf.error(("steps",), f"says {s.steps} steps but timesteps lists {len(s.timesteps)}; "
+                                                 "give one of them"))
     seen: dict[str, int] = {}
     for i, layer in enumerate(s.layers):
         if layer.name is None:
             layer.name = f"layer{i + 1}"
         if layer.name in seen:
-            raise sf.error(("layers", i, "name"), f"duplicate layer name '{layer.name}' "
-                                                  f"(also layers[{seen[layer.name]}]); names must be unique")
-        seen[layer.name] = i
+            problems.append(sf.error(("layers", i, "name"), f"duplicate layer name '{layer.name}' (also "
+                                                            f"layers[{seen[layer.name]}]); names must be unique"))
+        seen.setdefault(layer.name, i)
     if s.tile_stride is not None and s.tile_stride > s.tile_size:
-        raise sf.error(("tile_stride",), f"{s.tile_stride} is larger than tile_size {s.tile_size}: "
-                                         "views would leave gaps")
+        problems.append(sf.error(("tile_stride",), f"{s.tile_stride} is larger than tile_size {s.tile_size}: "
+                                                   "views would leave gaps"))
     for key in ("model", "lcm_lora", "vae", "output"):
         if getattr(s, key) is not None and not getattr(s, key).strip():
-            raise sf.error((key,), "must not be empty; leave the key out for the default")
-    if s.output is not None:
+            problems.append(sf.error((key,), "must not be empty; leave the key out for the default"))
+    if s.output is not None and s.output.strip():
         from smd_cli.outputs import check_template
 
         try:
             check_template(s.output, extension=True)
         except Exception as exc:  # OutputError: relocate it onto the scene key
-            raise sf.error(("output",), str(exc)) from None
+            problems.append(sf.error(("output",), str(exc)))
+    return problems
 
 
 def load_scene(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> SceneFile:
     """Read, parse and validate a scene file; `overrides` are `key.path=value` settings applied on top."""
+    from smd_cli.files import MAX_SCENE_BYTES, UnreadableFile, read_bytes
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bytes(path, MAX_SCENE_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise SceneError("scene file not found", file=path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SceneError(f"cannot read the scene file: {exc}", file=path) from None
+    except UnreadableFile as exc:
+        raise SceneError(f"cannot read the scene file: it is {exc}", file=path) from None
+    except UnicodeDecodeError as exc:
+        raise SceneError(f"cannot read the scene file: not UTF-8 text ({exc.reason} at byte {exc.start})",
+                         file=path) from None
+    except OSError as exc:
+        raise SceneError(f"cannot read the scene file: {exc.strerror or exc}", file=path) from None
     data, lines = _index_lines(text, path)
     overridden = _apply_overrides(data, overrides, path)
     return validate_scene(data, path=path, lines=lines, overridden=overridden)

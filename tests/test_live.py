@@ -90,7 +90,7 @@ def test_bad_outputs_are_refused_before_loading(run_cli, scene_dir, tmp_path):
     result = run_cli("stream", scene_dir / "scene.yaml", "--cfg", "bogus")
     assert result.exit_code == 2 and "--cfg must be one of none, full, self, initialize" in result.stderr
     result = run_cli("stream", scene_dir / "scene.yaml", "--preview", "localhost:notaport")
-    assert result.exit_code == 2 and "--preview expects PORT or HOST:PORT" in result.stderr
+    assert result.exit_code == 2 and "--preview expects PORT, HOST:PORT or [IPV6]:PORT" in result.stderr
 
 
 def _touch_later(path: Path, seconds: int) -> None:

@@ -49,8 +49,19 @@ def test_palette_assigns_anti_aliased_edges_to_the_nearest_colour():
     row = [red, tuple(int(0.7 * c) for c in red), tuple(int(0.4 * c) for c in red), (0, 0, 0),
            tuple(int(0.6 * b + 0.4 * r) for r, b in zip(red, blue)), blue]
     image = Image.fromarray(np.array([row], np.uint8), "RGB")
-    labels = M.palette_labels(image, ["#e757b0", "#2f7fe0", "#000000"])
-    assert labels.tolist() == [[0, 0, 2, 2, 1, 1]]
+    labels, present = M.palette_labels(image, ["#e757b0", "#2f7fe0", "#000000"])
+    assert labels.tolist() == [[0, 0, 2, 2, 1, 1]] and present.tolist() == [True, True, True]
+
+
+def test_palette_edges_go_only_to_colours_that_are_painted():
+    """A listed colour that no pixel has (a typo) is absent, and takes no pixels: an edge between
+    red and green goes to red or green, never to a blue that was listed but not painted."""
+    red, green = (231, 87, 176), (40, 200, 60)
+    edge = tuple((r + g) // 2 for r, g in zip(red, green))  # (135, 143, 118): nearest to blue of all three
+    image = Image.fromarray(np.array([[red, red, edge, green, green]], np.uint8), "RGB")
+    labels, present = M.palette_labels(image, ["#e757b0", "#28c83c", "#8791ff", "#000000"])
+    assert present.tolist() == [True, True, False, False]
+    assert labels[0, 2] in (0, 1) and labels.tolist()[0][:2] == [0, 0] and labels.tolist()[0][3:] == [1, 1]
 
 
 def test_occlusion_scales_earlier_layers_under_later_ones():
@@ -150,7 +161,7 @@ def test_palette_scene_layers_and_background_colour(tmp_path):
     sf = _scene(tmp_path,
                 '  - {prompt: a, mask: {palette: p.png, color: "#c81e1e", background_color: "#ffffff"}}\n'
                 '  - {prompt: b, mask: {palette: p.png, color: "#1e1ec8"}}')
-    got = M.scene_masks(sf).masks
+    got = M.scene_masks(sf, 6, 4).masks  # (a canvas must be 8 pixels or more: the size is given here)
     assert got[0].tolist() == [[1, 1, 0, 0, 0, 0]] * 4
     assert got[1].tolist() == [[0, 0, 1, 1, 0, 0]] * 4
 
@@ -159,8 +170,9 @@ def test_palette_colour_absent_from_the_image(tmp_path):
     Image.fromarray(np.full((4, 4, 3), (10, 200, 10), np.uint8)).save(tmp_path / "p.png")
     sf = _scene(tmp_path, '  - {prompt: a, mask: {palette: p.png, color: "#0000ff"}}\n'
                           '  - {prompt: b, mask: {palette: p.png, color: "#0ac80a"}}')
-    with pytest.raises(SceneError, match=r"#0000ff matches no pixel of p.png; its main colours are #0ac80a"):
-        M.scene_masks(sf)
+    with pytest.raises(SceneError, match=r"#0000ff matches no pixel of p.png \(none within 32 of it\); its main "
+                                         r"colours are #0ac80a"):
+        M.scene_masks(sf, 8, 8)
 
 
 def test_all_masks_empty_is_an_error(tmp_path):
