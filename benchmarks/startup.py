@@ -20,6 +20,7 @@ from benchmarks.common import (
     finish_args,
     model_summary,
     quiet,
+    scratch_dir,
     spread,
     synchronize,
     wall_times,
@@ -27,6 +28,15 @@ from benchmarks.common import (
 
 CLI_RUNS = 5
 LOAD_RUNS = 3
+LAYERS = 1000
+
+
+def many_layers(path: Path, count: int) -> Path:
+    """A 512 x 512 scene of `count` small rectangles, each its own layer."""
+    rects = "".join(f"  - {{prompt: layer {i}, mask: {{rect: [{16 * (i % 32)}, {16 * (i // 32 % 32)}, "
+                    f"{16 * (i % 32) + 16}, {16 * (i // 32 % 32) + 16}]}}}}\n" for i in range(count))
+    path.write_text(f"width: 512\nheight: 512\nlayers:\n{rects}")
+    return path
 
 
 def smd_command() -> list[str]:
@@ -59,9 +69,12 @@ def main(argv=None) -> str:
     args = finish_args(base_parser(__doc__.splitlines()[0]).parse_args(argv))
     smd = smd_command()
     scenes = sorted(str(p.relative_to(REPO)) for p in (REPO / "scenes").glob("*.yaml"))
+    many = many_layers(scratch_dir() / "layers.yaml", LAYERS)
     rows = [{"what": "smd --help", **spread(time_command(smd + ["--help"]))},
             {"what": f"smd validate scenes/*.yaml ({len(scenes)} scenes)",
-             **spread(time_command(smd + ["validate", *scenes]))}]
+             **spread(time_command(smd + ["validate", *scenes]))},
+            {"what": f"smd validate of {LAYERS} layers (512x512, rectangles)",
+             **spread(time_command(smd + ["validate", str(many)]))}]
     with quiet():
         rows.append({"what": f"model load from a local folder onto {args.device}", **spread(time_loads(args))})
     command = " ".join(os.path.relpath(part, REPO) if Path(part).is_absolute() else part for part in smd)

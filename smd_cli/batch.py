@@ -21,6 +21,7 @@ import random
 import re
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -57,8 +58,8 @@ class Options:
     model: Optional[str] = None  # instead of each scene's own
     config: Optional[str] = None
     output: Optional[str] = None  # a file, folder or template; default: each scene's `output`
-    device: str = "auto"
-    dtype: str = "auto"
+    device: Optional[str] = None  # default: SMD_DEVICE, the user config file's, else auto
+    dtype: Optional[str] = None  # default: SMD_DTYPE, the user config file's, else auto
     lcm_lora: Optional[str] = None
     vae: Optional[str] = None
     max_batch: Optional[int] = None
@@ -68,11 +69,19 @@ class Options:
     overwrite: bool = False
     compile: bool = False
     channels_last: bool = False
+    threads: Optional[int] = None  # torch's CPU threads (default: torch's own choice)
+
+    def __post_init__(self):
+        from smd_cli.settings import user_default
+
+        self.device = self.device or user_default("device") or "auto"
+        self.dtype = self.dtype or user_default("dtype") or "auto"
 
 
 @dataclass
 class Message:
-    """Something to tell: `info` (progress notes), `detail` (for --verbose) or `error`."""
+    """Something to tell: `info` (progress notes), `detail` (for --verbose), `unchecked` (a check
+    that must wait until the model loads) or `error`."""
 
     level: str
     text: str
@@ -97,11 +106,13 @@ class Loaded:
 
 @dataclass
 class Progress:
-    """An image is `step` of `steps` steps done (0 when it starts)."""
+    """Image `image` of this process's `images` is `step` of `steps` steps done (0 when it starts)."""
 
     job: Job
     step: int
     steps: int
+    image: int = 1
+    images: int = 1
 
 
 @dataclass
@@ -184,12 +195,15 @@ class Outcome:
     seconds: float = 0.0
     error: Optional[str] = None
     index: Optional[int] = None
+    more_errors: list[str] = field(default_factory=list)  # a scene's other problems, in file order
 
     def as_json(self) -> dict[str, Any]:
         out = {"scene": self.scene, "file": self.file, "seed": self.seed, "path": self.path,
                "seconds": round(self.seconds, 3), "status": self.status}
         if self.error is not None:
             out["error"] = self.error
+        if self.more_errors:
+            out["more_errors"] = self.more_errors
         return out
 
 
@@ -238,8 +252,18 @@ def reproducing(record: Record, source: Path, output: str | None = None, *, mode
 
 
 def model_of(sf: SceneFile, options: Options) -> str | None:
-    """The model a scene runs on: the batch's, else the scene's (None: the default model)."""
-    return options.model or sf.source(sf.scene.model)
+    """The model a scene runs on: the batch's, else the scene's, else your default (SMD_MODEL or
+    the config file's); None is smd's own default."""
+    from smd_cli.settings import user_default
+
+    return options.model or sf.source(sf.scene.model) or user_default("model")
+
+
+def lcm_lora_of(sf: SceneFile, options: Options) -> str:
+    """The LCM LoRA a scene runs with, in the same order as its model; `auto` by default."""
+    from smd_cli.settings import user_default
+
+    return options.lcm_lora or sf.source(sf.scene.lcm_lora) or user_default("lcm_lora") or "auto"
 
 
 def exit_code(outcomes: list[Outcome]) -> int:
@@ -316,13 +340,15 @@ def plan(items: Iterable[Union[str, Path, SceneFile]], options: Options, *,
             made = _plan_scene(item, options, check, device, dtype, free, len(jobs), now, emit)
         except Exception as exc:  # smd's own errors, and any other: the scene fails alone
             path = Path(item) if isinstance(item, (str, Path)) else None
-            error = str(exc) if isinstance(exc, SmdError) else unexpected(exc)
+            errors = exc.messages() if isinstance(exc, SmdError) else [unexpected(exc)]
             if not isinstance(exc, SmdError):
                 emit(Message("detail", traceback.format_exc()))
             invalid.append(Outcome(scene=path.stem if path else item.name, file=str(path) if path else None,
-                                   seed=None, status=INVALID, error=error))
+                                   seed=None, status=INVALID, error=errors[0], more_errors=errors[1:]))
             continue
         jobs.extend(made)
+    if len(jobs) > MANY_IMAGES:
+        warnings.warn(f"this batch makes {len(jobs)} images", stacklevel=2)
     seeds = shard.same([job.seed for job in jobs])  # seeds drawn at random must be the same in every process
     for job, seed in zip(jobs, seeds):
         job.seed, job.scene = seed, with_seed(job.scene, seed)
@@ -332,35 +358,129 @@ def plan(items: Iterable[Union[str, Path, SceneFile]], options: Options, *,
 
 def _plan_scene(item, options: Options, check, device, dtype, free: int | None, first: int, now: datetime,
                 emit: OnEvent) -> list[Job]:
-    """The jobs of one scene, every check passed; raises `SmdError` at the first problem."""
-    from smd_cli.masks import checked_canvas, scene_masks
-    from smd_cli.memory import check_memory
-    from smd_cli.models import check_source, vae_downscale_factor
-    from smd_cli.outputs import check_writable
+    """The jobs of one scene, every check passed. The checks that do not depend on each other (the
+    model and its schedule; the canvas, masks and memory; the outputs) all run, and every problem
+    they find is raised at once, in file order."""
+    from smd_cli.errors import SceneError
     from smd_cli.scene import load_scene, step_count
 
     sf = load_scene(item, options.overrides) if isinstance(item, (str, Path)) else item
     if check is not None:
         check(sf)
+    problems: list[SceneError] = []
+
+    def attempt(check, *args):
+        try:
+            return check(*args)
+        except SceneError as exc:
+            problems.extend([exc, *exc.others])
+        except SmdError as exc:  # a model or an output: said with the scene it belongs to
+            problems.append(SceneError(str(exc), file=sf.path))
+
     model = model_of(sf, options)
-    check_source(model)
+    for note in attempt(_check_sources, sf, options, model) or []:
+        emit(Message("unchecked", f"{sf.name}: {note}"))
+    masks = attempt(_scene_masks, sf, options, model, device, dtype, free, emit)
+    made = attempt(_scene_jobs, sf, options, masks, first, now)
+    if problems:
+        raise SceneError.gather(problems)
+    drawn = [job.seed for job in made if job.random_seed]
+    if options.repeat and drawn:
+        emit(Message("detail", f"{sf.name}: random seeds {', '.join(map(str, drawn))}"))
+    emit(Message("detail", f"{sf.name}: {masks.width}x{masks.height}, {len(sf.scene.layers)} layer(s), "
+                           f"{step_count(sf.scene)} {sf.scene.scheduler} steps"))
+    return made
+
+
+def _scene_masks(sf: SceneFile, options: Options, model: str | None, device, dtype, free: int | None,
+                 emit: OnEvent) -> SceneMasks:
+    """The canvas (against the model's downscale factor), the masks, the views and the memory needed."""
+    from smd_cli.masks import checked_canvas, scene_masks
+    from smd_cli.memory import check_memory
+    from smd_cli.models import vae_downscale_factor
+
     factor = vae_downscale_factor(model)
     width, height = checked_canvas(sf, factor)
     masks = scene_masks(sf, width, height)
+    _check_views(sf, width, height, factor)
     emit(Message("detail", check_memory(sf, model, width=width, height=height, factor=factor, device=device,
                                         dtype=dtype, free=free, max_batch=options.max_batch,
                                         vae=options.vae or sf.source(sf.scene.vae))))
+    return masks
+
+
+def _scene_jobs(sf: SceneFile, options: Options, masks: SceneMasks | None, first: int, now: datetime) -> list[Job]:
+    """One job per seed, each output name and folder checked."""
+    from smd_cli.outputs import check_writable
+
     template = output_template(sf, options.output)
     made = [Job(first + n, with_seed(sf, seed), seed, template, masks, drawn)
             for n, (seed, drawn) in enumerate(seeds_for(sf, options.seeds, options.repeat))]
     for job in made:
         check_writable(job.path(now))
-    drawn = [job.seed for job in made if job.random_seed]
-    if options.repeat and drawn:
-        emit(Message("detail", f"{sf.name}: random seeds {', '.join(map(str, drawn))}"))
-    emit(Message("detail", f"{sf.name}: {width}x{height}, {len(sf.scene.layers)} layer(s), "
-                           f"{step_count(sf.scene)} {sf.scene.scheduler} steps"))
     return made
+
+
+def _check_sources(sf: SceneFile, options: Options, model: str | None) -> list[str]:
+    """The model, LCM LoRA and autoencoder exist (local paths; hub ids in the cache when offline),
+    and the steps fit the model's schedule. Returns what cannot be checked before loading."""
+    from smd_cli.errors import SceneError
+    from smd_cli.models import check_available, config_json, fits_lcm_lora
+    from smd_cli.sampler import make_schedule
+
+    model = model or defaults.MODEL
+    unet = config_json(model, "unet/config.json") or (config_json(options.config, "unet/config.json")
+                                                      if options.config else None)
+    lora = lcm_lora_of(sf, options)
+    if lora == "auto" and (unet is not None or model == defaults.MODEL):  # the default model takes it
+        lora = defaults.LCM_LORA if unet is None or fits_lcm_lora(unet) else "none"
+    vae = options.vae or sf.source(sf.scene.vae)
+    notes, problems = [], []
+    for name, what in ((model, "model"), (None if lora == "none" else lora, "LCM LoRA"),
+                       (defaults.TINY_VAE if vae == "tiny" else vae, "VAE")):
+        if name == "auto":  # whether the default LCM LoRA fits this model is known when it loads
+            try:
+                check_available(defaults.LCM_LORA, what)
+            except SmdError:
+                notes.append(f"the model may need the {what} {defaults.LCM_LORA}, which is not downloaded")
+            continue
+        try:
+            notes.append(check_available(name, what))
+        except SmdError as exc:  # every missing download is named, not only the first
+            problems.append(SceneError(str(exc), file=sf.path))
+    schedule = config_json(model, "scheduler/scheduler_config.json")
+    if schedule is None:
+        notes.append("its steps are checked against the model's schedule when the model loads")
+    else:
+        s = sf.scene
+        try:
+            make_schedule(s.scheduler, schedule, s.steps, s.timesteps)
+        except SceneError as exc:
+            problems.append(exc)
+        except SmdError as exc:
+            problems.append(sf.error(("timesteps",) if s.timesteps else ("steps",), str(exc)))
+    if problems:
+        raise SceneError.gather(problems)
+    return [note for note in notes if note]
+
+
+# Past this many views per layer and step (a tiny tile_stride), a scene is surely a mistake.
+MANY_VIEWS = 256
+# Past this many images, a batch (a --repeat or --seeds range) is surely a mistake.
+MANY_IMAGES = 1000
+
+
+def _check_views(sf: SceneFile, width: int, height: int, factor: int | None) -> None:
+    """Warn, with the count, when a scene's tiling makes absurdly many views."""
+    from smd_cli.views import starts, view_sizes
+
+    s = sf.scene
+    f = factor or defaults.MODEL_VAE_FACTOR
+    window, stride = view_sizes(height, width, s.tile_size, s.tile_stride, f)
+    count = len(starts(height // f, window, stride)) * len(starts(width // f, window, stride, s.circular))
+    if count > MANY_VIEWS:
+        warnings.warn(f"{sf.name}: {count} views per layer and step (tile_size {s.tile_size}, tile_stride "
+                      f"{s.tile_stride}): this takes {count} times as long as one view", stacklevel=2)
 
 
 def _check_distinct_outputs(jobs: list[Job], options: Options) -> None:
@@ -395,10 +515,11 @@ class ModelCache:
         self.options, self.device, self.dtype = options, device, dtype
         self.emit = on_event or _ignore
         self.loaded: dict[tuple, Any] = {}
+        self.seconds = 0.0  # spent loading so far
 
     def get(self, sf: SceneFile) -> StableMultiDiffusionPipeline:
         o = self.options
-        key = (model_of(sf, o), o.lcm_lora or sf.source(sf.scene.lcm_lora) or "auto", o.vae or sf.source(sf.scene.vae))
+        key = (model_of(sf, o), lcm_lora_of(sf, o), o.vae or sf.source(sf.scene.vae))
         if key not in self.loaded:
             self.loaded.clear()  # free the previous model before loading another
             self.loaded[key] = self._load(*key)
@@ -414,13 +535,21 @@ class ModelCache:
         try:
             pipe = StableMultiDiffusionPipeline(self.device, hf_key=model, dtype=self.dtype, lcm_lora=lcm_lora,
                                                 config=self.options.config, vae=vae)
+            pipe.optimize(channels_last=self.options.channels_last, compile=self.options.compile)
         except SmdError as exc:
-            self.emit(Loaded(None, time.perf_counter() - started))
+            self._loaded(started, None)
             return exc
-        pipe.optimize(channels_last=self.options.channels_last, compile=self.options.compile)
-        extras = "".join(f" + {x}" for x in (pipe.components.lcm_lora, pipe.components.vae_source) if x)
-        self.emit(Loaded(f"{pipe.components.source}{extras}", time.perf_counter() - started))
+        except BaseException:
+            self._loaded(started, None)
+            raise
+        self._loaded(started, "".join([pipe.components.source] + [f" + {x}" for x in (
+            pipe.components.lcm_lora, pipe.components.vae_source) if x]))
         return pipe
+
+    def _loaded(self, started: float, description: str | None) -> None:
+        seconds = time.perf_counter() - started
+        self.seconds += seconds
+        self.emit(Loaded(description, seconds))
 
 
 def run(plan: Plan, options: Options, *, on_event: OnEvent | None = None,
@@ -438,13 +567,17 @@ def run(plan: Plan, options: Options, *, on_event: OnEvent | None = None,
     if shard.size > 1:
         emit(Message("detail", f"process {shard.rank + 1} of {shard.size}: {len(mine)} of {len(plan.jobs)} images "
                                f"on {plan.device}"))
+    if options.threads:
+        from smd_cli.models import set_threads
+
+        set_threads(options.threads)
     outcomes: list[Outcome] = []
     for n, job in enumerate(mine):
-        started = time.perf_counter()
+        started, loading = time.perf_counter(), cache.seconds  # an image's seconds leave loading out
         try:
-            outcome, trace = _make(job, options, cache, emit), None
+            outcome, trace = _make(job, options, cache, emit, (n + 1, len(mine))), None
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM or SIGHUP (errors.Terminated)
-            outcomes.append(job.outcome(INTERRUPTED, seconds=time.perf_counter() - started))
+            outcomes.append(job.outcome(INTERRUPTED, seconds=time.perf_counter() - started - cache.seconds + loading))
             outcomes += [later.outcome(SKIPPED) for later in mine[n + 1:]]
             emit(Message("info", f"interrupted by {exc}" if str(exc) else "interrupted"))
             return (plan.invalid if shard.main else []) + outcomes
@@ -452,15 +585,15 @@ def run(plan: Plan, options: Options, *, on_event: OnEvent | None = None,
             outcome, trace = job.outcome(FAILED, error=str(exc)), None
         except Exception as exc:  # a bug or a library failure: report it and go on with the batch
             outcome, trace = job.outcome(FAILED, error=unexpected(exc)), traceback.format_exc()
-        outcome.seconds = time.perf_counter() - started
+        outcome.seconds = time.perf_counter() - started - (cache.seconds - loading)
         emit(Finished(outcome, trace))
         outcomes.append(outcome)
     everything = shard.gather((plan.invalid if shard.main else []) + outcomes)
     return sorted(everything, key=lambda o: (o.index is not None, o.index or 0)) if shard.shared else everything
 
 
-def _make(job: Job, options: Options, cache: ModelCache, emit: OnEvent) -> Outcome:
-    """Make one image and write it with its record."""
+def _make(job: Job, options: Options, cache: ModelCache, emit: OnEvent, position: tuple[int, int]) -> Outcome:
+    """Make one image (number `position[0]` of `position[1]`) and write it with its record."""
     from smd_cli.render import generate
     from smd_cli.scene import step_count
 
@@ -471,13 +604,15 @@ def _make(job: Job, options: Options, cache: ModelCache, emit: OnEvent) -> Outco
     except SmdError as exc:  # no model, or steps it cannot take: the image never started
         return job.outcome(INVALID, error=str(exc))
     steps = step_count(sf.scene)  # what the schedule, checked just now, will take
-    emit(Progress(job, 0, steps))
+    emit(Progress(job, 0, steps, *position))
     result = generate(pipe, sf, masks=job.masks, max_batch=options.max_batch,
-                      callback=lambda k, n, x0: emit(Progress(job, k + 1, steps)))
+                      callback=lambda k, n, x0: emit(Progress(job, k + 1, steps, *position)))
     path = job.path()
     written = result.save(path, overwrite=options.overwrite)
     if written != path:
         emit(Message("info", f"{path} exists; wrote {written.name} beside it (--overwrite replaces)"))
-    emit(Message("info", f"{sf.name}: seed {result.seed}, {result.timings['generate']:.1f} s"))
+    seconds = result.timings["generate"]
+    emit(Message("info", f"image {position[0]}/{position[1]}: {sf.name}, seed {result.seed}, {seconds:.1f} s "
+                         f"({steps / seconds:.2f} steps/s)"))
     emit(Message("detail", f"{sf.name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())))
     return job.outcome(DONE, path=str(written))

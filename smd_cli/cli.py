@@ -25,6 +25,7 @@ import typer
 
 from smd_cli import __version__
 from smd_cli.errors import SmdError, Terminated
+from smd_cli.files import UnreadableFile, check_regular, is_file
 from smd_cli.report import error, out, put, say, show_warning
 
 if TYPE_CHECKING:
@@ -36,7 +37,8 @@ app = typer.Typer(
     help="Region-based multi-prompt image generation with StreamMultiDiffusion.\n\n"
          "Paint masks, give each a prompt in a YAML scene, and run `smd generate scene.yaml`.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -57,7 +59,8 @@ def user_errors() -> Iterator[None]:
         with signals_as_interrupts():
             yield
     except SmdError as exc:
-        error(str(exc))
+        for message in exc.messages():
+            error(message)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt as exc:
         say(f"interrupted by {exc}" if str(exc) else "interrupted")
@@ -117,7 +120,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 O = typer.Option
 OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
     "model": (Optional[str], O(None, "--model", "-m", help="Hub id, local diffusers folder or .safetensors file "
-                                                           "(default: the scene's, else SD1.5 + LCM LoRA).")),
+                                                           "(default: the scene's, else SMD_MODEL or the config "
+                                                           "file's, else SD1.5 + LCM LoRA).")),
     "config": (Optional[str], O(None, "--config", help="A diffusers folder with the configs of a .safetensors model.")),
     "output": (Optional[str], O(None, "--out", "-o", help="Output file, folder or template with {scene}, {seed}, "
                                                           "{steps}, {index}, {date}, {time} (default: the scene's "
@@ -126,9 +130,15 @@ OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
     "seeds": (Optional[str], O(None, "--seeds", help="One image per seed: 1,2,3 or 10-20 or a mix.")),
     "repeat": (Optional[int], O(None, "--repeat", min=1, help="N images per scene with random seeds (printed).")),
     "steps": (Optional[int], O(None, "--steps", min=1, max=1000, help="Number of steps (LCM default 5).")),
+    "guidance_scale": (Optional[float], O(None, "--guidance-scale", "-g", min=0.0, max=100.0,
+                                          help="Classifier-free guidance (scene key guidance_scale; 1: none).")),
+    "tile_size": (Optional[int], O(None, "--tile-size", min=8, help="Views of this many pixels for larger canvases "
+                                                                    "(scene key tile_size; default 768).")),
     "scheduler": (Optional[str], O(None, "--scheduler", help="lcm (default), ddim or euler.")),
-    "device": (str, O("auto", "--device", help="auto, cpu, cuda, cuda:N or mps.")),
-    "dtype": (str, O("auto", "--dtype", help="auto, float32, float16 or bfloat16.")),
+    "device": (Optional[str], O(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: SMD_DEVICE, "
+                                                       "the config file's, else auto).")),
+    "dtype": (Optional[str], O(None, "--dtype", help="auto, float32, float16 or bfloat16 (default: SMD_DTYPE, the "
+                                                     "config file's, else auto).")),
     "lcm_lora": (Optional[str], O(None, "--lcm-lora", help="LCM LoRA (hub id, file or folder) or 'none' "
                                                            "(default: the SD1.5 one where it fits).")),
     "vae": (Optional[str], O(None, "--vae", help="'tiny' (TAESD), or a hub id or folder of an autoencoder.")),
@@ -148,12 +158,14 @@ OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
                                                          "equal to, the default).")),
     "compile_": (bool, O(False, "--compile", help="torch.compile the UNet (CUDA graphs in smd stream).")),
     "channels_last": (bool, O(False, "--channels-last", help="Channels-last memory for the UNet and VAE.")),
+    "threads": (Optional[int], O(None, "--threads", min=1, help="CPU threads for torch (fewer than the cores when "
+                                                                "the machine is busy).")),
 }
 MODEL_OPTIONS = ("model", "config", "device", "dtype", "lcm_lora", "vae")
 REPORTING = ("json_", "quiet", "verbose")
-GENERATING = ("model", "config", "output", "seed", "seeds", "repeat", "steps", "scheduler", "device", "dtype",
-              "lcm_lora", "vae", "max_batch", "set_", "overwrite", "json_", "dry_run", "quiet", "verbose",
-              "distributed", "processes", "region_crop", "compile_", "channels_last")
+GENERATING = ("model", "config", "output", "seed", "seeds", "repeat", "steps", "scheduler", "guidance_scale",
+              "tile_size", "device", "dtype", "lcm_lora", "vae", "max_batch", "set_", "overwrite", "json_", "dry_run",
+              "quiet", "verbose", "distributed", "processes", "region_crop", "compile_", "channels_last", "threads")
 
 
 def shared(*names: str):
@@ -201,7 +213,7 @@ def _batch_options(opts: SimpleNamespace, **scene_keys) -> batch.Options:
     if opts.output is not None:
         check_template(opts.output)
     values = dict(seed=opts.seed, region_crop=opts.region_crop or None, steps=opts.steps, scheduler=opts.scheduler,
-                  **scene_keys)
+                  guidance_scale=opts.guidance_scale, tile_size=opts.tile_size, **scene_keys)
     overrides = merge_overrides([(k, v) for k, v in values.items() if v is not None] + list(opts.set))
     return _options(opts, overrides=overrides, seeds=parse_seeds(opts.seeds) if opts.seeds else None)
 
@@ -217,7 +229,13 @@ def validate(
                                         "(read from its config only; nothing is loaded)."),
     set_: List[str] = OPTIONS["set_"][1],
 ) -> None:
-    """Check scene files without loading any model: keys, values, mask files, coverage."""
+    """Check scene files without loading any model: keys, values, mask files, coverage.
+
+    \b
+    Examples:
+      smd validate scenes/*.yaml
+      smd validate scenes/village.yaml --set width=1024 --model ./my-sd15-folder
+    """
     from smd_cli import report
     from smd_cli.masks import checked_canvas, scene_masks
     from smd_cli.models import vae_downscale_factor
@@ -242,7 +260,8 @@ def generate(
     scenes: List[Path] = typer.Argument(None, help="Scene files (YAML). Omit them to use --prompt.",
                                         show_default=False),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Plain text-to-image without a scene."),
-    negative_prompt: str = typer.Option("", "--negative-prompt", "-n", help="Negative prompt for --prompt."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", "-n", help="With --prompt, its negative "
+                                                  "prompt; with scenes, put before every layer's (negative_prefix)."),
     width: Optional[int] = typer.Option(None, "--width", min=8, help="Canvas width in pixels."),
     height: Optional[int] = typer.Option(None, "--height", min=8, help="Canvas height in pixels."),
     opts: SimpleNamespace = None,
@@ -251,17 +270,24 @@ def generate(
 
     A scene that fails does not stop the others: a summary follows, and the exit code is 0 when
     every image was made, 1 when some failed, 2 when none could start.
+
+    \b
+    Examples:
+      smd generate scenes/sunset-lake.yaml
+      smd generate scenes/*.yaml --seeds 1-4 --out 'out/{scene}-{seed}.png'
+      smd generate --prompt "a photo of the dolomites" --steps 4 -g 1.5
+      smd generate scenes/village.yaml --set layers[0].prompt="a castle" --dry-run
     """
     with user_errors():
         from smd_cli.scene import scene_from_prompt
 
-        options = _batch_options(opts, width=width, height=height)
         files = list(scenes or [])
         if not files and prompt is None:
             raise SmdError("give one or more scene files, or --prompt \"...\"")
         if files and prompt is not None:
             raise SmdError("give either scene files or --prompt, not both")
-        items = files if prompt is None else [scene_from_prompt(prompt, negative_prompt, options.overrides)]
+        options = _batch_options(opts, width=width, height=height, negative_prefix=negative_prompt if files else None)
+        items = files if prompt is None else [scene_from_prompt(prompt, negative_prompt or "", options.overrides)]
         raise typer.Exit(_run(items, options, opts)[1])
 
 
@@ -272,15 +298,28 @@ def inpaint(
                                         show_default=False),
     image: Optional[Path] = typer.Option(None, "--image", "-i", help="The picture to paint on "
                                          "(instead of the scene's background.image)."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", "-n", help="Put before every layer's "
+                                                  "negative prompt (negative_prefix)."),
     opts: SimpleNamespace = None,
 ) -> None:
-    """Paint the scene's layers over a picture; outside every mask the picture stays as it was."""
+    """Paint the scene's layers over a picture; outside every mask the picture stays as it was.
+
+    \b
+    Examples:
+      smd inpaint scenes/street-inpaint.yaml
+      smd inpaint scenes/street-inpaint.yaml --image holiday.jpg --seeds 1-3
+    """
     with user_errors():
         from smd_cli.render import needs_picture
 
-        if image is not None and not image.is_file():
-            raise SmdError(f"--image {image}: file not found")
-        options = _batch_options(opts)
+        try:
+            if image is not None:
+                check_regular(image)
+        except FileNotFoundError:
+            raise SmdError(f"--image {image}: file not found") from None
+        except (UnreadableFile, OSError) as exc:
+            raise SmdError(f"--image {image}: cannot read it: {exc}") from None
+        options = _batch_options(opts, negative_prefix=negative_prompt)
         if image is not None:
             options.overrides[("background", "image")] = str(image.resolve())
         raise typer.Exit(_run(list(scenes), options, opts, check=needs_picture)[1])
@@ -290,21 +329,28 @@ def inpaint(
 @shared(*GENERATING)
 def panorama(
     prompt: str = typer.Argument(..., help="The prompt, or a scene file with one layer and a wide canvas."),
-    negative_prompt: str = typer.Option("", "--negative", "-n", help="Negative prompt."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", "--negative", "-n", help="Negative prompt."),
     width: Optional[int] = typer.Option(None, "--width", min=8, help="Width in pixels (default 3072)."),
     height: Optional[int] = typer.Option(None, "--height", min=8, help="Height in pixels (default 512)."),
     circular: bool = typer.Option(False, "--circular", help="A 360-degree panorama: the left and right "
                                   "edges join without a seam."),
     opts: SimpleNamespace = None,
 ) -> None:
-    """Generate a wide image from one prompt, denoised in overlapping views."""
+    """Generate a wide image from one prompt, denoised in overlapping views.
+
+    \b
+    Examples:
+      smd panorama "A photo of Alps" --width 3072 --height 512
+      smd panorama "a photo of a city at night" --circular --seeds 1-4
+      smd panorama scenes/alps-panorama.yaml
+    """
     with user_errors():
         from smd_cli import defaults
         from smd_cli.render import one_layer
         from smd_cli.scene import scene_from_prompt
 
         is_scene = prompt.endswith((".yaml", ".yml"))
-        if is_scene and not Path(prompt).is_file():
+        if is_scene and not is_file(prompt):
             raise SmdError(f"{prompt}: scene file not found (a prompt that ends in .yaml: write it differently)")
         options = _batch_options(opts, circular=circular or None,
                                  width=width if width or is_scene else defaults.PANORAMA_WIDTH,
@@ -319,7 +365,13 @@ def show(
     image: Path = typer.Argument(..., help="A PNG made by smd.", show_default=False),
     json_: bool = typer.Option(False, "--json", help="Print the record as JSON instead of YAML."),
 ) -> None:
-    """Print how an image was made: scene, seed, model, versions, timings, and whether its files changed."""
+    """Print how an image was made: scene, seed, model, versions, timings, and whether its files changed.
+
+    \b
+    Examples:
+      smd show out/village-3.png
+      smd show out/village-3.jpg --json | jq .seed
+    """
     with user_errors():
         import json
 
@@ -348,7 +400,13 @@ def reproduce(
 ) -> None:
     """Make an image again from the record in it, and say whether the result is identical.
 
-    The record is someone's image: the files it names are listed before anything reads them."""
+    The record is someone's image: the files it names are listed before anything reads them.
+
+    \b
+    Examples:
+      smd reproduce out/village-3.png
+      smd reproduce shared.png --model ~/models/sd15 --out again.png --check
+    """
     with user_errors():
         import json
 
@@ -378,7 +436,7 @@ def reproduce(
 
 
 @app.command()
-@shared(*MODEL_OPTIONS, "set_", "overwrite", "quiet", "compile_", "channels_last")
+@shared(*MODEL_OPTIONS, "set_", "overwrite", "quiet", "compile_", "channels_last", "threads")
 def stream(
     scene: Path = typer.Argument(..., help="Scene file (YAML) to stream.", show_default=False, metavar="SCENE"),
     frames: Optional[int] = typer.Option(None, "--frames", min=1, help="Stop after N frames."),
@@ -398,6 +456,11 @@ def stream(
 
     An existing GIF or MP4 is kept (the new one gets -1, -2, ...); frames in an existing folder
     are numbered on after the ones there. --overwrite replaces instead.
+
+    \b
+    Examples:
+      smd stream scenes/village.yaml --watch --preview 8000 --vae tiny
+      smd stream scenes/village.yaml --frames 50 --out village.gif
     """
     with user_errors():
         from smd_cli.live import StreamRun, open_session
@@ -447,10 +510,11 @@ def _run(items: list, options: batch.Options, opts: SimpleNamespace, check=None,
             raise typer.Exit(launch(sys.argv[1:], count, options.device))
         say("--distributed: one process, so running here")
     shard = join_processes(cpu=options.device == "cpu") if launched_distributed() else Shard()
-    reporter = reporter or report.Reporter(opts.quiet, opts.verbose, opts.json)
+    reporter = reporter or report.Reporter(opts.quiet, opts.verbose, opts.json, dry_run=getattr(opts, "dry_run", False))
     plan = batch.plan(items, options, check=check, shard=shard, on_event=reporter)
     for outcome in plan.invalid if shard.main else []:
-        error(outcome.error)
+        for message in [outcome.error, *outcome.more_errors]:
+            error(message)
         reporter.result(outcome)
     if getattr(opts, "dry_run", False):
         if shard.main:

@@ -1,4 +1,5 @@
-"""SPEC section 7 in code: every default and every set of choices, in one place.
+"""SPEC section 7 in code: every default and every set of choices, in one place, and the one rule
+for the negative prefix.
 
 Scenes (pydantic), the Python API, the stream and the CLI all take their defaults from here, so a
 default cannot differ between the ways in. No imports: `smd validate` reads this too.
@@ -53,4 +54,11 @@ STREAM_GUIDANCE_SCALE = 1.2
 STREAM_DELTA = 1.0
 STREAM_SEED = 2024  # the original project's examples' seed
 STREAM_SIZE = 512
+
+
+def prefixed(prefix: str | None, negative: str) -> str:
+    """A negative prompt with the negative prefix in front (SPEC 2.1)."""
+    if not prefix:
+        return negative
+    return f"{prefix}, {negative}" if negative else prefix
 

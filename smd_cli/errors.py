@@ -62,7 +62,10 @@ class SceneError(SmdError):
 
 
 class ModelError(SmdError):
-    """A model that cannot be found, loaded or used for the request."""
+    """A model that cannot be found, loaded or used for the request; `offline` when the reason is
+    that it is not downloaded and the hub cannot be reached."""
+
+    offline = False
 
 
 class OutputError(SmdError):

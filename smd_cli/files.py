@@ -28,6 +28,30 @@ class UnreadableFile(SmdError):
     """A file that is not a regular file, is too large, or is an image too large to decode."""
 
 
+def _stat(path: str | Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except (OSError, ValueError):  # missing, unreadable, too long a name, a NUL in it
+        return None
+
+
+def exists(path: str | Path) -> bool:
+    """Whether `path` names something; a name the system refuses (too long, a NUL) names nothing."""
+    return _stat(path) is not None
+
+
+def is_file(path: str | Path) -> bool:
+    """Whether `path` is a regular file, false for any name the system refuses."""
+    st = _stat(path)
+    return st is not None and stat.S_ISREG(st.st_mode)
+
+
+def is_dir(path: str | Path) -> bool:
+    """Whether `path` is a folder, false for any name the system refuses."""
+    st = _stat(path)
+    return st is not None and stat.S_ISDIR(st.st_mode)
+
+
 def kind(mode: int) -> str:
     """What a file that is not a regular file is, for messages."""
     for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
@@ -95,21 +119,45 @@ def check_pixels(size: tuple[int, int]) -> None:
                              "(a decompression bomb?)")
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """An image's (width, height) from its header alone, checked against the pixel limit."""
+def check_regular(path: str | Path) -> None:
+    """Raise FileNotFoundError, or `UnreadableFile` for anything but a regular file."""
+    open_regular(path).close()
+
+
+def open_image(fp):
+    """A PIL image opened from its header, its pixel count checked before anything is decoded.
+
+    PIL's own check would raise inside `Image.open`, with another limit and message; it is off
+    while smd opens the image and makes the same check itself, right after the header.
+    """
     from PIL import Image
 
-    with open_regular(path) as fh, Image.open(fh) as image:
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        image = Image.open(fp)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    try:
         check_pixels(image.size)
-        return image.size
+    except UnreadableFile:
+        image.close()
+        raise
+    return image
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """An image's (width, height) from its header alone, checked against the size and pixel limits."""
+    with open_regular(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > MAX_IMAGE_BYTES:
+            raise UnreadableFile(f"{_size(size)}, more than the {_size(MAX_IMAGE_BYTES)} smd reads")
+        with open_image(fh) as image:
+            return image.size
 
 
 def decode_image(data: bytes):
     """A fully decoded PIL image from bytes, its size checked from the header before decoding."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        check_pixels(image.size)
+    with open_image(io.BytesIO(data)) as image:
         image.load()
         return image.copy()
 

@@ -403,7 +403,7 @@ def open_session(scene: Path, options: batch.Options, *, output: Path | None = N
     address), then load the model (`options`, with `options.overrides` applied to the scene) and start
     streaming the scene. `options.compile` compiles for the stream's one fixed shape."""
     from smd_cli.batch import ModelCache, model_of
-    from smd_cli.models import check_source, resolve_device, resolve_dtype, vae_downscale_factor
+    from smd_cli.models import check_source, resolve_device, resolve_dtype, set_threads, vae_downscale_factor
 
     if cfg_type not in defaults.STREAM_CFG_TYPES:
         raise SmdError(f"--cfg must be one of {', '.join(defaults.STREAM_CFG_TYPES)}, got {cfg_type!r}")
@@ -417,6 +417,8 @@ def open_session(scene: Path, options: batch.Options, *, output: Path | None = N
     state = LiveState()
     server = PreviewServer(state, *parse_address(preview)) if preview else None  # listens now, serves later
     try:
+        if options.threads:
+            set_threads(options.threads)
         device = resolve_device(options.device)
         cache = ModelCache(dataclasses.replace(options, compile=False), device, resolve_dtype(options.dtype, device),
                            on_event)

@@ -7,6 +7,7 @@ must not import torch. Arrays are float32 in [0, 1], shaped [P, H, W] for P laye
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import warnings
@@ -120,22 +121,64 @@ def _box(values: tuple[float, ...], width: int, height: int) -> tuple[float, flo
     return tuple(float(v) for v in values)  # type: ignore[return-value]
 
 
-def rect_mask(rect: tuple[float, ...], height: int, width: int) -> np.ndarray:
-    """Pixels whose centre lies in [x0, x1) x [y0, y1)."""
+def _span(lo: float, hi: float, size: int) -> slice:
+    """The pixels i whose centre i + 0.5 lies in [lo, hi), within [0, size)."""
+    return slice(min(max(math.ceil(lo - 0.5), 0), size), min(max(math.ceil(hi - 0.5), 0), size))
+
+
+@dataclass
+class LayerMask:
+    """One layer's mask at canvas size, kept as the box that holds all of it: a thousand small
+    shapes cost their areas, not a thousand canvases."""
+
+    rows: slice
+    cols: slice
+    values: np.ndarray  # float32 [rows, cols] in [0, 1]
+
+    @staticmethod
+    def of(mask: np.ndarray) -> "LayerMask":
+        """The box of a full-size [H, W] mask: its non-zero part."""
+        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        if len(rows) == 0:
+            return LayerMask(slice(0, 0), slice(0, 0), np.zeros((0, 0), np.float32))
+        r, c = slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+        return LayerMask(r, c, np.ascontiguousarray(mask[r, c], dtype=np.float32))
+
+    def within(self, rows: slice, cols: slice) -> np.ndarray:
+        """The values in canvas rows and columns inside this box."""
+        return self.values[rows.start - self.rows.start : rows.stop - self.rows.start,
+                           cols.start - self.cols.start : cols.stop - self.cols.start]
+
+    def dense(self, height: int, width: int) -> np.ndarray:
+        out = np.zeros((height, width), np.float32)
+        out[self.rows, self.cols] = self.values
+        return out
+
+
+def rect_box(rect: tuple[float, ...], height: int, width: int) -> LayerMask:
+    """The pixels whose centre lies in [x0, x1) x [y0, y1)."""
     x0, y0, x1, y1 = _box(rect, width, height)
-    xs = np.arange(width) + 0.5
-    ys = np.arange(height) + 0.5
-    inside_x = (xs >= x0) & (xs < x1)
-    inside_y = (ys >= y0) & (ys < y1)
-    return (inside_y[:, None] & inside_x[None, :]).astype(np.float32)
+    rows, cols = _span(y0, y1, height), _span(x0, x1, width)
+    return LayerMask(rows, cols, np.ones((rows.stop - rows.start, cols.stop - cols.start), np.float32))
+
+
+def ellipse_box(ellipse: tuple[float, ...], height: int, width: int) -> LayerMask:
+    """The pixels whose centre lies in the ellipse with centre (cx, cy) and radii (rx, ry)."""
+    cx, cy, rx, ry = _box(ellipse, width, height)
+    rows, cols = _span(cy - ry, cy + ry + 1, height), _span(cx - rx, cx + rx + 1, width)
+    ys = (np.arange(rows.start, rows.stop) + 0.5 - cy) / ry
+    xs = (np.arange(cols.start, cols.stop) + 0.5 - cx) / rx
+    return LayerMask(rows, cols, ((ys[:, None] ** 2 + xs[None, :] ** 2) <= 1.0).astype(np.float32))
+
+
+def rect_mask(rect: tuple[float, ...], height: int, width: int) -> np.ndarray:
+    """Pixels whose centre lies in [x0, x1) x [y0, y1), as a full [H, W] mask."""
+    return rect_box(rect, height, width).dense(height, width)
 
 
 def ellipse_mask(ellipse: tuple[float, ...], height: int, width: int) -> np.ndarray:
-    """Pixels whose centre lies in the ellipse with centre (cx, cy) and radii (rx, ry)."""
-    cx, cy, rx, ry = _box(ellipse, width, height)
-    xs = (np.arange(width) + 0.5 - cx) / rx
-    ys = (np.arange(height) + 0.5 - cy) / ry
-    return ((ys[:, None] ** 2 + xs[None, :] ** 2) <= 1.0).astype(np.float32)
+    """Pixels whose centre lies in the ellipse, as a full [H, W] mask."""
+    return ellipse_box(ellipse, height, width).dense(height, width)
 
 
 def hex_to_rgb(color: str) -> tuple[int, int, int]:
@@ -180,20 +223,28 @@ def main_colors(image: Image.Image, n: int = 5) -> list[str]:
 
 @dataclass
 class SceneMasks:
-    """The scene's layer masks at canvas size, before occlusion and blur."""
+    """The scene's layer masks at canvas size, before occlusion and blur: each layer's box, and the
+    full [P, H, W] array (`masks`) made when generating asks for it."""
 
-    masks: np.ndarray  # [P, H, W]
+    layers: list[LayerMask]
+    width: int
+    height: int
     names: list[str]
     files: dict[Path, str] = field(default_factory=dict)  # absolute path -> SHA-256 of the bytes read
     picture: Image.Image | None = None  # the inpainting picture, as read with the masks
 
-    @property
-    def height(self) -> int:
-        return self.masks.shape[1]
+    @functools.cached_property
+    def masks(self) -> np.ndarray:
+        """[P, H, W] float32: every layer over the whole canvas."""
+        out = np.zeros((len(self.layers), self.height, self.width), np.float32)
+        for layer, box in zip(out, self.layers):
+            layer[box.rows, box.cols] = box.values
+        return out
 
-    @property
-    def width(self) -> int:
-        return self.masks.shape[2]
+    @staticmethod
+    def of(masks: np.ndarray, names: list[str]) -> "SceneMasks":
+        """Scene masks from full [P, H, W] masks."""
+        return SceneMasks([LayerMask.of(m) for m in masks], masks.shape[2], masks.shape[1], names)
 
 
 class FileChangedWarning(UserWarning):
@@ -304,11 +355,11 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
         raise sf.error(("layers",), f"{len(layers)} layers on a {width}x{height} canvas need {need / 2**30:.1f} GiB of "
                                     f"masks, more than the {MAX_MASK_BYTES / 2**30:.0f} GiB smd allows; use fewer "
                                     "layers or a smaller canvas")
-    out = np.zeros((len(layers), height, width), dtype=np.float32)
+    boxes: list[LayerMask] = []
     problems: list[SceneError] = []
     for i, layer in enumerate(layers):
         try:
-            out[i] = _layer_mask(sf, images, i, layer.mask, width, height, palette_colors, labels)
+            boxes.append(_layer_mask(sf, images, i, layer.mask, width, height, palette_colors, labels))
         except SceneError as exc:  # every layer's problem is reported, not only the first
             problems.append(exc)
     picture = None
@@ -320,23 +371,23 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
             problems.append(exc)
     if problems:
         raise SceneError.gather(problems)
-    if not out.any():
+    if not any(box.values.any() for box in boxes):  # stops at the first layer that paints anything
         raise sf.error(("layers",), "every layer's mask is empty: nothing would be painted; "
                                     "check the mask images, colours and rectangles")
-    return SceneMasks(masks=out, names=[layer.name or f"layer{i + 1}" for i, layer in enumerate(layers)],
+    return SceneMasks(boxes, width, height, [layer.name or f"layer{i + 1}" for i, layer in enumerate(layers)],
                       files=images.hashes, picture=picture)
 
 
 def _layer_mask(sf: SceneFile, images: _Images, i: int, spec, width: int, height: int,
-                palette_colors: dict[Path, list[str]], labels: dict[Path, tuple]) -> np.ndarray | float:
+                palette_colors: dict[Path, list[str]], labels: dict[Path, tuple]) -> LayerMask:
     """One layer's mask at canvas size (SPEC 2.2: read, resize, threshold)."""
     key = ("layers", i, "mask")
     if spec is None:
-        return 1.0
+        return LayerMask(slice(0, height), slice(0, width), np.ones((height, width), np.float32))
     if isinstance(spec, RectMask):
-        return rect_mask(spec.rect, height, width)
+        return rect_box(spec.rect, height, width)
     if isinstance(spec, EllipseMask):
-        return ellipse_mask(spec.ellipse, height, width)
+        return ellipse_box(spec.ellipse, height, width)
     image = images.get(mask_file(spec), key, sha256=spec.sha256)
     if aspect_mismatch(image.size, width, height):
         raise sf.error(key, f"mask image is {image.size[0]}x{image.size[1]} but the canvas is {width}x{height}: "
@@ -354,13 +405,13 @@ def _layer_mask(sf: SceneFile, images: _Images, i: int, spec, width: int, height
             colours = ", ".join(main_colors(image)) or "none (fully transparent)"
             raise sf.error(key + ("color",), f"colour {spec.color} matches no pixel of {path.name} (none within "
                                              f"{PALETTE_TOLERANCE} of it); its main colours are {colours}")
-        return (resize((found == index).astype(np.float32), height, width) > 0.5).astype(np.float32)
+        return LayerMask.of((resize((found == index).astype(np.float32), height, width) > 0.5).astype(np.float32))
     m = resize(image_mask(image), height, width)
     if spec.invert:
         m = 1.0 - m
     if spec.threshold is not None:
         m = (m > spec.threshold).astype(np.float32)
-    return m
+    return LayerMask.of(m)
 
 
 def background_mask(masks: np.ndarray) -> np.ndarray:
@@ -375,20 +426,31 @@ class Coverage:
     overlaps: dict[str, float]  # other layer -> % of the canvas shared
 
 
-def coverage_report(masks: np.ndarray, names: list[str]) -> tuple[list[Coverage], float]:
-    """Per-layer coverage and pairwise overlaps in % of the canvas, and the uncovered %."""
-    hard = masks > 0.5
-    rows = []
-    for i, name in enumerate(names):
-        overlaps = {}
-        for j, other in enumerate(names):
-            if j != i:
-                shared = float((hard[i] & hard[j]).mean() * 100)
-                if shared > 0:
-                    overlaps[other] = shared
-        rows.append(Coverage(name, float(masks[i].mean() * 100), overlaps))
-    uncovered = float(background_mask(masks).mean() * 100)
-    return rows, uncovered
+def coverage_report(masks: SceneMasks) -> tuple[list[Coverage], float]:
+    """Per-layer coverage and pairwise overlaps in % of the canvas, and the uncovered %.
+
+    Only layers whose boxes meet are compared, and only where they meet, so a scene of many small
+    layers costs their areas, not every pair of layers over the whole canvas.
+    """
+    boxes, names = masks.layers, masks.names
+    percent = 100.0 / (masks.width * masks.height)
+    top = np.zeros((masks.height, masks.width), np.float32)  # the most any layer covers each pixel
+    for box in boxes:
+        np.maximum(top[box.rows, box.cols], box.values, out=top[box.rows, box.cols])
+    edges = np.array([[b.rows.start, b.rows.stop, b.cols.start, b.cols.stop] for b in boxes]).reshape(-1, 4)
+    meet = ((np.maximum.outer(edges[:, 0], edges[:, 0]) < np.minimum.outer(edges[:, 1], edges[:, 1]))
+            & (np.maximum.outer(edges[:, 2], edges[:, 2]) < np.minimum.outer(edges[:, 3], edges[:, 3])))
+    overlaps: list[dict[str, float]] = [{} for _ in boxes]  # filled in layer order, as pairs come
+    for i, j in zip(*np.nonzero(np.triu(meet, 1))):
+        a, b = boxes[i], boxes[j]
+        rows = slice(max(a.rows.start, b.rows.start), min(a.rows.stop, b.rows.stop))
+        cols = slice(max(a.cols.start, b.cols.start), min(a.cols.stop, b.cols.stop))
+        shared = np.count_nonzero((a.within(rows, cols) > 0.5) & (b.within(rows, cols) > 0.5))
+        if shared:
+            overlaps[i][names[j]] = overlaps[j][names[i]] = shared * percent
+    rows = [Coverage(name, float(box.values.sum() * percent), overlap)
+            for name, box, overlap in zip(names, boxes, overlaps)]
+    return rows, float((1.0 - top).clip(0.0, 1.0).sum() * percent)
 
 
 # ---------------------------------------------------------------------------------------------

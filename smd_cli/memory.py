@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 from smd_cli import defaults
+from smd_cli.files import is_dir, is_file
 from smd_cli.models import config_json
 
 if TYPE_CHECKING:
@@ -110,9 +111,9 @@ def _decoder_config(model: str | None, vae: str | None) -> dict:
 
 def _weight_bytes(model: str | None, dtype_bytes: int) -> int:
     path = Path(model or defaults.MODEL).expanduser()
-    if path.is_file():
+    if is_file(path):
         return path.stat().st_size * dtype_bytes // 4  # checkpoints are mostly float32
-    if not path.is_dir():
+    if not is_dir(path):
         return SD15_WEIGHT_BYTES_FP16 * dtype_bytes // 2
     total = 0
     for part in ("unet", "vae", "text_encoder"):

@@ -1,5 +1,7 @@
-"""What an image records about how it was made: PNG text chunks written with it, read back by
-`smd show` and `smd reproduce`.
+"""What an image records about how it was made, written with it and read back by `smd show` and
+`smd reproduce`: PNG text chunks; in a JPEG or WebP the same chunks as one JSON document in its
+XMP packet, with `parameters` also in EXIF UserComment as other tools expect it (a JPEG record
+too large for its XMP segment goes to a sidecar `NAME.smd.yaml` instead).
 
 Chunks (all text):
 - `parameters`: a short human-readable summary, the kind other image tools show.
@@ -26,8 +28,9 @@ from typing import Any
 import yaml
 
 from smd_cli import __version__
+from smd_cli.defaults import prefixed
 from smd_cli.errors import SmdError, printable
-from smd_cli.files import MAX_IMAGE_BYTES, UnreadableFile, check_pixels, read_bytes, sha256
+from smd_cli.files import MAX_IMAGE_BYTES, UnreadableFile, exists, is_file, open_image, read_bytes, sha256
 from smd_cli.scene import SceneFile, parse_mapping, scene_files, validate_scene
 
 
@@ -99,7 +102,7 @@ def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: 
 def _absolute(source: str) -> str:
     """A local model path made absolute; a hub id or keyword as it is."""
     p = Path(source).expanduser()
-    return str(p.absolute()) if p.exists() else source
+    return str(p.absolute()) if exists(p) else source
 
 
 def make_record(sf: SceneFile, *, seed: int, width: int, height: int, steps: int, model: str,
@@ -109,7 +112,7 @@ def make_record(sf: SceneFile, *, seed: int, width: int, height: int, steps: int
     `scene_masks` read them); files missing there are hashed now."""
     read = files or {}
     files = {path: read[path] if path in read else sha256(path)
-             for path in scene_files(sf).values() if path in read or path.is_file()}
+             for path in scene_files(sf).values() if path in read or is_file(path)}
     scene = resolved_scene(sf, seed=seed, width=width, height=height, steps=steps, model=model,
                            lcm_lora=lcm_lora, vae=vae, files=files)
     files = {str(path): digest for path, digest in files.items()}
@@ -118,28 +121,34 @@ def make_record(sf: SceneFile, *, seed: int, width: int, height: int, steps: int
                   timings={k: round(v, 4) for k, v in timings.items()})
 
 
+# The samplers as other image tools (AUTOMATIC1111's web UI and those that read its `parameters`) name them.
+SAMPLER_NAMES = {"lcm": "LCM", "ddim": "DDIM", "euler": "Euler"}
+
+
 def parameters_text(record: Record) -> str:
-    """One prompt line, the negative prompts, then `Key: value` pairs, as other image tools show."""
+    """AUTOMATIC1111's layout, which other image tools read: the prompt, a `Negative prompt:` line,
+    then one line of `Key: value` pairs (Steps, Sampler, CFG scale, Seed, Size, Model, ...)."""
     s = record.scene
     prompts = " | ".join(f"{layer['name']}: {layer['prompt']}" for layer in s["layers"])
     if s["background"].get("prompt"):
         prompts = f"background: {s['background']['prompt']} | {prompts}"
-    negatives = [s["background"].get("negative_prompt")] + [layer["negative_prompt"] for layer in s["layers"]]
-    negatives = [n for n in negatives if n]
+    prefix = s.get("negative_prefix")
+    negatives = [prefixed(prefix, layer["negative_prompt"]) for layer in s["layers"]]
+    if s["background"].get("negative_prompt"):
+        negatives.insert(0, prefixed(prefix, s["background"]["negative_prompt"]))
+    negatives = [n for n in dict.fromkeys(negatives) if n]  # as the layers use them, each once
     steps = s.get("steps") or len(s.get("timesteps") or [])
-    pairs = {"Steps": steps, "Sampler": s["scheduler"], "CFG scale": s["guidance_scale"], "Seed": record.seed,
+    pairs = {"Steps": steps, "Sampler": SAMPLER_NAMES.get(s["scheduler"], s["scheduler"]),
+             "CFG scale": s["guidance_scale"], "Seed": record.seed,
              "Size": f"{s['width']}x{s['height']}", "Model": record.model, "Layers": len(s["layers"]),
              "Version": f"smd {record.version}"}
     lines = [prompts] + ([f"Negative prompt: {'; '.join(negatives)}"] if negatives else [])
     return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in pairs.items())])
 
 
-def png_info(record: Record):
-    """The record as PNG text chunks (PIL's PngInfo; UTF-8 iTXt where needed)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    chunks = {
+def chunks(record: Record) -> dict[str, str]:
+    """The record as named texts: PNG text chunks, or the fields of the XMP document."""
+    out = {
         "parameters": parameters_text(record),
         "smd-scene": _yaml(record.scene),
         "smd-files": _yaml(record.files) if record.files else "{}\n",
@@ -152,10 +161,62 @@ def png_info(record: Record):
         "smd-timings": json.dumps(record.timings),
     }
     if record.config:
-        chunks["smd-config"] = record.config
-    for key, value in chunks.items():
+        out["smd-config"] = record.config
+    return out
+
+
+def png_info(record: Record):
+    """The record as PNG text chunks (PIL's PngInfo; UTF-8 iTXt where needed)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in chunks(record).items():
         info.add_itxt(key, value)
     return info
+
+
+XMP_NAMESPACE = "https://github.com/smd-cli/smd/ns/record/1.0/"
+MAX_JPEG_XMP = 65_000  # a JPEG APP1 segment holds 64 KiB, the XMP header included
+
+
+def xmp_packet(record: Record) -> bytes:
+    """An XMP packet holding the record's chunks as one JSON document, in the `smd:record` attribute."""
+    from xml.sax.saxutils import quoteattr
+
+    document = quoteattr(json.dumps(chunks(record), ensure_ascii=False))
+    return ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            f'<rdf:Description rdf:about="" xmlns:smd="{XMP_NAMESPACE}" smd:record={document}/>'
+            '</rdf:RDF></x:xmpmeta>').encode("utf-8")
+
+
+def exif_comment(text: str):
+    """EXIF whose UserComment is `text` (UTF-16, as AUTOMATIC1111's JPEGs carry `parameters`)."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")  # Exif IFD, UserComment
+    return exif
+
+
+def save_options(record: Record, path: Path) -> tuple[dict[str, Any], Path | None]:
+    """How to write `record` into an image at `path`: Pillow's save options, and the sidecar file
+    to write instead where the image cannot hold it (a JPEG's XMP segment is too small)."""
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        return {"pnginfo": png_info(record)}, None
+    xmp = xmp_packet(record)
+    options = {"exif": exif_comment(parameters_text(record))}
+    if suffix in (".jpg", ".jpeg") and len(xmp) > MAX_JPEG_XMP:
+        return options, path.with_suffix(".smd.yaml")
+    return {**options, "xmp": xmp}, None
+
+
+def write_sidecar(record: Record, image: Path, overwrite: bool = False) -> Path:
+    """The record beside the image it describes, as `NAME.smd.yaml`."""
+    from smd_cli.outputs import write_atomic
+
+    text = _yaml(chunks(record)).encode("utf-8")
+    return write_atomic(image.with_suffix(".smd.yaml"), lambda fh: fh.write(text), overwrite)
 
 
 def _yaml(data: Any) -> str:
@@ -170,10 +231,10 @@ def read_record(path: str | Path) -> Record:
     path = Path(path)
     try:
         data = read_bytes(path, MAX_IMAGE_BYTES)
-        with Image.open(io.BytesIO(data)) as image:
-            check_pixels(image.size)
+        with open_image(io.BytesIO(data)) as image:
             image.load()  # text chunks may follow the pixels; PIL bounds each chunk's size
             text = {str(k): str(v) for k, v in (getattr(image, "text", {}) or {}).items()}
+            xmp = image.info.get("xmp")
     except FileNotFoundError:
         raise SmdError(f"{path}: file not found") from None
     except UnreadableFile as exc:
@@ -183,7 +244,9 @@ def read_record(path: str | Path) -> Record:
     except (OSError, ValueError, Image.DecompressionBombError) as exc:  # PIL: truncated, chunk limits
         raise SmdError(f"{path}: cannot read the image ({exc})") from None
     if "smd-scene" not in text:
-        raise SmdError(f"{path}: no smd metadata in this image (smd records it in the PNGs it writes)")
+        text = _xmp_chunks(xmp, path) or _sidecar_chunks(path)
+    if "smd-scene" not in text:
+        raise SmdError(f"{path}: no smd metadata in this image (smd records it in the images it writes)")
     try:  # the scene loader's parser: bounded, so a crafted chunk cannot expand without end
         scene, _ = parse_mapping(text["smd-scene"], path)
         recorded, _ = parse_mapping(text.get("smd-files", "{}"), path, allow_empty=True)
@@ -198,6 +261,38 @@ def read_record(path: str | Path) -> Record:
                   model=text.get("smd-model", scene.get("model", "")), files=recorded,
                   version=text.get("smd-version", "?"), device=text.get("smd-device", ""),
                   dtype=text.get("smd-dtype", ""), config=text.get("smd-config"), timings=timings)
+
+
+def _xmp_chunks(xmp: Any, path: Path) -> dict[str, str]:
+    """The chunks of an XMP packet written by `xmp_packet`, or {} for any other XMP."""
+    import html
+
+    if isinstance(xmp, bytes):
+        xmp = xmp.decode("utf-8", "replace")
+    found = re.search(r'smd:record="([^"]*)"', xmp) if isinstance(xmp, str) else None
+    if found is None:
+        return {}
+    try:
+        document = json.loads(html.unescape(found.group(1)))
+    except (ValueError, RecursionError) as exc:
+        raise SmdError(f"{path}: the smd metadata is damaged ({printable(str(exc))})") from None
+    if not isinstance(document, dict) or not all(isinstance(v, str) for v in document.values()):
+        raise SmdError(f"{path}: the smd metadata is damaged (the XMP record is not a mapping of texts)")
+    return document
+
+
+def _sidecar_chunks(image: Path) -> dict[str, str]:
+    """The chunks of the sidecar `NAME.smd.yaml` beside an image, or {} when there is none."""
+    sidecar = image.with_suffix(".smd.yaml")
+    try:
+        document, _ = parse_mapping(read_bytes(sidecar, MAX_IMAGE_BYTES).decode("utf-8"), sidecar)
+    except FileNotFoundError:
+        return {}
+    except (SmdError, UnicodeDecodeError) as exc:
+        raise SmdError(f"{sidecar}: the smd metadata is damaged ({printable(str(exc))})") from None
+    if not all(isinstance(v, str) for v in document.values()):
+        raise SmdError(f"{sidecar}: the smd metadata is damaged (not a mapping of texts)")
+    return document
 
 
 def _record_problem(scene: Any, recorded: Any, timings: Any, seed: int) -> str | None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from smd_cli import defaults
 from smd_cli.errors import ModelError
+from smd_cli.files import exists, is_dir, is_file
 
 if TYPE_CHECKING:
     import torch
@@ -91,6 +92,14 @@ def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def set_threads(count: int) -> None:
+    """Let torch use `count` CPU threads: on a busy machine, fewer threads than cores avoid threads
+    fighting over the same cores, which can slow generation many times."""
+    import torch
+
+    torch.set_num_threads(count)
+
+
 def warn_if_slow(device: torch.device) -> None:
     if device.type == "cpu":
         warnings.warn("running on the CPU: this works but is slow; a CUDA GPU is much faster",
@@ -107,7 +116,7 @@ def config_json(model: str | None, name: str) -> dict | None:
     model = model or defaults.MODEL
     path = Path(model).expanduser()
     config: Path | None = None
-    if path.is_dir():
+    if is_dir(path):
         config = path / name
     elif not _looks_like_path(model):
         try:
@@ -117,7 +126,7 @@ def config_json(model: str | None, name: str) -> dict | None:
             config = Path(found) if isinstance(found, str) else None
         except Exception:  # a cache lookup must never stop validation
             config = None
-    if config is None or not config.is_file():
+    if config is None or not is_file(config):
         return None
     try:
         data = json.loads(config.read_text())
@@ -148,10 +157,32 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+# The files smd needs of each kind of repository, so that a download fetches no other checkpoint.
+NEEDED_FILES = {"model": ('"*.json"', '"*.txt"', '"*/diffusion_pytorch_model.safetensors"',
+                          '"text_encoder/model.safetensors"'),
+                "LCM LoRA": ('"*.safetensors"',), "VAE": ("config.json", "diffusion_pytorch_model.safetensors")}
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def download_command(name: str, what: str = "model") -> str:
+    """The `hf download` command that fetches what smd needs of a hub repository."""
+    return f"hf download {name} --include {' '.join(NEEDED_FILES.get(what, NEEDED_FILES['model']))}"
+
+
 def _not_cached_message(name: str, what: str = "model") -> str:
     return (f"{what} '{name}' is not a local folder or file and is not in the Hugging Face cache, "
             "and the hub cannot be reached; download it once on a machine with network access "
-            f"(`hf download {name}`), or pass a local diffusers folder or .safetensors file")
+            f"(`{download_command(name, what)}`), or pass a local diffusers folder or .safetensors file")
+
+
+def in_cache(name: str, filename: str) -> bool:
+    """Whether a hub repository's file is in the local Hugging Face cache (asks no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, filename), str)
+    except Exception:  # a cache lookup must never stop a run
+        return False
 
 
 def _quiet_hub():
@@ -175,8 +206,33 @@ def _quiet_hub():
 
 def check_source(model: str | None) -> None:
     """Fail early, before slow imports, for a local model path that does not exist."""
-    if model and _looks_like_path(model) and not Path(model).expanduser().exists():
+    if model and _looks_like_path(model) and not exists(Path(model).expanduser()):
         raise ModelError(f"model folder or file not found: {Path(model).expanduser()}")
+
+
+# The file that shows a hub repository of each kind is in the cache, and how a missing local one is said.
+KEY_FILES = {"model": "model_index.json", "LCM LoRA": LORA_FILE, "VAE": "config.json"}
+NOT_FOUND = {"model": "model folder or file not found", "LCM LoRA": "LCM LoRA file or folder not found",
+             "VAE": "VAE folder not found"}
+
+
+def check_available(name: str | None, what: str = "model") -> str | None:
+    """Fail now for a model, LCM LoRA or VAE that cannot be had: a local path that is not there,
+    or a hub id not in the cache while offline. Returns a note when that cannot be known yet (a hub
+    id not downloaded, with the hub reachable)."""
+    if not name:
+        return None
+    if _looks_like_path(name):
+        if not exists(Path(name).expanduser()):
+            raise ModelError(f"{NOT_FOUND[what]}: {Path(name).expanduser()}")
+        return None
+    if in_cache(name, KEY_FILES[what]):
+        return None
+    if _offline():
+        error = ModelError(_not_cached_message(name, what))
+        error.offline = True
+        raise error
+    return f"{what} {name} is not downloaded yet: it is fetched, and checked, when it loads"
 
 
 @contextlib.contextmanager
@@ -194,7 +250,9 @@ def _loading(name: str, what: str, hint: str = "", offline: str | None = None):
 
         chain = _exception_chain(exc)
         if any(_unreachable(e) for e in chain):
-            raise ModelError(offline or (_not_cached_message(name, what) + hint)) from None
+            error = ModelError(offline or (_not_cached_message(name, what) + hint))
+            error.offline = True
+            raise error from None
         if any(isinstance(e, RepositoryNotFoundError) for e in chain):
             raise ModelError(f"{what} '{name}' does not exist on the Hugging Face hub (or is private)") from None
         text = str(exc)
@@ -235,8 +293,8 @@ def load_pipeline(model: str, *, dtype: torch.dtype, config: str | None = None):
     _quiet_hub()
     common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, feature_extractor=None)
     path = Path(model).expanduser()
-    if path.is_file() or model.endswith(SINGLE_FILE_SUFFIXES):
-        if not path.is_file():
+    if is_file(path) or model.endswith(SINGLE_FILE_SUFFIXES):
+        if not is_file(path):
             raise ModelError(f"model file not found: {path}")
         if config is None:
             hint = "; pass a local diffusers folder of the same architecture with --config DIR"
@@ -244,13 +302,13 @@ def load_pipeline(model: str, *, dtype: torch.dtype, config: str | None = None):
                        "and cannot reach the Hugging Face hub for them" + hint)
             with _loading(str(path), "single-file model", hint, offline):
                 return StableDiffusionPipeline.from_single_file(str(path), **common)
-        if not (Path(config) / "model_index.json").is_file():
+        if not is_file(Path(config) / "model_index.json"):
             raise ModelError(f"--config {config} is not a diffusers model folder (it has no model_index.json)")
         with _loading(str(path), "single-file model", f" (with the configs of {config})"):
             return StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
                                                             **common)
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
+    if is_dir(path):
+        if not is_file(path / "model_index.json"):
             raise ModelError(f"model folder {path} has no model_index.json; it is not a diffusers model folder")
         with _loading(str(path), "model"):
             return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **common)
@@ -267,9 +325,9 @@ def load_vae(vae: str, *, dtype: torch.dtype):
     name = defaults.TINY_VAE if vae == "tiny" else vae
     path = Path(name).expanduser()
     cls = AutoencoderTiny
-    if path.is_dir():
+    if is_dir(path):
         config = path / "config.json"
-        if not config.is_file():
+        if not is_file(config):
             raise ModelError(f"VAE folder {path} has no config.json")
         if json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
             cls = AutoencoderKL
@@ -283,8 +341,13 @@ def load_vae(vae: str, *, dtype: torch.dtype):
 
 def lcm_lora_fits(unet) -> bool:
     """The SD1.5 LCM LoRA fits an SD1.x UNet that is not already LCM-distilled."""
-    cfg = unet.config
-    return cfg.get("time_cond_proj_dim") is None and cfg.get("cross_attention_dim") == SD1_CROSS_ATTENTION_DIM
+    return fits_lcm_lora(unet.config)
+
+
+def fits_lcm_lora(unet_config) -> bool:
+    """`lcm_lora_fits` from a UNet's config alone."""
+    return (unet_config.get("time_cond_proj_dim") is None
+            and unet_config.get("cross_attention_dim") == SD1_CROSS_ATTENTION_DIM)
 
 
 def apply_lcm_lora(pipe, lcm_lora: str | None) -> str | None:
@@ -298,9 +361,9 @@ def apply_lcm_lora(pipe, lcm_lora: str | None) -> str | None:
     path = Path(lcm_lora).expanduser()
     hint = " (use --lcm-lora none for a model that needs none)"
     with _loading(lcm_lora, "LCM LoRA", hint):
-        if path.is_file():
+        if is_file(path):
             pipe.load_lora_weights(str(path.parent), weight_name=path.name)
-        elif path.is_dir():
+        elif is_dir(path):
             pipe.load_lora_weights(str(path))
         elif _looks_like_path(lcm_lora):
             raise ModelError(f"LCM LoRA file or folder not found: {path}")
@@ -315,7 +378,15 @@ def load_components(model: str | None = None, *, device: torch.device, dtype: to
                     lcm_lora: str | None = "auto", config: str | None = None, vae: str | None = None) -> Components:
     """Load a model onto `device`, with the LCM LoRA fused and the VAE replaced where asked for."""
     model = model or defaults.MODEL
-    pipe = load_pipeline(model, dtype=dtype, config=config)
+    try:
+        pipe = load_pipeline(model, dtype=dtype, config=config)
+    except ModelError as exc:  # offline: name every download the run needs, not only the first
+        lora = defaults.LCM_LORA if lcm_lora == "auto" else lcm_lora
+        if exc.offline and lora and lora != "none" and not _looks_like_path(lora) and not in_cache(lora, LORA_FILE):
+            more = ModelError(f"{exc}; then the LCM LoRA too: `{download_command(lora, 'LCM LoRA')}`")
+            more.offline = True
+            raise more from None
+        raise
     applied = apply_lcm_lora(pipe, lcm_lora)
     if vae:
         pipe.vae = load_vae(vae, dtype=dtype)

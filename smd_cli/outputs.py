@@ -10,7 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from smd_cli.errors import OutputError
+from smd_cli.errors import OutputError, printable
+from smd_cli.files import exists, is_dir
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 TEMPLATE_FIELDS = ("scene", "seed", "steps", "index", "date", "time")
 MAX_NUMBERED = 100_000  # name-1.png ... name-99999.png
 MAX_NAME_CHARS = 100  # of a scene's name in a file name
+NAME_MAX = 255  # bytes in one part of a path, on every common file system
 DEFAULT_TEMPLATE = "{scene}-{seed}.png"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 _EXAMPLE = {"scene": "scene", "seed": 0, "steps": 0, "index": 0, "date": "2000-01-01", "time": "000000"}
@@ -49,7 +51,7 @@ def check_template(template: str, extension: bool = True) -> None:
 
 def is_folder(template: str) -> bool:
     """A template names a folder when it ends with a slash or is an existing folder."""
-    return template.endswith(("/", os.sep)) or Path(template).expanduser().is_dir()
+    return template.endswith(("/", os.sep)) or is_dir(Path(template).expanduser())
 
 
 def output_path(template: str, *, scene: str, seed: int, steps: int, index: int = 0,
@@ -74,15 +76,33 @@ def safe_name(name: str) -> str:
     return cleaned[:MAX_NAME_CHARS]
 
 
+def check_name(path: Path) -> None:
+    """Refuse a path the file system cannot take: a NUL, a character its encoding cannot write, or a
+    part longer than a file name may be."""
+    text = str(path)
+    try:
+        if "\0" in text:
+            raise UnicodeEncodeError("utf-8", text, text.index("\0"), text.index("\0") + 1, "NUL")
+        parts = [os.fsencode(part) for part in Path(text).parts]
+    except UnicodeEncodeError:
+        raise OutputError(f"cannot write {printable(text)}: the file system cannot store that name") from None
+    for part in parts:
+        if len(part) > NAME_MAX:
+            raise OutputError(f"cannot write {printable(text)}: a part of it is {len(part)} bytes long, more than "
+                              f"the {NAME_MAX} a file name may have")
+
+
 def check_writable(path: Path) -> None:
-    """Fail now, before any generation, if `path`'s folder cannot be created or written to."""
+    """Fail now, before any generation, if `path` cannot be a file name, or its folder cannot be
+    created or written to."""
+    check_name(path)
     folder = Path(path).expanduser().absolute().parent
     existing = folder
-    while not existing.exists():
+    while not exists(existing):
         if existing.parent == existing:
             break
         existing = existing.parent
-    if not existing.is_dir():
+    if not is_dir(existing):
         raise OutputError(f"cannot write {path}: {existing} is a file, not a folder")
     try:  # a real probe: permission bits say nothing to root, read-only mounts say nothing to access()
         with tempfile.TemporaryFile(dir=existing, prefix=".smd-probe-"):
@@ -97,13 +117,13 @@ def numbered(path: Path, n: int) -> Path:
     return path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
 
 
-def save_image(image: Image.Image, path: Path, pnginfo=None, overwrite: bool = False,
-               names: Iterable[Path] | None = None) -> Path:
-    """Write an image atomically (see `write_atomic`); PNG text chunks from `pnginfo`."""
+def save_image(image: Image.Image, path: Path, *, overwrite: bool = False, names: Iterable[Path] | None = None,
+               **options) -> Path:
+    """Write an image atomically (see `write_atomic`), in the format its suffix names; `options` go
+    to Pillow's save (`pnginfo`, `exif`, `xmp`)."""
     path = Path(path)
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else path.suffix.lstrip(".").upper()
-    extra = {"pnginfo": pnginfo} if pnginfo is not None and fmt == "PNG" else {}
-    return write_atomic(path, lambda fh: image.save(fh, format=fmt, **extra), overwrite, names)
+    return write_atomic(path, lambda fh: image.save(fh, format=fmt, **options), overwrite, names)
 
 
 def temporary_beside(path: Path) -> Path:

@@ -26,7 +26,8 @@ from smd_cli.errors import ModelError, SmdError
 from smd_cli.family import Conditioning, PromptTruncatedWarning, StableDiffusion, runs_unconditional
 from smd_cli.memory import auto_max_batch, available_memory, unet_channels
 from smd_cli.models import Components, load_components, resolve_device, resolve_dtype, warn_if_slow
-from smd_cli.prepare import Layers, Request, prefixed, prepare_layers, prepare_text
+from smd_cli.defaults import prefixed
+from smd_cli.prepare import Layers, Request, prepare_layers, prepare_text
 from smd_cli.sampler import RegionCrop, Schedule, StepCallback, randn, sample
 from smd_cli.views import layout, view_sizes
 

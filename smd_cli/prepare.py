@@ -80,13 +80,6 @@ class Request:
                            f"{self.width}x{self.height}")
 
 
-def prefixed(prefix: str | None, negative: str) -> str:
-    """A negative prompt with the negative prefix in front (SPEC 2.1)."""
-    if not prefix:
-        return negative
-    return f"{prefix}, {negative}" if negative else prefix
-
-
 def prepare_layers(layers: Layers, schedule: Schedule, *, factor: int, device: torch.device, cover_alpha: float,
                    mask_type: str, picture: bool, background_prompt: str | None,
                    background_negative_prompt: str = "", blur_cache: dict | None = None) -> Layers:

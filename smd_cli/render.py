@@ -19,7 +19,8 @@ import numpy as np
 from smd_cli import defaults
 from smd_cli.masks import SceneMasks, checked_canvas, fit_picture, scene_masks
 from smd_cli.metadata import Record, make_record
-from smd_cli.prepare import Layers, Request, prefixed
+from smd_cli.defaults import prefixed
+from smd_cli.prepare import Layers, Request
 from smd_cli.scene import SceneFile, step_count
 
 if TYPE_CHECKING:
@@ -38,14 +39,18 @@ class Result:
     record: Record | None = None  # how it was made, written into the PNG by `save`
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the image atomically, with its record when it is a PNG; an existing file is kept
-        (the image gets `name-1.png`, ...) unless `overwrite`. Returns the path written."""
-        from smd_cli.metadata import png_info
+        """Write the image atomically, with its record (PNG text chunks; XMP and EXIF in a JPEG or
+        WebP, or a sidecar `NAME.smd.yaml` where that is too small). An existing file is kept (the
+        image gets `name-1.png`, ...) unless `overwrite`. Returns the path written."""
+        from smd_cli.metadata import save_options, write_sidecar
         from smd_cli.outputs import save_image
 
         path = Path(path)
-        info = png_info(self.record) if self.record is not None and path.suffix.lower() == ".png" else None
-        return save_image(self.image, path, info, overwrite=overwrite)
+        options, sidecar = save_options(self.record, path) if self.record is not None else ({}, None)
+        written = save_image(self.image, path, overwrite=overwrite, **options)
+        if sidecar is not None:
+            write_sidecar(self.record, written, overwrite=True)
+        return written
 
 
 def scene_request(sf: SceneFile, masks: SceneMasks) -> Request:

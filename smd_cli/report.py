@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import ProgressColumn
 from rich.table import Table
+from rich.text import Text
 
 from smd_cli.errors import printable
 
@@ -64,8 +66,9 @@ def _row(table: Table, *cells: str) -> None:
 class Reporter:
     """Prints a batch's events (an `on_event` for `batch.plan` and `batch.run`)."""
 
-    def __init__(self, quiet: bool = False, verbose: bool = False, json: bool = False, results: bool = True):
-        self.quiet, self.verbose, self.json = quiet, verbose, json
+    def __init__(self, quiet: bool = False, verbose: bool = False, json: bool = False, results: bool = True,
+                 dry_run: bool = False):
+        self.quiet, self.verbose, self.json, self.dry_run = quiet, verbose, json, dry_run
         self.results = results  # print outcomes (paths, or JSON lines) as they come
         self.live: Any = None  # the status line or progress bar shown now
         self.task: Any = None
@@ -74,7 +77,8 @@ class Reporter:
         from smd_cli import batch
 
         if isinstance(event, batch.Message):
-            {"info": self.info, "detail": self.detail, "error": error}[event.level](event.text)
+            {"info": self.info, "detail": self.detail, "unchecked": self.unchecked, "error": error}[event.level](
+                event.text)
         elif isinstance(event, batch.Loading):
             if err.is_terminal and not self.quiet:
                 self.live = err.status(f"loading {event.model} on {event.device} ({event.dtype})")
@@ -86,7 +90,8 @@ class Reporter:
         elif isinstance(event, batch.Progress):
             self._progress(event)
         elif isinstance(event, batch.Finished):
-            self.close()
+            if event.outcome.status != batch.DONE:
+                self.close()
             for line in (event.traceback or "").splitlines():
                 self.detail(line)
             if event.outcome.status != batch.DONE:
@@ -94,19 +99,26 @@ class Reporter:
             self.result(event.outcome)
 
     def _progress(self, event: batch.Progress) -> None:
+        """Two bars: the images of the batch (with the time left), and the steps of this image."""
         if not err.is_terminal or self.quiet:
             return
-        if self.task is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        if self.live is None or self.task is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.live = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=err, transient=True)
+            self.live = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                                 TimeRemainingColumn(), console=err, transient=True)
             self.live.start()
-            self.task = self.live.add_task(event.job.scene.name, total=event.steps)
-        self.live.update(self.task, completed=event.step)
-
+            self.task = (self.live.add_task("images", total=event.images, completed=event.image - 1),
+                         self.live.add_task("", total=event.steps))
+        images, steps = self.task
+        if event.step == 0:
+            self.live.reset(steps, total=event.steps, description=f"image {event.image}/{event.images}: "
+                                                                  f"{short(event.job.scene.name, 24)}")
+        self.live.update(steps, completed=event.step)
+        if event.step == event.steps:
+            self.live.update(images, completed=event.image)
     def close(self) -> None:
-        """Take down the status line or progress bar, if one is shown."""
+        """Take down the status line or progress bars, if any are shown."""
         if self.live is not None:
             self.live.stop()
         self.live = self.task = None
@@ -118,6 +130,11 @@ class Reporter:
     def detail(self, text: str) -> None:
         if self.verbose:
             say(text)
+
+    def unchecked(self, text: str) -> None:
+        """A check that waits until the model loads: said in a dry run (which loads none) or with --verbose."""
+        if self.dry_run or self.verbose:
+            say(f"not checked yet: {text}")
 
     def result(self, outcome: batch.Outcome) -> None:
         """An image made (its path) or, with --json, any outcome as one JSON line."""
@@ -166,7 +183,7 @@ def coverage(sf: SceneFile, masks: SceneMasks, title: str, factor_known: bool = 
     """`smd validate`'s table: each layer's prompt, mask, share of the canvas and overlaps."""
     from smd_cli.masks import coverage_report
 
-    rows, uncovered = coverage_report(masks.masks, masks.names)
+    rows, uncovered = coverage_report(masks)
     table = Table(title=f"{printable(title)}  {masks.width}x{masks.height}, {len(rows)} layer(s)",
                   title_justify="left")
     for column in ("#", "layer", "prompt", "mask", "coverage", "overlaps"):
@@ -205,3 +222,11 @@ def stream_status(quiet: bool) -> Iterator[Callable[[int, Any, StreamRun], None]
         yield lambda index, frame, run: line.update(
             f"{index} frames, {run.fps:.2f} frames/s, {run.last_call * 1000:.0f} ms a frame, "
             f"last reload: {run.last_reload}")
+
+
+class _Rate(ProgressColumn):
+    """A progress column: the task's rate (steps/s for an image, images/s for the batch)."""
+
+    def render(self, task) -> Text:
+        unit = "images" if task.description == "images" else "steps"
+        return Text(f"{task.speed:.2f} {unit}/s" if task.speed else "")

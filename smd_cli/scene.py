@@ -34,6 +34,7 @@ from smd_cli.errors import SceneError
 # expanding out of control, or referring to themselves.
 MAX_NODES = 100_000
 MAX_DEPTH = 64
+LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, where PyYAML was built with it
 # What PyYAML's contexts mean, for "not valid YAML: ..., in a quoted string that starts here".
 YAML_CONTEXTS = {"while scanning a quoted scalar": "a quoted string",
                  "while parsing a flow sequence": "a [ list", "while parsing a flow mapping": "a { mapping",
@@ -234,8 +235,10 @@ class SceneFile:
         else as written (a hub id, or a keyword such as `tiny`)."""
         if value is None or self.path is None:
             return value
+        from smd_cli.files import exists
+
         candidate = self.resolve(value)
-        return str(candidate) if candidate.exists() else value
+        return str(candidate) if exists(candidate) else value
 
     def resolve(self, relative: str) -> Path:
         """A path from the scene, relative to the scene file's folder."""
@@ -285,7 +288,7 @@ def _too_deep(path: Path | None, what: str = "the document", line: int | None = 
                       "mapping that contains it)", file=path, line=line)
 
 
-def _depth_within(value: Any, limit: int = MAX_DEPTH) -> bool:
+def depth_within(value: Any, limit: int = MAX_DEPTH) -> bool:
     """Whether lists and mappings nest at most `limit` deep in `value`; a cycle never is."""
     todo = [(value, 0)]
     while todo:
@@ -304,14 +307,27 @@ def parse_mapping(text: str, path: Path | None = None, allow_empty: bool = False
     return _index_lines(text, path)
 
 
-def _index_lines(text: str, path: Path | None) -> tuple[Any, dict[KeyPath, int]]:
-    """Parse YAML safely into data and a map from key path to (1-based) line."""
+def _index_lines(text: str, path: Path | None, loader_class=LOADER) -> tuple[Any, dict[KeyPath, int]]:
+    """Parse YAML safely into data and a map from key path to (1-based) line: once, with libyaml
+    where there is one; a syntax error is parsed again by PyYAML, whose messages say more."""
+    loader = None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        raise _yaml_error(exc, path) from None
-    except RecursionError:  # PyYAML composes nested collections recursively
-        raise _too_deep(path) from None
+        try:
+            loader = loader_class(text)  # composed into nodes, checked, then built from the same nodes
+            root = loader.get_single_node()
+        except yaml.YAMLError as exc:
+            if loader_class is not yaml.SafeLoader:
+                return _index_lines(text, path, yaml.SafeLoader)
+            raise _yaml_error(exc, path) from None
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise _too_deep(path) from None
+        return _load(loader, root, path)
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _load(loader, root: yaml.Node | None, path: Path | None) -> tuple[Any, dict[KeyPath, int]]:
     if root is None:
         raise SceneError("the scene file is empty; it needs at least `layers:`", file=path)
 
@@ -346,7 +362,7 @@ def _index_lines(text: str, path: Path | None) -> tuple[Any, dict[KeyPath, int]]
 
     walk(root, ())
     try:
-        data = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader
+        data = loader.construct_document(root)
     except yaml.YAMLError as exc:  # tags the safe loader refuses, keys that cannot be keys
         raise _yaml_error(exc, path) from None
     if not isinstance(data, dict):
@@ -369,12 +385,14 @@ def parse_override(text: str) -> tuple[KeyPath, Any]:
     if not parts or not isinstance(parts[0], str):
         raise SceneError(f"--set expects key.path=value, got {text!r}")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
+        # A leading # is a colour (#e757b0), not a YAML comment that would make the value null.
+        value = yaml.safe_load(value_text) if value_text.strip() and not value_text.lstrip().startswith("#") \
+            else value_text.strip()
     except yaml.YAMLError:
         value = value_text
     except RecursionError:
         raise _too_deep(None, f"--set {key_text.strip()}: the value") from None
-    if not _depth_within(value):
+    if not depth_within(value):
         raise _too_deep(None, f"--set {key_text.strip()}: the value")
     return tuple(parts), value
 
@@ -448,7 +466,7 @@ def _describe(err: dict) -> str:
         return f"{msg[0].lower() + msg[1:]}, got {value!r}"
     text = msg[0].lower() + msg[1:]
     text = text.removeprefix("value error, ")
-    if kind not in ("mask_form",) and not isinstance(value, (dict, list)):
+    if kind not in ("mask_form",) and not isinstance(value, (dict, list)) and ", got " not in text:
         text += f", got {value!r}"
     return text
 
@@ -530,8 +548,8 @@ def load_scene(path: str | Path, overrides: list[str] | dict[str, Any] | None = 
     except UnicodeDecodeError as exc:
         raise SceneError(f"cannot read the scene file: not UTF-8 text ({exc.reason} at byte {exc.start})",
                          file=path) from None
-    except OSError as exc:
-        raise SceneError(f"cannot read the scene file: {exc.strerror or exc}", file=path) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        raise SceneError(f"cannot read the scene file: {getattr(exc, 'strerror', None) or exc}", file=path) from None
     data, lines = _index_lines(text, path)
     overridden = _apply_overrides(data, overrides, path)
     return validate_scene(data, path=path, lines=lines, overridden=overridden)

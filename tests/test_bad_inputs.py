@@ -4,6 +4,11 @@ the expected message fragment and exit code, as one clean line without a traceba
 from __future__ import annotations
 
 import io
+import os
+import socket
+import struct
+import zlib
+
 import pytest
 from PIL import Image
 
@@ -19,6 +24,26 @@ def png(size=(32, 32), color=(255, 255, 255), mode="RGB") -> bytes:
 
 def mask_scene(mask: str, extra: str = SMALL) -> str:
     return f"{extra}layers:\n  - prompt: a\n    mask: {mask}\n"
+
+
+def fifo(path):
+    os.mkfifo(path)
+
+
+def dev_zero(path):
+    path.symlink_to("/dev/zero")
+
+
+def huge(path):
+    with open(path, "wb") as fh:
+        fh.truncate(600 * 1024**2)  # sparse: nothing on disk
+
+
+def decompression_bomb(path):
+    data = bytearray(png((1, 1), 0, mode="L"))
+    data[16:24] = struct.pack(">II", 100_000, 100_000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
 
 
 BOMB = ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
@@ -103,6 +128,41 @@ CORPUS = [
     ("panorama of several layers", "panorama", "layers:\n  - {prompt: a}\n  - {prompt: b}\n", {}, [],
      "a panorama scene has one layer, this one has 2", 2),
     ("stream guidance", "stream", SMALL + LAYER, {}, ["--cfg", "most"], "--cfg must be one of", 2),
+    # Files that are not what they claim, wherever a scene names them.
+    ("scene that is a FIFO", "validate", None, {"f.yaml": fifo}, ["{dir}/f.yaml"], "a FIFO (named pipe)", 2),
+    ("scene of 600 MiB", "validate", None, {"h.yaml": huge}, ["{dir}/h.yaml"], "600.0 MiB, more than the", 2),
+    ("mask from /dev/zero", "generate", mask_scene("z.png"), {"z.png": dev_zero}, [], "a character device", 2),
+    ("mask that is a FIFO", "generate", mask_scene("f.png"), {"f.png": fifo}, [], "a FIFO (named pipe)", 2),
+    ("decompression bomb mask", "generate", mask_scene("b.png"), {"b.png": decompression_bomb}, [],
+     "100000x100000 pixels, more than the", 2),
+    ("bomb sizing the canvas", "generate", "layers:\n  - {prompt: a, mask: b.png}\n", {"b.png": decompression_bomb},
+     [], "(a decompression bomb?)", 2),
+    ("picture from /dev/zero", "inpaint", SMALL + LAYER, {"z.png": dev_zero}, ["--image", "{dir}/z.png"],
+     "a character device", 2),
+    ("record that is a bomb", "show", None, {"r.png": decompression_bomb}, ["{dir}/r.png"], "decompression bomb", 2),
+    ("record from /dev/zero", "reproduce", None, {"r.png": dev_zero}, ["{dir}/r.png"], "a character device", 2),
+    ("canvas from a thin mask", "generate", "width: 16384\n" + mask_scene("t.png", ""), {"t.png": png((8, 2000))},
+     [], "makes the canvas 16384x4096000", 2),
+    # Documents deeper than any scene, or referring to themselves.
+    ("deep lists", "generate", "x: " + "[" * 5000 + "]" * 5000 + "\n" + LAYER, {}, [], "nests more than 64 levels", 2),
+    ("self-referring alias", "generate", "x: &a [*a]\n" + LAYER, {}, [], "refers to a list or mapping", 2),
+    ("deep --set value", "generate", LAYER, {}, ["--set", "background.prompt=" + "[" * 3000 + "]" * 3000],
+     "--set background.prompt: the value nests more than 64", 2),
+    ("unclosed quote", "generate", 'seed: 1\nlayers:\n  - prompt: "a cat\n', {}, [],
+     "s.yaml:3: not valid YAML: found unexpected end of stream at line 4, in a quoted string that starts here", 2),
+    # Names the file system cannot take, and work that would fail only after it was done.
+    ("output name too long", "generate", SMALL + LAYER, {}, ["--out", "{dir}/" + "x" * 300 + ".png"],
+     "more than the 255 a file name may have", 2),
+    ("timesteps past the model", "generate", SMALL + "timesteps: [2000, 10]\n" + LAYER, {}, ["--dry-run"],
+     "timesteps must lie in [0, 999] for this model", 2),
+    ("missing LCM LoRA", "generate", SMALL + LAYER, {}, ["--lcm-lora", "{dir}/lora", "--dry-run"],
+     "LCM LoRA file or folder not found", 2),
+    ("mistyped palette colour", "generate", mask_scene('{palette: p.png, color: "#ff0000"}'),
+     {"p.png": png(color=(255, 0, 0))}, ["--set", "layers[0].mask.color=#00fe00"],
+     "colour #00fe00 matches no pixel of p.png", 2),
+    ("busy preview port", "stream", SMALL + LAYER, {}, ["--preview", "127.0.0.1:{busy}"], "the port is in use", 2),
+    ("unknown preview host", "stream", SMALL + LAYER, {}, ["--preview", "nohost.invalid:0"], "unknown host", 2),
+    ("reproduce onto itself", "reproduce", None, {}, ["{made}", "--out", "{made}"], "is the image being reproduced", 2),
     ("stream output kind", "stream", SMALL + LAYER, {}, ["--out", "{dir}/x.avi"], "give a folder, a .gif or an .mp4", 2),
 ]
 
@@ -118,17 +178,31 @@ def test_bad_input(run_cli, tiny_model, tmp_path, monkeypatch, name, command, sc
     # The same answer on every machine: this device has 4 GiB free.
     monkeypatch.setattr(memory, "available_memory", lambda device: 4 * 1024**3)
     for file, content in files.items():
-        (tmp_path / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+        if callable(content):
+            content(tmp_path / file)
+        else:
+            (tmp_path / file).write_bytes(content if isinstance(content, bytes) else content.encode())
     scene_path = tmp_path / "s.yaml"
     if scene is not None:
         scene_path.write_bytes(scene if isinstance(scene, bytes) else scene.encode())
-    filled = [a.replace("{dir}", str(tmp_path)) for a in args]
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    made = tmp_path / "made.png"
+    if any("{made}" in a for a in args):  # an image of smd's own
+        Image.new("RGB", (8, 8)).save(made, pnginfo=_record(tiny_model))
+    filled = [a.replace("{dir}", str(tmp_path)).replace("{busy}", str(busy.getsockname()[1]))
+              .replace("{made}", str(made)) for a in args]
     positional = [] if scene is None and command != "panorama" else [scene_path]
-    if "--model" not in filled:
-        filled += ["--model", str(tiny_model)]
-    if "--device" not in filled:
-        filled += ["--device", "cpu"]
+    if command not in ("show", "validate"):  # the commands that load a model get the tiny one
+        filled += [] if "--model" in filled else ["--model", str(tiny_model)]
+        filled += [] if "--device" in filled else ["--device", "cpu"]
     result = run_cli(command, *positional, *filled)
+    busy.close()
+    _check(result, tmp_path, fragment, code)
+
+
+def _check(result, tmp_path, fragment: str, code: int) -> None:
     output = result.stderr
     assert "Traceback" not in output
     assert result.exit_code == code, output
@@ -137,3 +211,13 @@ def test_bad_input(run_cli, tiny_model, tmp_path, monkeypatch, name, command, sc
         errors = [line for line in output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, output
         assert not list(tmp_path.rglob("x.png"))  # nothing was written
+
+
+def _record(model) -> "PngInfo":
+    """The text chunks of an image smd made from a one-layer scene with `model`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_itxt("smd-scene", f"model: {model}\nwidth: 32\nheight: 32\nseed: 1\nlcm_lora: none\n" + LAYER)
+    info.add_itxt("smd-seed", "1")
+    return info

@@ -163,7 +163,7 @@ def test_json_keeps_stdout_machine_readable(run_cli, tiny_model, tmp_path):
     (row,) = json_lines(result.stdout)
     assert set(row) == {"scene", "file", "seed", "path", "seconds", "status"}
     assert row["path"] == str(tmp_path / "a.png") and row["file"] == str(tmp_path / "a.yaml")
-    assert "loaded" in result.stderr and "a: seed 1" in result.stderr
+    assert "loaded" in result.stderr and "image 1/1: a, seed 1" in result.stderr
 
 
 def test_dry_run_loads_nothing_and_writes_nothing(run_cli, tiny_model, tmp_path, monkeypatch):
@@ -264,7 +264,7 @@ def test_png_records_the_resolved_scene(run_cli, tiny_model, scene_dir, tmp_path
     assert text["smd-version"] == smd_cli.__version__ and text["smd-seed"] == "42" and text["smd-name"] == "scene"
     assert set(json.loads(text["smd-timings"])) == {"prepare", "generate"}
     assert text["parameters"].startswith("background: blue sky | sun: the sun | lake: blue lake")
-    assert "Steps: 3, Sampler: lcm, CFG scale: 1.0, Seed: 42, Size: 64x64" in text["parameters"]
+    assert "Steps: 3, Sampler: LCM, CFG scale: 1.0, Seed: 42, Size: 64x64" in text["parameters"]
 
     shown = run_cli("show", out)
     assert shown.exit_code == 0
@@ -308,9 +308,12 @@ def test_python_api_saves_and_reads_records(pipe, scene_dir, tmp_path):
     assert all(status == "matches" for _, status in record.check_files())
     again = generate(pipe, record.scene_file())
     np.testing.assert_array_equal(np.asarray(again.image), np.asarray(result.image))
-    result.save(tmp_path / "b.jpg")
+    for suffix in ("jpg", "webp"):  # the record rides in XMP, `parameters` in EXIF as other tools read it
+        other = read_record(result.save(tmp_path / f"b.{suffix}"))
+        assert (other.scene, other.seed, other.files) == (record.scene, record.seed, record.files)
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.jpg")
     with pytest.raises(SmdError, match="no smd metadata"):
-        read_record(tmp_path / "b.jpg")
+        read_record(tmp_path / "plain.jpg")
 
 
 def test_records_made_before_centring_existed_reproduce_without_it(pipe, scene_dir, tmp_path):

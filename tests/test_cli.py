@@ -19,7 +19,7 @@ def test_generate_a_scene_end_to_end(run_cli, tiny_model, scene_dir):
     image = Image.open(written)
     assert image.size == (64, 64) and image.mode == "RGB"
     assert np.asarray(image).std() > 1  # a picture, not a flat fill
-    assert "scene: seed 42" in result.stderr
+    assert "image 1/1: scene, seed 42" in result.stderr
 
 
 def test_cli_output_equals_the_python_api(run_cli, tiny_model, scene_dir, pipe, tmp_path):
@@ -68,8 +68,9 @@ def test_several_scenes_load_the_model_once(run_cli, tiny_model, scene_dir, tmp_
     assert result.stdout.split() == [str(tmp_path / "scene.png"), str(tmp_path / "second.png")]
 
 
-def test_one_output_file_for_several_scenes_is_refused(run_cli, scene_dir, tmp_path):
-    result = run_cli("generate", scene_dir / "scene.yaml", scene_dir / "scene.yaml", "--out", tmp_path / "x.png")
+def test_one_output_file_for_several_scenes_is_refused(run_cli, tiny_model, scene_dir, tmp_path):
+    result = run_cli("generate", scene_dir / "scene.yaml", scene_dir / "scene.yaml", "--out", tmp_path / "x.png",
+                     "--model", tiny_model)
     assert result.exit_code == 2
     assert "names one file for 2 images" in result.stderr
 

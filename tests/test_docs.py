@@ -56,3 +56,8 @@ def test_every_command_and_option_is_in_the_readme(name, command):
         for flag in param.opts:
             if flag.startswith("--") and flag != "--help":
                 assert documented(flag), f"smd {name} {flag} is not in README.md"
+
+
+def test_the_scene_shown_is_the_scene_shipped():
+    shipped = (Path(__file__).resolve().parents[1] / "scenes" / "sunset-lake.yaml").read_text()
+    assert shipped in BLOCKS, "README's sunset-lake.yaml differs from scenes/sunset-lake.yaml"

@@ -186,7 +186,7 @@ def test_coverage_report():
     masks = np.zeros((2, 2, 2), np.float32)
     masks[0, 0] = 1
     masks[1, :, 0] = 1
-    rows, uncovered = M.coverage_report(masks, ["a", "b"])
+    rows, uncovered = M.coverage_report(M.SceneMasks.of(masks, ["a", "b"]))
     assert [r.coverage for r in rows] == [50, 50]
     assert rows[0].overlaps == {"b": 25}
     assert uncovered == 25

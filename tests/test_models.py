@@ -79,7 +79,7 @@ def test_default_model_offline_and_not_cached(run_cli, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     result = run_cli("generate", DATA / "scene.yaml", "--device", "cpu", "--out", tmp_path / "x.png")
     assert result.exit_code == 2
-    line = result.stderr.strip().splitlines()[-1]
+    line = next(line for line in result.stderr.splitlines() if "'stable-diffusion-v1-5/" in line)
     assert "'stable-diffusion-v1-5/stable-diffusion-v1-5' is not a local folder or file and is not in the " \
            "Hugging Face cache" in line
     assert "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in line
