@@ -1,31 +1,28 @@
 """The `smd` command line: a thin shell over the library that parses, prints and exits.
 
 Batches are planned and run by `smd_cli.batch`, scenes rendered by `smd_cli.render`, streams run
-by `smd_cli.live`, and `smd_cli.report` prints what happens; this module turns options into
-their arguments and outcomes into exit codes. Heavy modules are imported inside the commands
-that need them, so that `smd --help` and `smd validate` never load torch or diffusers.
+by `smd_cli.live`; `smd_cli.options` defines the options the commands share and `smd_cli.report`
+prints what happens. This module holds the commands: it turns their options into the library's
+arguments and outcomes into exit codes. Heavy modules are imported inside the commands that
+need them, so that `smd --help` and `smd validate` never load torch or diffusers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
-import inspect
 import os
-import signal
 import sys
-import typing
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 
 from smd_cli import __version__
-from smd_cli.errors import SmdError, Terminated
+from smd_cli.errors import SmdError, interrupt_on_signals, interrupted_code
 from smd_cli.files import UnreadableFile, check_regular, is_file
+from smd_cli.options import GENERATING, MODEL_OPTIONS, OPTIONS, REPORTING, batch_options, library_options, shared
 from smd_cli.report import error, out, put, say, show_warning
 
 if TYPE_CHECKING:
@@ -44,10 +41,6 @@ app = typer.Typer(
 )
 
 
-INTERRUPTING = ("SIGTERM", "SIGHUP")  # handled as Ctrl-C is
-_received: list[int] = []  # the signals that interrupted this command
-
-
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Print smd's own errors as one clean line and exit with their code (2); Ctrl-C, SIGTERM and
@@ -56,7 +49,7 @@ def user_errors() -> Iterator[None]:
     previous = warnings.showwarning
     warnings.showwarning = show_warning
     try:
-        with signals_as_interrupts():
+        with interrupt_on_signals():
             yield
     except SmdError as exc:
         for message in exc.messages():
@@ -77,31 +70,6 @@ def user_errors() -> Iterator[None]:
         warnings.showwarning = previous
 
 
-@contextlib.contextmanager
-def signals_as_interrupts() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise `Terminated`, a KeyboardInterrupt, wherever the command is."""
-    def interrupt(signum, frame):
-        _received.append(signum)
-        raise Terminated(signum)
-
-    _received.clear()
-    names = [name for name in INTERRUPTING if hasattr(signal, name)]
-    try:
-        previous = {name: signal.signal(getattr(signal, name), interrupt) for name in names}
-    except ValueError:  # not the main thread: leave the signals alone
-        previous = {}
-    try:
-        yield
-    finally:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
-
-
-def interrupted_code(exc: BaseException | None = None) -> int:
-    """128 + the signal that interrupted: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
-    return 128 + getattr(exc, "signum", _received[-1] if _received else signal.SIGINT)
-
-
 def _version(value: bool) -> None:
     if value:
         out.print(f"smd {__version__}")
@@ -112,110 +80,6 @@ def _version(value: bool) -> None:
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="Show the version and exit.")) -> None:
     """Region-based multi-prompt image generation with StreamMultiDiffusion."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Options shared by several commands: each defined once, added to a command by `@shared(...)`.
-
-O = typer.Option
-OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
-    "model": (Optional[str], O(None, "--model", "-m", help="Hub id, local diffusers folder or .safetensors file "
-                                                           "(default: the scene's, else SMD_MODEL or the config "
-                                                           "file's, else SD1.5 + LCM LoRA).")),
-    "config": (Optional[str], O(None, "--config", help="A diffusers folder with the configs of a .safetensors model.")),
-    "output": (Optional[str], O(None, "--out", "-o", help="Output file, folder or template with {scene}, {seed}, "
-                                                          "{steps}, {index}, {date}, {time} (default: the scene's "
-                                                          "`output`, else {scene}-{seed}.png).")),
-    "seed": (Optional[int], O(None, "--seed", min=0, help="Random seed (default: the scene's, else random).")),
-    "seeds": (Optional[str], O(None, "--seeds", help="One image per seed: 1,2,3 or 10-20 or a mix.")),
-    "repeat": (Optional[int], O(None, "--repeat", min=1, help="N images per scene with random seeds (printed).")),
-    "steps": (Optional[int], O(None, "--steps", min=1, max=1000, help="Number of steps (LCM default 5).")),
-    "guidance_scale": (Optional[float], O(None, "--guidance-scale", "-g", min=0.0, max=100.0,
-                                          help="Classifier-free guidance (scene key guidance_scale; 1: none).")),
-    "tile_size": (Optional[int], O(None, "--tile-size", min=8, help="Views of this many pixels for larger canvases "
-                                                                    "(scene key tile_size; default 768).")),
-    "scheduler": (Optional[str], O(None, "--scheduler", help="lcm (default), ddim or euler.")),
-    "device": (Optional[str], O(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: SMD_DEVICE, "
-                                                       "the config file's, else auto).")),
-    "dtype": (Optional[str], O(None, "--dtype", help="auto, float32, float16 or bfloat16 (default: SMD_DTYPE, the "
-                                                     "config file's, else auto).")),
-    "lcm_lora": (Optional[str], O(None, "--lcm-lora", help="LCM LoRA (hub id, file or folder) or 'none' "
-                                                           "(default: the SD1.5 one where it fits).")),
-    "vae": (Optional[str], O(None, "--vae", help="'tiny' (TAESD), or a hub id or folder of an autoencoder.")),
-    "max_batch": (Optional[int], O(None, "--max-batch", min=1, help="(layer, view) pairs per UNet call (default: "
-                                                                    "from free memory on CUDA, 8 on the CPU).")),
-    "set_": (List[str], O([], "--set", show_default=False, help="Override a scene key, e.g. --set "
-                                                                "layers[0].prompt='a cat' (repeatable).")),
-    "overwrite": (bool, O(False, "--overwrite", help="Replace existing files instead of numbering the new ones.")),
-    "json_": (bool, O(False, "--json", help="One JSON object per image on stdout; all else on stderr.")),
-    "dry_run": (bool, O(False, "--dry-run", help="Check everything and list what would be made; load no model.")),
-    "quiet": (bool, O(False, "--quiet", "-q", help="Print only errors and the output paths.")),
-    "verbose": (bool, O(False, "--verbose", "-v", help="Also print memory estimates, timings and tracebacks.")),
-    "distributed": (bool, O(False, "--distributed", help="Share the images among processes, one per GPU.")),
-    "processes": (Optional[int], O(None, "--processes", min=1, help="Processes for --distributed (default: one "
-                                                                    "per GPU).")),
-    "region_crop": (bool, O(False, "--region-crop", help="Denoise each layer only around its mask (close to, not "
-                                                         "equal to, the default).")),
-    "compile_": (bool, O(False, "--compile", help="torch.compile the UNet (CUDA graphs in smd stream).")),
-    "channels_last": (bool, O(False, "--channels-last", help="Channels-last memory for the UNet and VAE.")),
-    "threads": (Optional[int], O(None, "--threads", min=1, help="CPU threads for torch (fewer than the cores when "
-                                                                "the machine is busy).")),
-}
-MODEL_OPTIONS = ("model", "config", "device", "dtype", "lcm_lora", "vae")
-REPORTING = ("json_", "quiet", "verbose")
-GENERATING = ("model", "config", "output", "seed", "seeds", "repeat", "steps", "scheduler", "guidance_scale",
-              "tile_size", "device", "dtype", "lcm_lora", "vae", "max_batch", "set_", "overwrite", "json_", "dry_run",
-              "quiet", "verbose", "distributed", "processes", "region_crop", "compile_", "channels_last", "threads")
-
-
-def shared(*names: str):
-    """Give a command the named options of `OPTIONS`; it receives their values as one `opts` namespace."""
-    def decorate(command):
-        hints = typing.get_type_hints(command)
-        own = [p.replace(annotation=hints.get(p.name, p.annotation))
-               for p in inspect.signature(command).parameters.values() if p.name != "opts"]
-        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=OPTIONS[name][1],
-                                   annotation=OPTIONS[name][0]) for name in names]
-
-        @functools.wraps(command)
-        def wrapper(**values):
-            opts = SimpleNamespace(**{name.rstrip("_"): values.pop(name) for name in names})
-            return command(**values, opts=opts)
-
-        wrapper.__signature__ = inspect.Signature(own + added)
-        wrapper.__annotations__ = {p.name: p.annotation for p in own + added}
-        return wrapper
-
-    return decorate
-
-
-def _options(opts: SimpleNamespace, **fields) -> batch.Options:
-    """The batch's options: each shared option a command has, under its own name, then `fields`."""
-    from smd_cli.batch import Options
-
-    given = {f.name: getattr(opts, f.name) for f in dataclasses.fields(Options) if hasattr(opts, f.name)}
-    return Options(**{**given, **fields})
-
-
-def _batch_options(opts: SimpleNamespace, **scene_keys) -> batch.Options:
-    """The batch's options of a generating command, checking those that conflict before any scene is
-    read. `scene_keys` are the command's own scene keys (width, circular, ...)."""
-    from smd_cli.batch import parse_seeds
-    from smd_cli.outputs import check_template
-    from smd_cli.scene import merge_overrides
-
-    if opts.seed is not None and (opts.seeds or opts.repeat):
-        raise SmdError("give --seed, --seeds or --repeat, not several of them")
-    if opts.seeds and opts.repeat:
-        raise SmdError("give --seeds or --repeat, not both")
-    if opts.quiet and opts.verbose:
-        raise SmdError("give --quiet or --verbose, not both")
-    if opts.output is not None:
-        check_template(opts.output)
-    values = dict(seed=opts.seed, region_crop=opts.region_crop or None, steps=opts.steps, scheduler=opts.scheduler,
-                  guidance_scale=opts.guidance_scale, tile_size=opts.tile_size, **scene_keys)
-    overrides = merge_overrides([(k, v) for k, v in values.items() if v is not None] + list(opts.set))
-    return _options(opts, overrides=overrides, seeds=parse_seeds(opts.seeds) if opts.seeds else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +150,7 @@ def generate(
             raise SmdError("give one or more scene files, or --prompt \"...\"")
         if files and prompt is not None:
             raise SmdError("give either scene files or --prompt, not both")
-        options = _batch_options(opts, width=width, height=height, negative_prefix=negative_prompt if files else None)
+        options = batch_options(opts, width=width, height=height, negative_prefix=negative_prompt if files else None)
         items = files if prompt is None else [scene_from_prompt(prompt, negative_prompt or "", options.overrides)]
         raise typer.Exit(_run(items, options, opts)[1])
 
@@ -319,7 +183,7 @@ def inpaint(
             raise SmdError(f"--image {image}: file not found") from None
         except (UnreadableFile, OSError) as exc:
             raise SmdError(f"--image {image}: cannot read it: {exc}") from None
-        options = _batch_options(opts, negative_prefix=negative_prompt)
+        options = batch_options(opts, negative_prefix=negative_prompt)
         if image is not None:
             options.overrides[("background", "image")] = str(image.resolve())
         raise typer.Exit(_run(list(scenes), options, opts, check=needs_picture)[1])
@@ -352,7 +216,7 @@ def panorama(
         is_scene = prompt.endswith((".yaml", ".yml"))
         if is_scene and not is_file(prompt):
             raise SmdError(f"{prompt}: scene file not found (a prompt that ends in .yaml: write it differently)")
-        options = _batch_options(opts, circular=circular or None,
+        options = batch_options(opts, circular=circular or None,
                                  width=width if width or is_scene else defaults.PANORAMA_WIDTH,
                                  height=height if height or is_scene else defaults.PANORAMA_HEIGHT)
         item = Path(prompt) if is_scene else scene_from_prompt(prompt, negative_prompt, options.overrides,
@@ -408,30 +272,21 @@ def reproduce(
       smd reproduce shared.png --model ~/models/sd15 --out again.png --check
     """
     with user_errors():
-        import json
-
+        from smd_cli import report
         from smd_cli.batch import reproducing
         from smd_cli.metadata import compare_images, read_record
-        from smd_cli.report import Reporter
 
         if opts.quiet and opts.verbose:
             raise SmdError("give --quiet or --verbose, not both")
         record = read_record(image)
-        reporter = Reporter(opts.quiet, opts.verbose, opts.json, results=False)
-        reporter.info(f"{image}: {record.name}, seed {record.seed}, model {record.model}"
-                      + "".join(f"\n  reads {path}" for path in record.files))
+        reporter = report.Reporter(opts.quiet, opts.verbose, opts.json, results=False)  # printed with the comparison
+        report.record(image, record, reporter)
         sf, options = reproducing(record, image, output, model=model, config=opts.config, device=device,
                                   dtype=dtype, max_batch=opts.max_batch, overwrite=opts.overwrite)
         outcomes, code = _run([sf], options, opts, reporter=reporter)
         done = [o for o in outcomes if o.path]
         same = compare_images(image, Path(done[0].path)) if done else None
-        if same is not None:
-            say(same.summary)
-        for outcome in outcomes:
-            if opts.json:
-                out.print(json.dumps({**outcome.as_json(), "identical": same.identical if outcome.path else None}))
-            elif outcome.path:
-                put(outcome.path)
+        report.reproduced(outcomes, same, opts.json)
         raise typer.Exit(1 if check and code == 0 and not same.identical else code)
 
 
@@ -469,7 +324,7 @@ def stream(
 
         reporter = Reporter(quiet=opts.quiet)
         try:
-            session = open_session(scene, _options(opts, overrides=merge_overrides(list(opts.set))), output=output,
+            session = open_session(scene, library_options(opts, overrides=merge_overrides(list(opts.set))), output=output,
                                    fps=fps, watch=watch, preview=preview, cfg_type=cfg_type,
                                    overlap_decode=overlap_decode, on_event=reporter)
         finally:
@@ -506,7 +361,7 @@ def _run(items: list, options: batch.Options, opts: SimpleNamespace, check=None,
 
     if getattr(opts, "distributed", False) and not launched_distributed():
         count = process_count(opts.processes, options.device)
-        if count > 1:
+        if count > 1:  # the same command in each process, which then share the batch
             raise typer.Exit(launch(sys.argv[1:], count, options.device))
         say("--distributed: one process, so running here")
     shard = join_processes(cpu=options.device == "cpu") if launched_distributed() else Shard()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 MAX_REPORTED = 20  # problems of one scene reported at once
 
@@ -77,10 +79,38 @@ class Terminated(KeyboardInterrupt):
     half-written, and the exit code is 128 + the signal's number."""
 
     def __init__(self, signum: int):
-        import signal
-
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+INTERRUPTING = ("SIGTERM", "SIGHUP")  # handled as Ctrl-C is
+_received: list[int] = []  # the signals that interrupted this process's work
+
+
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """Within it, SIGTERM and SIGHUP raise `Terminated` (a KeyboardInterrupt) wherever the work is,
+    so that they end it as Ctrl-C does (`smd` runs every command so; from Python, wrap `batch.run`)."""
+    def interrupt(signum, frame):
+        _received.append(signum)
+        raise Terminated(signum)
+
+    _received.clear()
+    names = [name for name in INTERRUPTING if hasattr(signal, name)]
+    try:
+        previous = {name: signal.signal(getattr(signal, name), interrupt) for name in names}
+    except ValueError:  # not the main thread: leave the signals alone
+        previous = {}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+def interrupted_code(exc: BaseException | None = None) -> int:
+    """128 + the signal that interrupted: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + getattr(exc, "signum", _received[-1] if _received else signal.SIGINT)
 
 
 class OutOfMemory(SmdError):

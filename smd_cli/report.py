@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from smd_cli import batch
     from smd_cli.live import StreamRun
     from smd_cli.masks import SceneMasks
+    from smd_cli.metadata import Comparison, Record
     from smd_cli.scene import SceneFile
 
 # Piped into a file or another program, tables are as wide as their content: no cell is cut short.
@@ -161,6 +162,24 @@ def summary(outcomes: list[batch.Outcome], quiet: bool, interrupted: bool, which
              f"{o.seconds:.1f}" if o.seconds else "-")
     err.print(table)
     err.print(tally(outcomes))
+
+
+def record(image, record: Record, reporter: Reporter) -> None:
+    """What a record says it will make, and every file it will read, before anything is read."""
+    reporter.info(f"{image}: {record.name}, seed {record.seed}, model {record.model}")
+    for path in record.files:
+        reporter.info(f"  reads {path}")
+
+
+def reproduced(outcomes: list[batch.Outcome], same: Comparison | None, as_json: bool) -> None:
+    """The outcome of `smd reproduce`, and whether the image is the same, in words or JSON."""
+    if same is not None:
+        say(same.summary)
+    for outcome in outcomes:
+        if as_json:
+            out.print(json.dumps({**outcome.as_json(), "identical": same.identical if outcome.path else None}))
+        elif outcome.path:
+            put(outcome.path)
 
 
 def plan(plan: batch.Plan, options: batch.Options, as_json: bool) -> None:
