@@ -298,25 +298,22 @@ class Plan:
 
     def rows(self, options: Options) -> list[dict[str, Any]]:
         """What each image will be, for a dry run."""
+        from smd_cli.scene import step_count
+
         return [{"scene": job.scene.name, "file": str(job.scene.path) if job.scene.path else None, "seed": job.seed,
                  "width": job.masks.width, "height": job.masks.height, "layers": len(job.scene.scene.layers),
-                 "steps": _steps(job), "model": model_of(job.scene, options) or defaults.MODEL,
+                 "steps": step_count(job.scene.scene), "model": model_of(job.scene, options) or defaults.MODEL,
                  "path": str(job.path()), "status": "planned"} for job in self.jobs]
-
-
-def _steps(job: Job) -> int:
-    from smd_cli.scene import step_count
-
-    return step_count(job.scene.scene)
 
 
 def plan(items: Iterable[Union[str, Path, SceneFile]], options: Options, *,
          check: Callable[[SceneFile], None] | None = None, shard: Shard | None = None,
          on_event: OnEvent | None = None) -> Plan:
     """Every image to make (scenes x seeds) as a `Job`, each checked before any model loads: the
-    scene and its files, the model's folder, the canvas against the model's downscale factor and
-    the device's free memory, the output template and folder. A scene that fails any of these is
-    an `invalid` outcome and the others go on; `check(scene)` adds a command's own rule.
+    scene and its files; the model, LCM LoRA and autoencoder, and the steps against the model's
+    schedule; the canvas against the model's downscale factor and the device's free memory; the
+    output names and folders. A scene that fails any of these is an `invalid` outcome with all its
+    problems, and the others go on; `check(scene)` adds a command's own rule.
 
     `items` are scene paths (read here, so that a broken one fails alone) or `SceneFile`s.
     Raises `SmdError` for what stops the whole batch (a missing --model, a bad device).
@@ -369,9 +366,9 @@ def _plan_scene(item, options: Options, check, device, dtype, free: int | None, 
         check(sf)
     problems: list[SceneError] = []
 
-    def attempt(check, *args):
+    def attempt(step, *args):
         try:
-            return check(*args)
+            return step(*args)
         except SceneError as exc:
             problems.extend([exc, *exc.others])
         except SmdError as exc:  # a model or an output: said with the scene it belongs to
