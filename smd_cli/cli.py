@@ -356,7 +356,6 @@ def _run(items: list, options: batch.Options, opts: SimpleNamespace, check=None,
          reporter: Reporter | None = None) -> tuple[list, int]:
     """Plan every image (scenes x seeds), check everything, then load the model once and make them;
     print what happens and sum up. Returns the outcomes and the exit code (see `batch.exit_code`)."""
-    from smd_cli import batch, report
     from smd_cli.distributed import Shard, join_processes, launch, launched_distributed, process_count
 
     if getattr(opts, "distributed", False) and not launched_distributed():
@@ -365,6 +364,16 @@ def _run(items: list, options: batch.Options, opts: SimpleNamespace, check=None,
             raise typer.Exit(launch(sys.argv[1:], count, options.device))
         say("--distributed: one process, so running here")
     shard = join_processes(cpu=options.device == "cpu") if launched_distributed() else Shard()
+    try:
+        return _run_shard(items, options, opts, check, reporter, shard)
+    finally:
+        shard.close()
+
+
+def _run_shard(items: list, options: batch.Options, opts: SimpleNamespace, check, reporter: Reporter | None,
+               shard) -> tuple[list, int]:
+    from smd_cli import batch, report
+
     reporter = reporter or report.Reporter(opts.quiet, opts.verbose, opts.json, dry_run=getattr(opts, "dry_run", False))
     plan = batch.plan(items, options, check=check, shard=shard, on_event=reporter)
     for outcome in plan.invalid if shard.main else []:

@@ -57,6 +57,12 @@ class Shard:
 
         return broadcast_object_list([value])[0]
 
+    def close(self) -> None:
+        """Leave the process group: its threads must end before the process does, or the C++
+        runtime aborts the process at exit."""
+        if self.shared:
+            self.state.destroy_process_group()
+
     def gather(self, rows: list[T]) -> list[T]:
         """Every process's `rows`, on every process, in rank order."""
         if not self.shared:
