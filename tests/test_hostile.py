@@ -75,6 +75,17 @@ KINDS = {"fifo": "FIFO", "dev-zero": "character device", "folder": "a folder", "
          "bomb": "decompression bomb"}
 
 
+def watched(pipe, scene: Path):
+    """A stream of `scene`, and a watcher on its files."""
+    from smd_cli.live import SceneWatcher
+    from smd_cli.render import scene_stream
+    from smd_cli.scene import load_scene
+
+    watcher = SceneWatcher(scene)
+    watcher.watch(load_scene(scene))
+    return scene_stream(load_scene(scene), pipe), watcher
+
+
 # --- 1. reads without bound -------------------------------------------------------------------
 
 
@@ -118,15 +129,11 @@ def test_a_canvas_from_an_image_obeys_the_size_limit(run_cli, tmp_path):
 
 
 def test_a_watched_stream_refuses_a_bomb_and_keeps_going(pipe, tmp_path):
-    from smd_cli.live import FrameSink, SceneWatcher, run_stream
-    from smd_cli.render import scene_stream
-    from smd_cli.scene import load_scene
+    from smd_cli.live import FrameSink, run_stream
 
     Image.new("L", (64, 64), 255).save(tmp_path / "m.png")
-    scene = write(tmp_path / "s.yaml", "seed: 1\nwidth: 64\nheight: 64\nlayers:\n  - {prompt: a, mask: m.png}\n")
-    live = scene_stream(load_scene(scene), pipe)
-    watcher = SceneWatcher(scene)
-    watcher.watch(load_scene(scene))
+    live, watcher = watched(pipe, write(tmp_path / "s.yaml", "seed: 1\nwidth: 64\nheight: 64\nlayers:\n"
+                                                             "  - {prompt: a, mask: m.png}\n"))
     reloads: list[str] = []
 
     def swap(index, frame, run):
@@ -246,13 +253,8 @@ def test_one_scene_failing_unexpectedly_does_not_stop_the_batch(run_cli, tiny_mo
 
 def test_an_unexpected_failure_in_a_reload_does_not_stop_the_stream(pipe, tmp_path, monkeypatch):
     from smd_cli import live
-    from smd_cli.render import scene_stream
-    from smd_cli.scene import load_scene
 
-    scene = write(tmp_path / "s.yaml", f"seed: 1\nwidth: 64\nheight: 64\n{LAYER}")
-    stream = scene_stream(load_scene(scene), pipe)
-    watcher = live.SceneWatcher(scene)
-    watcher.watch(load_scene(scene))
+    stream, watcher = watched(pipe, write(tmp_path / "s.yaml", f"seed: 1\nwidth: 64\nheight: 64\n{LAYER}"))
     monkeypatch.setattr(watcher, "changed", lambda: True)
     monkeypatch.setattr(watcher, "reload", lambda: (_ for _ in ()).throw(MemoryError("a bad day")))
     reloads: list[str] = []
@@ -533,17 +535,15 @@ def test_control_characters_are_escaped_wherever_they_are_printed(run_cli, tiny_
 
 
 def test_watch_says_what_needs_a_restart_and_finds_a_mask_that_appears(pipe, tmp_path):
-    from smd_cli.live import FrameSink, SceneWatcher, run_stream
-    from smd_cli.render import STREAM_FIXED, scene_stream
-    from smd_cli.scene import Scene, load_scene
+    from smd_cli.live import FrameSink, run_stream
+    from smd_cli.render import STREAM_FIXED
+    from smd_cli.scene import Scene
 
     live_keys = {"layers", "background", "negative_prefix", "output"}
     assert set(Scene.model_fields) == set(STREAM_FIXED) | live_keys  # a new scene key must be placed in one
     text = "seed: 1\nwidth: 64\nheight: 64\nlayers:\n  - {prompt: a}\n"
     scene = write(tmp_path / "s.yaml", text)
-    live = scene_stream(load_scene(scene), pipe)
-    watcher = SceneWatcher(scene)
-    watcher.watch(load_scene(scene))
+    live, watcher = watched(pipe, scene)
     reloads: list[str] = []
 
     def edit(index, frame, run):
