@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 import re
 import time
 import traceback
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
     from smd_cli.scene import SceneFile
 
 MAX_SEEDS = 100_000
-SEED_LIMIT = 2**63
 
 # Job statuses: done, failed (during generation), invalid (never started: the scene or its files
 # are wrong), interrupted (Ctrl-C during it), skipped (not reached before Ctrl-C).
@@ -146,16 +144,12 @@ def parse_seeds(text: str) -> list[int]:
         first, last = int(m.group(1)), int(m.group(2) or m.group(1))
         if last < first:
             raise SmdError(f"--seeds range {part} runs backwards; write {last}-{first}")
-        if last >= SEED_LIMIT:
+        if last >= defaults.SEED_LIMIT:
             raise SmdError(f"--seeds {last} is too large; seeds are below 2**63")
         if last - first + 1 + len(seeds) > MAX_SEEDS:
             raise SmdError(f"--seeds {text!r} asks for more than {MAX_SEEDS} images")
         seeds.extend(range(first, last + 1))
     return list(dict.fromkeys(seeds))
-
-
-def random_seed() -> int:
-    return random.SystemRandom().randrange(2**32)
 
 
 @dataclass
@@ -166,6 +160,7 @@ class Job:
     scene: SceneFile
     seed: int
     template: str
+    sources: Sources
     masks: Optional[SceneMasks] = None
     random_seed: bool = False  # the seed was drawn, not given
 
@@ -209,6 +204,8 @@ class Outcome:
 
 def seeds_for(sf: SceneFile, seeds: list[int] | None, repeat: int | None) -> list[tuple[int, bool]]:
     """(seed, drawn) for each image of a scene: --seeds, else --repeat random ones, else the scene's."""
+    from smd_cli.scene import random_seed
+
     if seeds:
         return [(s, False) for s in seeds]
     if repeat:
@@ -225,13 +222,13 @@ def with_seed(sf: SceneFile, seed: int) -> SceneFile:
 
 def output_template(sf: SceneFile, output: str | None) -> str:
     """Where a scene's images go: `output` (checked), else the scene's `output`, else the default."""
-    from smd_cli.outputs import DEFAULT_TEMPLATE, check_template
+    from smd_cli.outputs import DEFAULT_TEMPLATE, check_template, names_folder
 
     if output is not None:
         check_template(output)
         return output
     if sf.scene.output is not None:
-        folder = sf.scene.output.endswith(("/", os.sep))  # a folder to be made: keep saying so
+        folder = names_folder(sf.scene.output)  # a folder to be made: keep saying so
         return str(sf.resolve(sf.scene.output)) + (os.sep if folder else "")
     return DEFAULT_TEMPLATE
 
@@ -239,31 +236,58 @@ def output_template(sf: SceneFile, output: str | None) -> str:
 def reproducing(record: Record, source: Path, output: str | None = None, *, model: str | None = None,
                 config: str | None = None, device: str | None = None, dtype: str | None = None,
                 **options) -> tuple[SceneFile, Options]:
-    """The scene and options to make the image at `source` again from its `record`: on the recorded
-    kind of device (cuda:1 ran there, cuda runs here), in the recorded dtype, with the recorded
-    configs, unless told otherwise. The new image goes beside the source by default, never onto it."""
-    sf = record.scene_file()  # its files' hashes are checked as they are read, with a warning each
+    """The scene and options to make the image at `source` again from its `record`: with the
+    recorded seed, on the recorded kind of device (cuda:1 ran there, cuda runs here), in the
+    recorded dtype, with the recorded configs, unless told otherwise. The new image goes beside the
+    source by default, never onto it."""
+    sf = with_seed(record.scene_file(), record.seed)  # its files' hashes are checked as they are read
     output = output if output is not None else str(source.with_name(f"{source.stem}-reproduced.png"))
-    if Job(0, sf, record.seed, output_template(sf, output)).path().resolve() == Path(source).resolve():
+    chosen = Options(model=model, config=config or record.config, output=output,
+                     device=device or (record.device or "auto").split(":")[0], dtype=dtype or record.dtype or "auto",
+                     **options)
+    if Job(0, sf, record.seed, output_template(sf, output), sources_of(sf, chosen)).path().resolve() == \
+            Path(source).resolve():
         raise SmdError(f"--out {output} is the image being reproduced; the new image must go elsewhere")
-    return sf, Options(model=model, config=config or record.config, output=output,
-                       device=device or (record.device or "auto").split(":")[0],
-                       dtype=dtype or record.dtype or "auto", **options)
+    return sf, chosen
 
 
-def model_of(sf: SceneFile, options: Options) -> str | None:
-    """The model a scene runs on: the batch's, else the scene's, else your default (SMD_MODEL or
-    the config file's); None is smd's own default."""
+def reads(sf: SceneFile, options: Options) -> list[str]:
+    """Every file on this machine that making `sf` would read: its masks and background image, and
+    the model, LCM LoRA, autoencoder and config where they are local paths."""
+    from smd_cli.files import exists
+    from smd_cli.scene import scene_files
+
+    sources = sources_of(sf, options)
+    local = [x for x in (sources.model, sources.lcm_lora, sources.vae, options.config) if x and exists(x)]
+    return [str(path) for path in scene_files(sf).values()] + [str(Path(x).expanduser().absolute()) for x in local]
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What a scene runs on: the model, its LCM LoRA and autoencoder."""
+
+    model: Optional[str]  # None: smd's own default
+    lcm_lora: str
+    vae: Optional[str]  # None: the model's own
+
+    def as_key(self) -> tuple:
+        return (self.model, self.lcm_lora, self.vae)
+
+
+def sources_of(sf: SceneFile, options: Options) -> Sources:
+    """Each of a scene's sources in one order: the batch's setting, else the scene's (a path relative
+    to the scene file where one exists there), else your default (SMD_MODEL, SMD_LCM_LORA or the
+    config file's); the LCM LoRA is `auto` by default."""
     from smd_cli.settings import user_default
 
-    return options.model or sf.source(sf.scene.model) or user_default("model")
+    return Sources(model=options.model or sf.source(sf.scene.model) or user_default("model"),
+                   lcm_lora=options.lcm_lora or sf.source(sf.scene.lcm_lora) or user_default("lcm_lora") or "auto",
+                   vae=options.vae or sf.source(sf.scene.vae))
 
 
-def lcm_lora_of(sf: SceneFile, options: Options) -> str:
-    """The LCM LoRA a scene runs with, in the same order as its model; `auto` by default."""
-    from smd_cli.settings import user_default
-
-    return options.lcm_lora or sf.source(sf.scene.lcm_lora) or user_default("lcm_lora") or "auto"
+def plan_exit_code(plan: Plan) -> int:
+    """What a plan alone (a dry run) exits with: 0 if every scene can start, 2 if none can, else 1."""
+    return 2 if not plan.jobs else 1 if plan.invalid else 0
 
 
 def exit_code(outcomes: list[Outcome]) -> int:
@@ -302,7 +326,7 @@ class Plan:
 
         return [{"scene": job.scene.name, "file": str(job.scene.path) if job.scene.path else None, "seed": job.seed,
                  "width": job.masks.width, "height": job.masks.height, "layers": len(job.scene.scene.layers),
-                 "steps": step_count(job.scene.scene), "model": model_of(job.scene, options) or defaults.MODEL,
+                 "steps": step_count(job.scene.scene), "model": job.sources.model or defaults.MODEL,
                  "path": str(job.path()), "status": "planned"} for job in self.jobs]
 
 
@@ -374,11 +398,11 @@ def _plan_scene(item, options: Options, check, device, dtype, free: int | None, 
         except SmdError as exc:  # a model or an output: said with the scene it belongs to
             problems.append(SceneError(str(exc), file=sf.path))
 
-    model = model_of(sf, options)
-    for note in attempt(_check_sources, sf, options, model) or []:
+    sources = sources_of(sf, options)  # once: the checks and the jobs see the same
+    for note in attempt(_check_sources, sf, options, sources) or []:
         emit(Message("unchecked", f"{sf.name}: {note}"))
-    masks = attempt(_scene_masks, sf, options, model, device, dtype, free, emit)
-    made = attempt(_scene_jobs, sf, options, masks, first, now)
+    masks = attempt(_scene_masks, sf, options, sources, device, dtype, free, emit)
+    made = attempt(_scene_jobs, sf, options, sources, masks, first, now)
     if problems:
         raise SceneError.gather(problems)
     drawn = [job.seed for job in made if job.random_seed]
@@ -389,52 +413,56 @@ def _plan_scene(item, options: Options, check, device, dtype, free: int | None, 
     return made
 
 
-def _scene_masks(sf: SceneFile, options: Options, model: str | None, device, dtype, free: int | None,
+def _scene_masks(sf: SceneFile, options: Options, sources: Sources, device, dtype, free: int | None,
                  emit: OnEvent) -> SceneMasks:
     """The canvas (against the model's downscale factor), the masks, the views and the memory needed."""
     from smd_cli.masks import checked_canvas, scene_masks
     from smd_cli.memory import check_memory
     from smd_cli.models import vae_downscale_factor
 
-    factor = vae_downscale_factor(model)
+    factor = vae_downscale_factor(sources.model)
     width, height = checked_canvas(sf, factor)
     masks = scene_masks(sf, width, height)
     _check_views(sf, width, height, factor)
-    emit(Message("detail", check_memory(sf, model, width=width, height=height, factor=factor, device=device,
-                                        dtype=dtype, free=free, max_batch=options.max_batch,
-                                        vae=options.vae or sf.source(sf.scene.vae))))
+    emit(Message("detail", check_memory(sf, sources.model, width=width, height=height, factor=factor,
+                                        device=device, dtype=dtype, free=free, max_batch=options.max_batch,
+                                        vae=sources.vae)))
     return masks
 
 
-def _scene_jobs(sf: SceneFile, options: Options, masks: SceneMasks | None, first: int, now: datetime) -> list[Job]:
+def _scene_jobs(sf: SceneFile, options: Options, sources: Sources, masks: SceneMasks | None, first: int,
+                now: datetime) -> list[Job]:
     """One job per seed, each output name and folder checked."""
     from smd_cli.outputs import check_writable
 
     template = output_template(sf, options.output)
-    made = [Job(first + n, with_seed(sf, seed), seed, template, masks, drawn)
+    made = [Job(first + n, with_seed(sf, seed), seed, template, sources, masks, drawn)
             for n, (seed, drawn) in enumerate(seeds_for(sf, options.seeds, options.repeat))]
     for job in made:
         check_writable(job.path(now))
     return made
 
 
-def _check_sources(sf: SceneFile, options: Options, model: str | None) -> list[str]:
+def _check_sources(sf: SceneFile, options: Options, sources: Sources) -> list[str]:
     """The model, LCM LoRA and autoencoder exist (local paths; hub ids in the cache when offline),
     and the steps fit the model's schedule. Returns what cannot be checked before loading."""
     from smd_cli.errors import SceneError
-    from smd_cli.models import check_available, config_json, fits_lcm_lora
+    from smd_cli.models import check_available, chosen_lcm_lora, config_json, vae_source
     from smd_cli.sampler import make_schedule
 
-    model = model or defaults.MODEL
+    model = sources.model or defaults.MODEL
     unet = config_json(model, "unet/config.json") or (config_json(options.config, "unet/config.json")
                                                       if options.config else None)
-    lora = lcm_lora_of(sf, options)
-    if lora == "auto" and (unet is not None or model == defaults.MODEL):  # the default model takes it
-        lora = defaults.LCM_LORA if unet is None or fits_lcm_lora(unet) else "none"
-    vae = options.vae or sf.source(sf.scene.vae)
+    lora = sources.lcm_lora  # `auto` stays undecided for a model whose UNet config is not here yet
+    if unet is not None:
+        lora = chosen_lcm_lora(lora, unet)
+    elif lora == "none":
+        lora = None
+    elif lora == "auto" and model == defaults.MODEL:  # the default model takes the default LoRA
+        lora = defaults.LCM_LORA
+    vae = vae_source(sources.vae) if sources.vae else None
     notes, problems = [], []
-    for name, what in ((model, "model"), (None if lora == "none" else lora, "LCM LoRA"),
-                       (defaults.TINY_VAE if vae == "tiny" else vae, "VAE")):
+    for name, what in ((model, "model"), (lora, "LCM LoRA"), (vae, "VAE")):
         if name == "auto":  # whether the default LCM LoRA fits this model is known when it loads
             try:
                 check_available(defaults.LCM_LORA, what)
@@ -473,7 +501,7 @@ def _check_views(sf: SceneFile, width: int, height: int, factor: int | None) -> 
 
     s = sf.scene
     f = factor or defaults.MODEL_VAE_FACTOR
-    window, stride = view_sizes(height, width, s.tile_size, s.tile_stride, f)
+    window, stride = view_sizes(s.tile_size, s.tile_stride, f)
     count = len(starts(height // f, window, stride)) * len(starts(width // f, window, stride, s.circular))
     if count > MANY_VIEWS:
         warnings.warn(f"{sf.name}: {count} views per layer and step (tile_size {s.tile_size}, tile_stride "
@@ -514,9 +542,8 @@ class ModelCache:
         self.loaded: dict[tuple, Any] = {}
         self.seconds = 0.0  # spent loading so far
 
-    def get(self, sf: SceneFile) -> StableMultiDiffusionPipeline:
-        o = self.options
-        key = (model_of(sf, o), lcm_lora_of(sf, o), o.vae or sf.source(sf.scene.vae))
+    def get(self, sources: Sources) -> StableMultiDiffusionPipeline:
+        key = sources.as_key()
         if key not in self.loaded:
             self.loaded.clear()  # free the previous model before loading another
             self.loaded[key] = self._load(*key)
@@ -525,10 +552,11 @@ class ModelCache:
         return self.loaded[key]
 
     def _load(self, model: str | None, lcm_lora: str, vae: str | None) -> Any:
+        from smd_cli.models import dtype_name
         from smd_cli.pipeline import StableMultiDiffusionPipeline
 
         started = time.perf_counter()
-        self.emit(Loading(model or defaults.MODEL, str(self.device), str(self.dtype).removeprefix("torch.")))
+        self.emit(Loading(model or defaults.MODEL, str(self.device), dtype_name(self.dtype)))
         try:
             pipe = StableMultiDiffusionPipeline(self.device, hf_key=model, dtype=self.dtype, lcm_lora=lcm_lora,
                                                 config=self.options.config, vae=vae)
@@ -570,11 +598,15 @@ def run(plan: Plan, options: Options, *, on_event: OnEvent | None = None,
         set_threads(options.threads)
     outcomes: list[Outcome] = []
     for n, job in enumerate(mine):
-        started, loading = time.perf_counter(), cache.seconds  # an image's seconds leave loading out
+        started, loading = time.perf_counter(), cache.seconds
+
+        def spent() -> float:  # an image's seconds leave out loading a model
+            return time.perf_counter() - started - (cache.seconds - loading)
+
         try:
             outcome, trace = _make(job, options, cache, emit, (n + 1, len(mine))), None
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM or SIGHUP (errors.Terminated)
-            outcomes.append(job.outcome(INTERRUPTED, seconds=time.perf_counter() - started - cache.seconds + loading))
+            outcomes.append(job.outcome(INTERRUPTED, seconds=spent()))
             outcomes += [later.outcome(SKIPPED) for later in mine[n + 1:]]
             emit(Message("info", f"interrupted by {exc}" if str(exc) else "interrupted"))
             return (plan.invalid if shard.main else []) + outcomes
@@ -582,7 +614,7 @@ def run(plan: Plan, options: Options, *, on_event: OnEvent | None = None,
             outcome, trace = job.outcome(FAILED, error=str(exc)), None
         except Exception as exc:  # a bug or a library failure: report it and go on with the batch
             outcome, trace = job.outcome(FAILED, error=unexpected(exc)), traceback.format_exc()
-        outcome.seconds = time.perf_counter() - started - (cache.seconds - loading)
+        outcome.seconds = spent()
         emit(Finished(outcome, trace))
         outcomes.append(outcome)
     everything = shard.gather((plan.invalid if shard.main else []) + outcomes)
@@ -596,7 +628,7 @@ def _make(job: Job, options: Options, cache: ModelCache, emit: OnEvent, position
 
     sf = job.scene
     try:
-        pipe = cache.get(sf)
+        pipe = cache.get(job.sources)
         pipe.schedule(sf.scene.steps, sf.scene.timesteps, sf.scene.scheduler)
     except SmdError as exc:  # no model, or steps it cannot take: the image never started
         return job.outcome(INVALID, error=str(exc))

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 
-from smd_cli import __version__
+from smd_cli import __version__, defaults
 from smd_cli.errors import SmdError, interrupt_on_signals, interrupted_code
 from smd_cli.files import UnreadableFile, check_regular, is_file
-from smd_cli.options import GENERATING, MODEL_OPTIONS, OPTIONS, REPORTING, batch_options, library_options, shared
+from smd_cli.options import (GENERATING, MODEL_OPTIONS, OPTIONS, REPORTING, batch_options, check_reporting,
+                             library_options, shared)
 from smd_cli.report import error, out, put, say, show_warning
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ def validate(
       smd validate scenes/village.yaml --set width=1024 --model ./my-sd15-folder
     """
     from smd_cli import report
+    from smd_cli.batch import Options, sources_of
     from smd_cli.masks import checked_canvas, scene_masks
     from smd_cli.models import vae_downscale_factor
     from smd_cli.scene import load_scene
@@ -110,7 +112,7 @@ def validate(
         try:
             with user_errors():
                 sf = load_scene(path, set_)
-                factor = vae_downscale_factor(model or sf.source(sf.scene.model))
+                factor = vae_downscale_factor(sources_of(sf, Options(model=model, device="cpu", dtype="auto")).model)
                 report.coverage(sf, scene_masks(sf, *checked_canvas(sf, factor)), str(path), factor is not None)
         except typer.Exit:
             failed += 1
@@ -126,8 +128,10 @@ def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Plain text-to-image without a scene."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", "-n", help="With --prompt, its negative "
                                                   "prompt; with scenes, put before every layer's (negative_prefix)."),
-    width: Optional[int] = typer.Option(None, "--width", min=8, help="Canvas width in pixels."),
-    height: Optional[int] = typer.Option(None, "--height", min=8, help="Canvas height in pixels."),
+    width: Optional[int] = typer.Option(None, "--width", min=defaults.MIN_SIZE, max=defaults.MAX_SIZE,
+                                       help="Canvas width in pixels."),
+    height: Optional[int] = typer.Option(None, "--height", min=defaults.MIN_SIZE, max=defaults.MAX_SIZE,
+                                        help="Canvas height in pixels."),
     opts: SimpleNamespace = None,
 ) -> None:
     """Generate images from scenes (one per scene and seed), loading the model once for all of them.
@@ -194,8 +198,10 @@ def inpaint(
 def panorama(
     prompt: str = typer.Argument(..., help="The prompt, or a scene file with one layer and a wide canvas."),
     negative_prompt: str = typer.Option("", "--negative-prompt", "--negative", "-n", help="Negative prompt."),
-    width: Optional[int] = typer.Option(None, "--width", min=8, help="Width in pixels (default 3072)."),
-    height: Optional[int] = typer.Option(None, "--height", min=8, help="Height in pixels (default 512)."),
+    width: Optional[int] = typer.Option(None, "--width", min=defaults.MIN_SIZE, max=defaults.MAX_SIZE,
+                                       help=f"Width in pixels (default {defaults.PANORAMA_WIDTH})."),
+    height: Optional[int] = typer.Option(None, "--height", min=defaults.MIN_SIZE, max=defaults.MAX_SIZE,
+                                        help=f"Height in pixels (default {defaults.PANORAMA_HEIGHT})."),
     circular: bool = typer.Option(False, "--circular", help="A 360-degree panorama: the left and right "
                                   "edges join without a seam."),
     opts: SimpleNamespace = None,
@@ -209,7 +215,6 @@ def panorama(
       smd panorama scenes/alps-panorama.yaml
     """
     with user_errors():
-        from smd_cli import defaults
         from smd_cli.render import one_layer
         from smd_cli.scene import scene_from_prompt
 
@@ -243,7 +248,7 @@ def show(
 
         record = read_record(image)
         if json_:
-            out.print(json.dumps(as_dict(record), indent=2))
+            out.print(json.dumps(as_dict(record), indent=2, default=str))  # a crafted record may hold dates
         else:
             out.print(describe(record), end="")
 
@@ -273,16 +278,15 @@ def reproduce(
     """
     with user_errors():
         from smd_cli import report
-        from smd_cli.batch import reproducing
+        from smd_cli.batch import reads, reproducing
         from smd_cli.metadata import compare_images, read_record
 
-        if opts.quiet and opts.verbose:
-            raise SmdError("give --quiet or --verbose, not both")
+        check_reporting(opts)
         record = read_record(image)
         reporter = report.Reporter(opts.quiet, opts.verbose, opts.json, results=False)  # printed with the comparison
-        report.record(image, record, reporter)
         sf, options = reproducing(record, image, output, model=model, config=opts.config, device=device,
                                   dtype=dtype, max_batch=opts.max_batch, overwrite=opts.overwrite)
+        report.record(image, record, reads(sf, options), reporter)
         outcomes, code = _run([sf], options, opts, reporter=reporter)
         done = [o for o in outcomes if o.path]
         same = compare_images(image, Path(done[0].path)) if done else None
@@ -298,7 +302,7 @@ def stream(
     seconds: Optional[float] = typer.Option(None, "--seconds", min=0.0, help="Stop after S seconds."),
     output: Optional[Path] = typer.Option(None, "--out", "-o", help="A folder (numbered PNGs), FILE.gif or "
                                           "FILE.mp4. Without it frames are only shown (--preview)."),
-    fps: float = typer.Option(8.0, "--fps", min=0.1, help="Frame rate of a GIF or MP4."),
+    fps: float = typer.Option(defaults.STREAM_FPS, "--fps", min=0.1, help="Frame rate of a GIF or MP4."),
     watch: bool = typer.Option(False, "--watch", help="Apply edits of the scene file and its images live."),
     preview: Optional[str] = typer.Option(None, "--preview", help="Serve live frames over HTTP at [HOST:]PORT "
                                           "(default host 127.0.0.1)."),
@@ -324,9 +328,9 @@ def stream(
 
         reporter = Reporter(quiet=opts.quiet)
         try:
-            session = open_session(scene, library_options(opts, overrides=merge_overrides(list(opts.set))), output=output,
-                                   fps=fps, watch=watch, preview=preview, cfg_type=cfg_type,
-                                   overlap_decode=overlap_decode, on_event=reporter)
+            options = library_options(opts, overrides=merge_overrides(list(opts.set)))
+            session = open_session(scene, options, output=output, fps=fps, watch=watch, preview=preview,
+                                   cfg_type=cfg_type, overlap_decode=overlap_decode, on_event=reporter)
         finally:
             reporter.close()
         if session.server is not None:
@@ -383,13 +387,14 @@ def _run_shard(items: list, options: batch.Options, opts: SimpleNamespace, check
     if getattr(opts, "dry_run", False):
         if shard.main:
             report.plan(plan, options, reporter.json)
-        return plan.invalid, 2 if not plan.jobs else (1 if plan.invalid else 0)
+        return plan.invalid, batch.plan_exit_code(plan)
     if not plan.jobs:
-        return plan.invalid, 2
+        return plan.invalid, batch.plan_exit_code(plan)
     try:
         outcomes = batch.run(plan, options, on_event=reporter)
     finally:
         reporter.close()
+
     interrupted = any(o.status == batch.INTERRUPTED for o in outcomes)
     if shard.main or interrupted:
         report.summary(outcomes, reporter.quiet, interrupted,

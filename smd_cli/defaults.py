@@ -19,9 +19,11 @@ SCHEDULER = "lcm"
 LCM_ORIGINAL_STEPS = 50
 LCM_INDICES = (0, 4, 12, 25, 37)
 STEPS = {"lcm": len(LCM_INDICES), "ddim": 50, "euler": 50}
+MAX_STEPS = 1000  # a model's training timesteps: no schedule takes more
 
 # Guidance and prompts.
 GUIDANCE_SCALE = 1.0
+MAX_GUIDANCE_SCALE = 100.0
 NEGATIVE_PREFIX = "worst quality, bad quality, normal quality, cropped, framed"  # the examples' prefix
 
 # Masks (SPEC 2.2).
@@ -47,6 +49,10 @@ TILE_WEIGHTINGS = ("triangular", "uniform")
 TILE_WEIGHTING = "triangular"
 PANORAMA_WIDTH, PANORAMA_HEIGHT = 3072, 512  # the original project's panorama example
 
+# Seeds: any below SEED_LIMIT (torch's generator takes 64 bits, signed); drawn ones below RANDOM_SEEDS.
+SEED_LIMIT = 2**63
+RANDOM_SEEDS = 2**32
+
 # Streaming (SPEC 6).
 STREAM_CFG_TYPES = ("none", "full", "self", "initialize")
 STREAM_CFG_TYPE = "none"
@@ -54,6 +60,7 @@ STREAM_GUIDANCE_SCALE = 1.2
 STREAM_DELTA = 1.0
 STREAM_SEED = 2024  # the original project's examples' seed
 STREAM_SIZE = 512
+STREAM_FPS = 8.0  # frames per second of a stream's GIF or MP4
 
 
 def prefixed(prefix: str | None, negative: str) -> str:

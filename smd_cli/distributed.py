@@ -12,10 +12,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence, TypeVar
-
-from smd_cli.errors import SmdError
 
 T = TypeVar("T")
 
@@ -79,10 +78,8 @@ def launched_distributed() -> bool:
 
 def join_processes(cpu: bool) -> Shard:
     """Join the process group the launcher set up; each process learns its rank."""
-    try:
-        from accelerate import PartialState
-    except ImportError:
-        raise SmdError("distributed runs need Hugging Face Accelerate: pip install accelerate") from None
+    from accelerate import PartialState
+
     state = PartialState(cpu=cpu)
     return Shard(rank=state.process_index, size=state.num_processes, state=state)
 
@@ -115,7 +112,7 @@ def launch(argv: Sequence[str], count: int, device: str) -> int:
     workers = [subprocess.Popen([sys.executable, "-m", "smd_cli", *argv],
                                 env=dict(shared, RANK=str(rank), LOCAL_RANK=str(rank))) for rank in range(count)]
     try:
-        codes = [worker.wait() for worker in workers]
+        codes = _wait(workers)
     except KeyboardInterrupt as exc:  # a terminal's Ctrl-C reached them too; pass on SIGTERM or SIGHUP
         signum = getattr(exc, "signum", signal.SIGINT)
         for worker in workers:
@@ -126,3 +123,21 @@ def launch(argv: Sequence[str], count: int, device: str) -> int:
         return 128 + signum
     # Every process sums up the same gathered outcomes; a different code means one of them crashed.
     return codes[0] if len(set(codes)) == 1 else max(abs(c) for c in codes)
+
+
+STRAGGLER_SECONDS = 60.0  # after one process failed, how long the others may take to finish
+
+
+def _wait(workers: list[subprocess.Popen]) -> list[int]:
+    """The workers' exit codes. A worker that dies alone would leave the others waiting for it at
+    the final gather for ever: after it, the others get `STRAGGLER_SECONDS`, then are stopped."""
+    failed_at = None
+    while any(worker.poll() is None for worker in workers):
+        if failed_at is None and any(worker.returncode not in (None, 0) for worker in workers):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > STRAGGLER_SECONDS:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.terminate()
+        time.sleep(0.1)
+    return [worker.returncode for worker in workers]

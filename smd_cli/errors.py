@@ -47,7 +47,7 @@ class SceneError(SmdError):
     def gather(errors: Sequence[SceneError]) -> SceneError:
         """One error that carries all of `errors`, in the order of their lines in the file."""
         ordered = sorted(errors, key=lambda e: (e.line is None, e.line or 0))
-        ordered[0].others = [e for e in ordered[1:]]
+        ordered[0].others = ordered[1:]
         return ordered[0]
 
     def messages(self) -> list[str]:

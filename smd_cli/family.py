@@ -19,9 +19,10 @@ the stream (SPEC 6). A family is one small adapter that answers five questions:
 5. Pictures. `encode_image(pixels) -> latent` (the distribution's mode, scaled, SPEC 2.3) and
    `decode(latent) -> pixels`, both in [-1, 1].
 
-`StableDiffusion` is SD 1.x and 2.x. SDXL adds a second text encoder (a pooled row beside the
-token states in `Conditioning`) and per-row micro-conditioning; flow-matching transformers
-(SD3, FLUX) set alpha_k = 1 - s_k, sigma_k = s_k and turn the predicted velocity into noise.
+`StableDiffusion` (SD 1.x and 2.x) is the one family so far. The others are meant to answer the
+same five: an SDXL adapter would add a second text encoder (a pooled row beside the token states
+in `Conditioning`) and per-row micro-conditioning; a flow-matching transformer (SD3, FLUX) would
+set alpha_k = 1 - s_k, sigma_k = s_k and turn its predicted velocity into noise.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from smd_cli.models import vae_factor
+from smd_cli.models import guidance_distilled, vae_factor
 from smd_cli.sampler import Schedule, make_schedule
 
 
@@ -44,7 +45,7 @@ class PromptTruncatedWarning(UserWarning):
 def runs_unconditional(guidance_scale: float, unet_config: Mapping) -> bool:
     """Whether classifier-free guidance runs an unconditional pass: only above 1, and never for a
     guidance-distilled denoiser, which takes the scale as an embedding (SPEC 3.3)."""
-    return guidance_scale > 1.0 and unet_config.get("time_cond_proj_dim") is None
+    return guidance_scale > 1.0 and not guidance_distilled(unet_config)
 
 
 @dataclass
@@ -103,7 +104,7 @@ class StableDiffusion:
 
     @property
     def guidance_distilled(self) -> bool:
-        return self.unet.config.get("time_cond_proj_dim") is not None
+        return guidance_distilled(self.unet.config)
 
     # Prompts.
 

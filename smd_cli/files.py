@@ -15,12 +15,13 @@ import stat
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from smd_cli import defaults
 from smd_cli.errors import SmdError
 
 KIB, MIB = 1024, 1024**2
 MAX_SCENE_BYTES = 4 * MIB  # a scene is a few kilobytes; far beyond this is not a scene
 MAX_IMAGE_BYTES = 512 * MIB  # masks and pictures
-MAX_IMAGE_PIXELS = 2**28  # 16384 x 16384: the largest canvas, at full resolution
+MAX_IMAGE_PIXELS = defaults.MAX_SIZE**2  # the largest canvas, at full resolution
 HASH_BLOCK = MIB
 
 
@@ -68,7 +69,10 @@ def open_regular(path: str | Path) -> BinaryIO:
     The file is opened without blocking, so that a FIFO cannot hang the open, and checked on the
     open descriptor, so that a file swapped for a device after a check is still caught.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except ValueError:  # a NUL in the name: no file has it
+        raise UnreadableFile("a name with a NUL character in it, which no file can have") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):

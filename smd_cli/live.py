@@ -72,12 +72,15 @@ class SceneWatcher:
             self.stamps = self._stamps(None)
             raise
         self.stamps = self._stamps(sf)
-        scene_masks(sf)
-        return sf
+        return sf  # its masks are read, and checked, by `apply_scene`, before the stream changes
 
 
 # ---------------------------------------------------------------------------------------------
 # Frame sinks
+
+
+# A GIF is written when the stream ends, so its frames wait in memory: at most this many bytes of them.
+MAX_GIF_BYTES = 512 * 2**20
 
 
 class FrameSink:
@@ -126,7 +129,12 @@ class FrameSink:
                                  names=(self._frame(n) for n in itertools.count(self.next)))
             self.next = int(written.stem[6:]) + 1
         elif self.kind == "gif":
-            self.frames.append(frame)
+            if len(self.frames) * frame.width * frame.height * 3 < MAX_GIF_BYTES:
+                self.frames.append(frame)
+            elif len(self.frames) == self.count - 1:  # said once, at the first frame left out
+                warnings.warn(f"--out {self.target}: a GIF is kept in memory until the stream ends; it keeps the "
+                              f"first {len(self.frames)} frames. For longer streams give a folder or an .mp4 file",
+                              stacklevel=2)
         else:
             if self.writer is None:  # opened with the first frame: a run that makes none leaves no file
                 import imageio.v2 as imageio
@@ -168,8 +176,9 @@ li{margin:.2em 0}</style></head><body><img id="frame" src="/frame.jpg" alt="newe
 async function tick(){const img=new Image();img.onload=()=>{document.getElementById('frame').src=img.src;};
 img.src='/frame.jpg?'+Date.now();try{const s=await (await fetch('/state.json')).json();
 document.getElementById('status').textContent=s.frames+' frames, '+s.fps.toFixed(1)+' frames/s';
-const list=document.getElementById('prompts');list.innerHTML='';for(const p of s.prompts){const li=document.createElement('li');
-li.textContent=p;list.appendChild(li);}}catch(e){}setTimeout(tick,250);}tick();</script></body></html>"""
+const list=document.getElementById('prompts');list.innerHTML='';
+for(const p of s.prompts){const li=document.createElement('li');li.textContent=p;list.appendChild(li);}}
+catch(e){}setTimeout(tick,250);}tick();</script></body></html>"""
 
 
 @dataclass
@@ -343,7 +352,8 @@ def run_stream(stream: StreamMultiDiffusion, sink: FrameSink, *, frames: int | N
     """
     run = run if run is not None else StreamRun()
     try:
-        while (frames is None or run.frames < frames) and (seconds is None or time.perf_counter() - run.started < seconds):
+        while ((frames is None or run.frames < frames)
+               and (seconds is None or time.perf_counter() - run.started < seconds)):
             if watcher is not None and watcher.changed():
                 try:
                     scene = watcher.reload()
@@ -392,25 +402,27 @@ class Session:
         return run_stream(self.stream, self.sink, watcher=self.watcher, state=self.state, **loop)
 
     def close(self) -> None:
+        """Stop the preview server and the stream's decoding thread (the sink is closed by `run`)."""
         if self.server is not None:
             self.server.stop()
+        self.stream.close()
 
 
-def open_session(scene: Path, options: batch.Options, *, output: Path | None = None, fps: float = 8.0,
+def open_session(scene: Path, options: batch.Options, *, output: Path | None = None, fps: float = defaults.STREAM_FPS,
                  watch: bool = False, preview: str | None = None, cfg_type: str = defaults.STREAM_CFG_TYPE,
                  overlap_decode: bool = False, on_event=None) -> Session:
     """Check all that can fail before a model loads (the scene and its masks, the output, the preview
     address), then load the model (`options`, with `options.overrides` applied to the scene) and start
     streaming the scene. `options.compile` compiles for the stream's one fixed shape."""
-    from smd_cli.batch import ModelCache, model_of
+    from smd_cli.batch import ModelCache, sources_of
     from smd_cli.models import check_source, resolve_device, resolve_dtype, set_threads, vae_downscale_factor
 
     if cfg_type not in defaults.STREAM_CFG_TYPES:
         raise SmdError(f"--cfg must be one of {', '.join(defaults.STREAM_CFG_TYPES)}, got {cfg_type!r}")
     sf = load_scene(scene, options.overrides)
-    model = model_of(sf, options)
-    check_source(model)
-    scene_masks(sf, *checked_canvas(sf, vae_downscale_factor(model)))
+    sources = sources_of(sf, options)
+    check_source(sources.model)
+    scene_masks(sf, *checked_canvas(sf, vae_downscale_factor(sources.model)))
     sink = FrameSink(output, fps, options.overwrite)
     if output is None and not preview:
         warnings.warn("without --out or --preview the frames are shown nowhere and kept nowhere", stacklevel=2)
@@ -422,7 +434,7 @@ def open_session(scene: Path, options: batch.Options, *, output: Path | None = N
         device = resolve_device(options.device)
         cache = ModelCache(dataclasses.replace(options, compile=False), device, resolve_dtype(options.dtype, device),
                            on_event)
-        stream = scene_stream(sf, cache.get(sf), cfg_type=cfg_type, overlap_decode=overlap_decode,
+        stream = scene_stream(sf, cache.get(sources), cfg_type=cfg_type, overlap_decode=overlap_decode,
                               compile=options.compile)
     except BaseException:
         if server is not None:

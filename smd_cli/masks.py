@@ -21,7 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from smd_cli import defaults
 from smd_cli.errors import SceneError, SmdError
 from smd_cli.files import MAX_IMAGE_BYTES, UnreadableFile, decode_image, image_size, read_bytes
-from smd_cli.scene import EllipseMask, PaletteMask, RectMask, SceneFile, is_fraction_box, mask_file, scene_files
+from smd_cli.scene import (EllipseMask, PaletteMask, RectMask, SceneFile, default_layer_name, is_fraction_box,
+                           mask_file, scene_files)
 
 ASPECT_TOLERANCE = 0.01
 PALETTE_TOLERANCE = 32  # how far (RGB distance) a pixel may be from a palette colour that is there
@@ -263,7 +264,7 @@ class _Images:
         path = self.sf.resolve(relative)
         if path not in self.cache:
             with self._reading(path, key, what):
-                self.cache[path] = decode_image(self._read(path, key, what, sha256))
+                self.cache[path] = decode_image(self._read(path, key, sha256))
         return self.cache[path]
 
     def size(self, relative: str, key: tuple, what: str = "mask") -> tuple[int, int]:
@@ -289,7 +290,7 @@ class _Images:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise self.sf.error(key, f"cannot read {what} image {path}: {reason}") from None
 
-    def _read(self, path: Path, key: tuple, what: str, expected: str | None) -> bytes:
+    def _read(self, path: Path, key: tuple, expected: str | None) -> bytes:
         """The file's bytes, hashed as read (so a record names exactly what was used); warns when a
         hash the scene recorded (as in the scenes smd writes into its images) no longer matches."""
         data = read_bytes(path, MAX_IMAGE_BYTES)
@@ -323,14 +324,21 @@ def canvas_size(sf: SceneFile, images: _Images | None = None, multiple: int = 1)
     return s.width or defaults.SIZE, s.height or defaults.SIZE
 
 
+def check_divisible(width: int, height: int, factor: int) -> None:
+    """A canvas must be divisible by the model's VAE downscale factor; `SmdError` when it is not."""
+    if width % factor or height % factor:
+        raise SmdError(f"canvas {width}x{height} is not divisible by the model's downscale factor {factor}; "
+                       f"use multiples of {factor}")
+
+
 def checked_canvas(sf: SceneFile, factor: int | None) -> tuple[int, int]:
     """The canvas size, which must be divisible by the model's VAE downscale factor. With the factor
     unknown (a hub model not downloaded yet) that is checked once the model has loaded."""
     width, height = canvas_size(sf, multiple=factor or 1)
-    for key, size in (("width", width), ("height", height)):
-        if factor and size % factor:
-            raise sf.error((key,), f"canvas {width}x{height} is not divisible by the model's downscale "
-                                   f"factor {factor}; use multiples of {factor}")
+    try:
+        check_divisible(width, height, factor or 1)
+    except SmdError as exc:
+        raise sf.error(("width",) if width % factor else ("height",), str(exc)) from None
     return width, height
 
 
@@ -374,7 +382,7 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
     if not any(box.values.any() for box in boxes):  # stops at the first layer that paints anything
         raise sf.error(("layers",), "every layer's mask is empty: nothing would be painted; "
                                     "check the mask images, colours and rectangles")
-    return SceneMasks(boxes, width, height, [layer.name or f"layer{i + 1}" for i, layer in enumerate(layers)],
+    return SceneMasks(boxes, width, height, [layer.name or default_layer_name(i) for i, layer in enumerate(layers)],
                       files=images.hashes, picture=picture)
 
 

@@ -132,10 +132,8 @@ def available_memory(device: torch.device) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     if device.type == "cpu":
-        try:
-            import psutil
-        except ImportError:
-            return None
+        import psutil
+
         return int(psutil.virtual_memory().available)
     return None
 

@@ -31,6 +31,7 @@ from smd_cli import __version__
 from smd_cli.defaults import prefixed
 from smd_cli.errors import SmdError, printable
 from smd_cli.files import MAX_IMAGE_BYTES, UnreadableFile, exists, is_file, open_image, read_bytes, sha256
+from smd_cli.outputs import JPEG_SUFFIXES
 from smd_cli.scene import SceneFile, parse_mapping, scene_files, validate_scene
 
 
@@ -176,7 +177,7 @@ def png_info(record: Record):
 
 
 XMP_NAMESPACE = "https://github.com/smd-cli/smd/ns/record/1.0/"
-MAX_JPEG_XMP = 65_000  # a JPEG APP1 segment holds 64 KiB, the XMP header included
+MAX_JPEG_SEGMENT = 65_000  # a JPEG APP1 segment (XMP or EXIF) holds 64 KiB, its header included
 
 
 def xmp_packet(record: Record) -> bytes:
@@ -205,8 +206,12 @@ def save_options(record: Record, path: Path) -> tuple[dict[str, Any], Path | Non
     if suffix == ".png":
         return {"pnginfo": png_info(record)}, None
     xmp = xmp_packet(record)
-    options = {"exif": exif_comment(parameters_text(record))}
-    if suffix in (".jpg", ".jpeg") and len(xmp) > MAX_JPEG_XMP:
+    exif = exif_comment(parameters_text(record))
+    if suffix not in JPEG_SUFFIXES:
+        return {"exif": exif, "xmp": xmp}, None
+    # Too long a prompt for the EXIF segment: the parameters are in the record, so leave them out.
+    options = {"exif": exif} if len(exif.tobytes()) <= MAX_JPEG_SEGMENT else {}
+    if len(xmp) > MAX_JPEG_SEGMENT:
         return options, path.with_suffix(".smd.yaml")
     return {**options, "xmp": xmp}, None
 

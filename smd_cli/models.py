@@ -92,6 +92,11 @@ def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def dtype_name(dtype: Any) -> str:
+    """`float16` for torch.float16: how a dtype is said and recorded."""
+    return str(dtype).removeprefix("torch.")
+
+
 def set_threads(count: int) -> None:
     """Let torch use `count` CPU threads: on a busy machine, fewer threads than cores avoid threads
     fighting over the same cores, which can slow generation many times."""
@@ -195,19 +200,17 @@ def _quiet_hub():
     dlogging.set_verbosity_error()
     for name in ("transformers", "huggingface_hub", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as tlogging
+    from transformers.utils import logging as tlogging
 
-        tlogging.set_verbosity_error()
-        tlogging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    tlogging.set_verbosity_error()
+    tlogging.disable_progress_bar()
 
 
 def check_source(model: str | None) -> None:
-    """Fail early, before slow imports, for a local model path that does not exist."""
-    if model and _looks_like_path(model) and not exists(Path(model).expanduser()):
-        raise ModelError(f"model folder or file not found: {Path(model).expanduser()}")
+    """Fail early, before slow imports, for a local model path that does not exist (a hub id is
+    checked with the scenes, by `check_available`)."""
+    if model and _looks_like_path(model):
+        check_available(model)
 
 
 # The file that shows a hub repository of each kind is in the cache, and how a missing local one is said.
@@ -318,25 +321,38 @@ def load_pipeline(model: str, *, dtype: torch.dtype, config: str | None = None):
         return StableDiffusionPipeline.from_pretrained(model, local_files_only=_offline(), **common)
 
 
-def load_vae(vae: str, *, dtype: torch.dtype):
-    """An autoencoder to replace the model's: `tiny` (TAESD), or a hub id or local folder of one."""
-    from diffusers import AutoencoderKL, AutoencoderTiny
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 
-    name = defaults.TINY_VAE if vae == "tiny" else vae
+
+def vae_source(vae: str) -> str:
+    """The hub id or folder a `--vae` value names: `tiny` is TAESD."""
+    return defaults.TINY_VAE if vae == "tiny" else vae
+
+
+def load_vae(vae: str, *, dtype: torch.dtype):
+    """An autoencoder to replace the model's: `tiny` (TAESD), or a hub id or local folder of one,
+    loaded as the class its config.json names."""
+    import diffusers
+
+    name = vae_source(vae)
     path = Path(name).expanduser()
-    cls = AutoencoderTiny
-    if is_dir(path):
-        config = path / "config.json"
-        if not is_file(config):
-            raise ModelError(f"VAE folder {path} has no config.json")
-        if json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
-            cls = AutoencoderKL
-        with _loading(str(path), "VAE"):
-            return cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
-    if _looks_like_path(name):
+    local = is_dir(path)
+    if not local and _looks_like_path(name):
         raise ModelError(f"VAE folder not found: {path}")
-    with _loading(name, "VAE", "; or leave out --vae for the model's own"):
-        return cls.from_pretrained(name, torch_dtype=dtype, local_files_only=_offline())
+    with _loading(str(path) if local else name, "VAE", "" if local else "; or leave out --vae for the model's own"):
+        config = config_json(str(path) if local else name, "config.json")
+        if config is None and local:
+            raise ModelError(f"VAE folder {path} has no config.json")
+        if config is None:  # not in the hub cache yet
+            from huggingface_hub import hf_hub_download
+
+            config = json.loads(Path(hf_hub_download(name, "config.json", local_files_only=_offline())).read_text())
+        kind = config.get("_class_name")
+        if kind not in VAE_CLASSES:
+            raise ModelError(f"VAE {name}: its config.json names {kind!r}, not an autoencoder smd can use "
+                             f"({', '.join(VAE_CLASSES)})")
+        return getattr(diffusers, kind).from_pretrained(str(path) if local else name, torch_dtype=dtype,
+                                                        local_files_only=local or _offline())
 
 
 def lcm_lora_fits(unet) -> bool:
@@ -344,20 +360,29 @@ def lcm_lora_fits(unet) -> bool:
     return fits_lcm_lora(unet.config)
 
 
+def guidance_distilled(unet_config) -> bool:
+    """Whether a UNet is guidance-distilled (LCM): it takes the guidance scale as an embedding."""
+    return unet_config.get("time_cond_proj_dim") is not None
+
+
 def fits_lcm_lora(unet_config) -> bool:
     """`lcm_lora_fits` from a UNet's config alone."""
-    return (unet_config.get("time_cond_proj_dim") is None
-            and unet_config.get("cross_attention_dim") == SD1_CROSS_ATTENTION_DIM)
+    return not guidance_distilled(unet_config) and unet_config.get("cross_attention_dim") == SD1_CROSS_ATTENTION_DIM
+
+
+def chosen_lcm_lora(lcm_lora: str | None, unet_config) -> str | None:
+    """The LCM LoRA a `--lcm-lora` value asks for on a UNet with this config: `auto` the SD1.5 one
+    where it fits (`fits_lcm_lora`), `none` (or None) none, anything else itself."""
+    if lcm_lora == "auto":
+        return defaults.LCM_LORA if fits_lcm_lora(unet_config) else None
+    return None if lcm_lora in (None, "none") else lcm_lora
 
 
 def apply_lcm_lora(pipe, lcm_lora: str | None) -> str | None:
-    """Fuse an LCM LoRA into the UNet. `auto` applies the SD1.5 one where it fits; `none` nothing."""
-    if lcm_lora is None or lcm_lora == "none":
+    """Fuse an LCM LoRA (`chosen_lcm_lora`) into the UNet; returns the one fused, if any."""
+    lcm_lora = chosen_lcm_lora(lcm_lora, pipe.unet.config)
+    if lcm_lora is None:
         return None
-    if lcm_lora == "auto":
-        if not lcm_lora_fits(pipe.unet):
-            return None
-        lcm_lora = defaults.LCM_LORA
     path = Path(lcm_lora).expanduser()
     hint = " (use --lcm-lora none for a model that needs none)"
     with _loading(lcm_lora, "LCM LoRA", hint):
@@ -393,4 +418,4 @@ def load_components(model: str | None = None, *, device: torch.device, dtype: to
     pipe.to(device)
     return Components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                       scheduler_config=dict(pipe.scheduler.config), source=model, lcm_lora=applied,
-                      vae_source=(defaults.TINY_VAE if vae == "tiny" else vae) if vae else None, config=config)
+                      vae_source=vae_source(vae) if vae else None, config=config)

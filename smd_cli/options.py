@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 import typer
 
+from smd_cli import defaults
 from smd_cli.errors import SmdError
 
 if TYPE_CHECKING:
@@ -28,15 +29,20 @@ OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
     "output": (Optional[str], O(None, "--out", "-o", help="Output file, folder or template with {scene}, {seed}, "
                                                           "{steps}, {index}, {date}, {time} (default: the scene's "
                                                           "`output`, else {scene}-{seed}.png).")),
-    "seed": (Optional[int], O(None, "--seed", min=0, help="Random seed (default: the scene's, else random).")),
+    "seed": (Optional[int], O(None, "--seed", min=0, max=defaults.SEED_LIMIT - 1,
+                              help="Random seed (default: the scene's, else random).")),
     "seeds": (Optional[str], O(None, "--seeds", help="One image per seed: 1,2,3 or 10-20 or a mix.")),
     "repeat": (Optional[int], O(None, "--repeat", min=1, help="N images per scene with random seeds (printed).")),
-    "steps": (Optional[int], O(None, "--steps", min=1, max=1000, help="Number of steps (LCM default 5).")),
-    "guidance_scale": (Optional[float], O(None, "--guidance-scale", "-g", min=0.0, max=100.0,
+    "steps": (Optional[int], O(None, "--steps", min=1, max=defaults.MAX_STEPS,
+                               help=f"Number of steps (LCM default {defaults.STEPS['lcm']}).")),
+    "guidance_scale": (Optional[float], O(None, "--guidance-scale", "-g", min=0.0, max=defaults.MAX_GUIDANCE_SCALE,
                                           help="Classifier-free guidance (scene key guidance_scale; 1: none).")),
-    "tile_size": (Optional[int], O(None, "--tile-size", min=8, help="Views of this many pixels for larger canvases "
-                                                                    "(scene key tile_size; default 768).")),
-    "scheduler": (Optional[str], O(None, "--scheduler", help="lcm (default), ddim or euler.")),
+    "tile_size": (Optional[int], O(None, "--tile-size", min=defaults.MIN_SIZE, max=defaults.MAX_SIZE,
+                                   help="Views of this many pixels for larger canvases (scene key tile_size; "
+                                        f"default {defaults.TILE_SIZE}).")),
+    "scheduler": (Optional[str], O(None, "--scheduler",
+                                   help=f"{', '.join(defaults.SCHEDULERS[:-1])} or {defaults.SCHEDULERS[-1]} "
+                                        f"(default {defaults.SCHEDULER}).")),
     "device": (Optional[str], O(None, "--device", help="auto, cpu, cuda, cuda:N or mps (default: SMD_DEVICE, "
                                                        "the config file's, else auto).")),
     "dtype": (Optional[str], O(None, "--dtype", help="auto, float32, float16 or bfloat16 (default: SMD_DTYPE, the "
@@ -99,6 +105,12 @@ def library_options(opts: SimpleNamespace, **fields) -> batch.Options:
     return Options(**{**given, **fields})
 
 
+def check_reporting(opts: SimpleNamespace) -> None:
+    """The reporting options (REPORTING) agree with each other."""
+    if opts.quiet and opts.verbose:
+        raise SmdError("give --quiet or --verbose, not both")
+
+
 def batch_options(opts: SimpleNamespace, **scene_keys) -> batch.Options:
     """The batch's options of a generating command, checking those that conflict before any scene is
     read. `scene_keys` are the command's own scene keys (width, circular, ...)."""
@@ -110,8 +122,7 @@ def batch_options(opts: SimpleNamespace, **scene_keys) -> batch.Options:
         raise SmdError("give --seed, --seeds or --repeat, not several of them")
     if opts.seeds and opts.repeat:
         raise SmdError("give --seeds or --repeat, not both")
-    if opts.quiet and opts.verbose:
-        raise SmdError("give --quiet or --verbose, not both")
+    check_reporting(opts)
     if opts.output is not None:
         check_template(opts.output)
     values = dict(seed=opts.seed, region_crop=opts.region_crop or None, steps=opts.steps, scheduler=opts.scheduler,

@@ -21,7 +21,8 @@ MAX_NUMBERED = 100_000  # name-1.png ... name-99999.png
 MAX_NAME_CHARS = 100  # of a scene's name in a file name
 NAME_MAX = 255  # bytes in one part of a path, on every common file system
 DEFAULT_TEMPLATE = "{scene}-{seed}.png"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+IMAGE_SUFFIXES = {".png", *JPEG_SUFFIXES, ".webp"}
 _EXAMPLE = {"scene": "scene", "seed": 0, "steps": 0, "index": 0, "date": "2000-01-01", "time": "000000"}
 
 
@@ -33,7 +34,7 @@ def template_fields(template: str) -> list[str]:
         raise OutputError(f"bad output template {template!r}: {exc}") from None
 
 
-def check_template(template: str, extension: bool = True) -> None:
+def check_template(template: str) -> None:
     """Raise `OutputError` for an unknown `{field}`, a malformed template or a missing image extension."""
     for name in template_fields(template):
         if name not in TEMPLATE_FIELDS:
@@ -43,7 +44,7 @@ def check_template(template: str, extension: bool = True) -> None:
         filled = template.format(**_EXAMPLE)
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         raise OutputError(f"bad output template {template!r}: {exc}") from None
-    if extension and not is_folder(template):
+    if not is_folder(template):
         if Path(filled).suffix.lower() not in IMAGE_SUFFIXES:
             raise OutputError(f"output {template!r} needs an image extension: one of "
                               f"{', '.join(sorted(IMAGE_SUFFIXES))}, or a folder ending in /")
@@ -51,7 +52,12 @@ def check_template(template: str, extension: bool = True) -> None:
 
 def is_folder(template: str) -> bool:
     """A template names a folder when it ends with a slash or is an existing folder."""
-    return template.endswith(("/", os.sep)) or is_dir(Path(template).expanduser())
+    return names_folder(template) or is_dir(Path(template).expanduser())
+
+
+def names_folder(template: str) -> bool:
+    """A template ending with a slash names a folder, which is made when missing."""
+    return template.endswith(("/", os.sep))
 
 
 def output_path(template: str, *, scene: str, seed: int, steps: int, index: int = 0,
@@ -122,7 +128,7 @@ def save_image(image: Image.Image, path: Path, *, overwrite: bool = False, names
     """Write an image atomically (see `write_atomic`), in the format its suffix names; `options` go
     to Pillow's save (`pnginfo`, `exif`, `xmp`)."""
     path = Path(path)
-    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else path.suffix.lstrip(".").upper()
+    fmt = "JPEG" if path.suffix.lower() in JPEG_SUFFIXES else path.suffix.lstrip(".").upper()
     return write_atomic(path, lambda fh: image.save(fh, format=fmt, **options), overwrite, names)
 
 

@@ -147,14 +147,15 @@ class StableMultiDiffusionPipeline:
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """The conditioning of each prompt; each distinct prompt is encoded once and remembered, so
         repeated prompts (and unchanged prompts in a stream) cost nothing (SPEC 2.1, 6)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            encoded = self.family.encode(missing)
-            for i, text in enumerate(missing):
-                if len(self._text_cache) >= TEXT_CACHE_SIZE:
-                    self._text_cache.pop(next(iter(self._text_cache)))
-                self._text_cache[text] = encoded[i : i + 1]
-        return Conditioning.cat([self._text_cache[p] for p in prompts])
+        wanted = dict.fromkeys(prompts)
+        missing = {p: i for i, p in enumerate(p for p in wanted if p not in self._text_cache)}
+        encoded = self.family.encode(list(missing)) if missing else None
+        rows = {p: encoded[missing[p] : missing[p] + 1] if p in missing else self._text_cache.pop(p) for p in wanted}
+        for text, row in rows.items():  # used now: remembered as the newest, the oldest go first
+            self._text_cache[text] = row
+        while len(self._text_cache) > max(TEXT_CACHE_SIZE, len(rows)):
+            self._text_cache.pop(next(iter(self._text_cache)))
+        return Conditioning.cat([rows[p] for p in prompts])
 
     def predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
                 guidance_scale: float = 1.0) -> torch.Tensor:
@@ -227,18 +228,18 @@ class StableMultiDiffusionPipeline:
                               dtype_bytes=torch.finfo(self.dtype).bits // 8, cfg=cfg)
 
     def _predictor(self, cond: Conditioning, uncond: Conditioning | None, guidance_scale: float,
-                   pad: bool = False):
+                   pad: int | None = None):
         """`predict(x, t, layers)` for the sampler: the noise with classifier-free guidance (SPEC 3.3).
 
-        With `pad`, a batch is padded with copies of its last pair up to the next power of two (and
-        the padding dropped from the result): a compiled UNet then sees a few fixed batch shapes
-        (1, 2, 4, ... up to --max-batch) instead of one per remainder, and halving on out-of-memory
-        still shrinks the batch.
+        With `pad` (the largest batch), a batch is padded with copies of its last pair up to the
+        next power of two, or `pad` (and the padding dropped from the result): a compiled UNet then
+        sees a few fixed batch shapes (1, 2, 4, ... up to --max-batch) instead of one per
+        remainder, and halving on out-of-memory still shrinks the batch.
         """
 
         def predict(x: torch.Tensor, t: float, layers: Sequence[int]) -> torch.Tensor:
             count, layers = len(x), list(layers)
-            size = 1 << (count - 1).bit_length()
+            size = min(1 << (count - 1).bit_length(), max(pad or 0, count))
             if pad and size > count:
                 x = torch.cat([x, x[-1:].expand(size - count, *x.shape[1:])])
                 layers += [layers[-1]] * (size - count)
@@ -293,13 +294,14 @@ class StableMultiDiffusionPipeline:
         white = self.white_latent(height, width) if request.bootstrap_steps > 0 else None
 
         # 5. Denoise: the shared step loop, over views for canvases larger than a tile (SPEC 5).
-        window, stride = view_sizes(height, width, request.tile_size, request.tile_stride, f)
+        window, stride = view_sizes(request.tile_size, request.tile_stride, f)
         views = layout(shape[2], shape[3], (window, window), (stride, stride), weighting=request.tile_weighting,
                        circular=request.circular, device=self.device)
         max_batch = max_batch or self.auto_max_batch((min(window, shape[2]), min(window, shape[3])),
                                                      uncond is not None)
         x0 = sample(
-            self._predictor(cond, uncond, request.guidance_scale, pad=self.compiled), latents, schedule,
+            self._predictor(cond, uncond, request.guidance_scale, pad=max_batch if self.compiled else None),
+            latents, schedule,
             layers.step_masks, views=views, bootstrap_steps=request.bootstrap_steps,
             bootstrap_mix_steps=request.bootstrap_mix_steps, leak_sensitivity=request.leak_sensitivity,
             centre=request.bootstrap_centre, white=white,

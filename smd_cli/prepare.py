@@ -68,9 +68,7 @@ class Request:
 
     def check(self, factor: int) -> None:
         """Raise `SmdError` for settings no scene could have (the Python API takes anything)."""
-        if self.height % factor or self.width % factor:
-            raise SmdError(f"canvas {self.width}x{self.height} is not divisible by the model's downscale "
-                           f"factor {factor}")
+        mask_ops.check_divisible(self.width, self.height, factor)
         for name, value, choices in (("mask_type", self.mask_type, defaults.MASK_TYPES),
                                      ("tile_weighting", self.tile_weighting, defaults.TILE_WEIGHTINGS)):
             if value not in choices:

@@ -8,8 +8,8 @@ This is the one path from scenes to the engine. `generate` makes one image of a 
 
 from __future__ import annotations
 
-import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from smd_cli import defaults
+from smd_cli.defaults import prefixed
 from smd_cli.masks import SceneMasks, checked_canvas, fit_picture, scene_masks
 from smd_cli.metadata import Record, make_record
-from smd_cli.defaults import prefixed
+from smd_cli.models import dtype_name
 from smd_cli.prepare import Layers, Request
-from smd_cli.scene import SceneFile, step_count
+from smd_cli.scene import SceneFile, random_seed, step_count
 
 if TYPE_CHECKING:
     from smd_cli.pipeline import StableMultiDiffusionPipeline
@@ -67,7 +68,8 @@ def scene_request(sf: SceneFile, masks: SceneMasks) -> Request:
                    scheduler=s.scheduler, guidance_scale=s.guidance_scale, mask_type=s.mask_type,
                    cover_alpha=s.cover_alpha, bootstrap_steps=s.bootstrap.steps,
                    bootstrap_mix_steps=s.bootstrap.mix_steps, leak_sensitivity=s.bootstrap.leak_sensitivity,
-                   bootstrap_centre=s.bootstrap.centre, tile_size=s.tile_size, tile_stride=s.tile_stride, tile_weighting=s.tile_weighting,
+                   bootstrap_centre=s.bootstrap.centre, tile_size=s.tile_size, tile_stride=s.tile_stride,
+                   tile_weighting=s.tile_weighting,
                    circular=s.circular, region_crop=s.region_crop)
 
 
@@ -97,7 +99,7 @@ def generate(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, masks: SceneM
     width, height = checked_canvas(sf, pipe.vae_scale_factor)
     if masks is None or (masks.width, masks.height) != (width, height):
         masks = scene_masks(sf, width, height)
-    seed = sf.scene.seed if sf.scene.seed is not None else random.randrange(2**32)
+    seed = sf.scene.seed if sf.scene.seed is not None else random_seed()
     request = scene_request(sf, masks)
     prepared = time.perf_counter()
     image = pipe.run(request, generator=torch.Generator("cpu").manual_seed(seed), max_batch=max_batch,
@@ -106,24 +108,33 @@ def generate(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, masks: SceneM
     c = pipe.components
     record = make_record(sf, seed=seed, width=width, height=height, model=c.source, lcm_lora=c.lcm_lora,
                          vae=c.vae_source, config=c.config, device=str(pipe.device), steps=step_count(sf.scene),
-                         dtype=str(pipe.dtype).removeprefix("torch."), timings=timings, files=masks.files)
+                         dtype=dtype_name(pipe.dtype), timings=timings, files=masks.files)
     return Result(image=image, seed=seed, timings=timings, record=record)
 
 
 def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type: str = defaults.STREAM_CFG_TYPE,
                  overlap_decode: bool = False, compile: bool = False) -> StreamMultiDiffusion:
-    """A stream set up from a scene: its canvas, settings, background and layers, flushed."""
+    """A stream set up from a scene: its canvas, settings, background and layers, flushed. The
+    scene keys a stream has no use for (STREAM_IGNORED) are each named in a warning."""
     from smd_cli.stream import StreamMultiDiffusion
 
     s = sf.scene
     width, height = checked_canvas(sf, pipe.vae_scale_factor)
+    ignored = [f"{key}: {getattr(s, key)}" for key, unused in STREAM_IGNORED.items() if unused(getattr(s, key))]
+    lcm = s.scheduler == "lcm"  # another scheduler's steps are not LCM steps: the stream takes its default
+    if not lcm and s.steps is not None:
+        ignored.insert(1, f"steps: {s.steps}")
+    if ignored:
+        warnings.warn(f"{sf.name}: a stream samples with LCM over its own views; it ignores {', '.join(ignored)}",
+                      stacklevel=2)
     # Streams default to continuous masks (SPEC 7) unless the scene chose.
     mask_type = s.mask_type if "mask_type" in s.model_fields_set else defaults.STREAM_MASK_TYPE
     stream = StreamMultiDiffusion(
         pipeline=pipe, height=height, width=width, cfg_type=cfg_type, guidance_scale=s.guidance_scale,
         autoflush=False, mask_type=mask_type, bootstrap_steps=s.bootstrap.steps,
         bootstrap_mix_steps=s.bootstrap.mix_steps, bootstrap_leak_sensitivity=s.bootstrap.leak_sensitivity,
-        bootstrap_centre=s.bootstrap.centre, cover_alpha=s.cover_alpha, seed=s.seed if s.seed is not None else defaults.STREAM_SEED,
+        bootstrap_centre=s.bootstrap.centre, cover_alpha=s.cover_alpha,
+        seed=s.seed if s.seed is not None else defaults.STREAM_SEED, num_inference_steps=s.steps if lcm else None,
         timesteps=s.timesteps, tile_size=s.tile_size, overlap_decode=overlap_decode, compile=compile)
     apply_scene(stream, sf)
     stream.flush()
@@ -131,10 +142,13 @@ def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type:
     return stream
 
 
-# Scene keys a stream takes when it starts; edits to them need a restart (`restart_needed`).
-STREAM_FIXED = ("model", "lcm_lora", "vae", "width", "height", "seed", "steps", "timesteps", "scheduler",
-                "guidance_scale", "mask_type", "cover_alpha", "tile_size", "tile_stride", "tile_weighting", "circular",
-                "region_crop", "bootstrap")
+# Scene keys a stream has no use for, each with the test of a value that asks for what it cannot do.
+STREAM_IGNORED = {"scheduler": lambda v: v != "lcm", "tile_stride": lambda v: v is not None,
+                  "tile_weighting": lambda v: v != defaults.TILE_WEIGHTING, "circular": bool, "region_crop": bool}
+# Scene keys a stream takes when it starts (and those it ignores): edits to them need a restart,
+# which `restart_needed` names. Prompts, masks and the background change while it runs.
+STREAM_FIXED = ("model", "lcm_lora", "vae", "width", "height", "seed", "steps", "timesteps", "guidance_scale",
+                "mask_type", "cover_alpha", "tile_size", *STREAM_IGNORED, "bootstrap")
 
 
 def restart_needed(running: SceneFile, edited: SceneFile) -> list[str]:

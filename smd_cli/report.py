@@ -139,11 +139,13 @@ class Reporter:
 
     def result(self, outcome: batch.Outcome) -> None:
         """An image made (its path) or, with --json, any outcome as one JSON line."""
+        from smd_cli import batch
+
         if not self.results:
             return
         if self.json:
             out.print(json.dumps(outcome.as_json()), soft_wrap=True)
-        elif outcome.path and outcome.status == "done":
+        elif outcome.path and outcome.status == batch.DONE:
             put(outcome.path)
 
 
@@ -164,10 +166,10 @@ def summary(outcomes: list[batch.Outcome], quiet: bool, interrupted: bool, which
     err.print(tally(outcomes))
 
 
-def record(image, record: Record, reporter: Reporter) -> None:
+def record(image, record: Record, reads: list[str], reporter: Reporter) -> None:
     """What a record says it will make, and every file it will read, before anything is read."""
     reporter.info(f"{image}: {record.name}, seed {record.seed}, model {record.model}")
-    for path in record.files:
+    for path in reads:
         reporter.info(f"  reads {path}")
 
 
@@ -184,17 +186,20 @@ def reproduced(outcomes: list[batch.Outcome], same: Comparison | None, as_json: 
 
 def plan(plan: batch.Plan, options: batch.Options, as_json: bool) -> None:
     """What a run would make, without loading a model: a table, or JSON lines."""
+    from smd_cli.models import dtype_name
+
     rows = plan.rows(options)
     if as_json:
         for row in rows:
             out.print(json.dumps(row), soft_wrap=True)
         return
-    table = Table(title=f"{len(rows)} image(s) on {plan.device} ({str(plan.dtype).removeprefix('torch.')}); "
+    table = Table(title=f"{len(rows)} image(s) on {plan.device} ({dtype_name(plan.dtype)}); "
                         "nothing loaded", title_justify="left")
     for column in ("scene", "seed", "size", "layers", "steps", "model", "output"):
         table.add_column(column)
     for r in rows:
-        _row(table, r["scene"], r["seed"], f"{r['width']}x{r['height']}", r["layers"], r["steps"], r["model"], r["path"])
+        size = f"{r['width']}x{r['height']}"
+        _row(table, r["scene"], r["seed"], size, r["layers"], r["steps"], r["model"], r["path"])
     out.print(table)
 
 

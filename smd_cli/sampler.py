@@ -234,6 +234,7 @@ class StepBatch:
     b_noisy: Optional[torch.Tensor]  # the noised flat background while bootstrapping, else None
     windows: list[View]  # where each pair is evaluated: its view, or a crop of it around the mask
     shifts: list[tuple[int, int]]  # how each input was moved to centre its mask (SPEC 3.2); (0, 0) if not
+    device: torch.device  # x's, where the step's X0 is made even when no pair is active
 
     def uncentred(self, i: int, t: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
         """A tensor of pair i's centred frame moved back to its window (`fill` where nothing maps)."""
@@ -288,7 +289,7 @@ def step_inputs(x: torch.Tensor, noise: torch.Tensor, k: int, schedule: Schedule
         pair_masks.append(m)
         windows.append(view)
         shifts.append(moved)
-    return StepBatch(k, pairs, inputs, pair_masks, b_noisy, windows, shifts)
+    return StepBatch(k, pairs, inputs, pair_masks, b_noisy, windows, shifts, x.device)
 
 
 def step_output(batch: StepBatch, eps: Sequence[torch.Tensor] | torch.Tensor, schedule: Schedule,
@@ -301,9 +302,8 @@ def step_output(batch: StepBatch, eps: Sequence[torch.Tensor] | torch.Tensor, sc
     """
     k = batch.k
     a, s = schedule.alphas[k], schedule.sigmas[k]
-    device = batch.inputs[0].device if batch.inputs else None
-    value = torch.zeros(shape, dtype=torch.float32, device=device)
-    count = torch.zeros((shape[0], 1, *shape[2:]), dtype=torch.float32, device=device)
+    value = torch.zeros(shape, dtype=torch.float32, device=batch.device)
+    count = torch.zeros((shape[0], 1, *shape[2:]), dtype=torch.float32, device=batch.device)
     for i, window in enumerate(batch.windows):
         x_p = batch.inputs[i]
         x0_p = clean_estimate(x_p, eps[i].reshape(x_p.shape), a, s, schedule.c_skip[k], schedule.c_out[k])

@@ -149,7 +149,7 @@ MaskSpec = Annotated[
 class Bootstrap(_Model):
     """Bootstrapping (SPEC 3.2, 3.5): the first steps see each layer alone on a flat background."""
 
-    steps: Annotated[StrictInt, Field(ge=0, le=1000)] = defaults.BOOTSTRAP_STEPS
+    steps: Annotated[StrictInt, Field(ge=0, le=defaults.MAX_STEPS)] = defaults.BOOTSTRAP_STEPS
     mix_steps: NonNegative = defaults.BOOTSTRAP_MIX_STEPS
     leak_sensitivity: NonNegative | None = defaults.LEAK_SENSITIVITY
     centre: StrictBool = defaults.BOOTSTRAP_CENTRE
@@ -187,11 +187,12 @@ class Scene(_Model):
     vae: str | None = None
     width: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] | None = None
     height: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] | None = None
-    seed: Annotated[StrictInt, Field(ge=0, lt=2**63)] | None = None
-    steps: Annotated[StrictInt, Field(ge=1, le=1000)] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, lt=defaults.SEED_LIMIT)] | None = None
+    steps: Annotated[StrictInt, Field(ge=1, le=defaults.MAX_STEPS)] | None = None
     timesteps: Annotated[list[Annotated[StrictInt, Field(ge=0, le=9999)]], Field(min_length=1)] | None = None
     scheduler: Literal[defaults.SCHEDULERS] = defaults.SCHEDULER  # type: ignore[valid-type]
-    guidance_scale: Annotated[float, Field(strict=True, ge=0.0, le=100.0)] = defaults.GUIDANCE_SCALE
+    guidance_scale: Annotated[float, Field(strict=True, ge=0.0,
+                                           le=defaults.MAX_GUIDANCE_SCALE)] = defaults.GUIDANCE_SCALE
     mask_type: Literal[defaults.MASK_TYPES] = defaults.MASK_TYPE  # type: ignore[valid-type]
     cover_alpha: Unit = defaults.COVER_ALPHA
     tile_size: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] = defaults.TILE_SIZE
@@ -301,7 +302,8 @@ def depth_within(value: Any, limit: int = MAX_DEPTH) -> bool:
 
 
 def parse_mapping(text: str, path: Path | None = None, allow_empty: bool = False) -> tuple[dict, dict[KeyPath, int]]:
-    """A YAML mapping parsed with the safe loader, bounded in size, with the line of every key."""
+    """YAML text parsed with the safe loader, bounded in depth and aliases, with the line of every
+    key; the caller checks that the data is the mapping it expects."""
     if allow_empty and not text.strip():
         return {}, {}
     return _index_lines(text, path)
@@ -455,8 +457,9 @@ def _describe(err: dict) -> str:
     kind, msg, value = err["type"], err["msg"], err.get("input")
     if kind == "extra_forbidden":
         name = str(err["loc"][-1])
-        close = difflib.get_close_matches(name, _known_keys(tuple(err["loc"])), n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(_known_keys(tuple(err['loc'])))}"
+        known = _known_keys(tuple(err["loc"]))
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
         return f"unknown key '{name}'{hint}"
     if kind == "missing":
         return "this key is required"
@@ -471,10 +474,23 @@ def _describe(err: dict) -> str:
     return text
 
 
+def random_seed() -> int:
+    """A seed for a scene without one, drawn from the system's randomness, and printed or recorded."""
+    import random
+
+    return random.SystemRandom().randrange(defaults.RANDOM_SEEDS)
+
+
+def default_layer_name(index: int) -> str:
+    """A layer's name when the scene gives none: `layer1`, `layer2`, ..."""
+    return f"layer{index + 1}"
+
+
 def validate_scene(data: dict, *, path: Path | None = None, lines: dict[KeyPath, int] | None = None,
                    overridden: set[KeyPath] | None = None) -> SceneFile:
     """Turn raw scene data into a `SceneFile`, raising the first problem as a `SceneError`."""
-    holder = SceneFile(scene=None, path=path, lines=lines or {}, overridden=overridden or set())  # type: ignore[arg-type]
+    holder = SceneFile(scene=None, path=path, lines=lines or {},  # type: ignore[arg-type]
+                       overridden=overridden or set())
     try:
         scene = Scene.model_validate(data)
     except ValidationError as exc:
@@ -513,7 +529,7 @@ def _check_consistency(sf: SceneFile) -> list[SceneError]:
     seen: dict[str, int] = {}
     for i, layer in enumerate(s.layers):
         if layer.name is None:
-            layer.name = f"layer{i + 1}"
+            layer.name = default_layer_name(i)
         if layer.name in seen:
             problems.append(sf.error(("layers", i, "name"), f"duplicate layer name '{layer.name}' (also "
                                                             f"layers[{seen[layer.name]}]); names must be unique"))
@@ -528,7 +544,7 @@ def _check_consistency(sf: SceneFile) -> list[SceneError]:
         from smd_cli.outputs import check_template
 
         try:
-            check_template(s.output, extension=True)
+            check_template(s.output)
         except Exception as exc:  # OutputError: relocate it onto the scene key
             problems.append(sf.error(("output",), str(exc)))
     return problems

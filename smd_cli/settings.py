@@ -34,29 +34,49 @@ def config_path() -> Path:
 
 
 def read_config(path: Path | None = None) -> dict[str, str]:
-    """The user config file's settings ({} when there is none); a broken file is an error naming it."""
-    import yaml
-
+    """The user config file's settings ({} when there is none); a broken file is an error naming it,
+    and so is a missing one that `SMD_CONFIG` names. Read again only when the file changes."""
     from smd_cli.files import MAX_SCENE_BYTES, UnreadableFile, read_bytes
-    from smd_cli.scene import depth_within
 
+    named = path is not None or bool(os.environ.get(CONFIG_ENV))
     path = path or config_path()
     try:
-        data = yaml.safe_load(read_bytes(path, MAX_SCENE_BYTES).decode("utf-8"))
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if key not in _read:
+            _read.clear()
+            _read[key] = _parse_config(read_bytes(path, MAX_SCENE_BYTES), path)
     except FileNotFoundError:
+        if named:
+            raise SmdError(f"{path}: no such smd config file (named by {CONFIG_ENV}); create it, or unset "
+                           f"{CONFIG_ENV}") from None
         return {}
-    except (UnreadableFile, OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+    except (UnreadableFile, OSError) as exc:
         raise SmdError(f"{path}: cannot read the smd config file: {exc}") from None
-    if data is None:
+    return dict(_read[key])
+
+
+_read: dict[tuple, dict[str, str]] = {}  # the config file last read, by (path, modification time, size)
+
+
+def _parse_config(data: bytes, path: Path) -> dict[str, str]:
+    from smd_cli.scene import parse_mapping
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SmdError(f"{path}: cannot read the smd config file: {exc}") from None
+    config, _ = parse_mapping(text, path, allow_empty=True)
+    if config is None:
         return {}
-    if not isinstance(data, dict) or not depth_within(data, 2):
+    if not isinstance(config, dict):
         raise SmdError(f"{path}: the smd config file is a mapping of {', '.join(KEYS)} to text")
-    for key, value in data.items():
+    for key, value in config.items():
         if key not in KEYS:
             raise SmdError(f"{path}: unknown key {key!r} in the smd config file; known keys: {', '.join(KEYS)}")
         if not isinstance(value, str) or not value.strip():
             raise SmdError(f"{path}: {key} must be text, got {value!r}")
-    return data
+    return config
 
 
 def user_default(key: str) -> str | None:

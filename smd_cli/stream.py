@@ -55,12 +55,14 @@ class StreamMultiDiffusion:
                  bootstrap_leak_sensitivity: float | None = defaults.LEAK_SENSITIVITY,
                  bootstrap_centre: bool = defaults.BOOTSTRAP_CENTRE,
                  cover_alpha: float = defaults.COVER_ALPHA, seed: int = defaults.STREAM_SEED,
-                 timesteps: Sequence[int] | None = None, tile_size: int = defaults.TILE_SIZE,
+                 num_inference_steps: int | None = None, timesteps: Sequence[int] | None = None,
+                 tile_size: int = defaults.TILE_SIZE,
                  dtype: Any = None, lcm_lora: str | None = None, vae: str | None = None,
                  pipeline: StableMultiDiffusionPipeline | None = None, overlap_decode: bool = False,
                  compile: bool = False):
         """Load a model as `StableMultiDiffusionPipeline` does (the tiny autoencoder by default), or
-        stream from a loaded `pipeline`, which then decides the model, device, dtype and autoencoder."""
+        stream from a loaded `pipeline`, which then decides the model, device, dtype and autoencoder.
+        The stream's stages are the LCM schedule's `num_inference_steps` steps, or `timesteps`."""
         if cfg_type not in defaults.STREAM_CFG_TYPES:
             raise SmdError(f"cfg_type must be one of {', '.join(defaults.STREAM_CFG_TYPES)}, got {cfg_type!r}")
         loading = dict(device=device, hf_key=hf_key, sd_version=sd_version, dtype=dtype, lcm_lora=lcm_lora, vae=vae,
@@ -76,8 +78,7 @@ class StreamMultiDiffusion:
             use_tiny_vae=True if use_tiny_vae is None else use_tiny_vae)
         pipe = self.pipe
         f = pipe.vae_scale_factor
-        if height % f or width % f:
-            raise SmdError(f"canvas {width}x{height} is not divisible by the model's downscale factor {f}")
+        mask_ops.check_divisible(width, height, f)
         self.height, self.width = height, width
         self.cfg_type = cfg_type
         self.guidance_scale = guidance_scale if cfg_type != "none" else 1.0
@@ -89,9 +90,9 @@ class StreamMultiDiffusion:
         self.leak_sensitivity = bootstrap_leak_sensitivity
         self.bootstrap_centre = bootstrap_centre
         self.cover_alpha = cover_alpha
-        self.schedule = pipe.schedule(timesteps=timesteps)
+        self.schedule = pipe.schedule(num_inference_steps, timesteps)
         self.shape = (1, pipe.family.channels, height // f, width // f)
-        window, stride = view_sizes(height, width, tile_size, None, f)
+        window, stride = view_sizes(tile_size, None, f)
         self.views = layout(self.shape[2], self.shape[3], (window, window), (stride, stride), device=pipe.device)
 
         # Every noise comes from the stream's own generator: stage 0's fresh latents and the fixed
@@ -295,6 +296,20 @@ class StreamMultiDiffusion:
 
     def decode(self, x0: torch.Tensor) -> Image.Image:
         return self._decode(self._frame_inputs(x0))
+
+    def close(self) -> None:
+        """Stop the decoding thread of `overlap_decode`, if one started; the stream may be called
+        again afterwards, and starts another."""
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True)
+            self._decoder = None
+        self._pending = None
+
+    def __enter__(self) -> "StreamMultiDiffusion":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _frame_inputs(self, x0: torch.Tensor) -> tuple:
         """What decoding a frame needs, fixed now so that later updates do not reach it."""

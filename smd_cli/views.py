@@ -11,6 +11,8 @@ from typing import Optional, Union
 
 import torch
 
+from smd_cli import defaults
+
 Index = Union[slice, torch.Tensor]
 
 
@@ -74,7 +76,7 @@ def tent(window: int) -> torch.Tensor:
 
 
 def layout(height: int, width: int, window: tuple[int, int], stride: tuple[int, int], *,
-           weighting: str = "triangular", circular: bool = False,
+           weighting: str = defaults.TILE_WEIGHTING, circular: bool = False,
            device: torch.device | str = "cpu") -> list[View]:
     """Views covering a [height, width] latent, with weights normalised to a partition of unity."""
     wh, ww = min(window[0], height), min(window[1], width)
@@ -84,9 +86,10 @@ def layout(height: int, width: int, window: tuple[int, int], stride: tuple[int, 
     col_starts = starts(width, ww, stride[1], circular)
     if len(row_starts) == 1 and len(col_starts) == 1:
         return [full_view(height, width)]
-    if weighting not in ("triangular", "uniform"):
-        raise ValueError(f"tile_weighting must be triangular or uniform, got {weighting!r}")
-    raw = (tent(wh)[:, None] * tent(ww)[None, :]) if weighting == "triangular" else torch.ones(wh, ww, dtype=torch.float64)
+    if weighting not in defaults.TILE_WEIGHTINGS:
+        raise ValueError(f"tile_weighting must be one of {', '.join(defaults.TILE_WEIGHTINGS)}, got {weighting!r}")
+    raw = (tent(wh)[:, None] * tent(ww)[None, :]) if weighting == "triangular" else \
+        torch.ones(wh, ww, dtype=torch.float64)
 
     views = []
     for r in row_starts:
@@ -103,7 +106,7 @@ def layout(height: int, width: int, window: tuple[int, int], stride: tuple[int, 
     return views
 
 
-def view_sizes(height: int, width: int, tile_size: int, tile_stride: int | None, factor: int) -> tuple[int, int]:
+def view_sizes(tile_size: int, tile_stride: int | None, factor: int) -> tuple[int, int]:
     """Window and stride in latent pixels from pixel sizes; the stride defaults to half the window."""
     window = max(tile_size // factor, 1)
     stride = max((tile_stride // factor) if tile_stride else window // 2, 1)

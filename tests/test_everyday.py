@@ -18,12 +18,12 @@ SCENE = "seed: 1\nwidth: 32\nheight: 32\nlayers:\n  - {prompt: a cat}\n"
 
 @pytest.fixture()
 def config(tmp_path, monkeypatch):
-    """A user config file of one's own, at SMD_CONFIG, and no SMD_* variables from outside."""
+    """A user config file of one's own, empty, at SMD_CONFIG, and no SMD_* variables from outside."""
     for name in ("SMD_MODEL", "SMD_LCM_LORA", "SMD_DEVICE", "SMD_DTYPE"):
         monkeypatch.delenv(name, raising=False)
     path = tmp_path / "config" / "config.yaml"
     monkeypatch.setenv("SMD_CONFIG", str(path))
-    return path
+    return write(path, "")
 
 
 def test_a_default_model_without_flags_and_its_precedence(run_cli, tiny_model, tiny_lcm_model, tmp_path, config,
@@ -53,6 +53,12 @@ def test_a_broken_config_file_is_one_clear_line(run_cli, tmp_path, config):
     write(config, "device: [cuda]\n")
     result = run_cli("generate", tmp_path / "s.yaml", "--dry-run")
     assert result.exit_code == 2 and "device must be text" in result.stderr
+
+
+def test_a_missing_config_file_named_by_smd_config_is_an_error(run_cli, tmp_path, config):
+    config.unlink()
+    result = run_cli("generate", write(tmp_path / "s.yaml", SCENE), "--dry-run")
+    assert result.exit_code == 2 and f"{config}: no such smd config file (named by SMD_CONFIG)" in result.stderr
 
 
 def test_offline_the_error_names_every_download(run_cli, tmp_path, monkeypatch, config):
@@ -122,9 +128,7 @@ def test_parameters_in_the_layout_other_tools_read(run_cli, tiny_model, tmp_path
     assert pairs["Model"] == str(tiny_model)
 
 
-def test_jpeg_and_webp_carry_the_record_and_a_large_one_goes_beside(run_cli, tiny_model, tmp_path, monkeypatch):
-    from smd_cli import metadata
-
+def test_jpeg_and_webp_carry_the_record_and_a_large_one_goes_beside(run_cli, tiny_model, tmp_path):
     scene = write(tmp_path / "s.yaml", SCENE)
     for suffix in ("jpg", "webp"):
         out = tmp_path / f"x.{suffix}"
@@ -133,11 +137,13 @@ def test_jpeg_and_webp_carry_the_record_and_a_large_one_goes_beside(run_cli, tin
         assert exif.startswith(b"UNICODE\0") and "Steps: 5" in exif[8:].decode("utf-16-be")
         shown = run_cli("show", out, "--json")
         assert shown.exit_code == 0 and json.loads(shown.stdout)["seed"] == 1
-    monkeypatch.setattr(metadata, "MAX_JPEG_XMP", 100)  # a record too large for a JPEG's XMP segment
+    # A prompt too long for either of a JPEG's 64 KiB segments, EXIF or XMP: both go, the sidecar holds all.
+    long = write(tmp_path / "long.yaml", SCENE.replace("a cat", "a cat " * 12_000))
     out = tmp_path / "big.jpg"
-    assert run_cli("generate", scene, "--model", tiny_model, "--device", "cpu", "--out", out).exit_code == 0
-    assert "xmp" not in Image.open(out).info and (tmp_path / "big.smd.yaml").is_file()
-    assert json.loads(run_cli("show", out, "--json").stdout)["name"] == "s"  # read from the sidecar
+    assert run_cli("generate", long, "--model", tiny_model, "--device", "cpu", "--out", out).exit_code == 0
+    assert "xmp" not in Image.open(out).info and not Image.open(out).getexif().get_ifd(0x8769)
+    assert (tmp_path / "big.smd.yaml").is_file()
+    assert json.loads(run_cli("show", out, "--json").stdout)["name"] == "long"  # read from the sidecar
     again = run_cli("reproduce", out, "--out", tmp_path / "again.png")
     assert again.exit_code == 0 and (tmp_path / "again.png").is_file()
 

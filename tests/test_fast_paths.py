@@ -3,6 +3,8 @@ stream. Each is off by default and must keep results equal (or, for cropping, cl
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -150,6 +152,8 @@ def test_overlapped_decoding_gives_the_same_frames(pipe):
         out = [np.asarray(stream()) for _ in range(count)]
         stream.update_single_layer(0, prompt="a blue cube")
         out += [np.asarray(stream()) for _ in range(3)]
+        stream.close()  # the decoding thread, if one started, is gone
+        assert not [t for t in threading.enumerate() if t.name.startswith("smd-decode")]
         return out, stream.calls
 
     plain, plain_calls = frames(False)

@@ -323,6 +323,19 @@ def test_recorded_files_that_are_not_files(run_cli, made, tmp_path):
     assert result.exit_code == 2 and "FIFO" in result.stderr and f"reads {tmp_path / 'pipe.png'}" in result.stderr
 
 
+def test_reproduce_lists_every_file_it_reads_not_only_the_recorded_ones(run_cli, made, tiny_model, tmp_path):
+    scene = yaml.safe_load(Image.open(made).text["smd-scene"])
+    Image.new("L", (32, 32), 255).save(tmp_path / "unlisted.png")
+    scene["layers"][0]["mask"] = {"image": str(tmp_path / "unlisted.png")}
+    scene["seed"] = 99  # the scene's seed disagrees with the record's: the record's seed is the image's
+    crafted = rewrite(made, tmp_path / "crafted.png", smd_scene=yaml.safe_dump(scene), smd_files="{}\n")
+    result = run_cli("reproduce", crafted, "--model", tiny_model, "--out", tmp_path / "again.png")
+    assert result.exit_code == 0, result.stderr
+    assert f"reads {tmp_path / 'unlisted.png'}" in result.stderr and f"reads {Path(tiny_model).absolute()}" in result.stderr
+    assert yaml.safe_load(Image.open(tmp_path / "again.png").text["smd-seed"]) == 3
+    assert "identical" in result.stderr
+
+
 def test_a_text_chunk_past_the_limit(run_cli, tmp_path):
     info = PngInfo()
     info.add_text("smd-scene", LAYER + "#" * (2 * MIB), zip=True)  # 2 MiB once decompressed

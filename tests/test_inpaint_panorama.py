@@ -239,6 +239,15 @@ def test_tiny_autoencoder(run_cli, tiny_model, tmp_path):
     assert result.exit_code == 2 and "VAE folder not found" in result.stderr
 
 
+def test_a_replacement_autoencoder_loads_as_the_class_its_config_names(tiny_model, tmp_path, run_cli):
+    from smd_cli.models import load_vae
+
+    assert type(load_vae(str(Path(tiny_model) / "vae"), dtype=torch.float32)).__name__ == "AutoencoderKL"
+    result = run_cli("generate", "--prompt", "a cat", "--model", tiny_model, "--vae", Path(tiny_model) / "unet",
+                     "--device", "cpu", "--out", tmp_path / "u.png")
+    assert result.exit_code == 2 and "its config.json names 'UNet2DConditionModel', not an autoencoder" in result.stderr
+
+
 def test_float16_keeps_a_vae_that_asks_for_upcasting_in_float32(tiny_model):
     from smd_cli import StableMultiDiffusionPipeline
 

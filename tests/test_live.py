@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
+import warnings
 from io import BytesIO
 from pathlib import Path
 
@@ -77,6 +78,32 @@ def test_ctrl_c_finishes_the_gif_with_the_frames_so_far(pipe, scene_dir, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         run_stream(live, FrameSink(tmp_path / "cut.gif", 8), on_frame=interrupt)  # no limit: runs until Ctrl-C
     assert Image.open(tmp_path / "cut.gif").n_frames == 3
+
+
+def test_a_stream_takes_the_scenes_steps_and_names_what_it_ignores(pipe, scene_dir):
+    from smd_cli.scene import validate_scene
+
+    sf = validate_scene({"width": 32, "height": 32, "steps": 3, "layers": [{"prompt": "a cat"}]})
+    assert len(scene_stream(sf, pipe).schedule) == 3
+    sf = validate_scene({"width": 32, "height": 32, "scheduler": "ddim", "steps": 4, "circular": True,
+                         "tile_stride": 8, "layers": [{"prompt": "a cat"}]})
+    with pytest.warns(UserWarning, match="it ignores scheduler: ddim, steps: 4, tile_stride: 8, circular: True"):
+        assert len(scene_stream(sf, pipe).schedule) == 5  # LCM's own
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scene_stream(load_scene(scene_dir / "scene.yaml"), pipe)  # nothing ignored, nothing said
+
+
+def test_a_gif_keeps_a_bounded_number_of_frames_and_says_so(tmp_path, monkeypatch):
+    from smd_cli import live
+
+    monkeypatch.setattr(live, "MAX_GIF_BYTES", 3 * 8 * 8 * 3)  # three 8x8 frames
+    sink = FrameSink(tmp_path / "long.gif", 8)
+    with pytest.warns(UserWarning, match="it keeps the first 3 frames") as said:
+        for shade in range(0, 250, 50):
+            sink.add(Image.new("RGB", (8, 8), (shade, 0, 0)))
+    assert len(said) == 1 and sink.count == 5
+    assert Image.open(sink.close()).n_frames == 3
 
 
 def test_bad_outputs_are_refused_before_loading(run_cli, scene_dir, tmp_path):
