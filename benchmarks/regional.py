@@ -66,7 +66,7 @@ def scene_yaml() -> tuple[str, str]:
 
 def scene_inputs(size: Size) -> tuple[dict, str]:
     """`StableMultiDiffusionPipeline.__call__` arguments for the scene, masks loaded by smd's scene code."""
-    from smd_cli.masks import scene_masks
+    from smd_cli.canvas import scene_masks
     from smd_cli.scene import load_scene
 
     text, source = scene_yaml()

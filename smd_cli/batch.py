@@ -33,7 +33,7 @@ from smd_cli.errors import SmdError, unexpected
 if TYPE_CHECKING:
     import torch
 
-    from smd_cli.masks import SceneMasks
+    from smd_cli.canvas import SceneMasks
     from smd_cli.metadata import Record
     from smd_cli.pipeline import StableMultiDiffusionPipeline
     from smd_cli.scene import SceneFile
@@ -416,13 +416,11 @@ def _plan_scene(item, options: Options, check, device, dtype, free: int | None, 
 def _scene_masks(sf: SceneFile, options: Options, sources: Sources, device, dtype, free: int | None,
                  emit: OnEvent) -> SceneMasks:
     """The canvas (against the model's downscale factor), the masks, the views and the memory needed."""
-    from smd_cli.masks import checked_canvas, scene_masks
+    from smd_cli.canvas import model_canvas
     from smd_cli.memory import check_memory
-    from smd_cli.models import vae_downscale_factor
 
-    factor = vae_downscale_factor(sources.model)
-    width, height = checked_canvas(sf, factor)
-    masks = scene_masks(sf, width, height)
+    masks, factor = model_canvas(sf, sources.model)
+    width, height = masks.width, masks.height
     _check_views(sf, width, height, factor)
     emit(Message("detail", check_memory(sf, sources.model, width=width, height=height, factor=factor,
                                         device=device, dtype=dtype, free=free, max_batch=options.max_batch,

@@ -103,8 +103,7 @@ def validate(
     """
     from smd_cli import report
     from smd_cli.batch import Options, sources_of
-    from smd_cli.masks import checked_canvas, scene_masks
-    from smd_cli.models import vae_downscale_factor
+    from smd_cli.canvas import model_canvas
     from smd_cli.scene import load_scene
 
     failed = 0
@@ -112,8 +111,8 @@ def validate(
         try:
             with user_errors():
                 sf = load_scene(path, set_)
-                factor = vae_downscale_factor(sources_of(sf, Options(model=model, device="cpu", dtype="auto")).model)
-                report.coverage(sf, scene_masks(sf, *checked_canvas(sf, factor)), str(path), factor is not None)
+                masks, factor = model_canvas(sf, sources_of(sf, Options(model=model, device="cpu", dtype="auto")).model)
+                report.coverage(sf, masks, str(path), factor is not None)
         except typer.Exit:
             failed += 1
     if failed:
@@ -231,7 +230,7 @@ def panorama(
 
 @app.command()
 def show(
-    image: Path = typer.Argument(..., help="A PNG made by smd.", show_default=False),
+    image: Path = typer.Argument(..., help="An image (PNG, JPEG or WebP) made by smd.", show_default=False),
     json_: bool = typer.Option(False, "--json", help="Print the record as JSON instead of YAML."),
 ) -> None:
     """Print how an image was made: scene, seed, model, versions, timings, and whether its files changed.
@@ -256,7 +255,7 @@ def show(
 @app.command()
 @shared("config", "max_batch", "overwrite", *REPORTING)
 def reproduce(
-    image: Path = typer.Argument(..., help="A PNG made by smd.", show_default=False),
+    image: Path = typer.Argument(..., help="An image (PNG, JPEG or WebP) made by smd.", show_default=False),
     output: Optional[str] = typer.Option(None, "--out", "-o", help="Where to write the new image "
                                          "(default: IMAGE's name with -reproduced, beside it)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Use this model instead of the recorded "

@@ -26,7 +26,6 @@ from PIL import Image
 
 from smd_cli import defaults
 from smd_cli.errors import OutputError, SmdError, unexpected
-from smd_cli.masks import checked_canvas, scene_masks
 from smd_cli.render import apply_scene, restart_needed, scene_stream
 from smd_cli.scene import SceneFile, load_scene, scene_files
 from smd_cli.stream import StreamMultiDiffusion
@@ -415,14 +414,15 @@ def open_session(scene: Path, options: batch.Options, *, output: Path | None = N
     address), then load the model (`options`, with `options.overrides` applied to the scene) and start
     streaming the scene. `options.compile` compiles for the stream's one fixed shape."""
     from smd_cli.batch import ModelCache, sources_of
-    from smd_cli.models import check_source, resolve_device, resolve_dtype, set_threads, vae_downscale_factor
+    from smd_cli.canvas import model_canvas
+    from smd_cli.models import check_source, resolve_device, resolve_dtype, set_threads
 
     if cfg_type not in defaults.STREAM_CFG_TYPES:
         raise SmdError(f"--cfg must be one of {', '.join(defaults.STREAM_CFG_TYPES)}, got {cfg_type!r}")
     sf = load_scene(scene, options.overrides)
     sources = sources_of(sf, options)
     check_source(sources.model)
-    scene_masks(sf, *checked_canvas(sf, vae_downscale_factor(sources.model)))
+    model_canvas(sf, sources.model)  # every mask file read and checked before the model loads
     sink = FrameSink(output, fps, options.overwrite)
     if output is None and not preview:
         warnings.warn("without --out or --preview the frames are shown nowhere and kept nowhere", stacklevel=2)

@@ -18,7 +18,8 @@ import numpy as np
 
 from smd_cli import defaults
 from smd_cli.defaults import prefixed
-from smd_cli.masks import SceneMasks, checked_canvas, fit_picture, scene_masks
+from smd_cli.canvas import SceneMasks, checked_canvas, scene_masks
+from smd_cli.masks import fit_picture
 from smd_cli.metadata import Record, make_record
 from smd_cli.models import dtype_name
 from smd_cli.prepare import Layers, Request

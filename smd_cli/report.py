@@ -22,7 +22,7 @@ from smd_cli.errors import printable
 if TYPE_CHECKING:
     from smd_cli import batch
     from smd_cli.live import StreamRun
-    from smd_cli.masks import SceneMasks
+    from smd_cli.canvas import SceneMasks
     from smd_cli.metadata import Comparison, Record
     from smd_cli.scene import SceneFile
 
@@ -205,7 +205,7 @@ def plan(plan: batch.Plan, options: batch.Options, as_json: bool) -> None:
 
 def coverage(sf: SceneFile, masks: SceneMasks, title: str, factor_known: bool = True) -> None:
     """`smd validate`'s table: each layer's prompt, mask, share of the canvas and overlaps."""
-    from smd_cli.masks import coverage_report
+    from smd_cli.canvas import coverage_report
 
     rows, uncovered = coverage_report(masks)
     table = Table(title=f"{printable(title)}  {masks.width}x{masks.height}, {len(rows)} layer(s)",

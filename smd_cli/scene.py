@@ -635,8 +635,3 @@ def merge_overrides(items: list) -> dict[KeyPath, Any]:
             key, value = (item[0] if isinstance(item[0], tuple) else (item[0],)), item[1]
         pairs[key] = value
     return pairs
-
-
-def is_fraction_box(values: tuple[float, ...]) -> bool:
-    """Rect/ellipse numbers are fractions of the canvas when every one lies within [0, 1]."""
-    return all(0.0 <= v <= 1.0 for v in values)

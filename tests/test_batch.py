@@ -486,7 +486,7 @@ def test_paths_print_as_they_are_on_disk(run_cli, tiny_model, tmp_path):
 
 
 def test_the_hash_recorded_is_of_the_bytes_the_masks_were_made_from(pipe, tmp_path):
-    from smd_cli.masks import scene_masks
+    from smd_cli.canvas import scene_masks
     from smd_cli.metadata import read_record
     from smd_cli.scene import load_scene
 

@@ -232,16 +232,16 @@ def test_any_record_fields_give_a_record_or_an_smd_error(tmp_path, scene, files,
 
 
 def test_one_scene_failing_unexpectedly_does_not_stop_the_batch(run_cli, tiny_model, tmp_path, monkeypatch):
-    from smd_cli import masks
+    from smd_cli import canvas
 
-    original = masks.scene_masks
+    original = canvas.scene_masks
 
     def flaky(sf, *args, **kwargs):
         if sf.name == "b":
             raise RecursionError("maximum recursion depth exceeded")
         return original(sf, *args, **kwargs)
 
-    monkeypatch.setattr(masks, "scene_masks", flaky)
+    monkeypatch.setattr(canvas, "scene_masks", flaky)
     scenes = [write(tmp_path / f"{n}.yaml", f"seed: 1\nwidth: 32\nheight: 32\n{LAYER}") for n in "abc"]
     result = run_cli("generate", *scenes, "--model", tiny_model, "--device", "cpu", "--out", tmp_path / "{scene}.png",
                      "--json")
@@ -435,6 +435,7 @@ def test_ipv6_preview_where_the_machine_has_it():
 
 
 def test_16_bit_masks_are_read_at_their_range(tmp_path):
+    from smd_cli import canvas as C
     from smd_cli import masks as M
     from smd_cli.scene import load_scene
 
@@ -443,7 +444,7 @@ def test_16_bit_masks_are_read_at_their_range(tmp_path):
     assert Image.open(tmp_path / "m16.png").mode == "I;16"
     np.testing.assert_allclose(M.image_mask(Image.open(tmp_path / "m16.png"))[0], ramp[0] / 65535, atol=1e-6)
     sf = load_scene(write(tmp_path / "s.yaml", "width: 64\nheight: 32\nlayers:\n  - {prompt: a, mask: m16.png}\n"))
-    assert M.scene_masks(sf).masks[0].mean() == pytest.approx(0.5, abs=0.02)  # not every non-zero pixel
+    assert C.scene_masks(sf).masks[0].mean() == pytest.approx(0.5, abs=0.02)  # not every non-zero pixel
 
 
 def test_a_mistyped_palette_colour_on_the_command_line(run_cli, scene_dir):

@@ -11,6 +11,7 @@ from conftest import REFERENCE, load_mask, write
 from PIL import Image
 
 from smd_cli import generate
+from smd_cli import canvas as C
 from smd_cli import masks as M
 from smd_cli.scene import load_scene
 
@@ -42,7 +43,7 @@ def test_inpainting_keeps_the_picture_exactly_outside_every_blurred_mask(pipe, t
     sf = load_scene(_inpaint_scene(tmp_path, photo))
     out = np.asarray(generate(pipe, sf).image)
     resized = np.asarray(Image.open(photo).convert("RGB").resize((64, 64), Image.LANCZOS))
-    raw = M.scene_masks(sf).masks
+    raw = C.scene_masks(sf).masks
     blurred, _ = M.prepare(raw, cover_alpha=0.3, stds=[2, 0], strengths=[1, 1])
     outside = blurred.sum(0) == 0
     assert outside.mean() > 0.5
@@ -85,7 +86,7 @@ def test_background_of_another_aspect_ratio_is_resized_with_a_warning(run_cli, t
 
 def test_canvas_size_comes_from_the_background_picture(tmp_path, photo):
     sf = load_scene(write(tmp_path / "s.yaml", f"background: {{image: {photo.name}}}\nlayers:\n  - {{prompt: a}}\n"))
-    assert M.canvas_size(sf) == (100, 100)
+    assert C.canvas_size(sf) == (100, 100)
 
 
 def test_canvas_off_the_stride_grid_is_fully_covered(pipe):

@@ -9,6 +9,7 @@ import pytest
 from conftest import write
 from PIL import Image
 
+from smd_cli import canvas as C
 from smd_cli import masks as M
 from smd_cli.errors import SceneError
 from smd_cli.scene import load_scene
@@ -130,7 +131,7 @@ def test_scene_masks_resize_threshold_and_invert(tmp_path):
     Image.fromarray(img, "RGBA").save(tmp_path / "half.png")
     sf = _scene(tmp_path, "  - {prompt: a, mask: half.png}\n  - {prompt: b, mask: {image: half.png, invert: true}}",
                 "width: 16\nheight: 16")
-    got = M.scene_masks(sf)
+    got = C.scene_masks(sf)
     assert got.masks.shape == (2, 16, 16)
     assert got.masks[0, :, :8].min() == 1 and got.masks[0, :, 8:].max() == 0
     np.testing.assert_array_equal(got.masks[1], 1 - got.masks[0])
@@ -139,16 +140,16 @@ def test_scene_masks_resize_threshold_and_invert(tmp_path):
 def test_canvas_size_comes_from_the_first_mask_image(tmp_path):
     Image.new("L", (48, 32), 255).save(tmp_path / "m.png")
     sf = _scene(tmp_path, "  - {prompt: a, mask: {rect: [0, 0, 0.5, 1]}}\n  - {prompt: b, mask: m.png}")
-    assert M.canvas_size(sf) == (48, 32)
-    assert M.canvas_size(_scene(tmp_path, "  - {prompt: a, mask: m.png}", "width: 96")) == (96, 64)
-    assert M.canvas_size(_scene(tmp_path, "  - {prompt: a}")) == (512, 512)
+    assert C.canvas_size(sf) == (48, 32)
+    assert C.canvas_size(_scene(tmp_path, "  - {prompt: a, mask: m.png}", "width: 96")) == (96, 64)
+    assert C.canvas_size(_scene(tmp_path, "  - {prompt: a}")) == (512, 512)
 
 
 def test_mask_with_another_aspect_ratio_is_an_error_naming_both_sizes(tmp_path):
     Image.new("L", (40, 20), 255).save(tmp_path / "wide.png")
     sf = _scene(tmp_path, "  - {prompt: a, mask: wide.png}", "width: 32\nheight: 32")
     with pytest.raises(SceneError, match=r"40x20 but the canvas is 32x32") as exc:
-        M.scene_masks(sf)
+        C.scene_masks(sf)
     assert exc.value.key == "layers[0].mask" and exc.value.line == 4
 
 
@@ -161,7 +162,7 @@ def test_palette_scene_layers_and_background_colour(tmp_path):
     sf = _scene(tmp_path,
                 '  - {prompt: a, mask: {palette: p.png, color: "#c81e1e", background_color: "#ffffff"}}\n'
                 '  - {prompt: b, mask: {palette: p.png, color: "#1e1ec8"}}')
-    got = M.scene_masks(sf, 6, 4).masks  # (a canvas must be 8 pixels or more: the size is given here)
+    got = C.scene_masks(sf, 6, 4).masks  # (a canvas must be 8 pixels or more: the size is given here)
     assert got[0].tolist() == [[1, 1, 0, 0, 0, 0]] * 4
     assert got[1].tolist() == [[0, 0, 1, 1, 0, 0]] * 4
 
@@ -172,13 +173,13 @@ def test_palette_colour_absent_from_the_image(tmp_path):
                           '  - {prompt: b, mask: {palette: p.png, color: "#0ac80a"}}')
     with pytest.raises(SceneError, match=r"#0000ff matches no pixel of p.png \(none within 32 of it\); its main "
                                          r"colours are #0ac80a"):
-        M.scene_masks(sf, 8, 8)
+        C.scene_masks(sf, 8, 8)
 
 
 def test_all_masks_empty_is_an_error(tmp_path):
     Image.new("L", (8, 8), 0).save(tmp_path / "black.png")
     with pytest.raises(SceneError, match="every layer's mask is empty") as exc:
-        M.scene_masks(_scene(tmp_path, "  - {prompt: a, mask: black.png}"))
+        C.scene_masks(_scene(tmp_path, "  - {prompt: a, mask: black.png}"))
     assert exc.value.key == "layers"
 
 
@@ -186,7 +187,7 @@ def test_coverage_report():
     masks = np.zeros((2, 2, 2), np.float32)
     masks[0, 0] = 1
     masks[1, :, 0] = 1
-    rows, uncovered = M.coverage_report(M.SceneMasks.of(masks, ["a", "b"]))
+    rows, uncovered = C.coverage_report(C.SceneMasks.of(masks, ["a", "b"]))
     assert [r.coverage for r in rows] == [50, 50]
     assert rows[0].overlaps == {"b": 25}
     assert uncovered == 25
