@@ -12,7 +12,9 @@ __version__ = "0.2.0"  # also the package version (pyproject.toml reads it)
 
 __all__ = [
     "StableMultiDiffusionPipeline",
+    "StableMultiDiffusionSDXLPipeline",
     "StreamMultiDiffusion",
+    "StreamMultiDiffusionSDXL",
     "seed_everything",
     "load_scene",
     "generate",
@@ -25,7 +27,9 @@ __all__ = [
 
 _LAZY = {
     "StableMultiDiffusionPipeline": "smd_cli.pipeline",
+    "StableMultiDiffusionSDXLPipeline": "smd_cli.pipeline",
     "StreamMultiDiffusion": "smd_cli.stream",
+    "StreamMultiDiffusionSDXL": "smd_cli.stream",
     "seed_everything": "smd_cli.pipeline",
     "load_scene": "smd_cli.scene",
     "generate": "smd_cli.render",
@@ -37,10 +41,10 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from smd_cli.errors import ModelError, SceneError, SmdError
-    from smd_cli.pipeline import StableMultiDiffusionPipeline, seed_everything
+    from smd_cli.pipeline import StableMultiDiffusionPipeline, StableMultiDiffusionSDXLPipeline, seed_everything
     from smd_cli.render import Result, generate
     from smd_cli.scene import load_scene
-    from smd_cli.stream import StreamMultiDiffusion
+    from smd_cli.stream import StreamMultiDiffusion, StreamMultiDiffusionSDXL
 
 
 def __getattr__(name: str):

@@ -445,12 +445,13 @@ def _check_sources(sf: SceneFile, options: Options, sources: Sources) -> list[st
     """The model, LCM LoRA and autoencoder exist (local paths; hub ids in the cache when offline),
     and the steps fit the model's schedule. Returns what cannot be checked before loading."""
     from smd_cli.errors import SceneError
-    from smd_cli.models import check_available, chosen_lcm_lora, config_json, vae_source
+    from smd_cli.models import check_available, chosen_lcm_lora, config_json, model_family, vae_source
     from smd_cli.sampler import make_schedule
 
     model = sources.model or defaults.MODEL
     unet = config_json(model, "unet/config.json") or (config_json(options.config, "unet/config.json")
                                                       if options.config else None)
+    family = "sd" if model == defaults.MODEL else model_family(model, options.config)  # None: not known yet
     lora = sources.lcm_lora  # `auto` stays undecided for a model whose UNet config is not here yet
     if unet is not None:
         lora = chosen_lcm_lora(lora, unet)
@@ -458,14 +459,16 @@ def _check_sources(sf: SceneFile, options: Options, sources: Sources) -> list[st
         lora = None
     elif lora == "auto" and model == defaults.MODEL:  # the default model takes the default LoRA
         lora = defaults.LCM_LORA
-    vae = vae_source(sources.vae) if sources.vae else None
+    vae = sources.vae
+    if vae is not None and (vae != "tiny" or family is not None):
+        vae = vae_source(vae, family or "sd")
     notes, problems = [], []
     for name, what in ((model, "model"), (lora, "LCM LoRA"), (vae, "VAE")):
-        if name == "auto":  # whether the default LCM LoRA fits this model is known when it loads
-            try:
-                check_available(defaults.LCM_LORA, what)
-            except SmdError:
-                notes.append(f"the model may need the {what} {defaults.LCM_LORA}, which is not downloaded")
+        if name in ("auto", "tiny"):  # which LoRA or tiny autoencoder fits is known when the model loads
+            choices = defaults.LCM_LORAS if name == "auto" else defaults.TINY_VAES
+            wanted = choices[family] if family else " or ".join(dict.fromkeys(choices.values()))
+            if not all(_available(c, what) for c in ([choices[family]] if family else choices.values())):
+                notes.append(f"the model may need the {what} {wanted}, which is not downloaded")
             continue
         try:
             notes.append(check_available(name, what))
@@ -477,7 +480,7 @@ def _check_sources(sf: SceneFile, options: Options, sources: Sources) -> list[st
     else:
         s = sf.scene
         try:
-            make_schedule(s.scheduler, schedule, s.steps, s.timesteps)
+            make_schedule(s.scheduler, schedule, s.steps, s.timesteps, s.timestep_spacing)
         except SceneError as exc:
             problems.append(exc)
         except SmdError as exc:
@@ -485,6 +488,16 @@ def _check_sources(sf: SceneFile, options: Options, sources: Sources) -> list[st
     if problems:
         raise SceneError.gather(problems)
     return [note for note in notes if note]
+
+
+def _available(name: str, what: str) -> bool:
+    from smd_cli.models import check_available
+
+    try:
+        check_available(name, what)
+    except SmdError:
+        return False
+    return True
 
 
 # Past this many views per layer and step (a tiny tile_stride), a scene is surely a mistake.
@@ -627,7 +640,7 @@ def _make(job: Job, options: Options, cache: ModelCache, emit: OnEvent, position
     sf = job.scene
     try:
         pipe = cache.get(job.sources)
-        pipe.schedule(sf.scene.steps, sf.scene.timesteps, sf.scene.scheduler)
+        pipe.schedule(sf.scene.steps, sf.scene.timesteps, sf.scene.scheduler, sf.scene.timestep_spacing)
     except SmdError as exc:  # no model, or steps it cannot take: the image never started
         return job.outcome(INVALID, error=str(exc))
     steps = step_count(sf.scene)  # what the schedule, checked just now, will take

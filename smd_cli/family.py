@@ -5,12 +5,14 @@ the stream (SPEC 6). A family is one small adapter that answers five questions:
 
 1. Prompts. `encode(texts) -> Conditioning`: the text conditioning of each prompt, as rows
    that can be selected (`cond[index]`), concatenated (`Conditioning.cat`) and mixed toward the
-   background prompt's by prompt strength (`cond.mix(background, w)`, SPEC 2.1).
-2. The denoiser. `predict(x, t, cond, guidance_scale) -> eps`: the noise in latents `x` [B, C, h, w]
-   at timestep(s) `t`, row i under conditioning row i, always as a noise prediction in the
-   family's noising (a v-predicting or flow model converts). `guidance_distilled` says whether the
-   denoiser takes the guidance scale as an input, in which case classifier-free guidance never
-   runs an unconditional pass (`runs_unconditional`, the one rule for every caller).
+   background prompt's by prompt strength (`cond.mix(background, w)`, SPEC 2.1); `empty_negative`
+   is what an empty negative prompt means (None: the encoding of "").
+2. The denoiser. `predict(x, t, cond, guidance_scale, placement) -> eps`: the noise in latents `x`
+   [B, C, h, w] at timestep(s) `t`, row i under conditioning row i, always as a noise prediction
+   in the family's noising (a v-predicting or flow model converts). `placement` says where each
+   row's window lies on the canvas, for families that condition on it. `guidance_distilled` says
+   whether the denoiser takes the guidance scale as an input, in which case classifier-free
+   guidance never runs an unconditional pass (`runs_unconditional`, the one rule for every caller).
 3. The latent layout. `channels`, `factor` (the VAE's downscale factor, SPEC 1), `native_size`
    (pixels: the window of one view, SPEC 5) and `granularity` (latent pixels a denoiser input must
    be a multiple of).
@@ -19,10 +21,11 @@ the stream (SPEC 6). A family is one small adapter that answers five questions:
 5. Pictures. `encode_image(pixels) -> latent` (the distribution's mode, scaled, SPEC 2.3) and
    `decode(latent) -> pixels`, both in [-1, 1].
 
-`StableDiffusion` (SD 1.x and 2.x) is the one family so far. The others are meant to answer the
-same five: an SDXL adapter would add a second text encoder (a pooled row beside the token states
-in `Conditioning`) and per-row micro-conditioning; a flow-matching transformer (SD3, FLUX) would
-set alpha_k = 1 - s_k, sigma_k = s_k and turn its predicted velocity into noise.
+`StableDiffusion` is SD 1.x and 2.x. `StableDiffusionXL` adds a second text encoder (a pooled row
+beside the token states in `Conditioning`) and micro-conditioning on each row's placement. A
+flow-matching transformer (SD3, FLUX) would set alpha_k = 1 - s_k, sigma_k = s_k and turn its
+predicted velocity into noise, behind the same five answers. `make_family` picks the adapter from
+the UNet's config (`models.family_of`).
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from smd_cli.models import guidance_distilled, vae_factor
+from smd_cli.models import Components, family_of, guidance_distilled, vae_factor
 from smd_cli.sampler import Schedule, make_schedule
 
 
@@ -50,38 +53,57 @@ def runs_unconditional(guidance_scale: float, unet_config: Mapping) -> bool:
 
 @dataclass
 class Conditioning:
-    """Text conditioning, one row per prompt: the encoder's token states [N, tokens, D]."""
+    """Text conditioning, one row per prompt: the encoders' token states [N, tokens, D], and for
+    SDXL the pooled embedding [N, D'] of its second encoder."""
 
     states: torch.Tensor
+    pooled: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.states)
 
     def __getitem__(self, index: Any) -> "Conditioning":
-        return Conditioning(self.states[index])
+        return Conditioning(self.states[index], None if self.pooled is None else self.pooled[index])
 
     def mix(self, background: "Conditioning", w: Sequence[float]) -> "Conditioning":
-        """E_p = E_bg + w_p (E_p - E_bg) for each row p (SPEC 2.1); `background` is one row."""
-        weights = torch.tensor(list(w), device=self.states.device, dtype=self.states.dtype).view(-1, 1, 1)
-        return Conditioning(background.states + weights * (self.states - background.states))
+        """E_p = E_bg + w_p (E_p - E_bg) for each row p (SPEC 2.1), the token states and the pooled
+        embedding alike; `background` is one row."""
+        weights = torch.tensor(list(w), device=self.states.device, dtype=self.states.dtype)
+        pooled = None
+        if self.pooled is not None:
+            pooled = background.pooled + weights.view(-1, 1) * (self.pooled - background.pooled)
+        return Conditioning(background.states + weights.view(-1, 1, 1) * (self.states - background.states), pooled)
 
     @staticmethod
     def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
-        return Conditioning(torch.cat([p.states for p in parts]))
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return Conditioning(torch.cat([p.states for p in parts]), pooled)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the rows of a denoiser batch lie on the canvas, in latent pixels: the canvas's size
+    (height, width) and each row's window's top-left corner (top, left); the windows are the
+    batch's own size. SDXL conditions on it; SD 1.x ignores it."""
+
+    canvas: tuple[int, int]
+    corners: Sequence[tuple[int, int]]
 
 
 class StableDiffusion:
     """SD 1.x and 2.x: a CLIP text encoder, a `UNet2DConditionModel` predicting noise (or v), an
     `AutoencoderKL` (or TAESD), and variance-preserving noising on discrete timesteps."""
 
-    def __init__(self, *, unet, vae, text_encoder, tokenizer, scheduler_config: Mapping, device: torch.device,
-                 dtype: torch.dtype):
+    name = "sd"
+
+    def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype):
         from diffusers import LCMScheduler
 
-        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        c = components
+        self.unet, self.vae, self.text_encoder, self.tokenizer = c.unet, c.vae, c.text_encoder, c.tokenizer
         self.device, self.dtype = device, dtype
         # The noise levels of the model's training; LCM's is the scheduler smd starts from.
-        self.scheduler = LCMScheduler.from_config(scheduler_config)
+        self.scheduler = LCMScheduler.from_config(c.scheduler_config)
 
     # Layout.
 
@@ -112,24 +134,31 @@ class StableDiffusion:
     def encode(self, texts: Sequence[str]) -> Conditioning:
         """CLIP token states padded to the tokenizer's length; longer prompts, positive or negative,
         are cut with a warning naming what was cut (SPEC 2.1)."""
-        tok, limit = self.tokenizer, self.tokenizer.model_max_length
-        texts = list(texts)
+        ids, mask = self._tokens(self.tokenizer, texts, warn=True)
+        if not getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = None
+        states = self.text_encoder(ids, attention_mask=mask)[0]
+        return Conditioning(states.to(self.dtype))
+
+    def empty_negative(self) -> Conditioning | None:
+        """What an empty negative prompt conditions on: the encoding of "" (None says so)."""
+        return None
+
+    def _tokens(self, tok, texts: Sequence[str], warn: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (and attention mask) padded to the tokenizer's length, cut with a warning."""
+        limit, texts = tok.model_max_length, list(texts)
         batch = tok(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
-        for full in tok(texts).input_ids:
+        for full in tok(texts).input_ids if warn else []:
             if len(full) > limit:  # truncation keeps the first limit - 1 tokens and the end token
                 warnings.warn(f"prompt longer than the text encoder's {limit} tokens; cut: "
-                              f"{tok.decode(full[limit - 1:-1])!r}", PromptTruncatedWarning, stacklevel=4)
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = batch.attention_mask.to(self.device)
-        states = self.text_encoder(batch.input_ids.to(self.device), attention_mask=mask)[0]
-        return Conditioning(states.to(self.dtype))
+                              f"{tok.decode(full[limit - 1:-1])!r}", PromptTruncatedWarning, stacklevel=5)
+        return batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
 
     # The denoiser.
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
-                guidance_scale: float = 1.0) -> torch.Tensor:
+                guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
         """The UNet's noise prediction (float32). Guidance-distilled UNets get `guidance_scale` as
         an embedding (SPEC 3.3); v-prediction is converted to noise with eps = sigma * x + alpha * v."""
         cfg = self.unet.config
@@ -140,17 +169,22 @@ class StableDiffusion:
         if not isinstance(t, torch.Tensor):  # a tensor, so that a compiled UNet is not specialised on each t
             t = torch.tensor(t, dtype=torch.float32, device=self.device)
         out = self.unet(x.to(self.dtype), t, encoder_hidden_states=cond.states, timestep_cond=tc,
-                        return_dict=False)[0].float()
+                        added_cond_kwargs=self._added(x, cond, placement), return_dict=False)[0].float()
         if self.scheduler.config.prediction_type == "v_prediction":
             abar = self.scheduler.alphas_cumprod.to(out.device)[torch.as_tensor(t, device=out.device).long()]
             a = abar.sqrt().reshape(-1, 1, 1, 1)
             out = (1 - abar).sqrt().reshape(-1, 1, 1, 1) * x.float() + a * out
         return out
 
+    def _added(self, x: torch.Tensor, cond: Conditioning, placement: Placement | None) -> dict | None:
+        """The UNet's inputs beside the token states (none for SD 1.x/2.x)."""
+        return None
+
     # The noising.
 
-    def schedule(self, scheduler: str, steps: int | None = None, timesteps: Sequence[int] | None = None) -> Schedule:
-        return make_schedule(scheduler, self.scheduler.config, steps, timesteps)
+    def schedule(self, scheduler: str, steps: int | None = None, timesteps: Sequence[int] | None = None,
+                 spacing: str | None = None) -> Schedule:
+        return make_schedule(scheduler, self.scheduler.config, steps, timesteps, spacing)
 
     # Pictures.
 
@@ -166,6 +200,66 @@ class StableDiffusion:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] from a clean latent."""
         return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+
+
+class StableDiffusionXL(StableDiffusion):
+    """SDXL: two CLIP text encoders whose penultimate token states are joined side by side, the
+    second's projected end token as a pooled embedding, and a UNet that also takes that pooled
+    embedding and six sizes (`add_time_ids`: original size, crop top-left, target size, in pixels).
+
+    Placement (the choice, and why): SDXL was trained on crops of larger pictures and told where
+    each crop lay. A view of a large canvas is exactly such a crop, so each (layer, view) row gets
+    original size = the canvas, crop = its window's top-left, target = its window. For a canvas
+    within one view this is diffusers' default (the canvas, (0, 0), the canvas), so plain sampling
+    conforms; for views it tells the model that a view is part of a larger picture, which is the
+    conditioning SDXL learnt for the edges of a crop.
+    """
+
+    name = "sdxl"
+
+    def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype):
+        super().__init__(components, device=device, dtype=dtype)
+        self.text_encoder_2, self.tokenizer_2 = components.text_encoder_2, components.tokenizer_2
+        self.zero_empty_negative = components.force_zeros_for_empty_prompt
+        self._empty: Conditioning | None = None
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> Conditioning:
+        """Both encoders' penultimate token states, side by side, and the second's pooled
+        embedding, as diffusers' `StableDiffusionXLPipeline.encode_prompt` makes them."""
+        states = []
+        pooled = None
+        for tok, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids, _ = self._tokens(tok, texts, warn=encoder is self.text_encoder)  # one warning, not two
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled = out[0]  # the second encoder's projected end token
+        return Conditioning(torch.cat(states, dim=-1).to(self.dtype), pooled.to(self.dtype))
+
+    def empty_negative(self) -> Conditioning | None:
+        """Zero conditioning where the model asks for it (`force_zeros_for_empty_prompt`), as diffusers
+        does for a negative prompt not given; else the encoding of ""."""
+        if not self.zero_empty_negative:
+            return None
+        if self._empty is None:
+            empty = self.encode([""])
+            self._empty = Conditioning(torch.zeros_like(empty.states), torch.zeros_like(empty.pooled))
+        return self._empty
+
+    def _added(self, x: torch.Tensor, cond: Conditioning, placement: Placement | None) -> dict:
+        h, w = x.shape[-2:]
+        canvas, corners = (placement.canvas, placement.corners) if placement else ((h, w), [(0, 0)] * len(x))
+        f = self.factor
+        sizes = [[canvas[0] * f, canvas[1] * f, top * f, left * f, h * f, w * f] for top, left in corners]
+        return {"text_embeds": cond.pooled, "time_ids": torch.tensor(sizes, device=self.device, dtype=self.dtype)}
+
+
+FAMILIES = {"sd": StableDiffusion, "sdxl": StableDiffusionXL}
+
+
+def make_family(components: Components, *, device: torch.device, dtype: torch.dtype) -> StableDiffusion:
+    """The adapter for a loaded model, chosen by its UNet's config."""
+    return FAMILIES[family_of(components.unet.config)](components, device=device, dtype=dtype)
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:

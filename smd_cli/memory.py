@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from smd_cli import defaults
 from smd_cli.files import is_dir, is_file
-from smd_cli.models import config_json
+from smd_cli.models import config_json, family_of, model_family
 
 if TYPE_CHECKING:
     import torch
@@ -26,35 +26,41 @@ AUTO_BATCH_CPU = 8
 # At most this many pairs per call, and at most this share of the free memory for one call.
 AUTO_BATCH_MAX = 64
 AUTO_BATCH_SHARE = 0.6
-# Activations per latent pixel of one UNet batch item: about 64 KiB at half precision for SD1.5's
-# UNet (320 base channels); a UNet with fewer channels needs proportionally less.
-UNET_BYTES_PER_LATENT_PIXEL = 64 * 1024
+# Activations per latent pixel of one UNet batch item at half precision, by family: about 64 KiB
+# for SD1.5's UNet (320 base channels); SDXL's has the same base width but ten transformer blocks
+# deep at its lowest level, about 1.5 times as much (an estimate from its published peak memory,
+# not measured here). A UNet with fewer channels needs proportionally less.
+UNET_BYTES_PER_LATENT_PIXEL = {"sd": 64 * 1024, "sdxl": 96 * 1024}
 # Where a model's configs cannot be read (a hub model not downloaded yet), the default model's
 # shapes (SD 1.5's) are assumed.
 SD_UNET_CHANNELS = 320
 SD_VAE_CHANNELS = 128
 # The VAE decoder holds a few full-resolution tensors of twice its first block's width at once.
 VAE_TENSORS_AT_FULL_SIZE = 8
-SD15_WEIGHT_BYTES_FP16 = 2_130_000_000
+# Half-precision weights where the files cannot be measured: SD 1.5 (0.86B UNet, 0.12B text
+# encoder, 0.08B VAE) and SDXL (2.6B UNet, 0.8B in its two text encoders, 0.08B VAE).
+WEIGHT_BYTES_FP16 = {"sd": 2_130_000_000, "sdxl": 6_940_000_000}
 # The tiny autoencoder (TAESD) decodes with 64 channels and keeps about two such tensors at full size.
 TAESD_CONFIG = {"decoder_block_out_channels": [64, 64, 64, 64]}
 TAESD_TENSORS_AT_FULL_SIZE = 2
 GIB = 1024**3
 
 
-def unet_bytes_per_pair(window_pixels: int, *, unet_channels: int, dtype_bytes: int, cfg: bool) -> int:
+def unet_bytes_per_pair(window_pixels: int, *, unet_config: Mapping, dtype_bytes: int, cfg: bool) -> int:
     """Activations of one (layer, view) pair in a UNet call: a window of `window_pixels` latent
-    pixels, twice that with an unconditional pass."""
-    per_pixel = UNET_BYTES_PER_LATENT_PIXEL * unet_channels // SD_UNET_CHANNELS * dtype_bytes // 2
+    pixels, twice that with an unconditional pass ({} for `unet_config` is SD 1.5's)."""
+    per_pixel = (UNET_BYTES_PER_LATENT_PIXEL[family_of(unet_config)] * unet_channels(unet_config)
+                 // SD_UNET_CHANNELS * dtype_bytes // 2)
     return window_pixels * per_pixel * (2 if cfg else 1)
 
 
-def auto_max_batch(free: int | None, window_pixels: int, *, unet_channels: int, dtype_bytes: int, cfg: bool) -> int:
+def auto_max_batch(free: int | None, window_pixels: int, *, unet_config: Mapping, dtype_bytes: int,
+                   cfg: bool) -> int:
     """(layer, view) pairs per UNet call: as many as fit in a share of the free memory, where it is
     known (a GPU); a modest fixed number elsewhere."""
     if free is None:
         return AUTO_BATCH_CPU
-    per_pair = unet_bytes_per_pair(window_pixels, unet_channels=unet_channels, dtype_bytes=dtype_bytes, cfg=cfg)
+    per_pair = unet_bytes_per_pair(window_pixels, unet_config=unet_config, dtype_bytes=dtype_bytes, cfg=cfg)
     return int(max(1, min(AUTO_BATCH_MAX, AUTO_BATCH_SHARE * free // per_pair)))
 
 
@@ -88,8 +94,7 @@ def estimate_memory(model: str | None, *, width: int, height: int, factor: int |
     window = min(tile_size, width) // factor * (min(tile_size, height) // factor)
     return MemoryEstimate(
         weights=_weight_bytes(model, dtype_bytes),
-        unet=max_batch * unet_bytes_per_pair(window, unet_channels=unet_channels(unet), dtype_bytes=dtype_bytes,
-                                             cfg=cfg),
+        unet=max_batch * unet_bytes_per_pair(window, unet_config=unet, dtype_bytes=dtype_bytes, cfg=cfg),
         decode=width * height * vae_channels * (TAESD_TENSORS_AT_FULL_SIZE if tiny else VAE_TENSORS_AT_FULL_SIZE)
         * dtype_bytes,
         vae_is_full=not tiny,
@@ -114,9 +119,9 @@ def _weight_bytes(model: str | None, dtype_bytes: int) -> int:
     if is_file(path):
         return path.stat().st_size * dtype_bytes // 4  # checkpoints are mostly float32
     if not is_dir(path):
-        return SD15_WEIGHT_BYTES_FP16 * dtype_bytes // 2
+        return WEIGHT_BYTES_FP16[model_family(model) or "sd"] * dtype_bytes // 2
     total = 0
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
         files = sorted((path / part).glob("*.safetensors")) or sorted((path / part).glob("*.bin"))
         half = [f for f in files if "fp16" in f.name]
         for f in half or files:

@@ -10,7 +10,8 @@ Chunks (all text):
   beside its path (`sha256`, `image_sha256`).
 - `smd-files`: YAML mapping each file the scene reads (masks, palettes, the inpainting picture)
   to its SHA-256.
-- `smd-name`, `smd-version`, `smd-seed`, `smd-model`, `smd-device`, `smd-dtype`: single values.
+- `smd-name`, `smd-version`, `smd-seed`, `smd-model`, `smd-family` (`sd` or `sdxl`), `smd-device`,
+  `smd-dtype`: single values.
 - `smd-timings`: JSON, seconds per stage.
 
 Nothing here imports torch.
@@ -49,6 +50,7 @@ class Record:
     dtype: str = ""
     config: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    family: str = ""  # the model family, `sd` or `sdxl` ("" in records older than SDXL support)
 
     def scene_file(self) -> SceneFile:
         """The recorded scene, validated again; its paths are absolute, so it works from anywhere."""
@@ -108,7 +110,7 @@ def _absolute(source: str) -> str:
 
 def make_record(sf: SceneFile, *, seed: int, width: int, height: int, steps: int, model: str,
                 lcm_lora: str | None, vae: str | None, config: str | None, device: str, dtype: str,
-                timings: dict[str, float], files: dict[Path, str] | None = None) -> Record:
+                timings: dict[str, float], files: dict[Path, str] | None = None, family: str = "") -> Record:
     """The record of an image. `files` are the hashes of the bytes the masks were made from (as
     `scene_masks` read them); files missing there are hashed now."""
     read = files or {}
@@ -119,7 +121,7 @@ def make_record(sf: SceneFile, *, seed: int, width: int, height: int, steps: int
     files = {str(path): digest for path, digest in files.items()}
     return Record(scene=scene, name=sf.name, seed=seed, model=scene["model"], files=files, device=device,
                   dtype=dtype, config=_absolute(config) if config else None,
-                  timings={k: round(v, 4) for k, v in timings.items()})
+                  timings={k: round(v, 4) for k, v in timings.items()}, family=family)
 
 
 # The samplers as other image tools (AUTOMATIC1111's web UI and those that read its `parameters`) name them.
@@ -141,7 +143,8 @@ def parameters_text(record: Record) -> str:
     steps = s.get("steps") or len(s.get("timesteps") or [])
     pairs = {"Steps": steps, "Sampler": SAMPLER_NAMES.get(s["scheduler"], s["scheduler"]),
              "CFG scale": s["guidance_scale"], "Seed": record.seed,
-             "Size": f"{s['width']}x{s['height']}", "Model": record.model, "Layers": len(s["layers"]),
+             "Size": f"{s['width']}x{s['height']}", "Model": record.model,
+             **({"Model family": record.family} if record.family else {}), "Layers": len(s["layers"]),
              "Version": f"smd {record.version}"}
     lines = [prompts] + ([f"Negative prompt: {'; '.join(negatives)}"] if negatives else [])
     return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in pairs.items())])
@@ -157,6 +160,7 @@ def chunks(record: Record) -> dict[str, str]:
         "smd-version": record.version,
         "smd-seed": str(record.seed),
         "smd-model": record.model,
+        "smd-family": record.family,
         "smd-device": record.device,
         "smd-dtype": record.dtype,
         "smd-timings": json.dumps(record.timings),
@@ -265,7 +269,8 @@ def read_record(path: str | Path) -> Record:
     return Record(scene=scene, name=text.get("smd-name", path.stem), seed=seed,
                   model=text.get("smd-model", scene.get("model", "")), files=recorded,
                   version=text.get("smd-version", "?"), device=text.get("smd-device", ""),
-                  dtype=text.get("smd-dtype", ""), config=text.get("smd-config"), timings=timings)
+                  dtype=text.get("smd-dtype", ""), config=text.get("smd-config"), timings=timings,
+                  family=text.get("smd-family", ""))
 
 
 def _xmp_chunks(xmp: Any, path: Path) -> dict[str, str]:
@@ -317,8 +322,8 @@ def _record_problem(scene: Any, recorded: Any, timings: Any, seed: int) -> str |
 def as_dict(record: Record) -> dict[str, Any]:
     """Everything recorded, with each file's hash checked now, for `smd show`."""
     files = {path: {"sha256": record.files[path], "now": status} for path, status in record.check_files()}
-    doc = {"name": record.name, "smd": record.version, "model": record.model, "seed": record.seed,
-           "device": record.device, "dtype": record.dtype, "timings": record.timings}
+    doc = {"name": record.name, "smd": record.version, "model": record.model, "family": record.family or None,
+           "seed": record.seed, "device": record.device, "dtype": record.dtype, "timings": record.timings}
     if record.config:
         doc["config"] = record.config
     doc.update(files=files, scene=record.scene)

@@ -28,8 +28,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-# SD1.x UNets condition on CLIP ViT-L/14 states of width 768: the LCM LoRA for SD1.5 fits those.
-SD1_CROSS_ATTENTION_DIM = 768
+# The UNet text width each family's LCM LoRA was trained on: CLIP ViT-L/14's 768 for SD 1.x, both
+# SDXL encoders' 768 + 1280 side by side for SDXL. A LoRA fits a UNet of its family and width.
+LCM_LORA_WIDTHS = {"sd": 768, "sdxl": 2048}
+# The diffusers pipeline class of each family.
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
 
 class SlowDeviceWarning(UserWarning):
@@ -38,7 +41,7 @@ class SlowDeviceWarning(UserWarning):
 
 @dataclass
 class Components:
-    """The loaded parts of a Stable Diffusion model, ready on one device."""
+    """The loaded parts of a Stable Diffusion (1.x, 2.x or XL) model, ready on one device."""
 
     unet: Any
     vae: Any
@@ -49,6 +52,41 @@ class Components:
     lcm_lora: str | None = None
     vae_source: str | None = None
     config: str | None = None  # the folder whose configs a single-file model was read with
+    text_encoder_2: Any = None  # SDXL's second encoder (with projection) and its tokenizer
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is zero conditioning
+
+    @property
+    def family(self) -> str:
+        return family_of(self.unet.config)
+
+
+def family_of(unet_config) -> str:
+    """`sdxl` for a UNet that takes pooled text and sizes beside the token states (SDXL's
+    `addition_embed_type: text_time`), else `sd` (SD 1.x and 2.x)."""
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
+
+
+def model_family(model: str | None, config: str | None = None) -> str | None:
+    """A model's family, read from its UNet config (a local folder, the hub cache, or `config` for a
+    single file) or a single .safetensors file's key names, loading nothing; None when unknown."""
+    unet = config_json(config, "unet/config.json") if config else config_json(model, "unet/config.json")
+    if unet is not None:
+        return family_of(unet)
+    path = Path(model or defaults.MODEL).expanduser()
+    if is_file(path) and path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as handle:  # the header only
+                keys = list(handle.keys())
+        except Exception:  # not a checkpoint safetensors can open: diffusers says why when it loads
+            return None
+        if any(k.startswith("conditioner.embedders.1.") for k in keys):
+            return "sdxl"
+        if any(k.startswith("model.diffusion_model.") for k in keys):
+            return "sd"
+    return None
 
 
 def resolve_device(device: Any = None) -> torch.device:
@@ -164,7 +202,7 @@ def _offline() -> bool:
 
 # The files smd needs of each kind of repository, so that a download fetches no other checkpoint.
 NEEDED_FILES = {"model": ('"*.json"', '"*.txt"', '"*/diffusion_pytorch_model.safetensors"',
-                          '"text_encoder/model.safetensors"'),
+                          '"text_encoder/model.safetensors"', '"text_encoder_2/model.safetensors"'),
                 "LCM LoRA": ('"*.safetensors"',), "VAE": ("config.json", "diffusion_pytorch_model.safetensors")}
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -290,11 +328,9 @@ def _unreachable(exc: BaseException) -> bool:
 
 
 def load_pipeline(model: str, *, dtype: torch.dtype, config: str | None = None):
-    """A diffusers `StableDiffusionPipeline` from a hub id, a local folder or a single file."""
-    from diffusers import StableDiffusionPipeline
-
+    """A diffusers `StableDiffusionPipeline` or `StableDiffusionXLPipeline` (the family the UNet's
+    config says) from a hub id, a local folder or a single file."""
     _quiet_hub()
-    common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, feature_extractor=None)
     path = Path(model).expanduser()
     if is_file(path) or model.endswith(SINGLE_FILE_SUFFIXES):
         if not is_file(path):
@@ -304,37 +340,60 @@ def load_pipeline(model: str, *, dtype: torch.dtype, config: str | None = None):
             offline = (f"cannot load single-file model {path}: diffusers needs the configs of its architecture "
                        "and cannot reach the Hugging Face hub for them" + hint)
             with _loading(str(path), "single-file model", hint, offline):
-                return StableDiffusionPipeline.from_single_file(str(path), **common)
+                cls = _pipeline_class(model_family(model))
+                return cls.from_single_file(str(path), **_loading_options(cls, dtype))
         if not is_file(Path(config) / "model_index.json"):
             raise ModelError(f"--config {config} is not a diffusers model folder (it has no model_index.json)")
         with _loading(str(path), "single-file model", f" (with the configs of {config})"):
-            return StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
-                                                            **common)
+            cls = _pipeline_class(model_family(model, config))
+            return cls.from_single_file(str(path), config=str(config), local_files_only=True,
+                                        **_loading_options(cls, dtype))
     if is_dir(path):
         if not is_file(path / "model_index.json"):
             raise ModelError(f"model folder {path} has no model_index.json; it is not a diffusers model folder")
         with _loading(str(path), "model"):
-            return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **common)
+            cls = _pipeline_class(model_family(str(path)))
+            return cls.from_pretrained(str(path), local_files_only=True, **_loading_options(cls, dtype))
     if _looks_like_path(model):
         raise ModelError(f"model folder or file not found: {path}")
     with _loading(model, "model"):
-        return StableDiffusionPipeline.from_pretrained(model, local_files_only=_offline(), **common)
+        family = model_family(model)
+        if family is None:  # not in the cache yet: its UNet config says which pipeline to download
+            from huggingface_hub import hf_hub_download
+
+            unet = json.loads(Path(hf_hub_download(model, "unet/config.json", local_files_only=_offline())).read_text())
+            family = family_of(unet)
+        cls = _pipeline_class(family)
+        return cls.from_pretrained(model, local_files_only=_offline(), **_loading_options(cls, dtype))
+
+
+def _pipeline_class(family: str | None):
+    import diffusers
+
+    return getattr(diffusers, PIPELINES[family or "sd"])
+
+
+def _loading_options(cls, dtype: torch.dtype) -> dict:
+    """`from_pretrained` options: the dtype, and no safety checker where the pipeline has one."""
+    if cls.__name__ == PIPELINES["sd"]:
+        return dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, feature_extractor=None)
+    return dict(torch_dtype=dtype)
 
 
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 
 
-def vae_source(vae: str) -> str:
-    """The hub id or folder a `--vae` value names: `tiny` is TAESD."""
-    return defaults.TINY_VAE if vae == "tiny" else vae
+def vae_source(vae: str, family: str = "sd") -> str:
+    """The hub id or folder a `--vae` value names: `tiny` is the family's TAESD (TAESDXL for SDXL)."""
+    return defaults.TINY_VAES[family] if vae == "tiny" else vae
 
 
-def load_vae(vae: str, *, dtype: torch.dtype):
-    """An autoencoder to replace the model's: `tiny` (TAESD), or a hub id or local folder of one,
-    loaded as the class its config.json names."""
+def load_vae(vae: str, *, dtype: torch.dtype, family: str = "sd"):
+    """An autoencoder to replace the model's: `tiny` (the family's TAESD), or a hub id or local
+    folder of one, loaded as the class its config.json names."""
     import diffusers
 
-    name = vae_source(vae)
+    name = vae_source(vae, family)
     path = Path(name).expanduser()
     local = is_dir(path)
     if not local and _looks_like_path(name):
@@ -366,15 +425,17 @@ def guidance_distilled(unet_config) -> bool:
 
 
 def fits_lcm_lora(unet_config) -> bool:
-    """`lcm_lora_fits` from a UNet's config alone."""
-    return not guidance_distilled(unet_config) and unet_config.get("cross_attention_dim") == SD1_CROSS_ATTENTION_DIM
+    """`lcm_lora_fits` from a UNet's config alone: not distilled already, and of the width its
+    family's LCM LoRA was trained on."""
+    return (not guidance_distilled(unet_config)
+            and unet_config.get("cross_attention_dim") == LCM_LORA_WIDTHS[family_of(unet_config)])
 
 
 def chosen_lcm_lora(lcm_lora: str | None, unet_config) -> str | None:
-    """The LCM LoRA a `--lcm-lora` value asks for on a UNet with this config: `auto` the SD1.5 one
-    where it fits (`fits_lcm_lora`), `none` (or None) none, anything else itself."""
+    """The LCM LoRA a `--lcm-lora` value asks for on a UNet with this config: `auto` its family's
+    (SD 1.5's or SDXL's) where it fits (`fits_lcm_lora`), `none` (or None) none, anything else itself."""
     if lcm_lora == "auto":
-        return defaults.LCM_LORA if fits_lcm_lora(unet_config) else None
+        return defaults.LCM_LORAS[family_of(unet_config)] if fits_lcm_lora(unet_config) else None
     return None if lcm_lora in (None, "none") else lcm_lora
 
 
@@ -385,37 +446,80 @@ def apply_lcm_lora(pipe, lcm_lora: str | None) -> str | None:
         return None
     path = Path(lcm_lora).expanduser()
     hint = " (use --lcm-lora none for a model that needs none)"
-    with _loading(lcm_lora, "LCM LoRA", hint):
-        if is_file(path):
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name)
-        elif is_dir(path):
-            pipe.load_lora_weights(str(path))
-        elif _looks_like_path(lcm_lora):
-            raise ModelError(f"LCM LoRA file or folder not found: {path}")
-        else:
-            pipe.load_lora_weights(lcm_lora, local_files_only=_offline())
+    family = family_of(pipe.unet.config)
+    with _loading(lcm_lora, "LCM LoRA", hint), _silenced("diffusers"):  # it logs, then raises: we say it once
+        try:
+            if is_file(path):
+                pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+            elif is_dir(path):
+                pipe.load_lora_weights(str(path))
+            elif _looks_like_path(lcm_lora):
+                raise ModelError(f"LCM LoRA file or folder not found: {path}")
+            else:
+                pipe.load_lora_weights(lcm_lora, local_files_only=_offline())
+        except (RuntimeError, ValueError) as exc:
+            if "size mismatch" not in str(exc):
+                raise
+            name = defaults.FAMILY_NAMES[family]
+            raise ModelError(f"LCM LoRA '{lcm_lora}' does not fit this {name} model: its layers have other sizes "
+                             f"(a LoRA for another model family?); {name}'s is {defaults.LCM_LORAS[family]}, "
+                             "or use --lcm-lora none") from None
         pipe.fuse_lora()
         pipe.unload_lora_weights()
     return lcm_lora
+
+
+@contextlib.contextmanager
+def _silenced(name: str):
+    """No log records from the logger `name` (and its children) inside the block."""
+    log = logging.getLogger(name)
+    saved = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(saved)
+
+
+def check_runnable(model: str, unet_config, *, has_text_encoder: bool = True) -> None:
+    """Refuse, with the reason, the models of a family that the region sampler cannot drive: UNets
+    that take more than the latent (inpainting UNets' 9 channels) and SDXL's refiner."""
+    if unet_config is None:
+        return
+    channels = unet_config.get("in_channels", 4)
+    if channels != 4:
+        raise ModelError(f"model '{model}': its UNet takes {channels} input channels (an inpainting or other "
+                         "specialised UNet); smd needs a text-to-image UNet with 4, and inpaints with it by "
+                         "painting layers over the picture (smd inpaint)")
+    if family_of(unet_config) == "sdxl" and not has_text_encoder:  # the refiner has only the second encoder
+        raise ModelError(f"model '{model}' is an SDXL refiner, which smd does not run; use an SDXL base model "
+                         "or a fine-tune of one")
 
 
 def load_components(model: str | None = None, *, device: torch.device, dtype: torch.dtype,
                     lcm_lora: str | None = "auto", config: str | None = None, vae: str | None = None) -> Components:
     """Load a model onto `device`, with the LCM LoRA fused and the VAE replaced where asked for."""
     model = model or defaults.MODEL
+    check_runnable(model, config_json(config, "unet/config.json") if config else config_json(model, "unet/config.json"))
     try:
         pipe = load_pipeline(model, dtype=dtype, config=config)
     except ModelError as exc:  # offline: name every download the run needs, not only the first
-        lora = defaults.LCM_LORA if lcm_lora == "auto" else lcm_lora
+        family = model_family(model, config) or "sd"
+        lora = defaults.LCM_LORAS[family] if lcm_lora == "auto" else lcm_lora
         if exc.offline and lora and lora != "none" and not _looks_like_path(lora) and not in_cache(lora, LORA_FILE):
             more = ModelError(f"{exc}; then the LCM LoRA too: `{download_command(lora, 'LCM LoRA')}`")
             more.offline = True
             raise more from None
         raise
+    check_runnable(model, pipe.unet.config, has_text_encoder=getattr(pipe, "text_encoder", None) is not None)
     applied = apply_lcm_lora(pipe, lcm_lora)
+    family = family_of(pipe.unet.config)
     if vae:
-        pipe.vae = load_vae(vae, dtype=dtype)
+        pipe.vae = load_vae(vae, dtype=dtype, family=family)
     pipe.to(device)
     return Components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                       scheduler_config=dict(pipe.scheduler.config), source=model, lcm_lora=applied,
-                      vae_source=vae_source(vae) if vae else None, config=config)
+                      vae_source=vae_source(vae, family) if vae else None, config=config,
+                      text_encoder_2=getattr(pipe, "text_encoder_2", None),
+                      tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                      force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False)))

@@ -23,8 +23,8 @@ from PIL import Image
 from smd_cli import defaults
 from smd_cli import masks as mask_ops
 from smd_cli.errors import ModelError, SmdError
-from smd_cli.family import Conditioning, PromptTruncatedWarning, StableDiffusion, runs_unconditional
-from smd_cli.memory import auto_max_batch, available_memory, unet_channels
+from smd_cli.family import Conditioning, Placement, PromptTruncatedWarning, make_family, runs_unconditional
+from smd_cli.memory import auto_max_batch, available_memory
 from smd_cli.models import Components, load_components, resolve_device, resolve_dtype, warn_if_slow
 from smd_cli.defaults import prefixed
 from smd_cli.prepare import Layers, Request, prepare_layers, prepare_text
@@ -33,7 +33,8 @@ from smd_cli.views import layout, view_sizes
 
 TEXT_CACHE_SIZE = 256  # remembered prompt encodings
 CIRCULAR_DECODE_PAD = 8  # latent columns wrapped around each side before decoding a 360-degree canvas
-SUPPORTED_SD_VERSIONS = ("1.5", "1.4", "1", "2.0", "2.1", "2")
+# sd_version names the family a caller expects; the model's UNet config decides (`models.family_of`).
+SD_VERSIONS = {"1.5": "sd", "1.4": "sd", "1": "sd", "2.0": "sd", "2.1": "sd", "2": "sd", "xl": "sdxl", "sdxl": "sdxl"}
 
 
 def seed_everything(seed: int) -> None:
@@ -75,14 +76,16 @@ class StableMultiDiffusionPipeline:
     """Region-based multi-prompt text-to-image generation (StreamMultiDiffusion, SPEC section 3).
 
     `StableMultiDiffusionPipeline(device, hf_key=..., sd_version='1.5')` loads a model (a hub id,
-    a local diffusers folder or a .safetensors file); `from_components` wraps loaded parts.
+    a local diffusers folder or a .safetensors file) of SD 1.x, 2.x or XL, the family told by its
+    UNet's config; `sd_version` (None: any) only checks that it is the family expected.
+    `from_components` wraps loaded parts.
     """
 
-    def __init__(self, device: Any = None, hf_key: str | None = None, sd_version: str = "1.5", *,
+    def __init__(self, device: Any = None, hf_key: str | None = None, sd_version: str | None = None, *,
                  dtype: Any = None, lcm_lora: str | None = "auto", config: str | None = None,
                  vae: str | None = None, use_tiny_vae: bool = False, components: Components | None = None):
-        if str(sd_version) not in SUPPORTED_SD_VERSIONS:
-            raise ModelError(f"sd_version {sd_version!r} is not supported; smd runs SD 1.x and 2.x models")
+        if sd_version is not None and str(sd_version) not in SD_VERSIONS:
+            raise ModelError(f"sd_version {sd_version!r} is not supported; use one of {', '.join(SD_VERSIONS)}")
         self.device = resolve_device(device)
         if device in (None, "auto"):
             warn_if_slow(self.device)
@@ -91,37 +94,51 @@ class StableMultiDiffusionPipeline:
             components = load_components(hf_key, device=self.device, dtype=self.dtype, lcm_lora=lcm_lora,
                                          config=config, vae=vae or ("tiny" if use_tiny_vae else None))
         self.components = components
+        expected = SD_VERSIONS.get(str(sd_version))
+        if expected is not None and expected != components.family:
+            raise ModelError(f"sd_version {sd_version!r} expects an {defaults.FAMILY_NAMES[expected]} model, but "
+                             f"{components.source} is {defaults.FAMILY_NAMES[components.family]}; leave out sd_version "
+                             "to take the model's own")
         if self.dtype == torch.float16 and components.vae.config.get("force_upcast", False):
             components.vae.to(torch.float32)  # SD's VAE overflows to NaN in float16; its config says so
-        self.family = StableDiffusion(unet=components.unet, vae=components.vae, text_encoder=components.text_encoder,
-                                      tokenizer=components.tokenizer, scheduler_config=components.scheduler_config,
-                                      device=self.device, dtype=self.dtype)
+        self.family = make_family(components, device=self.device, dtype=self.dtype)
         self._white: torch.Tensor | None = None
         self._text_cache: dict[str, Conditioning] = {}
 
     @classmethod
-    def from_components(cls, *, unet, vae, text_encoder, tokenizer, scheduler=None, device: Any = None,
+    def from_components(cls, *, unet, vae, text_encoder, tokenizer, scheduler=None, text_encoder_2=None,
+                        tokenizer_2=None, force_zeros_for_empty_prompt: bool = False, device: Any = None,
                         dtype: Any = None) -> "StableMultiDiffusionPipeline":
-        """Wrap already loaded diffusers/transformers components (moved to `device`)."""
+        """Wrap already loaded diffusers/transformers components (moved to `device`); SDXL's second
+        text encoder and tokenizer too."""
         resolved = resolve_device(device if device is not None else unet.device)
         dtype = resolve_dtype(dtype if dtype is not None else unet.dtype, resolved)
-        for module in (unet, vae, text_encoder):
-            module.to(resolved, dtype)
+        for module in (unet, vae, text_encoder, text_encoder_2):
+            if module is not None:
+                module.to(resolved, dtype)
         config = dict(scheduler.config) if scheduler is not None else {}
         return cls(resolved, dtype=dtype, components=Components(
-            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=config))
+            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=config,
+            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt))
 
     @classmethod
     def from_pipe(cls, pipe, device: Any = None, dtype: Any = None) -> "StableMultiDiffusionPipeline":
-        """Wrap a loaded diffusers `StableDiffusionPipeline`."""
+        """Wrap a loaded diffusers `StableDiffusionPipeline` or `StableDiffusionXLPipeline`."""
         return cls.from_components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
-                                   tokenizer=pipe.tokenizer, scheduler=pipe.scheduler, device=device, dtype=dtype)
+                                   tokenizer=pipe.tokenizer, scheduler=pipe.scheduler,
+                                   text_encoder_2=getattr(pipe, "text_encoder_2", None),
+                                   tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                                   force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt")),
+                                   device=device, dtype=dtype)
 
     # The model's parts, as the family holds them (the UNet may be a compiled one).
     unet = property(lambda self: self.family.unet)
     vae = property(lambda self: self.family.vae)
     text_encoder = property(lambda self: self.family.text_encoder)
     tokenizer = property(lambda self: self.family.tokenizer)
+    text_encoder_2 = property(lambda self: getattr(self.family, "text_encoder_2", None))
+    tokenizer_2 = property(lambda self: getattr(self.family, "tokenizer_2", None))
     scheduler = property(lambda self: self.family.scheduler)
 
     @property
@@ -136,9 +153,10 @@ class StableMultiDiffusionPipeline:
     # What the step loop and the stream ask of the model
 
     def schedule(self, steps: int | None = None, timesteps: Sequence[int] | None = None,
-                 scheduler: str = defaults.SCHEDULER) -> Schedule:
-        """The step schedule (SPEC 1, 3) for `scheduler`: lcm (default 5 steps), ddim or euler (50 steps)."""
-        return self.family.schedule(scheduler, steps, timesteps)
+                 scheduler: str = defaults.SCHEDULER, spacing: str | None = None) -> Schedule:
+        """The step schedule (SPEC 1, 3) for `scheduler`: lcm (default 5 steps), ddim or euler (50
+        steps, spaced as the model's config says or as `spacing` says)."""
+        return self.family.schedule(scheduler, steps, timesteps, spacing)
 
     def runs_unconditional(self, guidance_scale: float) -> bool:
         """Whether guidance at this scale runs an unconditional pass on this model (SPEC 3.3)."""
@@ -158,9 +176,10 @@ class StableMultiDiffusionPipeline:
         return Conditioning.cat([rows[p] for p in prompts])
 
     def predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
-                guidance_scale: float = 1.0) -> torch.Tensor:
-        """The model's noise prediction (float32) for latents x at timestep(s) t (SPEC 3.3)."""
-        return self.family.predict(x, t, cond, guidance_scale)
+                guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
+        """The model's noise prediction (float32) for latents x at timestep(s) t (SPEC 3.3), each row
+        placed on the canvas as `placement` says (default: x is the whole canvas)."""
+        return self.family.predict(x, t, cond, guidance_scale, placement)
 
     def encode_image(self, image: Image.Image) -> torch.Tensor:
         """The latent of a picture (SPEC 2.3), at the picture's own size."""
@@ -224,12 +243,13 @@ class StableMultiDiffusionPipeline:
     def auto_max_batch(self, window: tuple[int, int], cfg: bool) -> int:
         """(layer, view) pairs per UNet call: from free memory on CUDA, a modest fixed number elsewhere."""
         free = available_memory(self.device) if self.device.type == "cuda" else None
-        return auto_max_batch(free, window[0] * window[1], unet_channels=unet_channels(self.unet.config),
+        return auto_max_batch(free, window[0] * window[1], unet_config=self.unet.config,
                               dtype_bytes=torch.finfo(self.dtype).bits // 8, cfg=cfg)
 
     def _predictor(self, cond: Conditioning, uncond: Conditioning | None, guidance_scale: float,
-                   pad: int | None = None):
-        """`predict(x, t, layers)` for the sampler: the noise with classifier-free guidance (SPEC 3.3).
+                   canvas: tuple[int, int], pad: int | None = None):
+        """`predict(x, t, layers, corners)` for the sampler: the noise with classifier-free guidance
+        (SPEC 3.3), each row placed on the latent `canvas` at its window's corner.
 
         With `pad` (the largest batch), a batch is padded with copies of its last pair up to the
         next power of two, or `pad` (and the padding dropped from the result): a compiled UNet then
@@ -237,18 +257,20 @@ class StableMultiDiffusionPipeline:
         remainder, and halving on out-of-memory still shrinks the batch.
         """
 
-        def predict(x: torch.Tensor, t: float, layers: Sequence[int]) -> torch.Tensor:
-            count, layers = len(x), list(layers)
+        def predict(x: torch.Tensor, t: float, layers: Sequence[int],
+                    corners: Sequence[tuple[int, int]]) -> torch.Tensor:
+            count, layers, corners = len(x), list(layers), list(corners)
             size = min(1 << (count - 1).bit_length(), max(pad or 0, count))
             if pad and size > count:
                 x = torch.cat([x, x[-1:].expand(size - count, *x.shape[1:])])
                 layers += [layers[-1]] * (size - count)
+                corners += [corners[-1]] * (size - count)
             index = torch.as_tensor(layers, device=cond.states.device)
             if uncond is None:
-                return self.predict(x, t, cond[index], guidance_scale)[:count]
+                return self.predict(x, t, cond[index], guidance_scale, Placement(canvas, corners))[:count]
             # Both halves in one batch.
             eps_u, eps_c = self.predict(torch.cat([x, x]), t, Conditioning.cat([uncond[index], cond[index]]),
-                                        guidance_scale).chunk(2)
+                                        guidance_scale, Placement(canvas, corners + corners)).chunk(2)
             return (eps_u + guidance_scale * (eps_c - eps_u))[:count]
 
         return predict
@@ -271,7 +293,7 @@ class StableMultiDiffusionPipeline:
         f = self.vae_scale_factor
         request.check(f)
         height, width = request.height, request.width
-        schedule = self.schedule(request.steps, request.timesteps, request.scheduler)
+        schedule = self.schedule(request.steps, request.timesteps, request.scheduler, request.timestep_spacing)
 
         # 2. Prepare masks (SPEC 2.2): the uncovered area becomes a background layer at the bottom.
         layers = prepare_layers(
@@ -281,7 +303,8 @@ class StableMultiDiffusionPipeline:
 
         # 3. Encode prompts (SPEC 2.1), mixing toward the background prompt by prompt strength.
         cond, uncond = prepare_text(self.encode_prompts, layers, request.background_prompt,
-                                    request.background_negative_prompt, self.runs_unconditional(request.guidance_scale))
+                                    request.background_negative_prompt, self.runs_unconditional(request.guidance_scale),
+                                    self.family.empty_negative())
 
         # 4. Prepare latents: initial noise, and the flat images for bootstrapping (SPEC 2.3).
         shape = (1, self.family.channels, height // f, width // f)
@@ -300,7 +323,7 @@ class StableMultiDiffusionPipeline:
         max_batch = max_batch or self.auto_max_batch((min(window, shape[2]), min(window, shape[3])),
                                                      uncond is not None)
         x0 = sample(
-            self._predictor(cond, uncond, request.guidance_scale, pad=max_batch if self.compiled else None),
+            self._predictor(cond, uncond, request.guidance_scale, shape[2:], pad=max_batch if self.compiled else None),
             latents, schedule,
             layers.step_masks, views=views, bootstrap_steps=request.bootstrap_steps,
             bootstrap_mix_steps=request.bootstrap_mix_steps, leak_sensitivity=request.leak_sensitivity,
@@ -333,6 +356,7 @@ class StableMultiDiffusionPipeline:
         num_inference_steps: int | None = None,
         timesteps: Sequence[int] | None = None,
         scheduler: str = defaults.SCHEDULER,
+        timestep_spacing: str | None = None,
         guidance_scale: float = defaults.GUIDANCE_SCALE,
         prompt_strengths: float | Sequence[float] | None = None,
         masks: Any = None,
@@ -365,6 +389,8 @@ class StableMultiDiffusionPipeline:
         `generator` for reproducible results. While bootstrapping, each layer is centred in its view
         unless `bootstrap_centre=False`. `region_crop=True` evaluates each layer only around its mask
         (faster for small regions on large canvases; close to, not equal to, the default).
+        `timestep_spacing` (leading, linspace, trailing) spaces ddim and euler steps other than the
+        model's config says: few-step SDXL distillations want `scheduler="euler"` with `trailing`.
         `output_type` is pil, np ([H, W, 3] in [0, 1]), pt ([3, H, W]) or latent (the clean latent).
         """
         if prompts is None:
@@ -386,9 +412,11 @@ class StableMultiDiffusionPipeline:
         request = Request(
             layers, width, height, background_prompt, prefixed(negative_prompt_prefix, background_negative_prompt),
             None if background is None else mask_ops.fit_picture(background, width, height),
-            num_inference_steps, timesteps, scheduler, guidance_scale, mask_type, cover_alpha, bootstrap_steps,
-            bootstrap_mix_steps, bootstrap_leak_sensitivity, bootstrap_centre, tile_size, tile_stride, tile_weighting,
-            circular, region_crop)
+            steps=num_inference_steps, timesteps=timesteps, scheduler=scheduler, timestep_spacing=timestep_spacing,
+            guidance_scale=guidance_scale, mask_type=mask_type, cover_alpha=cover_alpha,
+            bootstrap_steps=bootstrap_steps, bootstrap_mix_steps=bootstrap_mix_steps,
+            leak_sensitivity=bootstrap_leak_sensitivity, bootstrap_centre=bootstrap_centre, tile_size=tile_size,
+            tile_stride=tile_stride, tile_weighting=tile_weighting, circular=circular, region_crop=region_crop)
         return self.run(request, latents=latents, generator=generator, noises=noises, max_batch=max_batch,
                         skip_empty=skip_empty, callback=callback, output_type=output_type)
 
@@ -403,3 +431,11 @@ class StableMultiDiffusionPipeline:
 
 
 __all__ = ["StableMultiDiffusionPipeline", "seed_everything", "PromptTruncatedWarning"]
+
+
+class StableMultiDiffusionSDXLPipeline(StableMultiDiffusionPipeline):
+    """`StableMultiDiffusionPipeline` for SDXL models, under the original project's name: the same
+    engine, loading refuses a model that is not SDXL (`sd_version='xl'`)."""
+
+    def __init__(self, device: Any = None, hf_key: str | None = None, sd_version: str | None = "xl", **kwargs):
+        super().__init__(device, hf_key, sd_version, **kwargs)

@@ -53,6 +53,7 @@ class Request:
     steps: int | None = None
     timesteps: Sequence[int] | None = None
     scheduler: str = defaults.SCHEDULER
+    timestep_spacing: str | None = None  # ddim and euler: diffusers' spacing (None: the model's)
     guidance_scale: float = defaults.GUIDANCE_SCALE
     mask_type: str = defaults.MASK_TYPE
     cover_alpha: float = defaults.COVER_ALPHA
@@ -101,10 +102,14 @@ def prepare_layers(layers: Layers, schedule: Schedule, *, factor: int, device: t
 
 
 def prepare_text(encode: Callable[[Sequence[str]], Conditioning], layers: Layers, background_prompt: str | None,
-                 background_negative_prompt: str, unconditional: bool) -> tuple[Conditioning, Conditioning | None]:
+                 background_negative_prompt: str, unconditional: bool,
+                 empty_negative: Conditioning | None = None) -> tuple[Conditioning, Conditioning | None]:
     """SPEC 2.1: the conditioning of every layer (and its unconditional one, when guidance runs an
-    unconditional pass), mixed toward the background prompt's by each layer's prompt strength."""
+    unconditional pass), mixed toward the background prompt's by each layer's prompt strength.
+    An empty negative prompt conditions on `empty_negative` where the model gives one (SDXL's
+    zeros), else on the encoding of ""."""
     prompts, negatives, weights = layers.prompts, layers.negatives, layers.prompt_strengths
+    count = len(prompts)
     texts = prompts + (negatives if unconditional else [])
     strengths_below_one = any(w != 1.0 for w in weights)
     mix = bool(background_prompt) and strengths_below_one
@@ -114,7 +119,10 @@ def prepare_text(encode: Callable[[Sequence[str]], Conditioning], layers: Layers
     if mix:
         texts = texts + [background_prompt] + ([background_negative_prompt] if unconditional else [])
     states = encode(texts)
-    count = len(prompts)
+    if empty_negative is not None and unconditional:
+        negative = set(range(count, 2 * count)) | ({len(texts) - 1} if mix else set())
+        states = Conditioning.cat([empty_negative if i in negative and text == "" else states[i : i + 1]
+                                   for i, text in enumerate(texts)])
     cond = states[:count]
     uncond = states[count: 2 * count] if unconditional else None
     if mix:

@@ -66,12 +66,11 @@ def scene_request(sf: SceneFile, masks: SceneMasks) -> Request:
     picture = None if masks.picture is None else fit_picture(masks.picture, masks.width, masks.height)
     return Request(layers, masks.width, masks.height, s.background.prompt,
                    prefixed(prefix, s.background.negative_prompt), picture, steps=s.steps, timesteps=s.timesteps,
-                   scheduler=s.scheduler, guidance_scale=s.guidance_scale, mask_type=s.mask_type,
-                   cover_alpha=s.cover_alpha, bootstrap_steps=s.bootstrap.steps,
+                   scheduler=s.scheduler, timestep_spacing=s.timestep_spacing, guidance_scale=s.guidance_scale,
+                   mask_type=s.mask_type, cover_alpha=s.cover_alpha, bootstrap_steps=s.bootstrap.steps,
                    bootstrap_mix_steps=s.bootstrap.mix_steps, leak_sensitivity=s.bootstrap.leak_sensitivity,
                    bootstrap_centre=s.bootstrap.centre, tile_size=s.tile_size, tile_stride=s.tile_stride,
-                   tile_weighting=s.tile_weighting,
-                   circular=s.circular, region_crop=s.region_crop)
+                   tile_weighting=s.tile_weighting, circular=s.circular, region_crop=s.region_crop)
 
 
 def needs_picture(sf: SceneFile) -> None:
@@ -109,7 +108,7 @@ def generate(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, masks: SceneM
     c = pipe.components
     record = make_record(sf, seed=seed, width=width, height=height, model=c.source, lcm_lora=c.lcm_lora,
                          vae=c.vae_source, config=c.config, device=str(pipe.device), steps=step_count(sf.scene),
-                         dtype=dtype_name(pipe.dtype), timings=timings, files=masks.files)
+                         dtype=dtype_name(pipe.dtype), timings=timings, files=masks.files, family=pipe.family.name)
     return Result(image=image, seed=seed, timings=timings, record=record)
 
 
@@ -145,7 +144,8 @@ def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type:
 
 # Scene keys a stream has no use for, each with the test of a value that asks for what it cannot do.
 STREAM_IGNORED = {"scheduler": lambda v: v != "lcm", "tile_stride": lambda v: v is not None,
-                  "tile_weighting": lambda v: v != defaults.TILE_WEIGHTING, "circular": bool, "region_crop": bool}
+                  "tile_weighting": lambda v: v != defaults.TILE_WEIGHTING, "circular": bool, "region_crop": bool,
+                  "timestep_spacing": lambda v: v is not None}
 # Scene keys a stream takes when it starts (and those it ignores): edits to them need a restart,
 # which `restart_needed` names. Prompts, masks and the background change while it runs.
 STREAM_FIXED = ("model", "lcm_lora", "vae", "width", "height", "seed", "steps", "timesteps", "guidance_scale",

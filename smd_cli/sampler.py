@@ -1,8 +1,9 @@
 """The StreamMultiDiffusion step (SPEC section 3), written once and shared by every command.
 
 Small pure tensor functions carry the paper's formulas; `sample` runs the step loop over them.
-The loop knows nothing of prompts, models or guidance: it calls `predict(x, t, layers)` for the
-noise of a batch of latents, each denoised under the prompt of its layer. The schedules (which
+The loop knows nothing of prompts, models or guidance: it calls `predict(x, t, layers, corners)`
+for the noise of a batch of latents, each denoised under the prompt of its layer, its window's
+top-left corner on the canvas given for models that condition on where a window lies. The schedules (which
 alpha_k, sigma_k and transition each scheduler takes) are small functions beside `Schedule`.
 """
 
@@ -19,7 +20,7 @@ from smd_cli import defaults
 from smd_cli.errors import OutOfMemory, SmdError
 from smd_cli.views import View, full_view
 
-Predict = Callable[[torch.Tensor, Any, Sequence[int]], torch.Tensor]
+Predict = Callable[[torch.Tensor, Any, Sequence[int], Sequence[tuple[int, int]]], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
@@ -110,10 +111,18 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {"lcm": lcm_schedule, "ddim": dd
 
 
 def make_schedule(scheduler: str, config: Mapping, steps: int | None = None,
-                  timesteps: Sequence[int] | None = None) -> Schedule:
-    """The schedule of `scheduler` (one of `defaults.SCHEDULERS`) for a model's scheduler config."""
+                  timesteps: Sequence[int] | None = None, spacing: str | None = None) -> Schedule:
+    """The schedule of `scheduler` (one of `defaults.SCHEDULERS`) for a model's scheduler config;
+    `spacing` (ddim and euler) replaces the config's `timestep_spacing`."""
     if scheduler not in SCHEDULES:
         raise SmdError(f"scheduler must be one of {', '.join(defaults.SCHEDULERS)}, got {scheduler!r}")
+    if spacing is not None:
+        if spacing not in defaults.TIMESTEP_SPACINGS:
+            raise SmdError(f"timestep_spacing must be one of {', '.join(defaults.TIMESTEP_SPACINGS)}, got {spacing!r}")
+        if scheduler == "lcm":
+            raise SmdError("timestep_spacing applies to the ddim and euler schedulers; lcm spaces its steps "
+                           "on its own grid")
+        config = {**config, "timestep_spacing": spacing}
     return SCHEDULES[scheduler](config, steps, timesteps)
 
 
@@ -385,7 +394,8 @@ def predict_pairs(predict: Predict, batch: StepBatch, t: float,
             for members in groups.values():
                 for start in range(0, len(members), chunk):
                     part = members[start : start + chunk]
-                    out = predict(torch.cat([batch.inputs[i] for i in part]), t, [batch.pairs[i][0] for i in part])
+                    out = predict(torch.cat([batch.inputs[i] for i in part]), t, [batch.pairs[i][0] for i in part],
+                                  [batch.windows[i].corner for i in part])
                     for i, e in zip(part, out.split(1)):
                         eps[i] = e
             return eps, (chunk if halved else max_batch)

@@ -191,6 +191,7 @@ class Scene(_Model):
     steps: Annotated[StrictInt, Field(ge=1, le=defaults.MAX_STEPS)] | None = None
     timesteps: Annotated[list[Annotated[StrictInt, Field(ge=0, le=9999)]], Field(min_length=1)] | None = None
     scheduler: Literal[defaults.SCHEDULERS] = defaults.SCHEDULER  # type: ignore[valid-type]
+    timestep_spacing: Literal[defaults.TIMESTEP_SPACINGS] | None = None  # type: ignore[valid-type]
     guidance_scale: Annotated[float, Field(strict=True, ge=0.0,
                                            le=defaults.MAX_GUIDANCE_SCALE)] = defaults.GUIDANCE_SCALE
     mask_type: Literal[defaults.MASK_TYPES] = defaults.MASK_TYPE  # type: ignore[valid-type]
@@ -526,6 +527,9 @@ def _check_consistency(sf: SceneFile) -> list[SceneError]:
         if s.steps is not None and s.steps != len(s.timesteps):
             problems.append(sf.error(("steps",), f"says {s.steps} steps but timesteps lists {len(s.timesteps)}; "
                                                  "give one of them"))
+    if s.timestep_spacing is not None and s.scheduler == "lcm":
+        problems.append(sf.error(("timestep_spacing",), "applies to the ddim and euler schedulers; lcm spaces its "
+                                                        "steps on its own grid (set scheduler: euler, or remove it)"))
     seen: dict[str, int] = {}
     for i, layer in enumerate(s.layers):
         if layer.name is None:

@@ -19,7 +19,7 @@ from PIL import Image
 from smd_cli import defaults
 from smd_cli import masks as mask_ops
 from smd_cli.errors import SmdError
-from smd_cli.family import Conditioning
+from smd_cli.family import Conditioning, Placement
 from smd_cli.pipeline import StableMultiDiffusionPipeline
 from smd_cli.prepare import Layers, prepare_layers, prepare_text
 from smd_cli.sampler import active_pairs, randn, renoise, step_inputs, step_output
@@ -73,7 +73,7 @@ class StreamMultiDiffusion:
                 raise SmdError(f"StreamMultiDiffusion(pipeline=...) streams from that pipeline's model; "
                                f"{', '.join(given)} would be ignored: leave them out, or leave out pipeline")
         self.pipe = pipeline or StableMultiDiffusionPipeline(
-            device, hf_key=hf_key, sd_version=sd_version or "1.5", dtype=dtype,
+            device, hf_key=hf_key, sd_version=sd_version, dtype=dtype,
             lcm_lora="auto" if lcm_lora is None else lcm_lora, vae=vae,
             use_tiny_vae=True if use_tiny_vae is None else use_tiny_vae)
         pipe = self.pipe
@@ -194,7 +194,8 @@ class StreamMultiDiffusion:
             blur_cache=self._blur_cache)
         self._cond, self._uncond = prepare_text(self.pipe.encode_prompts, self._prepared, self.background_prompt,
                                                 self.background_negative_prompt,
-                                                self.pipe.runs_unconditional(self.guidance_scale))
+                                                self.pipe.runs_unconditional(self.guidance_scale),
+                                                self.pipe.family.empty_negative())
         self._active = active_pairs(self._prepared.step_masks, self.views)
         if self.stock is None or self.stock.shape[1] != len(self._prepared.prompts):
             self.stock = None  # layers were added or removed: restart the residual noise
@@ -238,12 +239,15 @@ class StreamMultiDiffusion:
         x = torch.cat([x for b in batches for x in b.inputs])
         t = torch.tensor([self.schedule.timesteps[b.k] for b in batches for _ in b.pairs], device=pipe.device)
         layers = torch.tensor([p for b in batches for p, _ in b.pairs], device=pipe.device)
+        corners = [w.corner for b in batches for w in b.windows]
+        placed = Placement(self.shape[2:], corners)
         cond = self._cond[layers]
         if self._uncond is None:  # no unconditional pass: cfg_type none, guidance <= 1, or a distilled model
-            return pipe.predict(x, t, cond, g)
+            return pipe.predict(x, t, cond, g, placed)
         if self.cfg_type == "full":
             eps_u, eps_c = pipe.predict(torch.cat([x, x]), torch.cat([t, t]),
-                                        Conditioning.cat([self._uncond[layers], cond]), g).chunk(2)
+                                        Conditioning.cat([self._uncond[layers], cond]), g,
+                                        Placement(self.shape[2:], corners + corners)).chunk(2)
             return eps_u + g * (eps_c - eps_u)
         # Residual guidance: the unconditional noise is delta times the stock noise, which starts as
         # the noise each stage's latent holds and then carries its residual down the stages.
@@ -251,14 +255,15 @@ class StreamMultiDiffusion:
         first = len(batches[0].pairs)
         if self.cfg_type == "initialize":  # one extra unconditional pass, for stage 0 only
             out = pipe.predict(torch.cat([x, x[:first]]), torch.cat([t, t[:first]]),
-                               Conditioning.cat([cond, self._uncond[layers[:first]]]), g)
+                               Conditioning.cat([cond, self._uncond[layers[:first]]]), g,
+                               Placement(self.shape[2:], corners + corners[:first]))
             eps_c, eps_u0 = out[: len(x)], out[len(x):]
             for i, (p, _) in enumerate(batches[0].pairs):
                 window = batches[0].windows[i]
                 held = window.crop(stock[0, p : p + 1])
                 stock[0, p] = _paste(stock[0, p], batches[0].uncentred(i, eps_u0[i : i + 1], held)[0], window)
         else:
-            eps_c = pipe.predict(x, t, cond, g)
+            eps_c = pipe.predict(x, t, cond, g, placed)
         # A centred input holds its noise moved with it, the noise moved out wrapping round (SPEC 3.2).
         eps_u = torch.cat([torch.roll(b.windows[i].crop(stock[b.k, p : p + 1]), b.shifts[i], dims=(-2, -1))
                            for b in batches for i, (p, _) in enumerate(b.pairs)])
@@ -344,3 +349,15 @@ def _paste(target: torch.Tensor, value: torch.Tensor, view) -> torch.Tensor:
     region = view.crop(out)
     view.add_into(out, value[None] - region)
     return out[0]
+
+
+class StreamMultiDiffusionSDXL(StreamMultiDiffusion):
+    """`StreamMultiDiffusion` for SDXL models, under the original project's name: loading (or the
+    `pipeline` given) must be SDXL."""
+
+    def __init__(self, device: Any = None, hf_key: str | None = None, sd_version: str | None = None, **kwargs):
+        pipeline = kwargs.get("pipeline")
+        if pipeline is not None and pipeline.family.name != "sdxl":
+            raise SmdError(f"StreamMultiDiffusionSDXL streams SDXL models; this pipeline's model is "
+                           f"{defaults.FAMILY_NAMES[pipeline.family.name]}: use StreamMultiDiffusion")
+        super().__init__(device, hf_key, sd_version or (None if pipeline is not None else "xl"), **kwargs)

@@ -32,6 +32,12 @@ class View:
         t = t[..., self.rows, :]
         return t[..., self.cols] if isinstance(self.cols, slice) else t.index_select(-1, self.cols)
 
+    @property
+    def corner(self) -> tuple[int, int]:
+        """(top, left): where the window starts on the canvas (a wrapping window, at its first column)."""
+        left = self.cols.start if isinstance(self.cols, slice) else int(self.cols[0])
+        return self.rows.start, left
+
     def sub(self, r0: int, r1: int, c0: int, c1: int) -> "View":
         """The part [r0:r1, c0:c1] of this view (coordinates within the view), with its weights."""
         rows = slice(self.rows.start + r0, self.rows.start + r1)

@@ -41,6 +41,14 @@ def tiny_model_f8(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny SDXL-shaped model folder: a `text_time` UNet and two text encoders (VAE factor 2)."""
+    from tinymodel import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
 def pipe(tiny_model):
     from smd_cli import StableMultiDiffusionPipeline
 

@@ -30,6 +30,10 @@ def unet_to_ldm(state: dict, layers_per_block: int) -> dict:
         name = None
         if key.startswith("time_embedding.linear_1."):
             name = "time_embed.0." + parts[-1]
+        elif key.startswith("add_embedding.linear_1."):  # SDXL: pooled text and size numbers
+            name = "label_emb.0.0." + parts[-1]
+        elif key.startswith("add_embedding.linear_2."):
+            name = "label_emb.0.2." + parts[-1]
         elif key.startswith("time_embedding.linear_2."):
             name = "time_embed.2." + parts[-1]
         elif key.startswith("conv_in."):
@@ -96,16 +100,54 @@ def vae_to_ldm(state: dict, blocks: int) -> dict:
     return out
 
 
+OPEN_CLIP = [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+
+
+def open_clip_to_ldm(state: dict, prefix: str) -> dict:
+    """SDXL's second text encoder in OpenCLIP's layout: fused q/k/v, a transposed projection."""
+    out = {}
+    fused: dict[str, dict[str, object]] = {}
+    for key, value in state.items():
+        name = key.removeprefix("text_model.")
+        if name == "embeddings.token_embedding.weight":
+            out[prefix + "token_embedding.weight"] = value
+        elif name == "embeddings.position_embedding.weight":
+            out[prefix + "positional_embedding"] = value
+        elif name.startswith("final_layer_norm."):
+            out[prefix + "ln_final." + name.split(".")[-1]] = value
+        elif name == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T
+        elif name.startswith("encoder.layers."):
+            parts = name.split(".")
+            block, rest = f"{prefix}transformer.resblocks.{parts[2]}.", ".".join(parts[3:])
+            if parts[3] == "self_attn" and parts[4] in ("q_proj", "k_proj", "v_proj"):
+                fused.setdefault(f"{block}attn.in_proj_{parts[5]}", {})[parts[4]] = value
+            else:
+                out[block + _rename(rest, OPEN_CLIP)] = value
+        elif name != "embeddings.position_ids":
+            raise KeyError(f"no OpenCLIP name for text encoder parameter {key}")
+    import torch
+
+    for name, parts in fused.items():
+        out[name] = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+    return out
+
+
 def write_single_file(model_folder: Path, target: Path) -> Path:
-    """Save a tiny diffusers SD folder as an LDM-layout .safetensors file."""
-    from diffusers import StableDiffusionPipeline
+    """Save a tiny diffusers SD or SDXL folder as an LDM-layout .safetensors file."""
+    from diffusers import DiffusionPipeline
     from safetensors.torch import save_file
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_folder), safety_checker=None)
+    xl = (Path(model_folder) / "text_encoder_2").is_dir()
+    pipe = DiffusionPipeline.from_pretrained(str(model_folder), **({} if xl else {"safety_checker": None}))
     state = unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block)
     state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
+    first = "conditioner.embedders.0.transformer." if xl else "cond_stage_model.transformer."
     for key, value in pipe.text_encoder.state_dict().items():
         key = key if key.startswith("text_model.") else "text_model." + key
-        state["cond_stage_model.transformer." + key] = value
+        state[first + key] = value
+    if xl:
+        state.update(open_clip_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
     save_file({k: v.contiguous() for k, v in state.items()}, str(target))
     return target

@@ -1,4 +1,4 @@
-"""Tiny random Stable Diffusion components, saved as a real local model folder.
+"""Tiny random Stable Diffusion (1.x and XL) components, saved as a real local model folder.
 
 No weights can be downloaded in tests, so every component is built from a small config with a
 fixed seed and written with `save_pretrained`, and smd then loads it through its real loading code.
@@ -109,6 +109,74 @@ def build_tiny_pipeline(folder: Path, *, lcm_distilled: bool = False, seed: int 
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def _clip_config(hidden: int, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=hidden, intermediate_size=37,
+                          layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, pad_token_id=1,
+                          vocab_size=1000, hidden_act="gelu", **extra)
+
+
+def build_tiny_sdxl(folder: Path, *, seed: int = 0, vae_blocks: int = 2, lcm_distilled: bool = False) -> Path:
+    """Tiny random SDXL components saved as a diffusers folder: a UNet with the `text_time`
+    addition (pooled text and six size numbers), two CLIP text encoders, the second with a
+    projection, their tokenizers, a VAE that downscales by 2 ** (vae_blocks - 1)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 size numbers x 8 + the pooled 32
+        cross_attention_dim=80,  # both encoders' states side by side: 32 + 48
+        norm_num_groups=4,
+        time_cond_proj_dim=16 if lcm_distilled else None,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8,) * (vae_blocks - 1) + (16,),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    text_encoder = CLIPTextModel(_clip_config(32))
+    # Widths differ, as in SDXL (768 and 1280): single-file loading tells the encoders apart by width.
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(48, projection_dim=32))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+        tokenizer_2 = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                                    model_max_length=77, pad_token="!")
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        timestep_spacing="leading", steps_offset=1, interpolation_type="linear", prediction_type="epsilon",
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, scheduler=scheduler, force_zeros_for_empty_prompt=True,
     )
     pipe.save_pretrained(folder)
     return folder
