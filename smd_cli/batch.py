@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 from smd_cli import defaults
 from smd_cli.distributed import Shard
-from smd_cli.errors import SmdError, unexpected
+from smd_cli.errors import SignalsHeld, SmdError, unexpected
 
 if TYPE_CHECKING:
     import torch
@@ -614,26 +614,50 @@ def run(plan: Plan, options: Options, *, on_event: OnEvent | None = None,
         def spent() -> float:  # an image's seconds leave out loading a model
             return time.perf_counter() - started - (cache.seconds - loading)
 
+        position = (n + 1, len(mine))
         try:
-            outcome, trace = _make(job, options, cache, emit, (n + 1, len(mine))), None
+            made = _make(job, options, cache, emit, position)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM or SIGHUP (errors.Terminated)
             outcomes.append(job.outcome(INTERRUPTED, seconds=spent()))
-            outcomes += [later.outcome(SKIPPED) for later in mine[n + 1:]]
-            emit(Message("info", f"interrupted by {exc}" if str(exc) else "interrupted"))
-            return (plan.invalid if shard.main else []) + outcomes
-        except SmdError as exc:
-            outcome, trace = job.outcome(FAILED, error=str(exc)), None
-        except Exception as exc:  # a bug or a library failure: report it and go on with the batch
-            outcome, trace = job.outcome(FAILED, error=unexpected(exc)), traceback.format_exc()
-        outcome.seconds = spent()
-        emit(Finished(outcome, trace))
-        outcomes.append(outcome)
+            return _interrupted(plan, outcomes, mine[n + 1:], exc, emit)
+        except Exception as exc:  # reported as the image's outcome, below
+            made = exc
+        # A finished image is written and reported whole: a signal now waits until it is.
+        with SignalsHeld() as held:
+            outcome, trace = _finish(job, made, options, emit, position)
+            outcome.seconds = spent()
+            emit(Finished(outcome, trace))
+            outcomes.append(outcome)
+        if held.signum is not None:
+            return _interrupted(plan, outcomes, mine[n + 1:], held.interruption(), emit)
     everything = shard.gather((plan.invalid if shard.main else []) + outcomes)
     return sorted(everything, key=lambda o: (o.index is not None, o.index or 0)) if shard.shared else everything
 
 
-def _make(job: Job, options: Options, cache: ModelCache, emit: OnEvent, position: tuple[int, int]) -> Outcome:
-    """Make one image (number `position[0]` of `position[1]`) and write it with its record."""
+def _interrupted(plan: Plan, outcomes: list[Outcome], later: list[Job], exc: BaseException,
+                 emit: OnEvent) -> list[Outcome]:
+    """The outcomes of a batch stopped by a signal: the jobs not begun are skipped, none gathered."""
+    outcomes += [job.outcome(SKIPPED) for job in later]
+    emit(Message("info", f"interrupted by {exc}" if str(exc) else "interrupted"))
+    return (plan.invalid if plan.shard.main else []) + outcomes
+
+
+def _finish(job: Job, made: Any, options: Options, emit: OnEvent,
+            position: tuple[int, int]) -> tuple[Outcome, str | None]:
+    """The outcome of one image, `made` by `_make`: written with its record, or why it failed."""
+    try:
+        if isinstance(made, BaseException):
+            raise made
+        return (made if isinstance(made, Outcome) else _save(job, made, options, emit, position)), None
+    except SmdError as exc:
+        return job.outcome(FAILED, error=str(exc)), None
+    except Exception as exc:  # a bug or a library failure: report it and go on with the batch
+        return job.outcome(FAILED, error=unexpected(exc)), traceback.format_exc()
+
+
+def _make(job: Job, options: Options, cache: ModelCache, emit: OnEvent, position: tuple[int, int]) -> Any:
+    """Make one image (number `position[0]` of `position[1]`): its `Result`, or the outcome of a job
+    that could not start."""
     from smd_cli.render import generate
     from smd_cli.scene import step_count
 
@@ -645,8 +669,16 @@ def _make(job: Job, options: Options, cache: ModelCache, emit: OnEvent, position
         return job.outcome(INVALID, error=str(exc))
     steps = step_count(sf.scene)  # what the schedule, checked just now, will take
     emit(Progress(job, 0, steps, *position))
-    result = generate(pipe, sf, masks=job.masks, max_batch=options.max_batch,
-                      callback=lambda k, n, x0: emit(Progress(job, k + 1, steps, *position)))
+    return generate(pipe, sf, masks=job.masks, max_batch=options.max_batch,
+                    callback=lambda k, n, x0: emit(Progress(job, k + 1, steps, *position)))
+
+
+def _save(job: Job, result: Any, options: Options, emit: OnEvent, position: tuple[int, int]) -> Outcome:
+    """Write a made image with its record, and say so."""
+    from smd_cli.scene import step_count
+
+    sf = job.scene
+    steps = step_count(sf.scene)
     path = job.path()
     written = result.save(path, overwrite=options.overwrite)
     if written != path:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterator, List, Optional
 import typer
 
 from smd_cli import __version__, defaults
-from smd_cli.errors import SmdError, interrupt_on_signals, interrupted_code
+from smd_cli.errors import SmdError, interrupt_on_signals, interrupted_code, was_interrupted
 from smd_cli.files import UnreadableFile, check_regular, is_file
 from smd_cli.options import (GENERATING, MODEL_OPTIONS, OPTIONS, REPORTING, batch_options, check_reporting,
                              library_options, shared)
@@ -394,7 +394,8 @@ def _run_shard(items: list, options: batch.Options, opts: SimpleNamespace, check
     finally:
         reporter.close()
 
-    interrupted = any(o.status == batch.INTERRUPTED for o in outcomes)
+    # An image in progress was interrupted, or a signal waited while one was written.
+    interrupted = any(o.status == batch.INTERRUPTED for o in outcomes) or was_interrupted()
     if shard.main or interrupted:
         report.summary(outcomes, reporter.quiet, interrupted,
                        f" of process {shard.rank + 1} of {shard.size}" if interrupted and shard.size > 1 else "")

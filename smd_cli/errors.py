@@ -108,6 +108,39 @@ def interrupt_on_signals() -> Iterator[None]:
             signal.signal(getattr(signal, name), handler)
 
 
+class SignalsHeld:
+    """Within it, Ctrl-C, SIGTERM and SIGHUP wait: `signum` is the first that came, for the caller
+    to act on after the block, so that a finished image is written and reported whole."""
+
+    signum: int | None = None
+
+    def __enter__(self) -> "SignalsHeld":
+        names = [name for name in ("SIGINT", *INTERRUPTING) if hasattr(signal, name)]
+        try:
+            self._previous = {name: signal.signal(getattr(signal, name), self._hold) for name in names}
+        except ValueError:  # not the main thread: leave the signals alone
+            self._previous = {}
+        return self
+
+    def _hold(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            _received.append(signum)
+
+    def __exit__(self, *exc) -> None:
+        for name, handler in self._previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+    def interruption(self) -> KeyboardInterrupt:
+        """What the held signal would have raised."""
+        return KeyboardInterrupt() if self.signum == signal.SIGINT else Terminated(self.signum)
+
+
+def was_interrupted() -> bool:
+    """Whether a signal interrupted this command's work (held ones included)."""
+    return bool(_received)
+
+
 def interrupted_code(exc: BaseException | None = None) -> int:
     """128 + the signal that interrupted: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
     return 128 + getattr(exc, "signum", _received[-1] if _received else signal.SIGINT)

@@ -52,6 +52,31 @@ def test_a_batch_ends_cleanly_on_a_signal(tiny_model, tmp_path, signum):
         Image.open(tmp_path / "o" / name).load()  # and each one whole
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_an_image_is_written_waits_until_it_is_reported(tiny_model, tmp_path, signum):
+    from smd_cli import batch
+    from smd_cli.errors import interrupt_on_signals, interrupted_code
+
+    scene = write(tmp_path / "s.yaml", SCENE)
+    options = batch.Options(model=str(tiny_model), device="cpu", seeds=[1, 2, 3],
+                            output=str(tmp_path / "o" / "{seed}.png"))
+    events: list = []
+
+    def on_event(event) -> None:
+        events.append(event)
+        if isinstance(event, batch.Message) and event.text.startswith("image 1/"):
+            os.kill(os.getpid(), signum)  # the file is written; its outcome is not reported yet
+
+    with interrupt_on_signals():
+        outcomes = batch.run(batch.plan([scene], options), options, on_event=on_event)
+        code = interrupted_code()
+    assert [o.status for o in outcomes] == ["done", "skipped", "skipped"]
+    assert [e.outcome.path for e in events if isinstance(e, batch.Finished)] == [str(tmp_path / "o" / "1.png")]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["1.png"]
+    assert code == 128 + signum
+    assert events[-1].text == ("interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_stream_finishes_its_gif_on_a_signal(tiny_model, tmp_path, signum):
     write(tmp_path / "s.yaml", SCENE)
