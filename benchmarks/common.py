@@ -79,8 +79,9 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def finish_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the defaults that depend on the device, and build the tiny model when none is given."""
+def finish_args(args: argparse.Namespace, build: Callable[[Path], Path] | None = None) -> argparse.Namespace:
+    """Fill the defaults that depend on the device, and build the tiny model (`build`, default the
+    tiny SD model) when none is given."""
     import torch
 
     from smd_cli.models import resolve_device, resolve_dtype
@@ -96,7 +97,7 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
         # another process holds make CPU timings swing a hundredfold; one thread keeps them steady.
         torch.set_num_threads(1)
     if args.model is None:
-        args.model = str(tiny_model(scratch_dir() / "tiny-sd"))
+        args.model = str((build or tiny_model)(scratch_dir() / "tiny-model"))
     return args
 
 
@@ -110,7 +111,8 @@ def model_summary(folder: str | Path) -> str:
     unet = json.loads((folder / "unet" / "config.json").read_text())
     vae = json.loads((folder / "vae" / "config.json").read_text())
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    return (f"random UNet with channels {tuple(unet['block_out_channels'])} and cross-attention "
+    family = "SDXL-shaped " if unet.get("addition_embed_type") == "text_time" else ""
+    return (f"random {family}UNet with channels {tuple(unet['block_out_channels'])} and cross-attention "
             f"{unet['cross_attention_dim']}, VAE factor {factor}")
 
 
@@ -135,6 +137,14 @@ def tiny_model(folder: Path, *, factor: int = 8, seed: int = 2) -> Path:
     return build_tiny_pipeline(folder, vae_blocks=int(math.log2(factor)) + 1, seed=seed)
 
 
+def tiny_sdxl(folder: Path, *, factor: int = 8, seed: int = 2) -> Path:
+    """The tests' tiny random SDXL model, with a VAE that downscales by `factor` (8 like SDXL's)."""
+    tests_on_path()
+    from tinymodel import build_tiny_sdxl
+
+    return build_tiny_sdxl(folder, vae_blocks=int(math.log2(factor)) + 1, seed=seed)
+
+
 def tiny_taesd(folder: Path, *, factor: int = 8, seed: int = 0) -> Path:
     """The tests' tiny random AutoencoderTiny, downscaling by `factor`."""
     tests_on_path()
@@ -143,14 +153,16 @@ def tiny_taesd(folder: Path, *, factor: int = 8, seed: int = 0) -> Path:
     return build_tiny_taesd(folder, blocks=int(math.log2(factor)) + 1, seed=seed)
 
 
-def fresh_pipeline(pipe):
-    """A new smd pipeline over the same modules: empty prompt and white-latent caches, so that one
-    run does not time another's cached text encodings."""
+def fresh_pipeline(pipe, vae=None):
+    """A new smd pipeline over the same modules (with `vae` instead of its own, where given): empty
+    prompt and white-latent caches, so that one run does not time another's cached text encodings."""
     from smd_cli import StableMultiDiffusionPipeline
 
+    c = pipe.components
     return StableMultiDiffusionPipeline.from_components(
-        unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler, device=pipe.device, dtype=pipe.dtype)
+        unet=pipe.unet, vae=vae or pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler, text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
+        force_zeros_for_empty_prompt=c.force_zeros_for_empty_prompt, device=pipe.device, dtype=pipe.dtype)
 
 
 def shape_masks(count: int, height: int, width: int):
@@ -294,11 +306,15 @@ def warm_up(unet, latent_size: tuple[int, int], batch: int = 2) -> None:
     config = unet.config
     x = torch.zeros(batch, config.in_channels, *latent_size, device=unet.device, dtype=unet.dtype)
     states = torch.zeros(batch, 77, config.cross_attention_dim, device=unet.device, dtype=unet.dtype)
-    cond = None
+    cond = added = None
     if config.get("time_cond_proj_dim") is not None:
         cond = torch.zeros(batch, config.time_cond_proj_dim, device=unet.device, dtype=unet.dtype)
+    if config.get("addition_embed_type") == "text_time":  # SDXL: the pooled text and six size numbers
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {"text_embeds": torch.zeros(batch, pooled, device=unet.device, dtype=unet.dtype),
+                 "time_ids": torch.zeros(batch, 6, device=unet.device, dtype=unet.dtype)}
     with torch.no_grad():
-        unet(x, 999, encoder_hidden_states=states, timestep_cond=cond)
+        unet(x, 999, encoder_hidden_states=states, timestep_cond=cond, added_cond_kwargs=added)
     synchronize(unet.device)
 
 

@@ -1,11 +1,14 @@
-"""Every benchmark on a GPU at the published sizes, on random weights with SD 1.5's shapes.
+"""Every benchmark on a GPU at the published sizes, on random weights with SD 1.5's and SDXL's shapes.
 
-No weights can be downloaded, so the UNet (about 860M parameters), the VAE and the CLIP ViT-L/14
-text encoder are built from Stable Diffusion 1.5's configs with random values, saved in float16
-as a local diffusers folder with a TAESD-shaped random AutoencoderTiny beside it, and
-`benchmarks.run_all` runs on them with `--device cuda --size full --dtype float16`. Random weights
-cost the same time as trained ones; the images are noise. `--dry-run` builds the configs on the
-meta device (no memory for weights), counts parameters, checks the tokenizer and prints the plan.
+No weights can be downloaded, so each family's UNet, VAE and CLIP text encoders are built from
+its configs with random values and saved in float16 as a local diffusers folder, with a
+TAESD-shaped random AutoencoderTiny beside them: SD 1.5 (UNet about 860M parameters, CLIP
+ViT-L/14) and SDXL (UNet about 2.6B, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14). `benchmarks.run_all`
+runs on SD 1.5's and `benchmarks.sdxl` (a 1024 x 1024 regional scene and the stream) on SDXL's,
+with `--device cuda --size full --dtype float16`; each table is appended to BENCHMARKS.md as soon
+as it is measured. Random weights cost the same time as trained ones; the images are noise.
+`--dry-run` builds the configs on the meta device (no memory for weights), counts parameters,
+checks the tokenizer and prints the plan.
 """
 
 from __future__ import annotations
@@ -31,21 +34,41 @@ TEXT = dict(  # openai/clip-vit-large-patch14's text model, as SD 1.5 ships it
     pad_token_id=1)
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+UNET_XL = dict(  # stabilityai/stable-diffusion-xl-base-1.0/unet/config.json
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32)
+VAE_XL = dict(VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)  # decoded in float32, as SDXL's is
+TEXT_2 = dict(  # laion/CLIP-ViT-bigG-14's text model, as SDXL ships it (with its projection)
+    TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    hidden_act="gelu", projection_dim=1280)
+SCHEDULER_XL = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                    steps_offset=1, timestep_spacing="leading", interpolation_type="linear")
+FAMILIES = ("sd", "sdxl")
+FOLDERS = {"sd": "sd15-random", "sdxl": "sdxl-random"}
 START_ID, END_ID = 49406, 49407  # CLIP's <|startoftext|> and <|endoftext|>
 SEED = 0
 
 
-def build_modules(*, empty: bool):
-    """UNet, VAE, text encoder and TAESD from the configs; `empty` puts them on the meta device."""
+def build_modules(family: str, *, empty: bool):
+    """The family's UNet, VAE, text encoders and a TAESD from the configs; `empty` puts them on the
+    meta device."""
     from contextlib import nullcontext
 
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with init_empty_weights() if empty else nullcontext():
-        return {"unet": UNet2DConditionModel(**UNET), "vae": AutoencoderKL(**VAE),
-                "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT)), "taesd": AutoencoderTiny()}
+        if family == "sd":
+            return {"unet": UNet2DConditionModel(**UNET), "vae": AutoencoderKL(**VAE),
+                    "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT)), "taesd": AutoencoderTiny()}
+        return {"unet": UNet2DConditionModel(**UNET_XL), "vae": AutoencoderKL(**VAE_XL),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT)),
+                "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_2)), "taesd": AutoencoderTiny()}
 
 
 def write_tokenizer(folder: Path):
@@ -75,24 +98,38 @@ def check_tokenizer(tokenizer) -> str:
     return f"{len(tokenizer)} entries; 'a photo of the sun' -> {ids[:7]} ... ({len(ids)} ids)"
 
 
-def save_model(folder: Path, device: str) -> tuple[Path, Path]:
-    """Build random weights on `device` (fast on a GPU) and save them in float16; returns the model
-    and TAESD folders. An existing folder is reused."""
+def save_model(folder: Path, device: str, family: str = "sd") -> tuple[Path, Path]:
+    """Build the family's random weights on `device` (fast on a GPU) and save them in float16;
+    returns the model and TAESD folders. An existing folder is reused."""
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
 
-    model, taesd = folder / "sd15-random", folder / "taesd-random"
+    model, taesd = folder / FOLDERS[family], folder / "taesd-random"
     if (model / "model_index.json").is_file() and (taesd / "config.json").is_file():
         return model, taesd
     torch.manual_seed(SEED)
-    with torch.device(device):
-        parts = build_modules(empty=False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # built in half precision: SDXL's 3.4B parameters in 7 GB, not 14
+    try:
+        with torch.device(device):
+            parts = build_modules(family, empty=False)
+    finally:
+        torch.set_default_dtype(default)
     with quiet():  # diffusers notes that no module of these asks to stay in float32
         parts = {name: module.to(torch.float16) for name, module in parts.items()}
     parts.pop("taesd").save_pretrained(taesd)
-    pipe = StableDiffusionPipeline(**parts, tokenizer=write_tokenizer(scratch_dir()),
-                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    words = scratch_dir()
+    tokenizer = write_tokenizer(words)
+    if family == "sd":
+        pipe = StableDiffusionPipeline(**parts, tokenizer=tokenizer, scheduler=DDIMScheduler(**SCHEDULER),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:  # SDXL's second tokenizer pads with "!"
+        tokenizer_2 = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=77,
+                                    pad_token="!")
+        pipe = StableDiffusionXLPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                                         scheduler=EulerDiscreteScheduler(**SCHEDULER_XL),
+                                         force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(model)
     del pipe, parts
     if torch.cuda.is_available():
@@ -100,46 +137,57 @@ def save_model(folder: Path, device: str) -> tuple[Path, Path]:
     return model, taesd
 
 
-def run_all_argv(model: Path, taesd: Path, device: str) -> list[str]:
-    return ["--device", device, "--size", "full", "--dtype", "float16", "--model", str(model), "--vae", str(taesd),
-            "--compile"]
+def run_argv(family: str, model: Path, taesd: Path, device: str) -> list[str]:
+    """The family's benchmark arguments: full sizes in float16 (and torch.compile for SD 1.5's fast paths)."""
+    argv = ["--device", device, "--size", "full", "--dtype", "float16", "--model", str(model), "--vae", str(taesd)]
+    return argv + (["--compile"] if family == "sd" else [])
 
 
-def print_plan(folder: Path, device: str) -> None:
-    """Parameter counts from the meta device, the tokenizer check and the command that would run."""
-    parts = build_modules(empty=True)
-    for name, module in parts.items():
-        count = sum(p.numel() for p in module.parameters())
-        print(f"{name:13s} {type(module).__name__:22s} {count / 1e6:8.1f} M parameters, "
-              f"{2 * count / 2**30:.2f} GiB in float16")
-    print(f"tokenizer     {check_tokenizer(write_tokenizer(scratch_dir()))}")
-    argv = run_all_argv(folder / "sd15-random", folder / "taesd-random", device)
-    print(f"\nplan: save the model under {folder}, then from {REPO}:\n  python -m benchmarks.run_all {' '.join(argv)}")
+BENCHMARKS = {"sd": "benchmarks.run_all", "sdxl": "benchmarks.sdxl"}
+
+
+def print_plan(folder: Path, device: str, families: tuple[str, ...]) -> None:
+    """Parameter counts from the meta device, the tokenizer check and the commands that would run."""
+    for family in families:
+        print(f"{family}:")
+        for name, module in build_modules(family, empty=True).items():
+            count = sum(p.numel() for p in module.parameters())
+            print(f"  {name:15s} {type(module).__name__:28s} {count / 1e6:8.1f} M parameters, "
+                  f"{2 * count / 2**30:.2f} GiB in float16")
+    print(f"tokenizer         {check_tokenizer(write_tokenizer(scratch_dir()))}")
+    print(f"\nplan: save the models under {folder}, then from {REPO}:")
+    for family in families:
+        argv = run_argv(family, folder / FOLDERS[family], folder / "taesd-random", device)
+        print(f"  python -m {BENCHMARKS[family]} {' '.join(argv)}")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="count parameters and print the plan; no weights")
-    parser.add_argument("--build-only", action="store_true", help="save the random model and stop")
+    parser.add_argument("--build-only", action="store_true", help="save the random models and stop")
+    parser.add_argument("--family", choices=(*FAMILIES, "all"), default="all",
+                        help="which family's weights to build and benchmark (default: all, SD 1.5 first)")
     parser.add_argument("--folder", type=Path, default=None,
-                        help="where the random model is saved and reused (default: a temporary folder)")
+                        help="where the random models are saved and reused (default: a temporary folder)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cuda:N; cpu only with --build-only")
     args = parser.parse_args(argv)
     folder = args.folder or scratch_dir()
+    families = FAMILIES if args.family == "all" else (args.family,)
     if args.dry_run:
-        print_plan(folder, args.device)
+        print_plan(folder, args.device, families)
         return
+    import importlib
+
     import torch
 
     if not args.build_only and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         raise SystemExit("benchmarks.gpu needs a CUDA GPU; use --dry-run (or --build-only) elsewhere")
-    model, taesd = save_model(folder, args.device)
-    if args.build_only:
-        print(f"saved {model} and {taesd}")
-        return
-    from benchmarks import run_all
-
-    run_all.main(run_all_argv(model, taesd, args.device))
+    for family in families:
+        model, taesd = save_model(folder, args.device, family)
+        if args.build_only:
+            print(f"saved {model} and {taesd}")
+            continue
+        importlib.import_module(BENCHMARKS[family]).main(run_argv(family, model, taesd, args.device))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Run the panorama, regional, stream, startup and fast-path benchmarks in turn (`make bench`).
+"""Run the panorama, regional, stream, startup, fast-path and SDXL benchmarks in turn (`make bench`).
 
 Options other than `--model`, `--vae` and `--compile` go to every benchmark, e.g. `--device cuda
 --size full`. Without `--model`/`--vae`, one tiny random model and one tiny autoencoder are built
-and shared. `--compile` adds torch.compile to the fast paths (minutes of compiling on a CPU).
+and shared, and the SDXL benchmark runs on the tiny random SDXL; `--model` (an SD 1.x folder)
+leaves it out (`benchmarks.gpu` runs it on SDXL-shaped weights). `--compile` adds torch.compile to
+the fast paths (minutes of compiling on a CPU).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks import fast_paths, panorama, regional, startup, stream
+from benchmarks import fast_paths, panorama, regional, sdxl, startup, stream
 from benchmarks.common import scratch_dir, tiny_model, tiny_taesd
 
 
@@ -25,12 +27,15 @@ def main(argv=None) -> None:
     scratch = scratch_dir()
     model = args.model or str(tiny_model(scratch / "tiny-sd"))
     vae = args.vae or str(tiny_taesd(scratch / "taesd"))
-    shared = ["--model", model, *shared]
+    options = shared
+    shared = ["--model", model, *options]
     panorama.main(shared)
     regional.main(shared)
     stream.main(shared + ["--vae", vae])
     startup.main(shared)
     fast_paths.main(shared + (["--compile"] if args.compile else []))
+    if args.model is None:
+        sdxl.main(options + ["--vae", vae])
     print(f"all benchmarks: {time.perf_counter() - started:.0f} s")
 
 

@@ -323,3 +323,35 @@ def test_a_batch_shared_by_two_processes_on_sdxl(tiny_sdxl, tmp_path):
         shared = Image.open(tmp_path / "shared" / f"{name}.png")
         assert shared.text["smd-family"] == "sdxl"
         np.testing.assert_array_equal(np.asarray(shared), np.asarray(Image.open(tmp_path / "alone" / f"{name}.png")))
+
+
+def test_a_distillation_lora_file_is_fused_as_diffusers_fuses_it(tiny_sdxl, tmp_path):
+    """The Lightning recipe's path: an SDXL LoRA file in `lcm_lora`, trailing Euler, guidance 1."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from smd_cli import StableMultiDiffusionPipeline
+
+    maker = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    torch.manual_seed(0)
+    maker.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                      init_lora_weights=False))
+    StableDiffusionXLPipeline.save_lora_weights(str(tmp_path), unet_lora_layers=get_peft_model_state_dict(maker.unet),
+                                                weight_name="lightning_2step_lora.safetensors")
+    lora = tmp_path / "lightning_2step_lora.safetensors"
+    reference = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
+    reference.load_lora_weights(str(tmp_path), weight_name=lora.name)
+    reference.fuse_lora()
+    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config, timestep_spacing="trailing")
+    reference.set_progress_bar_config(disable=True)
+    expected = reference("a photo of the sun", guidance_scale=1.0, height=SIZE, width=SIZE, num_inference_steps=2,
+                         output_type="np", latents=latents(4)).images[0]
+    smd = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_sdxl), lcm_lora=str(lora))
+    got = smd.sample("a photo of the sun", height=SIZE, width=SIZE, num_inference_steps=2, scheduler="euler",
+                     timestep_spacing="trailing", latents=latents(4), output_type="np")
+    plain = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_sdxl)).sample(
+        "a photo of the sun", height=SIZE, width=SIZE, num_inference_steps=2, scheduler="euler",
+        timestep_spacing="trailing", latents=latents(4), output_type="np")
+    assert smd.components.lcm_lora == str(lora)
+    assert rel_err(expected, got) < 1e-4 and rel_err(expected, plain) > 1e-3  # the LoRA changed the picture
