@@ -58,7 +58,7 @@ def build_tiny_pipeline(folder: Path, *, lcm_distilled: bool = False, seed: int 
     The VAE downscales by 2 ** (vae_blocks - 1): 2 by default, so that nothing may assume SD's 8.
     """
     import torch
-    from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -75,16 +75,7 @@ def build_tiny_pipeline(folder: Path, *, lcm_distilled: bool = False, seed: int 
         norm_num_groups=4,
         time_cond_proj_dim=16 if lcm_distilled else None,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8,) * (vae_blocks - 1) + (16,),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
-        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    )
+    vae = tiny_vae(vae_blocks)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             bos_token_id=0,
@@ -114,6 +105,16 @@ def build_tiny_pipeline(folder: Path, *, lcm_distilled: bool = False, seed: int 
     return folder
 
 
+def tiny_vae(blocks: int, **extra):
+    """A tiny random AutoencoderKL that downscales by 2 ** (blocks - 1)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8,) * (blocks - 1) + (16,), in_channels=3, out_channels=3,
+                         down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=4, norm_num_groups=4,
+                         sample_size=32, **extra)
+
+
 def _clip_config(hidden: int, **extra):
     from transformers import CLIPTextConfig
 
@@ -127,7 +128,7 @@ def build_tiny_sdxl(folder: Path, *, seed: int = 0, vae_blocks: int = 2, lcm_dis
     addition (pooled text and six size numbers), two CLIP text encoders, the second with a
     projection, their tokenizers, a VAE that downscales by 2 ** (vae_blocks - 1)."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
@@ -150,18 +151,7 @@ def build_tiny_sdxl(folder: Path, *, seed: int = 0, vae_blocks: int = 2, lcm_dis
         norm_num_groups=4,
         time_cond_proj_dim=16 if lcm_distilled else None,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8,) * (vae_blocks - 1) + (16,),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * vae_blocks,
-        up_block_types=("UpDecoderBlock2D",) * vae_blocks,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = tiny_vae(vae_blocks, scaling_factor=0.13025, force_upcast=True)  # as SDXL's
     text_encoder = CLIPTextModel(_clip_config(32))
     # Widths differ, as in SDXL (768 and 1280): single-file loading tells the encoders apart by width.
     text_encoder_2 = CLIPTextModelWithProjection(_clip_config(48, projection_dim=32))
