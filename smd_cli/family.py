@@ -16,8 +16,8 @@ the stream (SPEC 6). A family is one small adapter that answers five questions:
 3. The latent layout. `channels`, `factor` (the VAE's downscale factor, SPEC 1), `native_size`
    (pixels: the window of one view, SPEC 5) and `granularity` (latent pixels a denoiser input must
    be a multiple of).
-4. The noising. `schedule(scheduler, steps, timesteps) -> Schedule`: t_k, alpha_k and sigma_k
-   such that x_k = alpha_k x0 + sigma_k eps, and the transition after each step.
+4. The noising. `schedule(scheduler, steps, timesteps, spacing) -> Schedule`: t_k, alpha_k and
+   sigma_k such that x_k = alpha_k x0 + sigma_k eps, and the transition after each step.
 5. Pictures. `encode_image(pixels) -> latent` (the distribution's mode, scaled, SPEC 2.3) and
    `decode(latent) -> pixels`, both in [-1, 1].
 

@@ -58,23 +58,12 @@ def build_tiny_pipeline(folder: Path, *, lcm_distilled: bool = False, seed: int 
     The VAE downscales by 2 ** (vae_blocks - 1): 2 by default, so that nothing may assume SD's 8.
     """
     import torch
-    from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import LCMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=4,
-        time_cond_proj_dim=16 if lcm_distilled else None,
-    )
+    unet = tiny_unet(cross_attention_dim=32, lcm_distilled=lcm_distilled)
     vae = tiny_vae(vae_blocks)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -105,6 +94,17 @@ def build_tiny_pipeline(folder: Path, *, lcm_distilled: bool = False, seed: int 
     return folder
 
 
+def tiny_unet(*, lcm_distilled: bool = False, **extra):
+    """A tiny random UNet2DConditionModel (channels 8 and 16); `lcm_distilled` adds LCM's guidance
+    embedding."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                time_cond_proj_dim=16 if lcm_distilled else None, **extra)
+
+
 def tiny_vae(blocks: int, **extra):
     """A tiny random AutoencoderKL that downscales by 2 ** (blocks - 1)."""
     from diffusers import AutoencoderKL
@@ -128,19 +128,12 @@ def build_tiny_sdxl(folder: Path, *, seed: int = 0, vae_blocks: int = 2, lcm_dis
     addition (pooled text and six size numbers), two CLIP text encoders, the second with a
     projection, their tokenizers, a VAE that downscales by 2 ** (vae_blocks - 1)."""
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = tiny_unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -148,8 +141,7 @@ def build_tiny_sdxl(folder: Path, *, seed: int = 0, vae_blocks: int = 2, lcm_dis
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=80,  # 6 size numbers x 8 + the pooled 32
         cross_attention_dim=80,  # both encoders' states side by side: 32 + 48
-        norm_num_groups=4,
-        time_cond_proj_dim=16 if lcm_distilled else None,
+        lcm_distilled=lcm_distilled,
     )
     vae = tiny_vae(vae_blocks, scaling_factor=0.13025, force_upcast=True)  # as SDXL's
     text_encoder = CLIPTextModel(_clip_config(32))
