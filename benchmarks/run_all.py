@@ -1,4 +1,4 @@
-"""Run the panorama, regional, stream, startup, fast-path and SDXL benchmarks in turn (`make bench`).
+"""Run the panorama, regional, stream, startup, fast-path, paint and SDXL benchmarks in turn (`make bench`).
 
 Options other than `--model`, `--vae` and `--compile` go to every benchmark, e.g. `--device cuda
 --size full`. Without `--model`/`--vae`, one tiny random model and one tiny autoencoder are built
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks import fast_paths, panorama, regional, sdxl, startup, stream
+from benchmarks import fast_paths, paint, panorama, regional, sdxl, startup, stream
 from benchmarks.common import scratch_dir, tiny_model, tiny_taesd
 
 
@@ -34,6 +34,7 @@ def main(argv=None) -> None:
     stream.main(shared + ["--vae", vae])
     startup.main(shared)
     fast_paths.main(shared + (["--compile"] if args.compile else []))
+    paint.main(shared + ["--vae", vae])
     if args.model is None:
         sdxl.main(options + ["--vae", vae])
     print(f"all benchmarks: {time.perf_counter() - started:.0f} s")

@@ -351,6 +351,69 @@ def stream(
         raise typer.Exit(interrupted_code(interrupted) if interrupted else 0)
 
 
+@app.command()
+@shared(*MODEL_OPTIONS, "set_", "quiet", "threads")
+def paint(
+    scene: Optional[Path] = typer.Argument(None, help="Scene file (YAML) to open; without one, a blank canvas.",
+                                           show_default=False, metavar="SCENE"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to serve the app on (0: any free one)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but this machine's "
+                             "lets others paint and save here."),
+    open_browser: bool = typer.Option(False, "--open", help="Open the app in the default browser."),
+    save_dir: Optional[Path] = typer.Option(None, "--save-dir", help="Where Save writes scenes, masks and images "
+                                            "(default: beside the opened scene, else here)."),
+    width: Optional[int] = typer.Option(None, "--width", "-W", min=8, help="Canvas width of a blank painting "
+                                        "(or the scene's masks resized to it)."),
+    height: Optional[int] = typer.Option(None, "--height", "-H", min=8, help="Canvas height, likewise."),
+    cfg_type: str = typer.Option("none", "--cfg", help="Guidance in the stream: none, full, self or initialize."),
+    opts: SimpleNamespace = None,
+) -> None:
+    """Paint with prompts in the browser: the semantic palette, live on the stream.
+
+    Brushes are layers (a prompt and a mask); what you paint changes the stream's next frames.
+    Save writes the painting as a scene with one mask PNG per brush, which `smd generate` renders
+    again; nothing is ever overwritten. Runs until Ctrl-C.
+
+    \b
+    Examples:
+      smd paint scenes/village.yaml --vae tiny --open
+      smd paint --width 768 --height 512 --save-dir my-paintings
+    """
+    with user_errors():
+        from smd_cli.paint import Server, check_host, listen, open_paint
+        from smd_cli.report import Reporter
+        from smd_cli.scene import merge_overrides
+
+        check_host(host)
+        sock = listen(host, port)  # before the model loads: a busy port fails at once
+        reporter = Reporter(quiet=opts.quiet)
+        try:
+            options = library_options(opts, overrides=merge_overrides(list(opts.set)))
+            session = open_paint(scene, options, width=width, height=height, save_dir=save_dir, cfg_type=cfg_type,
+                                 on_event=reporter)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            reporter.close()
+        server = Server(session, sock)
+        reporter.info(f"painting at {server.url} (Ctrl-C to stop); saves go to {session.save_dir}")
+        put(server.url)
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(server.url)
+        interrupted = None
+        try:
+            server.run()
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+        finally:
+            session.close()
+        say(f"stopped after {session.frames} frames")
+        raise typer.Exit(interrupted_code(interrupted) if interrupted else 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Running a batch
 

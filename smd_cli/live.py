@@ -407,6 +407,11 @@ class Session:
         self.stream.close()
 
 
+def check_cfg_type(cfg_type: str) -> None:
+    if cfg_type not in defaults.STREAM_CFG_TYPES:
+        raise SmdError(f"--cfg must be one of {', '.join(defaults.STREAM_CFG_TYPES)}, got {cfg_type!r}")
+
+
 def open_session(scene: Path, options: batch.Options, *, output: Path | None = None, fps: float = defaults.STREAM_FPS,
                  watch: bool = False, preview: str | None = None, cfg_type: str = defaults.STREAM_CFG_TYPE,
                  overlap_decode: bool = False, on_event=None) -> Session:
@@ -417,8 +422,7 @@ def open_session(scene: Path, options: batch.Options, *, output: Path | None = N
     from smd_cli.canvas import model_canvas
     from smd_cli.models import check_source, resolve_device, resolve_dtype, set_threads
 
-    if cfg_type not in defaults.STREAM_CFG_TYPES:
-        raise SmdError(f"--cfg must be one of {', '.join(defaults.STREAM_CFG_TYPES)}, got {cfg_type!r}")
+    check_cfg_type(cfg_type)
     sf = load_scene(scene, options.overrides)
     sources = sources_of(sf, options)
     check_source(sources.model)

@@ -154,8 +154,8 @@ def chunks(record: Record) -> dict[str, str]:
     """The record as named texts: PNG text chunks, or the fields of the XMP document."""
     out = {
         "parameters": parameters_text(record),
-        "smd-scene": _yaml(record.scene),
-        "smd-files": _yaml(record.files) if record.files else "{}\n",
+        "smd-scene": dump_yaml(record.scene),
+        "smd-files": dump_yaml(record.files) if record.files else "{}\n",
         "smd-name": record.name,
         "smd-version": record.version,
         "smd-seed": str(record.seed),
@@ -224,11 +224,11 @@ def write_sidecar(record: Record, image: Path, overwrite: bool = False) -> Path:
     """The record beside the image it describes, as `NAME.smd.yaml`."""
     from smd_cli.outputs import write_atomic
 
-    text = _yaml(chunks(record)).encode("utf-8")
+    text = dump_yaml(chunks(record)).encode("utf-8")
     return write_atomic(image.with_suffix(".smd.yaml"), lambda fh: fh.write(text), overwrite)
 
 
-def _yaml(data: Any) -> str:
+def dump_yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
 
 
@@ -332,7 +332,7 @@ def as_dict(record: Record) -> dict[str, Any]:
 
 def describe(record: Record) -> str:
     """`as_dict` as one YAML document."""
-    return _yaml(as_dict(record))
+    return dump_yaml(as_dict(record))
 
 
 @dataclass

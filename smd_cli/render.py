@@ -19,7 +19,7 @@ import numpy as np
 from smd_cli import defaults
 from smd_cli.defaults import prefixed
 from smd_cli.canvas import SceneMasks, checked_canvas, scene_masks
-from smd_cli.masks import fit_picture
+from smd_cli.masks import check_divisible, fit_picture
 from smd_cli.metadata import Record, make_record
 from smd_cli.models import dtype_name
 from smd_cli.prepare import Layers, Request
@@ -105,21 +105,33 @@ def generate(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, masks: SceneM
     image = pipe.run(request, generator=torch.Generator("cpu").manual_seed(seed), max_batch=max_batch,
                      callback=callback)
     timings = {"prepare": prepared - started, "generate": time.perf_counter() - prepared}
-    c = pipe.components
-    record = make_record(sf, seed=seed, width=width, height=height, model=c.source, lcm_lora=c.lcm_lora,
-                         vae=c.vae_source, config=c.config, device=str(pipe.device), steps=step_count(sf.scene),
-                         dtype=dtype_name(pipe.dtype), timings=timings, files=masks.files, family=pipe.family.name)
+    record = image_record(pipe, sf, seed=seed, width=width, height=height, timings=timings, files=masks.files)
     return Result(image=image, seed=seed, timings=timings, record=record)
 
 
+def image_record(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, seed: int, width: int, height: int,
+                 timings: dict[str, float], files: dict[Path, str]) -> Record:
+    """The record of an image of scene `sf` made by `pipe`."""
+    c = pipe.components
+    return make_record(sf, seed=seed, width=width, height=height, model=c.source, lcm_lora=c.lcm_lora,
+                       vae=c.vae_source, config=c.config, device=str(pipe.device), steps=step_count(sf.scene),
+                       dtype=dtype_name(pipe.dtype), timings=timings, files=files, family=pipe.family.name)
+
+
 def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type: str = defaults.STREAM_CFG_TYPE,
-                 overlap_decode: bool = False, compile: bool = False) -> StreamMultiDiffusion:
-    """A stream set up from a scene: its canvas, settings, background and layers, flushed. The
-    scene keys a stream has no use for (STREAM_IGNORED) are each named in a warning."""
+                 overlap_decode: bool = False, compile: bool = False,
+                 masks: SceneMasks | None = None) -> StreamMultiDiffusion:
+    """A stream set up from a scene: its canvas, settings, background and layers, flushed; `masks`
+    given are used instead of reading the scene's files. The scene keys a stream has no use for
+    (STREAM_IGNORED) are each named in a warning."""
     from smd_cli.stream import StreamMultiDiffusion
 
     s = sf.scene
-    width, height = checked_canvas(sf, pipe.vae_scale_factor)
+    if masks is None:
+        width, height = checked_canvas(sf, pipe.vae_scale_factor)
+    else:
+        width, height = masks.width, masks.height
+        check_divisible(width, height, pipe.vae_scale_factor)
     ignored = [f"{key}: {getattr(s, key)}" for key, unused in STREAM_IGNORED.items() if unused(getattr(s, key))]
     lcm = s.scheduler == "lcm"  # another scheduler's steps are not LCM steps: the stream takes its default
     if not lcm and s.steps is not None:
@@ -136,7 +148,7 @@ def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type:
         bootstrap_centre=s.bootstrap.centre, cover_alpha=s.cover_alpha,
         seed=s.seed if s.seed is not None else defaults.STREAM_SEED, num_inference_steps=s.steps if lcm else None,
         timesteps=s.timesteps, tile_size=s.tile_size, overlap_decode=overlap_decode, compile=compile)
-    apply_scene(stream, sf)
+    apply_scene(stream, sf, masks)
     stream.flush()
     stream.autoflush = True
     return stream
@@ -157,12 +169,14 @@ def restart_needed(running: SceneFile, edited: SceneFile) -> list[str]:
     return [key for key in STREAM_FIXED if getattr(running.scene, key) != getattr(edited.scene, key)]
 
 
-def apply_scene(stream: StreamMultiDiffusion, sf: SceneFile) -> list[str]:
-    """Turn the differences between the stream and a (re)loaded scene into layer updates.
+def apply_scene(stream: StreamMultiDiffusion, sf: SceneFile, masks: SceneMasks | None = None) -> list[str]:
+    """Turn the differences between the stream and a (re)loaded scene (with its `masks`, read from
+    its files when not given) into layer updates.
 
     Returns a description of what changed. The stream keeps running: no model reload, no restart.
     """
-    masks = scene_masks(sf, stream.width, stream.height)
+    if masks is None:
+        masks = scene_masks(sf, stream.width, stream.height)
     request = scene_request(sf, masks)
     layers = request.layers
     changes: list[str] = []

@@ -1,0 +1,404 @@
+"""`smd paint`: the painting's rules without a browser, the server over a real WebSocket, and the
+page in headless Chromium (skipped where no Chromium is installed)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import SCENES
+from PIL import Image
+
+from smd_cli.errors import SmdError
+
+
+@pytest.fixture
+def village(tmp_path) -> Path:
+    shutil.copytree(SCENES, tmp_path / "scenes")
+    return tmp_path / "scenes" / "village.yaml"
+
+
+def painting_of(path: Path):
+    from smd_cli.painting import Painting
+    from smd_cli.scene import load_scene
+
+    return Painting.from_scene(load_scene(path))
+
+
+# --- the painting -------------------------------------------------------------------------------
+
+
+def test_a_scene_round_trips_through_a_painting(village, run_cli):
+    painting = painting_of(village)
+    assert [b.layer.name for b in painting.brushes] == ["hills", "river", "houses"]
+    assert [b.colour for b in painting.brushes] == ["#3cb043", "#2f7fe0", "#e757b0"]  # the palette's colours
+    saved = painting.save(village.parent, "village")
+    assert saved.name == "village-1.yaml"  # beside the original, never over it
+    again = painting_of(saved)
+    for before, after in zip(painting.brushes, again.brushes, strict=True):
+        assert before.mask.tobytes() == after.mask.tobytes()  # byte-identical masks
+        assert before.layer == after.layer
+    original, written = yaml.safe_load(village.read_text()), yaml.safe_load(saved.read_text())
+    for key in ("seed", "steps", "mask_type", "bootstrap", "negative_prefix", "background", "output"):
+        assert written[key] == original[key], key
+    assert [layer.get("mask_std") for layer in written["layers"]] == [None, None, 4]
+    assert run_cli("validate", saved).exit_code == 0
+    assert painting.save(village.parent, "village").name == "village-2.yaml"
+
+
+def test_saving_elsewhere_keeps_what_relative_paths_meant(village, tmp_path):
+    text = village.read_text().replace("output: out/{scene}-{seed}.png", "output: out/{scene}-{seed}.png\nvae: tiny")
+    village.write_text(text)
+    saved = painting_of(village).save(tmp_path / "elsewhere", "../../escape")
+    assert saved.parent == tmp_path / "elsewhere" and saved.name == "escape.yaml"  # only inside the folder
+    data = yaml.safe_load(saved.read_text())
+    assert data["output"] == str(village.parent / "out" / "{scene}-{seed}.png") and data["vae"] == "tiny"
+    assert sorted(p.name for p in (saved.parent / "escape").iterdir()) == ["01-hills.png", "02-river.png",
+                                                                           "03-houses.png"]
+
+
+def test_a_stroke_paints_exactly_its_brush(village):
+    painting = painting_of(village)
+    before = [b.mask.copy() for b in painting.brushes]
+    painting.stroke(1, [[100, 100], [200, 100]], size=20)
+    changed = painting.brushes[1].mask
+    assert changed[100, 150] == 255 and changed[100, 95] == 255  # along the line, and its round end
+    assert changed[130, 150] == before[1][130, 150] and changed[100, 215] == before[1][100, 215]
+    assert np.array_equal(painting.brushes[0].mask, before[0]) and np.array_equal(painting.brushes[2].mask, before[2])
+    painting.stroke(1, [[150, 100]], size=10, erase=True)
+    assert painting.brushes[1].mask[100, 150] == 0
+    assert painting.undo() == 1 and painting.brushes[1].mask[100, 150] == 255
+    assert painting.undo() == 1 and np.array_equal(painting.brushes[1].mask, before[1])
+    assert painting.undo() is None
+
+
+def test_brush_edits_are_checked_as_scene_layers_are(village):
+    painting = painting_of(village)
+    with pytest.raises(SmdError, match="brush 2: mask_strength: Input should be less than or equal to 1"):
+        painting.update_brush(1, mask_strength=2)
+    with pytest.raises(SmdError, match="a brush has no setting seed"):
+        painting.update_brush(1, seed=3)
+    with pytest.raises(SmdError, match="there is no brush 7"):
+        painting.stroke(7, [[1, 1]], 4)
+    with pytest.raises(SmdError, match="finite"):
+        painting.stroke(0, [[float("nan"), 1]], 4)
+    painting.update_brush(2, prompt="a castle", prompt_strength=0.5, colour="#123456")
+    assert painting.brushes[2].layer.prompt == "a castle" and painting.state()["brushes"][2]["colour"] == "#123456"
+    new = painting.add_brush(prompt="a bridge")
+    painting.stroke(new, [[10, 10]], 8)
+    painting.move_brush(new, 0)
+    assert [b.layer.prompt for b in painting.brushes][:2] == ["a bridge", "green rolling hills"]
+    assert painting.undo() == 0  # the stroke's brush, wherever it moved
+    for _ in range(3):
+        painting.remove_brush(0)
+    with pytest.raises(SmdError, match="keeps at least one brush"):
+        painting.remove_brush(0)
+    with pytest.raises(SmdError, match="seed: .*greater than or equal to 0"):
+        painting.set_seed(-1)
+
+
+def test_a_blank_painting_saves_a_scene_that_generates(tiny_model, tmp_path, run_cli):
+    from smd_cli.painting import Painting
+
+    painting = Painting.blank(64, 64)
+    painting.update_brush(0, prompt="a red ball")
+    painting.stroke(0, [[20, 20], [40, 40]], 12)
+    painting.update_background(prompt="a white room")
+    painting.set_seed(3)
+    saved = painting.save(tmp_path, "painting")
+    result = run_cli("generate", saved, "--model", tiny_model, "--device", "cpu", "--out", tmp_path / "x.png")
+    assert result.exit_code == 0, result.stderr
+    assert Image.open(tmp_path / "x.png").size == (64, 64)
+    assert yaml.safe_load(saved.read_text())["background"] == {"prompt": "a white room"}
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def served(tiny_model, tmp_path):
+    """`smd paint` on a blank 64 x 64 painting with the tiny model, on a free port."""
+    from smd_cli.paint import PaintSession, Server, listen
+    from smd_cli.painting import Painting
+    from smd_cli.pipeline import StableMultiDiffusionPipeline
+
+    pipe = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_model))
+    session = PaintSession(Painting.blank(64, 64), pipe, save_dir=tmp_path / "saved", stem="painting").start()
+    server = Server(session, listen("127.0.0.1", 0)).start()
+    yield session, server
+    server.stop()
+    session.close()
+
+
+def decoded(png: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png))))
+
+
+class Page:
+    """A tab's connection, as the page makes it."""
+
+    def __init__(self, ws):
+        self.ws, self.state, self.masks, self.shown, self.history = ws, None, {}, None, []
+
+    async def send(self, **message):
+        await self.ws.send(json.dumps(message))
+
+    async def until(self, condition, timeout: float = 60.0):
+        async def loop():
+            while not condition(self):
+                message = await self.ws.recv()
+                if isinstance(message, bytes):
+                    self.image = message
+                    continue
+                m = json.loads(message)
+                if m["type"] == "state":
+                    self.state = m
+                elif m["type"] == "mask":
+                    self.masks[m["brush"]] = m["png"]
+                elif m["type"] == "shown":
+                    self.shown = m
+                    self.history.append(m)
+                elif m["type"] in ("saved", "error"):
+                    self.last = m
+        await asyncio.wait_for(loop(), timeout)
+
+
+def test_edits_reach_the_stream_and_every_tab(served):
+    import websockets
+
+    session, server = served
+    url = server.url.replace("http", "ws") + "ws"
+
+    async def run():
+        async with websockets.connect(url) as a, websockets.connect(url) as b:
+            one, two = Page(a), Page(b)
+            await one.until(lambda p: p.state is not None and 0 in p.masks and p.shown is not None)
+            await one.send(op="update_brush", brush=0, fields={"prompt": "a red ball"})
+            await one.send(op="stroke", brush=0, points=[[10, 10], [50, 50]], size=10)
+            await two.until(lambda p: p.state is not None and p.state["brushes"][0]["prompt"] == "a red ball"
+                            and 0 in p.masks and decoded(p.masks[0])[30, 30] == 255)  # the other tab sees it
+            mask = decoded(two.masks[0])
+            assert mask[5, 55] == 0
+            painted = one.shown["number"]
+            await one.until(lambda p: p.shown["number"] >= painted + 2)
+            layer = session.stream.layers[0]
+            assert layer.prompt == "a red ball" and np.array_equal(layer.mask > 0.5, mask > 127)
+            await one.send(op="update_brush", brush=0, fields={"mask_strength": 3})
+            await one.until(lambda p: getattr(p, "last", {}).get("type") == "error")
+            assert "mask_strength" in one.last["message"]
+            await one.send(op="save")
+            await one.until(lambda p: getattr(p, "last", {}).get("type") == "saved")
+            return one.last["path"]
+
+    saved = Path(asyncio.run(run()))
+    assert saved == session.save_dir / "painting.yaml"
+    assert yaml.safe_load(saved.read_text())["layers"][0]["prompt"] == "a red ball"
+
+
+def test_the_server_refuses_strangers_and_bad_pictures(served):
+    import websockets
+
+    session, server = served
+
+    async def foreign():
+        async with websockets.connect(server.url.replace("http", "ws") + "ws",
+                                      origin="http://evil.example") as ws:
+            await ws.recv()
+
+    with pytest.raises(websockets.exceptions.WebSocketException):
+        asyncio.run(foreign())
+
+    def post(body: bytes, origin: str | None = None):
+        request = urllib.request.Request(server.url + "picture", data=body, method="POST",
+                                         headers={"Origin": origin} if origin else {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+
+    assert post(b"not an image") == (400, {"error": "the picture cannot be used: not an image Pillow can read"})
+    host, port = server.sock.getsockname()[:2]
+    with socket.create_connection((host, port), timeout=30) as raw:  # refused from its headers, unread
+        raw.sendall(b"POST /picture HTTP/1.1\r\nHost: x\r\nContent-Length: 40000000\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"}"):
+            chunk = raw.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 413") and "larger than 32 MiB" in answer
+    with pytest.raises(SmdError, match="at most 32 MiB"):
+        session.set_picture(b"\0" * (33 * 1024 * 1024))
+    picture = io.BytesIO()
+    Image.new("RGB", (128, 128), (0, 0, 255)).save(picture, format="PNG")
+    assert post(picture.getvalue(), origin="http://evil.example")[0] == 403
+    assert post(picture.getvalue()) == (200, {"ok": True})
+    assert session.painting.picture.size == (64, 64)  # fitted to the canvas
+    with urllib.request.urlopen(server.url + "picture", timeout=30) as response:
+        assert Image.open(response).getpixel((5, 5)) == (0, 0, 255)
+
+
+def test_a_busy_port_fails_before_the_model_loads(run_cli, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("paint", "--model", tmp_path / "not-there", "--port", port)
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_listening_beyond_this_machine_is_said(run_cli, tmp_path):
+    from smd_cli.paint import check_host
+
+    with pytest.warns(UserWarning, match="anyone who can reach this machine"):
+        check_host("0.0.0.0")
+    check_host("127.0.0.1")
+
+
+# --- the page in a real browser -------------------------------------------------------------------
+
+
+def chromium() -> str | None:
+    return os.environ.get("SMD_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(chromium() is None, reason="needs Chromium (apt-get install chromium)")
+def test_painting_in_the_browser(served, tiny_model, tmp_path, run_cli):
+    """Open the app, add a brush, type its prompt, draw a stroke, see the display change, save, and
+    render the saved scene with `smd generate`."""
+    from playwright.sync_api import expect, sync_playwright
+
+    session, server = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(server.url)
+        expect(page.get_by_test_id("brush-0")).to_be_visible()
+        page.get_by_test_id("add-brush").click()
+        expect(page.get_by_test_id("brush-1")).to_be_visible()
+        page.get_by_test_id("prompt").fill("a red ball")
+        page.get_by_test_id("prompt").press("Tab")  # change fires when the field is left
+        expect(page.get_by_test_id("brush-1")).to_contain_text("a red ball")
+        display = page.get_by_test_id("display")
+        expect(display).not_to_have_attribute("data-number", "0")
+        before = int(display.get_attribute("data-number"))
+        box = page.get_by_test_id("canvas").bounding_box()
+        scale = box["width"] / 64  # the canvas is shown larger than the painting
+        page.get_by_test_id("size").fill(str(round(4 * scale)))  # a brush 4 painting pixels wide
+        page.mouse.move(box["x"] + 16 * scale, box["y"] + 32 * scale)
+        page.mouse.down()
+        for x in range(16, 49, 4):
+            page.mouse.move(box["x"] + x * scale, box["y"] + 32 * scale)
+        page.mouse.up()
+        page.wait_for_function(f"Number(document.querySelector('[data-testid=display]').dataset.number) > {before + 2}")
+        page.get_by_test_id("save").click()
+        expect(page.get_by_test_id("message")).to_contain_text("saved")
+        screenshot = page.screenshot(path=str(tmp_path / "paint.png"))
+        browser.close()
+    if os.environ.get("SMD_SCREENSHOT"):
+        Path(os.environ["SMD_SCREENSHOT"]).write_bytes(screenshot)
+    saved = session.save_dir / "painting.yaml"
+    data = yaml.safe_load(saved.read_text())
+    assert [layer["prompt"] for layer in data["layers"]] == ["", "a red ball"]
+    mask = np.asarray(Image.open(saved.parent / data["layers"][1]["mask"]))
+    rows, cols = np.nonzero(mask)
+    assert 28 <= rows.min() and rows.max() <= 36 and 12 <= cols.min() and cols.max() <= 52  # where it was drawn
+    assert (mask[32, 16:49] == 255).all()
+    assert not np.asarray(Image.open(saved.parent / data["layers"][0]["mask"])).any()
+    result = run_cli("generate", saved, "--model", tiny_model, "--device", "cpu", "--out", tmp_path / "x.png")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_a_scene_opens_for_painting_with_its_palette_as_brushes(village, tiny_model):
+    from smd_cli import batch
+    from smd_cli.paint import open_paint
+
+    options = batch.Options(model=str(tiny_model), device="cpu")
+    session = open_paint(village, options, width=64, height=64)
+    try:
+        assert [b["name"] for b in session.state()["brushes"]] == ["hills", "river", "houses"]
+        assert session.save_dir == village.parent and session.stem == "village"
+        assert [layer.prompt for layer in session.stream.layers] == ["green rolling hills", "a winding river",
+                                                                      "small cottages with red roofs"]
+        assert session.stream.background_prompt == "a clear blue sky"
+    finally:
+        session.close()
+
+
+def test_one_image_a_batch_and_saving_the_image_on_display(served):
+    import websockets
+
+    from smd_cli.metadata import read_record
+
+    session, server = served
+
+    async def run():
+        async with websockets.connect(server.url.replace("http", "ws") + "ws") as ws:
+            page = Page(ws)
+            await page.send(op="seed", seed=11)
+            await page.until(lambda p: p.state is not None and p.state["seed"] == 11)
+            await page.send(op="play", on=False)
+            await page.send(op="one_image")
+            await page.until(lambda p: p.shown is not None and p.shown["kind"] == "image")
+            assert page.shown["seed"] == 11
+            await page.send(op="save_image")
+            await page.until(lambda p: getattr(p, "last", {}).get("type") == "saved")
+            saved = page.last["path"]
+            start = len(page.history)
+            await page.send(op="batch")
+            await page.until(lambda p: p.shown["seed"] == 14)
+            return saved, [m["seed"] for m in page.history[start:]]
+
+    saved, seeds = asyncio.run(run())
+    # Seeds 11 to 14 in turn (a tab too slow for one image gets the newest instead).
+    assert seeds[-1] == 14 and set(seeds) <= {11, 12, 13, 14} and seeds == sorted(seeds)
+    record = read_record(saved)
+    assert Path(saved).name == "painting-image-11.png" and record.seed == 11
+    assert record.scene["width"] == 64 and record.scene["layers"][0]["prompt"] == ""
+
+
+def test_smd_paint_serves_until_a_signal(tiny_model, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import websockets
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    worker = subprocess.Popen([sys.executable, "-m", "smd_cli", "paint", "--model", str(tiny_model), "--device", "cpu",
+                               "--port", "0", "--width", "64", "--height", "64", "--save-dir", str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = worker.stdout.readline().strip()  # the one line on standard output: where the app is
+        assert url.startswith("http://127.0.0.1:"), worker.stderr.read()
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert 'data-testid="canvas"' in response.read().decode()
+
+        async def frame():
+            async with websockets.connect(url.replace("http", "ws") + "ws") as ws:
+                page = Page(ws)
+                await page.until(lambda p: p.shown is not None)
+                await page.send(op="save")
+                await page.until(lambda p: getattr(p, "last", {}).get("type") == "saved")
+
+        asyncio.run(frame())
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        out, err = worker.communicate(timeout=60)
+    assert worker.returncode == 128 + signal.SIGTERM, err
+    assert "stopped after" in err and "Traceback" not in err
+    assert (tmp_path / "painting.yaml").is_file()
