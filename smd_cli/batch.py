@@ -445,12 +445,11 @@ def _check_sources(sf: SceneFile, options: Options, sources: Sources) -> list[st
     """The model, LCM LoRA and autoencoder exist (local paths; hub ids in the cache when offline),
     and the steps fit the model's schedule. Returns what cannot be checked before loading."""
     from smd_cli.errors import SceneError
-    from smd_cli.models import check_available, chosen_lcm_lora, config_json, model_family, vae_source
-    from smd_cli.sampler import make_schedule
+    from smd_cli.family import family_schedule
+    from smd_cli.models import check_available, chosen_lcm_lora, config_json, denoiser_config, model_family, vae_source
 
     model = sources.model or defaults.MODEL
-    unet = config_json(model, "unet/config.json") or (config_json(options.config, "unet/config.json")
-                                                      if options.config else None)
+    unet = denoiser_config(model) or (denoiser_config(None, options.config) if options.config else None)
     family = "sd" if model == defaults.MODEL else model_family(model, options.config)  # None: not known yet
     lora = sources.lcm_lora  # `auto` stays undecided for a model whose UNet config is not here yet
     if unet is not None:
@@ -466,8 +465,8 @@ def _check_sources(sf: SceneFile, options: Options, sources: Sources) -> list[st
     for name, what in ((model, "model"), (lora, "LCM LoRA"), (vae, "VAE")):
         if name in ("auto", "tiny"):  # which LoRA or tiny autoencoder fits is known when the model loads
             choices = defaults.LCM_LORAS if name == "auto" else defaults.TINY_VAES
-            wanted = choices[family] if family else " or ".join(dict.fromkeys(choices.values()))
-            if not all(_available(c, what) for c in ([choices[family]] if family else choices.values())):
+            wanted = choices.get(family, "") if family else " or ".join(dict.fromkeys(choices.values()))
+            if wanted and not all(_available(c, what) for c in ([wanted] if family else choices.values())):
                 notes.append(f"the model may need the {what} {wanted}, which is not downloaded")
             continue
         try:
@@ -480,7 +479,7 @@ def _check_sources(sf: SceneFile, options: Options, sources: Sources) -> list[st
     else:
         s = sf.scene
         try:
-            make_schedule(s.scheduler, schedule, s.steps, s.timesteps, s.timestep_spacing)
+            family_schedule(family or "sd", s.scheduler, schedule, s.steps, s.timesteps, s.timestep_spacing)
         except SceneError as exc:
             problems.append(exc)
         except SmdError as exc:

@@ -11,18 +11,18 @@ from __future__ import annotations
 MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MODEL_VAE_FACTOR = 8  # the default model's VAE downscale factor, known before the model is downloaded
 # Model families: SD 1.x/2.x, and SDXL (told apart by the UNet's config, never by a name).
-FAMILIES = ("sd", "sdxl")
-FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}
+FAMILIES = ("sd", "sdxl", "sd3")
+FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3"}
 LCM_LORAS = {"sd": "latent-consistency/lcm-lora-sdv1-5", "sdxl": "latent-consistency/lcm-lora-sdxl"}
 LCM_LORA = LCM_LORAS["sd"]  # the default model's
-TINY_VAES = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
+TINY_VAES = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl", "sd3": "madebyollin/taesd3"}
 
 # Schedules (SPEC 1): LCM's default 5 steps are these indices of its 50-step grid.
-SCHEDULERS = ("lcm", "ddim", "euler")
+SCHEDULERS = ("lcm", "ddim", "euler", "renoise")  # renoise: flow-matching models only
 SCHEDULER = "lcm"
 LCM_ORIGINAL_STEPS = 50
 LCM_INDICES = (0, 4, 12, 25, 37)
-STEPS = {"lcm": len(LCM_INDICES), "ddim": 50, "euler": 50}
+STEPS = {"lcm": len(LCM_INDICES), "ddim": 50, "euler": 50, "flow": 28}  # flow: SD3's default
 MAX_STEPS = 1000  # a model's training timesteps: no schedule takes more
 # How ddim and euler spread their steps (diffusers' `timestep_spacing`; default: the model's own).
 # Few-step SDXL distillations (Lightning, Hyper-SD, DMD2) were trained on `trailing`.

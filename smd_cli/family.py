@@ -37,6 +37,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from smd_cli import defaults
+from smd_cli.errors import SmdError
 from smd_cli.models import Components, family_of, guidance_distilled, vae_factor
 from smd_cli.sampler import Schedule, make_schedule
 
@@ -184,7 +186,7 @@ class StableDiffusion:
 
     def schedule(self, scheduler: str, steps: int | None = None, timesteps: Sequence[int] | None = None,
                  spacing: str | None = None) -> Schedule:
-        return make_schedule(scheduler, self.scheduler.config, steps, timesteps, spacing)
+        return family_schedule(self.name, scheduler, self.scheduler.config, steps, timesteps, spacing)
 
     # Pictures.
 
@@ -254,7 +256,121 @@ class StableDiffusionXL(StableDiffusion):
         return {"text_embeds": cond.pooled, "time_ids": torch.tensor(sizes, device=self.device, dtype=self.dtype)}
 
 
-FAMILIES = {"sd": StableDiffusion, "sdxl": StableDiffusionXL}
+class StableDiffusion3(StableDiffusion):
+    """SD3: an MMDiT transformer with joint attention over the text and image tokens, trained by flow
+    matching; two CLIP encoders (penultimate states side by side, padded to the joint width; pooled
+    embeddings joined) and T5's states after them, or zeros of T5's length where T5 is left out.
+
+    The noising is x_s = (1 - s) x0 + s e and the transformer predicts the velocity v = e - x0; this
+    adapter returns v, and its schedules say so (`Schedule.prediction == "flow"`), so the clean
+    estimate of a (layer, view) pair is x0_p = x_p - s_k v_p and the rest of SPEC 3 is unchanged with
+    alpha_k = 1 - s_k, sigma_k = s_k (the bootstrap background (1 - s_k) b + s_k e, mask quantization
+    at s_k). Positions: the transformer crops its position embedding around the centre for the size
+    it is given, so a view is denoised with the positions of a picture of its own size; the canvas
+    is one view for plain sampling, which then equals diffusers'.
+    """
+
+    name = "sd3"
+    max_sequence_length = 256  # T5 tokens, as diffusers' StableDiffusion3Pipeline takes by default
+
+    def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        super().__init__(components, device=device, dtype=dtype)
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(components.scheduler_config)
+        self.text_encoder_2, self.tokenizer_2 = components.text_encoder_2, components.tokenizer_2
+        self.text_encoder_3, self.tokenizer_3 = components.text_encoder_3, components.tokenizer_3
+
+    @property
+    def native_size(self) -> int:
+        return int(self.unet.config.sample_size) * self.factor
+
+    @property
+    def granularity(self) -> int:
+        return int(self.unet.config.patch_size)
+
+    @property
+    def guidance_distilled(self) -> bool:
+        return False
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> Conditioning:
+        """As diffusers' `StableDiffusion3Pipeline.encode_prompt` makes the conditioning."""
+        states, pooled = [], []
+        for tok, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids, _ = self._tokens(tok, texts, warn=encoder is self.text_encoder)
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        width = int(self.unet.config.joint_attention_dim)
+        clip = torch.cat(states, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+        if self.text_encoder_3 is None:
+            t5 = torch.zeros(len(texts), self.max_sequence_length, width, device=self.device, dtype=clip.dtype)
+        else:
+            ids = self.tokenizer_3(list(texts), padding="max_length", max_length=self.max_sequence_length,
+                                   truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
+            t5 = self.text_encoder_3(ids.to(self.device))[0]
+        return Conditioning(torch.cat([clip.to(self.dtype), t5.to(self.dtype)], dim=-2),
+                            torch.cat(pooled, dim=-1).to(self.dtype))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
+                guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
+        """The transformer's velocity prediction (float32) at timestep t = 1000 s."""
+        if not isinstance(t, torch.Tensor):
+            t = torch.tensor(t, dtype=torch.float32, device=self.device)
+        t = t.to(self.device).reshape(-1).expand(len(x)) if t.numel() == 1 else t.to(self.device)
+        return self.unet(hidden_states=x.to(self.dtype), timestep=t, encoder_hidden_states=cond.states,
+                         pooled_projections=cond.pooled, return_dict=False)[0].float()
+
+    def schedule(self, scheduler: str, steps: int | None = None, timesteps: Sequence[int] | None = None,
+                 spacing: str | None = None) -> Schedule:
+        return family_schedule(self.name, scheduler, self.scheduler.config, steps, timesteps, spacing)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE latent, shifted then scaled as SD3's autoencoder asks."""
+        encoded = self.vae.encode(pixels.to(self.device, self.vae.dtype))
+        latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+        shift = self.vae.config.get("shift_factor") or 0.0
+        return (latents.float() - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        shift = self.vae.config.get("shift_factor") or 0.0
+        latents = latents / self.vae.config.scaling_factor + shift
+        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+
+
+# Families whose models are trained by flow matching (SD3; FLUX would join them).
+FLOW_FAMILIES = ("sd3",)
+
+
+def family_schedule(family: str, scheduler: str, config: Mapping, steps: int | None = None,
+                    timesteps: Sequence[int] | None = None, spacing: str | None = None) -> Schedule:
+    """The schedule a model of `family` samples with. Flow-matching families step by flow-matching
+    Euler, which `lcm` (the scenes' default) and `euler` both name, or with `renoise`: the same
+    levels, with fresh noise after each step as LCM does (e* a new draw instead of the one implied
+    by x_k), for distilled models. Their default step count is SD3's 28."""
+    if family not in FLOW_FAMILIES:
+        if scheduler == "renoise":
+            raise SmdError(f"scheduler renoise applies to flow-matching models (SD3); this one is "
+                           f"{defaults.FAMILY_NAMES[family]}: use lcm")
+        return make_schedule(scheduler, config, steps, timesteps, spacing)
+    if scheduler == "ddim":
+        raise SmdError(f"scheduler ddim does not apply to {defaults.FAMILY_NAMES[family]}, a flow-matching model; "
+                       "use euler (its own sampler) or renoise")
+    if spacing is not None:
+        raise SmdError(f"timestep_spacing does not apply to {defaults.FAMILY_NAMES[family]}: its scheduler "
+                       "spaces its steps by its shift")
+    schedule = make_schedule("flow", config, steps, timesteps)
+    if scheduler == "renoise":
+        schedule.kind = "lcm"
+    return schedule
+
+
+FAMILIES = {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "sd3": StableDiffusion3}
 
 
 def make_family(components: Components, *, device: torch.device, dtype: torch.dtype) -> StableDiffusion:

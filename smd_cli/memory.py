@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from smd_cli import defaults
 from smd_cli.files import is_dir, is_file
-from smd_cli.models import config_json, family_of, model_family
+from smd_cli.models import config_json, denoiser_config, family_of, model_family
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +30,7 @@ AUTO_BATCH_SHARE = 0.6
 # for SD1.5's UNet (320 base channels); SDXL's has the same base width but ten transformer blocks
 # deep at its lowest level, about 1.5 times as much (an estimate from its published peak memory,
 # not measured here). A UNet with fewer channels needs proportionally less.
-UNET_BYTES_PER_LATENT_PIXEL = {"sd": 64 * 1024, "sdxl": 96 * 1024}
+UNET_BYTES_PER_LATENT_PIXEL = {"sd": 64 * 1024, "sdxl": 96 * 1024, "sd3": 96 * 1024}  # sd3: as SDXL's, a guess
 # Where a model's configs cannot be read (a hub model not downloaded yet), the default model's
 # shapes (SD 1.5's) are assumed.
 SD_UNET_CHANNELS = 320
@@ -39,7 +39,8 @@ SD_VAE_CHANNELS = 128
 VAE_TENSORS_AT_FULL_SIZE = 8
 # Half-precision weights where the files cannot be measured: SD 1.5 (0.86B UNet, 0.12B text
 # encoder, 0.08B VAE) and SDXL (2.6B UNet, 0.8B in its two text encoders, 0.08B VAE).
-WEIGHT_BYTES_FP16 = {"sd": 2_130_000_000, "sdxl": 6_940_000_000}
+WEIGHT_BYTES_FP16 = {"sd": 2_130_000_000, "sdxl": 6_940_000_000,
+                     "sd3": 27_500_000_000}  # SD3.5 Large: 8.1B transformer, 4.8B T5, 0.8B CLIPs
 # The tiny autoencoder (TAESD) decodes with 64 channels and keeps about two such tensors at full size.
 TAESD_CONFIG = {"decoder_block_out_channels": [64, 64, 64, 64]}
 TAESD_TENSORS_AT_FULL_SIZE = 2
@@ -86,7 +87,7 @@ def estimate_memory(model: str | None, *, width: int, height: int, factor: int |
     `factor` is the model's VAE downscale factor, None where unknown.
     """
     factor = factor or defaults.MODEL_VAE_FACTOR
-    unet = config_json(model, "unet/config.json") or {}
+    unet = denoiser_config(model) or {}
     vae_config = _decoder_config(model, vae)
     tiny = "decoder_block_out_channels" in vae_config  # AutoencoderTiny's key; AutoencoderKL has block_out_channels
     vae_channels = (vae_config.get("block_out_channels") or vae_config.get("decoder_block_out_channels")
@@ -121,7 +122,7 @@ def _weight_bytes(model: str | None, dtype_bytes: int) -> int:
     if not is_dir(path):
         return WEIGHT_BYTES_FP16[model_family(model) or "sd"] * dtype_bytes // 2
     total = 0
-    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         files = sorted((path / part).glob("*.safetensors")) or sorted((path / part).glob("*.bin"))
         half = [f for f in files if "fp16" in f.name]
         for f in half or files:
@@ -157,7 +158,7 @@ def check_memory(sf: SceneFile, model: str | None, *, width: int, height: int, f
     from smd_cli.family import runs_unconditional
 
     batch = max_batch or (1 if device.type == "cuda" else AUTO_BATCH_CPU)
-    cfg = runs_unconditional(sf.scene.guidance_scale, config_json(model, "unet/config.json") or {})
+    cfg = runs_unconditional(sf.scene.guidance_scale, denoiser_config(model) or {})
     est = estimate_memory(model, width=width, height=height, factor=factor, tile_size=sf.scene.tile_size,
                           max_batch=batch, cfg=cfg, dtype_bytes=torch.finfo(dtype).bits // 8, vae=vae)
     parts = (f"weights {est.weights / GIB:.1f}, UNet batch of {batch} {est.unet / GIB:.1f}, "

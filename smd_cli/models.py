@@ -32,7 +32,9 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # SDXL encoders' 768 + 1280 side by side for SDXL. A LoRA fits a UNet of its family and width.
 LCM_LORA_WIDTHS = {"sd": 768, "sdxl": 2048}
 # The diffusers pipeline class of each family.
-PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+# Where a model folder keeps its denoiser's config: a UNet's, else a transformer's (SD3).
+DENOISER_CONFIGS = ("unet/config.json", "transformer/config.json")
 
 
 class SlowDeviceWarning(UserWarning):
@@ -41,9 +43,9 @@ class SlowDeviceWarning(UserWarning):
 
 @dataclass
 class Components:
-    """The loaded parts of a Stable Diffusion (1.x, 2.x or XL) model, ready on one device."""
+    """The loaded parts of a Stable Diffusion (1.x, 2.x, XL or 3) model, ready on one device."""
 
-    unet: Any
+    unet: Any  # the denoiser: a UNet, or SD3's transformer
     vae: Any
     text_encoder: Any
     tokenizer: Any
@@ -55,6 +57,8 @@ class Components:
     text_encoder_2: Any = None  # SDXL's second encoder (with projection) and its tokenizer
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is zero conditioning
+    text_encoder_3: Any = None  # SD3's T5 and its tokenizer (None: left out)
+    tokenizer_3: Any = None
 
     @property
     def family(self) -> str:
@@ -62,15 +66,29 @@ class Components:
 
 
 def family_of(unet_config) -> str:
-    """`sdxl` for a UNet that takes pooled text and sizes beside the token states (SDXL's
-    `addition_embed_type: text_time`), else `sd` (SD 1.x and 2.x)."""
+    """The family of a denoiser's config: `sd3` for SD3's transformer (joint attention with a
+    caption projection), `sdxl` for a UNet that takes pooled text and sizes beside the token states
+    (SDXL's `addition_embed_type: text_time`), else `sd` (SD 1.x and 2.x)."""
+    if "caption_projection_dim" in unet_config:
+        return "sd3"
     return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
+
+
+def denoiser_config(model: str | None, config: str | None = None) -> dict | None:
+    """The denoiser's config (a UNet's or a transformer's) of a model folder or hub id, or of the
+    `config` folder a single file is read with; None when not at hand. Loads nothing."""
+    source = config or model
+    for name in DENOISER_CONFIGS:
+        found = config_json(source, name)
+        if found is not None:
+            return found
+    return None
 
 
 def model_family(model: str | None, config: str | None = None) -> str | None:
     """A model's family, read from its UNet config (a local folder, the hub cache, or `config` for a
     single file) or a single .safetensors file's key names, loading nothing; None when unknown."""
-    unet = config_json(config, "unet/config.json") if config else config_json(model, "unet/config.json")
+    unet = denoiser_config(model, config)
     if unet is not None:
         return family_of(unet)
     path = Path(model or defaults.MODEL).expanduser()
@@ -353,16 +371,20 @@ def load_pipeline(model: str, *, dtype: torch.dtype, config: str | None = None):
             raise ModelError(f"model folder {path} has no model_index.json; it is not a diffusers model folder")
         with _loading(str(path), "model"):
             cls = _pipeline_class(model_family(str(path)))
-            return cls.from_pretrained(str(path), local_files_only=True, **_loading_options(cls, dtype))
+            return cls.from_pretrained(str(path), local_files_only=True, **_loading_options(cls, dtype, path))
     if _looks_like_path(model):
         raise ModelError(f"model folder or file not found: {path}")
     with _loading(model, "model"):
         family = model_family(model)
-        if family is None:  # not in the cache yet: its UNet config says which pipeline to download
+        if family is None:  # not in the cache yet: its denoiser's config says which pipeline to download
             from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError
 
-            unet = json.loads(Path(hf_hub_download(model, "unet/config.json", local_files_only=_offline())).read_text())
-            family = family_of(unet)
+            try:
+                found = hf_hub_download(model, DENOISER_CONFIGS[0], local_files_only=_offline())
+            except EntryNotFoundError:
+                found = hf_hub_download(model, DENOISER_CONFIGS[1], local_files_only=_offline())
+            family = family_of(json.loads(Path(found).read_text()))
         cls = _pipeline_class(family)
         return cls.from_pretrained(model, local_files_only=_offline(), **_loading_options(cls, dtype))
 
@@ -373,10 +395,13 @@ def _pipeline_class(family: str | None):
     return getattr(diffusers, PIPELINES[family or "sd"])
 
 
-def _loading_options(cls, dtype: torch.dtype) -> dict:
-    """`from_pretrained` options: the dtype, and no safety checker where the pipeline has one."""
+def _loading_options(cls, dtype: torch.dtype, folder: Path | None = None) -> dict:
+    """`from_pretrained` options: the dtype, no safety checker where the pipeline has one, and no
+    T5 for an SD3 folder that has none (it conditions on the CLIP encoders alone)."""
     if cls.__name__ == PIPELINES["sd"]:
         return dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, feature_extractor=None)
+    if cls.__name__ == PIPELINES["sd3"] and folder is not None and not is_dir(folder / "text_encoder_3"):
+        return dict(torch_dtype=dtype, text_encoder_3=None, tokenizer_3=None)
     return dict(torch_dtype=dtype)
 
 
@@ -427,8 +452,8 @@ def guidance_distilled(unet_config) -> bool:
 def fits_lcm_lora(unet_config) -> bool:
     """`lcm_lora_fits` from a UNet's config alone: not distilled already, and of the width its
     family's LCM LoRA was trained on."""
-    return (not guidance_distilled(unet_config)
-            and unet_config.get("cross_attention_dim") == LCM_LORA_WIDTHS[family_of(unet_config)])
+    width = LCM_LORA_WIDTHS.get(family_of(unet_config))  # None: the family has no LCM LoRA (SD3)
+    return not guidance_distilled(unet_config) and width is not None and unet_config.get("cross_attention_dim") == width
 
 
 def chosen_lcm_lora(lcm_lora: str | None, unet_config) -> str | None:
@@ -441,12 +466,13 @@ def chosen_lcm_lora(lcm_lora: str | None, unet_config) -> str | None:
 
 def apply_lcm_lora(pipe, lcm_lora: str | None) -> str | None:
     """Fuse an LCM LoRA (`chosen_lcm_lora`) into the UNet; returns the one fused, if any."""
-    lcm_lora = chosen_lcm_lora(lcm_lora, pipe.unet.config)
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    lcm_lora = chosen_lcm_lora(lcm_lora, denoiser.config)
     if lcm_lora is None:
         return None
     path = Path(lcm_lora).expanduser()
     hint = " (use --lcm-lora none for a model that needs none)"
-    family = family_of(pipe.unet.config)
+    family = family_of(denoiser.config)
     with _loading(lcm_lora, "LCM LoRA", hint), _silenced("diffusers"):  # it logs, then raises: we say it once
         try:
             if is_file(path):
@@ -462,8 +488,9 @@ def apply_lcm_lora(pipe, lcm_lora: str | None) -> str | None:
                 raise
             name = defaults.FAMILY_NAMES[family]
             raise ModelError(f"LCM LoRA '{lcm_lora}' does not fit this {name} model: its layers have other sizes "
-                             f"(a LoRA for another model family?); {name}'s is {defaults.LCM_LORAS[family]}, "
-                             "or use --lcm-lora none") from None
+                             "(a LoRA for another model family?)"
+                             + (f"; {name}'s is {defaults.LCM_LORAS[family]}" if family in defaults.LCM_LORAS else "")
+                             + ", or use --lcm-lora none") from None
         pipe.fuse_lora()
         pipe.unload_lora_weights()
     return lcm_lora
@@ -487,7 +514,7 @@ def check_runnable(model: str, unet_config, *, has_text_encoder: bool = True) ->
     if unet_config is None:
         return
     channels = unet_config.get("in_channels", 4)
-    if channels != 4:
+    if family_of(unet_config) != "sd3" and channels != 4:
         raise ModelError(f"model '{model}': its UNet takes {channels} input channels (an inpainting or other "
                          "specialised UNet); smd needs a text-to-image UNet with 4, and inpaints with it by "
                          "painting layers over the picture (smd inpaint)")
@@ -500,26 +527,29 @@ def load_components(model: str | None = None, *, device: torch.device, dtype: to
                     lcm_lora: str | None = "auto", config: str | None = None, vae: str | None = None) -> Components:
     """Load a model onto `device`, with the LCM LoRA fused and the VAE replaced where asked for."""
     model = model or defaults.MODEL
-    check_runnable(model, config_json(config, "unet/config.json") if config else config_json(model, "unet/config.json"))
+    check_runnable(model, denoiser_config(model, config))
     try:
         pipe = load_pipeline(model, dtype=dtype, config=config)
     except ModelError as exc:  # offline: name every download the run needs, not only the first
         family = model_family(model, config) or "sd"
-        lora = defaults.LCM_LORAS[family] if lcm_lora == "auto" else lcm_lora
+        lora = defaults.LCM_LORAS.get(family) if lcm_lora == "auto" else lcm_lora
         if exc.offline and lora and lora != "none" and not _looks_like_path(lora) and not in_cache(lora, LORA_FILE):
             more = ModelError(f"{exc}; then the LCM LoRA too: `{download_command(lora, 'LCM LoRA')}`")
             more.offline = True
             raise more from None
         raise
-    check_runnable(model, pipe.unet.config, has_text_encoder=getattr(pipe, "text_encoder", None) is not None)
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    check_runnable(model, denoiser.config, has_text_encoder=getattr(pipe, "text_encoder", None) is not None)
     applied = apply_lcm_lora(pipe, lcm_lora)
-    family = family_of(pipe.unet.config)
+    family = family_of(denoiser.config)
     if vae:
         pipe.vae = load_vae(vae, dtype=dtype, family=family)
     pipe.to(device)
-    return Components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+    return Components(unet=denoiser, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                       scheduler_config=dict(pipe.scheduler.config), source=model, lcm_lora=applied,
                       vae_source=vae_source(vae, family) if vae else None, config=config,
                       text_encoder_2=getattr(pipe, "text_encoder_2", None),
                       tokenizer_2=getattr(pipe, "tokenizer_2", None),
+                      text_encoder_3=getattr(pipe, "text_encoder_3", None),
+                      tokenizer_3=getattr(pipe, "tokenizer_3", None),
                       force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False)))

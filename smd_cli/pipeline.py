@@ -34,7 +34,8 @@ from smd_cli.views import layout, view_sizes
 TEXT_CACHE_SIZE = 256  # remembered prompt encodings
 CIRCULAR_DECODE_PAD = 8  # latent columns wrapped around each side before decoding a 360-degree canvas
 # sd_version names the family a caller expects; the model's UNet config decides (`models.family_of`).
-SD_VERSIONS = {"1.5": "sd", "1.4": "sd", "1": "sd", "2.0": "sd", "2.1": "sd", "2": "sd", "xl": "sdxl", "sdxl": "sdxl"}
+SD_VERSIONS = {"1.5": "sd", "1.4": "sd", "1": "sd", "2.0": "sd", "2.1": "sd", "2": "sd", "xl": "sdxl", "sdxl": "sdxl",
+               "3": "sd3", "3.5": "sd3", "sd3": "sd3"}
 
 
 def seed_everything(seed: int) -> None:
@@ -107,30 +108,33 @@ class StableMultiDiffusionPipeline:
 
     @classmethod
     def from_components(cls, *, unet, vae, text_encoder, tokenizer, scheduler=None, text_encoder_2=None,
-                        tokenizer_2=None, force_zeros_for_empty_prompt: bool = False, device: Any = None,
-                        dtype: Any = None) -> "StableMultiDiffusionPipeline":
-        """Wrap already loaded diffusers/transformers components (moved to `device`); SDXL's second
-        text encoder and tokenizer too."""
+                        tokenizer_2=None, force_zeros_for_empty_prompt: bool = False, text_encoder_3=None,
+                        tokenizer_3=None, device: Any = None, dtype: Any = None) -> "StableMultiDiffusionPipeline":
+        """Wrap already loaded diffusers/transformers components (moved to `device`): `unet` is the
+        denoiser (SD3's transformer too); SDXL's and SD3's further text encoders and tokenizers."""
         resolved = resolve_device(device if device is not None else unet.device)
         dtype = resolve_dtype(dtype if dtype is not None else unet.dtype, resolved)
-        for module in (unet, vae, text_encoder, text_encoder_2):
+        for module in (unet, vae, text_encoder, text_encoder_2, text_encoder_3):
             if module is not None:
                 module.to(resolved, dtype)
         config = dict(scheduler.config) if scheduler is not None else {}
         return cls(resolved, dtype=dtype, components=Components(
             unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=config,
             text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt))
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3))
 
     @classmethod
     def from_pipe(cls, pipe, device: Any = None, dtype: Any = None) -> "StableMultiDiffusionPipeline":
-        """Wrap a loaded diffusers `StableDiffusionPipeline` or `StableDiffusionXLPipeline`."""
-        return cls.from_components(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
-                                   tokenizer=pipe.tokenizer, scheduler=pipe.scheduler,
+        """Wrap a loaded diffusers `StableDiffusionPipeline`, `StableDiffusionXLPipeline` or
+        `StableDiffusion3Pipeline`."""
+        return cls.from_components(unet=getattr(pipe, "unet", None) or pipe.transformer, vae=pipe.vae,
+                                   text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, scheduler=pipe.scheduler,
                                    text_encoder_2=getattr(pipe, "text_encoder_2", None),
                                    tokenizer_2=getattr(pipe, "tokenizer_2", None),
                                    force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt")),
-                                   device=device, dtype=dtype)
+                                   text_encoder_3=getattr(pipe, "text_encoder_3", None),
+                                   tokenizer_3=getattr(pipe, "tokenizer_3", None), device=device, dtype=dtype)
 
     # The model's parts, as the family holds them (the UNet may be a compiled one).
     unet = property(lambda self: self.family.unet)

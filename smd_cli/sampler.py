@@ -24,13 +24,18 @@ Predict = Callable[[torch.Tensor, Any, Sequence[int], Sequence[tuple[int, int]]]
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
+FLOW_TOP_LEVEL = 0.998  # the quantization level of s = 1 (see `Schedule.mask_sigmas`)
+
+
 @dataclass
 class Schedule:
     """Timesteps t_0 > ... > t_{K-1} with alpha_k, sigma_k and the transition that follows each step.
 
     `alphas`/`sigmas` have K + 1 entries; the last is where the final transition lands: clean
     (1, 0) for LCM and Euler, diffusers' `final_alpha_cumprod` for DDIM. `kind` is "lcm" (fresh
-    noise after each step) or "ddim" (deterministic, SPEC 3).
+    noise after each step) or "ddim" (deterministic, SPEC 3). `prediction` is what the model's
+    output is: "epsilon" (the noise; v-prediction is converted to it by the family) or "flow" (the
+    velocity v = e - x0 of flow matching, where alpha_k = 1 - s_k and sigma_k = s_k).
     """
 
     timesteps: list[float]
@@ -40,14 +45,19 @@ class Schedule:
     c_out: list[float]
     kind: str = "lcm"
     init_scale: float = 1.0  # the initial noise times this is x_0 (Euler's init_noise_sigma, in VP terms)
+    prediction: str = "epsilon"
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
     @property
     def mask_sigmas(self) -> list[float]:
-        """Noise levels for mask quantization (SPEC 2.2): sigma_0..sigma_{K-1} and sigma_K = 0."""
-        return self.sigmas[:-1] + [0.0]
+        """Noise levels for mask quantization (SPEC 2.2): sigma_0..sigma_{K-1} and sigma_K = 0. Under
+        flow matching the level is s_k, with pure noise (s = 1, where flow schedules start) taken
+        as FLOW_TOP_LEVEL: a full-strength mask is on from the first step, as it is on SD's
+        variance-preserving schedules, whose sigma_0 is about 0.998."""
+        levels = self.sigmas[:-1] + [0.0]
+        return [min(x, FLOW_TOP_LEVEL) for x in levels] if self.prediction == "flow" else levels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +117,30 @@ def euler_schedule(config: Mapping, steps: int | None = None, timesteps: Sequenc
                     init_scale=float(euler.init_noise_sigma) * alphas[0])
 
 
-SCHEDULES: dict[str, Callable[..., Schedule]] = {"lcm": lcm_schedule, "ddim": ddim_schedule, "euler": euler_schedule}
+def flow_schedule(config: Mapping, steps: int | None = None, timesteps: Sequence[int] | None = None,
+                  mu: float | None = None) -> Schedule:
+    """Flow matching (SD3, FLUX): x_s = (1 - s) x0 + s e on diffusers' `FlowMatchEulerDiscreteScheduler`
+    sigmas (its shift applied; `mu` is the resolution-dependent shift where the config asks for one).
+    The transition is deterministic Euler, e* = (x_k - (1 - s_k) X0) / s_k and x_{k+1} =
+    (1 - s_{k+1}) X0 + s_{k+1} e*: with one layer over the canvas exactly diffusers' step
+    x + (s_{k+1} - s_k) v. Timesteps are 1000 s_k, as the transformer takes them."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = FlowMatchEulerDiscreteScheduler.from_config(config)
+    if timesteps is not None:
+        train = int(config.get("num_train_timesteps", 1000))
+        if any(not 0 < t <= train for t in timesteps):
+            raise SmdError(f"timesteps must lie in (0, {train}] for this model, got {list(timesteps)}")
+        flow.set_timesteps(sigmas=[t / train for t in timesteps], mu=mu)
+    else:
+        flow.set_timesteps(steps or defaults.STEPS["flow"], mu=mu)
+    ss = [float(x) for x in flow.sigmas]  # K + 1 levels, the last 0
+    return Schedule([float(t) for t in flow.timesteps], [1.0 - x for x in ss], ss, [0.0] * (len(ss) - 1),
+                    [1.0] * (len(ss) - 1), kind="ddim", prediction="flow")
+
+
+SCHEDULES: dict[str, Callable[..., Schedule]] = {"lcm": lcm_schedule, "ddim": ddim_schedule, "euler": euler_schedule,
+                                                 "flow": flow_schedule}
 
 
 def make_schedule(scheduler: str, config: Mapping, steps: int | None = None,
@@ -205,8 +238,11 @@ def shift(x: torch.Tensor, dy: int, dx: int, fill: torch.Tensor) -> torch.Tensor
 
 
 def clean_estimate(x: torch.Tensor, eps: torch.Tensor, alpha: float, sigma: float,
-                   c_skip: float = 0.0, c_out: float = 1.0) -> torch.Tensor:
-    """x0 = c_out * (x - sigma * eps) / alpha + c_skip * x (SPEC 3.4; c_skip 0, c_out 1 off LCM)."""
+                   c_skip: float = 0.0, c_out: float = 1.0, prediction: str = "epsilon") -> torch.Tensor:
+    """x0 = c_out * (x - sigma * eps) / alpha + c_skip * x (SPEC 3.4; c_skip 0, c_out 1 off LCM);
+    for a flow model, whose output is the velocity v, x0 = x - s v (defined at s = 1 too)."""
+    if prediction == "flow":
+        return x - sigma * eps
     return c_out * ((x - sigma * eps) / alpha) + c_skip * x
 
 
@@ -315,7 +351,8 @@ def step_output(batch: StepBatch, eps: Sequence[torch.Tensor] | torch.Tensor, sc
     count = torch.zeros((shape[0], 1, *shape[2:]), dtype=torch.float32, device=batch.device)
     for i, window in enumerate(batch.windows):
         x_p = batch.inputs[i]
-        x0_p = clean_estimate(x_p, eps[i].reshape(x_p.shape), a, s, schedule.c_skip[k], schedule.c_out[k])
+        x0_p = clean_estimate(x_p, eps[i].reshape(x_p.shape), a, s, schedule.c_skip[k], schedule.c_out[k],
+                              schedule.prediction)
         m = batch.masks[i]
         if batch.b_noisy is not None:
             b = window.crop(batch.b_noisy)

@@ -19,6 +19,7 @@ from PIL import Image
 from smd_cli import defaults
 from smd_cli import masks as mask_ops
 from smd_cli.errors import SmdError
+from smd_cli.family import FLOW_FAMILIES
 from smd_cli.family import Conditioning, Placement
 from smd_cli.pipeline import StableMultiDiffusionPipeline
 from smd_cli.prepare import Layers, prepare_layers, prepare_text
@@ -90,6 +91,8 @@ class StreamMultiDiffusion:
         self.leak_sensitivity = bootstrap_leak_sensitivity
         self.bootstrap_centre = bootstrap_centre
         self.cover_alpha = cover_alpha
+        if pipe.family.name in FLOW_FAMILIES and num_inference_steps is None and timesteps is None:
+            num_inference_steps = defaults.STEPS["lcm"]  # a stream's depth, not a flow model's 28 steps
         self.schedule = pipe.schedule(num_inference_steps, timesteps)
         self.shape = (1, pipe.family.channels, height // f, width // f)
         window, stride = view_sizes(tile_size, None, f)

@@ -49,6 +49,14 @@ def tiny_sdxl(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """A tiny SD3-shaped model folder: an MMDiT transformer, two CLIP encoders, no T5 (VAE factor 2)."""
+    from tinymodel import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
 def pipe(tiny_model):
     from smd_cli import StableMultiDiffusionPipeline
 

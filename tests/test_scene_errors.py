@@ -55,7 +55,7 @@ CASES = [
     ("output: '{seed:q}.png'\n" + GOOD_LAYER, "bad output template", "1: output"),
     ("output: 'picture.txt'\n" + GOOD_LAYER, "needs an image extension", "1: output"),
     ("tile_size: 64\ntile_stride: 128\n" + GOOD_LAYER, "larger than tile_size 64", "2: tile_stride"),
-    ("scheduler: dpm\n" + GOOD_LAYER, "'lcm', 'ddim' or 'euler', got 'dpm'", "1: scheduler"),
+    ("scheduler: dpm\n" + GOOD_LAYER, "'lcm', 'ddim', 'euler' or 'renoise', got 'dpm'", "1: scheduler"),
     ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
      "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
      "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]\n" + GOOD_LAYER,

@@ -179,3 +179,70 @@ def build_tiny_taesd(folder: Path, *, blocks: int = 2, seed: int = 0) -> Path:
     )
     vae.save_pretrained(folder)
     return Path(folder)
+
+
+T5_WORDS = "a photo of the sun moon cat dog tree lake river red ball blue sky large giant waterfall landscape"
+
+
+def tiny_t5_tokenizer():
+    """A T5 (SentencePiece Unigram) tokenizer made in code: a few words, the letters and digits,
+    `</s>` appended, as T5's own does."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = ["\u2581" + w for w in T5_WORDS.split()] + ["\u2581"] + list(string.ascii_lowercase + string.digits + ",.!?'-")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -float(i)) for i, p in enumerate(pieces, 1)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
+
+
+def tiny_t5(d_model: int, vocab_size: int):
+    """A tiny random T5 encoder of width `d_model`."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                                   is_encoder_decoder=False, use_cache=False))
+
+
+def build_tiny_sd3(folder: Path, *, seed: int = 0, vae_blocks: int = 2, t5: bool = False) -> Path:
+    """Tiny random SD3 components saved as a diffusers folder: an MMDiT transformer (patch 2), two
+    CLIP text encoders with projections, T5 (or, without `t5`, none: the CLIP encoders alone, as
+    such folders say), their tokenizers, a flow-matching scheduler with SD3's shift, and a VAE with
+    a shift factor."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64,  # both CLIPs' states side by side: 32 + 32
+        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=32)
+    vae = tiny_vae(vae_blocks, scaling_factor=1.5305, shift_factor=0.0609)  # SD3's
+    text_encoder = CLIPTextModelWithProjection(_clip_config(32, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(_clip_config(32, projection_dim=32))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+        tokenizer_2 = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                                    model_max_length=77, pad_token="!")
+    tokenizer_3 = tiny_t5_tokenizer() if t5 else None
+    text_encoder_3 = tiny_t5(64, len(tokenizer_3)) if t5 else None  # as wide as the joint attention
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+    pipe.save_pretrained(folder)
+    if not t5:
+        index = json.loads((folder / "model_index.json").read_text())  # say that T5 is left out, as
+        index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])  # such folders on the hub do
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
