@@ -11,11 +11,12 @@ from __future__ import annotations
 MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MODEL_VAE_FACTOR = 8  # the default model's VAE downscale factor, known before the model is downloaded
 # Model families: SD 1.x/2.x, and SDXL (told apart by the UNet's config, never by a name).
-FAMILIES = ("sd", "sdxl", "sd3")
-FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3"}
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
+FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1"}
 LCM_LORAS = {"sd": "latent-consistency/lcm-lora-sdv1-5", "sdxl": "latent-consistency/lcm-lora-sdxl"}
 LCM_LORA = LCM_LORAS["sd"]  # the default model's
-TINY_VAES = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl", "sd3": "madebyollin/taesd3"}
+TINY_VAES = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl", "sd3": "madebyollin/taesd3",
+             "flux": "madebyollin/taef1"}
 
 # Schedules (SPEC 1): LCM's default 5 steps are these indices of its 50-step grid.
 SCHEDULERS = ("lcm", "ddim", "euler", "renoise")  # renoise: flow-matching models only

@@ -8,8 +8,8 @@ the stream (SPEC 6). A family is one small adapter that answers five questions:
    background prompt's by prompt strength (`cond.mix(background, w)`, SPEC 2.1); `empty_negative`
    is what an empty negative prompt means (None: the encoding of "").
 2. The denoiser. `predict(x, t, cond, guidance_scale, placement) -> eps`: the noise in latents `x`
-   [B, C, h, w] at timestep(s) `t`, row i under conditioning row i, always as a noise prediction
-   in the family's noising (a v-predicting or flow model converts). `placement` says where each
+   [B, C, h, w] at timestep(s) `t`, row i under conditioning row i, as a noise prediction in the
+   family's noising (a v-predicting UNet converts), or for flow models the velocity. `placement` says where each
    row's window lies on the canvas, for families that condition on it. `guidance_distilled` says
    whether the denoiser takes the guidance scale as an input, in which case classifier-free
    guidance never runs an unconditional pass (`runs_unconditional`, the one rule for every caller).
@@ -22,10 +22,11 @@ the stream (SPEC 6). A family is one small adapter that answers five questions:
    `decode(latent) -> pixels`, both in [-1, 1].
 
 `StableDiffusion` is SD 1.x and 2.x. `StableDiffusionXL` adds a second text encoder (a pooled row
-beside the token states in `Conditioning`) and micro-conditioning on each row's placement. A
-flow-matching transformer (SD3, FLUX) would set alpha_k = 1 - s_k, sigma_k = s_k and turn its
-predicted velocity into noise, behind the same five answers. `make_family` picks the adapter from
-the UNet's config (`models.family_of`).
+beside the token states in `Conditioning`) and micro-conditioning on each row's placement. The
+flow-matching transformers, `StableDiffusion3` and `Flux`, return the predicted velocity and
+schedules that say so (alpha_k = 1 - s_k, sigma_k = s_k, `Schedule.prediction == "flow"`), behind
+the same five answers. `make_family` picks the adapter from the denoiser's config
+(`models.family_of`).
 """
 
 from __future__ import annotations
@@ -185,8 +186,9 @@ class StableDiffusion:
     # The noising.
 
     def schedule(self, scheduler: str, steps: int | None = None, timesteps: Sequence[int] | None = None,
-                 spacing: str | None = None) -> Schedule:
-        return family_schedule(self.name, scheduler, self.scheduler.config, steps, timesteps, spacing)
+                 spacing: str | None = None, window: tuple[int, int] | None = None) -> Schedule:
+        """`window` is one view's size in latent pixels, for families whose shift depends on it."""
+        return family_schedule(self.name, scheduler, self.scheduler.config, steps, timesteps, spacing, window)
 
     # Pictures.
 
@@ -325,8 +327,9 @@ class StableDiffusion3(StableDiffusion):
                          pooled_projections=cond.pooled, return_dict=False)[0].float()
 
     def schedule(self, scheduler: str, steps: int | None = None, timesteps: Sequence[int] | None = None,
-                 spacing: str | None = None) -> Schedule:
-        return family_schedule(self.name, scheduler, self.scheduler.config, steps, timesteps, spacing)
+                 spacing: str | None = None, window: tuple[int, int] | None = None) -> Schedule:
+        """`window` is one view's size in latent pixels, for families whose shift depends on it."""
+        return family_schedule(self.name, scheduler, self.scheduler.config, steps, timesteps, spacing, window)
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -343,12 +346,91 @@ class StableDiffusion3(StableDiffusion):
         return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
 
 
-# Families whose models are trained by flow matching (SD3; FLUX would join them).
-FLOW_FAMILIES = ("sd3",)
+class Flux(StableDiffusion3):
+    """FLUX.1: a transformer over latents packed 2x2 into tokens, trained by flow matching; CLIP's
+    pooled embedding and T5's token states; dev embeds the guidance scale (no unconditional pass),
+    schnell takes none. Everything else (masks, views, aggregation) stays in the unpacked latent
+    grid: `predict` packs just before the transformer and unpacks its velocity.
+
+    Positions (RoPE image ids): each (layer, view) row gets the positions of a picture of the
+    view's own size, from (0, 0), not its place on the canvas. A view is then exactly what the
+    model sees when it makes a picture that size, which keeps plain sampling (one view) equal to
+    diffusers', and every view equally far from the position range the model was trained on; views
+    agree on their overlaps through the averaging of clean estimates, as on SD. The shift mu is
+    likewise the one for a view's token count (`schedule(window=...)`): the noise level each view is
+    denoised at is the one the model expects for a picture of that size.
+    """
+
+    name = "flux"
+    max_sequence_length = 512  # T5 tokens, as diffusers' FluxPipeline takes by default
+
+    def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype):
+        super().__init__(components, device=device, dtype=dtype)
+
+    @property
+    def channels(self) -> int:
+        return int(self.unet.config.in_channels) // 4
+
+    @property
+    def native_size(self) -> int:
+        return 128 * self.factor  # FluxPipeline's default: 1024 pixels with FLUX's factor 8
+
+    @property
+    def granularity(self) -> int:
+        return 2  # latents are packed 2x2: canvases and views are multiples of 2 latent pixels
+
+    @property
+    def guidance_distilled(self) -> bool:
+        return bool(self.unet.config.get("guidance_embeds"))
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> Conditioning:
+        """As diffusers' `FluxPipeline.encode_prompt`: CLIP's pooled output and T5's states."""
+        ids, _ = self._tokens(self.tokenizer, texts, warn=False)  # T5 reads the whole prompt
+        pooled = self.text_encoder(ids, output_hidden_states=False).pooler_output
+        t5 = self.tokenizer_2(list(texts), padding="max_length", max_length=self.max_sequence_length, truncation=True,
+                              return_tensors="pt").input_ids
+        states = self.text_encoder_2(t5.to(self.device), output_hidden_states=False)[0]
+        return Conditioning(states.to(self.dtype), pooled.to(self.dtype))
+
+    def empty_negative(self) -> Conditioning | None:
+        return None
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
+                guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
+        """The transformer's velocity for latents x [B, C, h, w] (float32, unpacked)."""
+        b, c, h, w = x.shape
+        if not isinstance(t, torch.Tensor):
+            t = torch.tensor(t, dtype=torch.float32, device=self.device)
+        t = t.to(self.device).reshape(-1).expand(b) if t.numel() == 1 else t.to(self.device)
+        packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(self.device, self.dtype)
+        txt_ids = torch.zeros(cond.states.shape[1], 3, device=self.device, dtype=self.dtype)
+        guidance = torch.full((b,), guidance_scale, device=self.device) if self.guidance_distilled else None
+        out = self.unet(hidden_states=packed.to(self.dtype), timestep=(t / 1000).to(self.dtype), guidance=guidance,
+                        pooled_projections=cond.pooled, encoder_hidden_states=cond.states, txt_ids=txt_ids,
+                        img_ids=img_ids, return_dict=False)[0].float()
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+# Families whose models are trained by flow matching.
+FLOW_FAMILIES = ("sd3", "flux")
+
+
+def flux_shift(tokens: int, config: Mapping) -> float:
+    """FLUX's resolution-dependent shift mu, linear in the image's token count between the
+    config's base and max sequence lengths (as diffusers' FluxPipeline computes it)."""
+    base, top = int(config.get("base_image_seq_len", 256)), int(config.get("max_image_seq_len", 4096))
+    low, high = float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15))
+    slope = (high - low) / (top - base)
+    return tokens * slope + low - slope * base
 
 
 def family_schedule(family: str, scheduler: str, config: Mapping, steps: int | None = None,
-                    timesteps: Sequence[int] | None = None, spacing: str | None = None) -> Schedule:
+                    timesteps: Sequence[int] | None = None, spacing: str | None = None,
+                    window: tuple[int, int] | None = None) -> Schedule:
     """The schedule a model of `family` samples with. Flow-matching families step by flow-matching
     Euler, which `lcm` (the scenes' default) and `euler` both name, or with `renoise`: the same
     levels, with fresh noise after each step as LCM does (e* a new draw instead of the one implied
@@ -364,13 +446,17 @@ def family_schedule(family: str, scheduler: str, config: Mapping, steps: int | N
     if spacing is not None:
         raise SmdError(f"timestep_spacing does not apply to {defaults.FAMILY_NAMES[family]}: its scheduler "
                        "spaces its steps by its shift")
-    schedule = make_schedule("flow", config, steps, timesteps)
+    mu = None
+    if config.get("use_dynamic_shifting"):  # FLUX: the shift for the token count of one view
+        tokens = (window[0] // 2) * (window[1] // 2) if window else int(config.get("base_image_seq_len", 256))
+        mu = flux_shift(tokens, config)
+    schedule = make_schedule("flow", config, steps, timesteps, mu=mu, flux_sigmas=family == "flux")
     if scheduler == "renoise":
         schedule.kind = "lcm"
     return schedule
 
 
-FAMILIES = {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "sd3": StableDiffusion3}
+FAMILIES = {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "sd3": StableDiffusion3, "flux": Flux}
 
 
 def make_family(components: Components, *, device: torch.device, dtype: torch.dtype) -> StableDiffusion:

@@ -30,7 +30,8 @@ AUTO_BATCH_SHARE = 0.6
 # for SD1.5's UNet (320 base channels); SDXL's has the same base width but ten transformer blocks
 # deep at its lowest level, about 1.5 times as much (an estimate from its published peak memory,
 # not measured here). A UNet with fewer channels needs proportionally less.
-UNET_BYTES_PER_LATENT_PIXEL = {"sd": 64 * 1024, "sdxl": 96 * 1024, "sd3": 96 * 1024}  # sd3: as SDXL's, a guess
+UNET_BYTES_PER_LATENT_PIXEL = {"sd": 64 * 1024, "sdxl": 96 * 1024,
+                               "sd3": 96 * 1024, "flux": 96 * 1024}  # sd3, flux: as SDXL's, guesses
 # Where a model's configs cannot be read (a hub model not downloaded yet), the default model's
 # shapes (SD 1.5's) are assumed.
 SD_UNET_CHANNELS = 320
@@ -40,7 +41,8 @@ VAE_TENSORS_AT_FULL_SIZE = 8
 # Half-precision weights where the files cannot be measured: SD 1.5 (0.86B UNet, 0.12B text
 # encoder, 0.08B VAE) and SDXL (2.6B UNet, 0.8B in its two text encoders, 0.08B VAE).
 WEIGHT_BYTES_FP16 = {"sd": 2_130_000_000, "sdxl": 6_940_000_000,
-                     "sd3": 27_500_000_000}  # SD3.5 Large: 8.1B transformer, 4.8B T5, 0.8B CLIPs
+                     "sd3": 27_500_000_000,  # SD3.5 Large: 8.1B transformer, 4.8B T5, 0.8B CLIPs
+                     "flux": 33_800_000_000}  # FLUX.1: 11.9B transformer, 4.8B T5, 0.1B CLIP
 # The tiny autoencoder (TAESD) decodes with 64 channels and keeps about two such tensors at full size.
 TAESD_CONFIG = {"decoder_block_out_channels": [64, 64, 64, 64]}
 TAESD_TENSORS_AT_FULL_SIZE = 2

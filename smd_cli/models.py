@@ -32,7 +32,8 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # SDXL encoders' 768 + 1280 side by side for SDXL. A LoRA fits a UNet of its family and width.
 LCM_LORA_WIDTHS = {"sd": 768, "sdxl": 2048}
 # The diffusers pipeline class of each family.
-PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+             "flux": "FluxPipeline"}
 # Where a model folder keeps its denoiser's config: a UNet's, else a transformer's (SD3).
 DENOISER_CONFIGS = ("unet/config.json", "transformer/config.json")
 
@@ -67,10 +68,12 @@ class Components:
 
 def family_of(unet_config) -> str:
     """The family of a denoiser's config: `sd3` for SD3's transformer (joint attention with a
-    caption projection), `sdxl` for a UNet that takes pooled text and sizes beside the token states
+    caption projection), `flux` for FLUX.1's (with or without a guidance embedding), `sdxl` for a UNet that takes pooled text and sizes beside the token states
     (SDXL's `addition_embed_type: text_time`), else `sd` (SD 1.x and 2.x)."""
     if "caption_projection_dim" in unet_config:
         return "sd3"
+    if "guidance_embeds" in unet_config:  # FLUX's transformer, dev (True) or schnell (False)
+        return "flux"
     return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
 
 
@@ -445,8 +448,9 @@ def lcm_lora_fits(unet) -> bool:
 
 
 def guidance_distilled(unet_config) -> bool:
-    """Whether a UNet is guidance-distilled (LCM): it takes the guidance scale as an embedding."""
-    return unet_config.get("time_cond_proj_dim") is not None
+    """Whether a denoiser is guidance-distilled (an LCM UNet, FLUX.1 dev): it takes the guidance
+    scale as an embedding."""
+    return unet_config.get("time_cond_proj_dim") is not None or bool(unet_config.get("guidance_embeds"))
 
 
 def fits_lcm_lora(unet_config) -> bool:
@@ -514,7 +518,7 @@ def check_runnable(model: str, unet_config, *, has_text_encoder: bool = True) ->
     if unet_config is None:
         return
     channels = unet_config.get("in_channels", 4)
-    if family_of(unet_config) != "sd3" and channels != 4:
+    if family_of(unet_config) in ("sd", "sdxl") and channels != 4:
         raise ModelError(f"model '{model}': its UNet takes {channels} input channels (an inpainting or other "
                          "specialised UNet); smd needs a text-to-image UNet with 4, and inpaints with it by "
                          "painting layers over the picture (smd inpaint)")

@@ -14,6 +14,7 @@ into requests and images into results.
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,7 +24,8 @@ from PIL import Image
 from smd_cli import defaults
 from smd_cli import masks as mask_ops
 from smd_cli.errors import ModelError, SmdError
-from smd_cli.family import Conditioning, Placement, PromptTruncatedWarning, make_family, runs_unconditional
+from smd_cli.family import (FLOW_FAMILIES, Conditioning, Placement, PromptTruncatedWarning, make_family,
+                            runs_unconditional)
 from smd_cli.memory import auto_max_batch, available_memory
 from smd_cli.models import Components, load_components, resolve_device, resolve_dtype, warn_if_slow
 from smd_cli.defaults import prefixed
@@ -35,7 +37,7 @@ TEXT_CACHE_SIZE = 256  # remembered prompt encodings
 CIRCULAR_DECODE_PAD = 8  # latent columns wrapped around each side before decoding a 360-degree canvas
 # sd_version names the family a caller expects; the model's UNet config decides (`models.family_of`).
 SD_VERSIONS = {"1.5": "sd", "1.4": "sd", "1": "sd", "2.0": "sd", "2.1": "sd", "2": "sd", "xl": "sdxl", "sdxl": "sdxl",
-               "3": "sd3", "3.5": "sd3", "sd3": "sd3"}
+               "3": "sd3", "3.5": "sd3", "sd3": "sd3", "flux": "flux"}
 
 
 def seed_everything(seed: int) -> None:
@@ -105,6 +107,7 @@ class StableMultiDiffusionPipeline:
         self.family = make_family(components, device=self.device, dtype=self.dtype)
         self._white: torch.Tensor | None = None
         self._text_cache: dict[str, Conditioning] = {}
+        self._negatives_warned = False
 
     @classmethod
     def from_components(cls, *, unet, vae, text_encoder, tokenizer, scheduler=None, text_encoder_2=None,
@@ -157,10 +160,12 @@ class StableMultiDiffusionPipeline:
     # What the step loop and the stream ask of the model
 
     def schedule(self, steps: int | None = None, timesteps: Sequence[int] | None = None,
-                 scheduler: str = defaults.SCHEDULER, spacing: str | None = None) -> Schedule:
+                 scheduler: str = defaults.SCHEDULER, spacing: str | None = None,
+                 window: tuple[int, int] | None = None) -> Schedule:
         """The step schedule (SPEC 1, 3) for `scheduler`: lcm (default 5 steps), ddim or euler (50
-        steps, spaced as the model's config says or as `spacing` says)."""
-        return self.family.schedule(scheduler, steps, timesteps, spacing)
+        steps, spaced as the model's config says or as `spacing` says); flow-matching Euler on SD3
+        and FLUX, whose shift may depend on `window`, one view's size in latent pixels."""
+        return self.family.schedule(scheduler, steps, timesteps, spacing, window)
 
     def runs_unconditional(self, guidance_scale: float) -> bool:
         """Whether guidance at this scale runs an unconditional pass on this model (SPEC 3.3)."""
@@ -288,6 +293,15 @@ class StableMultiDiffusionPipeline:
     # -----------------------------------------------------------------------------------------
     # Generation
 
+    def _check_negatives(self, request: Request, unconditional: bool) -> None:
+        """Without an unconditional pass negative prompts do nothing: on FLUX.1, where that is the
+        usual case, say so, once."""
+        negatives = [*request.layers.negatives, request.background_negative_prompt]
+        if self.family.name == "flux" and not unconditional and any(negatives) and not self._negatives_warned:
+            self._negatives_warned = True
+            warnings.warn("negative prompts are ignored: FLUX.1 runs no unconditional pass here (dev embeds the "
+                          "guidance scale; schnell runs one, true CFG, above guidance_scale 1)", stacklevel=3)
+
     @torch.no_grad()
     def run(self, request: Request, *, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
             noises: Sequence[torch.Tensor] | None = None, max_batch: int | None = None, skip_empty: bool = True,
@@ -297,7 +311,13 @@ class StableMultiDiffusionPipeline:
         f = self.vae_scale_factor
         request.check(f)
         height, width = request.height, request.width
-        schedule = self.schedule(request.steps, request.timesteps, request.scheduler, request.timestep_spacing)
+        g = self.family.granularity  # patches (SD3) and 2x2 tokens (FLUX) must be whole; UNets pad
+        if self.family.name in FLOW_FAMILIES and ((height // f) % g or (width // f) % g):
+            raise SmdError(f"a {defaults.FAMILY_NAMES[self.family.name]} canvas is a multiple of {f * g} pixels "
+                           f"on each side, got {width}x{height}")
+        window, stride = view_sizes(request.tile_size, request.tile_stride, f)
+        schedule = self.schedule(request.steps, request.timesteps, request.scheduler, request.timestep_spacing,
+                                 (min(window, height // f), min(window, width // f)))
 
         # 2. Prepare masks (SPEC 2.2): the uncovered area becomes a background layer at the bottom.
         layers = prepare_layers(
@@ -309,6 +329,7 @@ class StableMultiDiffusionPipeline:
         cond, uncond = prepare_text(self.encode_prompts, layers, request.background_prompt,
                                     request.background_negative_prompt, self.runs_unconditional(request.guidance_scale),
                                     self.family.empty_negative())
+        self._check_negatives(request, uncond is not None)
 
         # 4. Prepare latents: initial noise, and the flat images for bootstrapping (SPEC 2.3).
         shape = (1, self.family.channels, height // f, width // f)
@@ -321,7 +342,6 @@ class StableMultiDiffusionPipeline:
         white = self.white_latent(height, width) if request.bootstrap_steps > 0 else None
 
         # 5. Denoise: the shared step loop, over views for canvases larger than a tile (SPEC 5).
-        window, stride = view_sizes(request.tile_size, request.tile_stride, f)
         views = layout(shape[2], shape[3], (window, window), (stride, stride), weighting=request.tile_weighting,
                        circular=request.circular, device=self.device)
         max_batch = max_batch or self.auto_max_batch((min(window, shape[2]), min(window, shape[3])),

@@ -118,7 +118,7 @@ def euler_schedule(config: Mapping, steps: int | None = None, timesteps: Sequenc
 
 
 def flow_schedule(config: Mapping, steps: int | None = None, timesteps: Sequence[int] | None = None,
-                  mu: float | None = None) -> Schedule:
+                  mu: float | None = None, flux_sigmas: bool = False) -> Schedule:
     """Flow matching (SD3, FLUX): x_s = (1 - s) x0 + s e on diffusers' `FlowMatchEulerDiscreteScheduler`
     sigmas (its shift applied; `mu` is the resolution-dependent shift where the config asks for one).
     The transition is deterministic Euler, e* = (x_k - (1 - s_k) X0) / s_k and x_{k+1} =
@@ -132,6 +132,9 @@ def flow_schedule(config: Mapping, steps: int | None = None, timesteps: Sequence
         if any(not 0 < t <= train for t in timesteps):
             raise SmdError(f"timesteps must lie in (0, {train}] for this model, got {list(timesteps)}")
         flow.set_timesteps(sigmas=[t / train for t in timesteps], mu=mu)
+    elif flux_sigmas:  # FLUX spaces its sigmas from 1 to 1/K before the shift, as FluxPipeline does
+        n = steps or defaults.STEPS["flow"]
+        flow.set_timesteps(sigmas=[1.0 - i * (1.0 - 1.0 / n) / max(n - 1, 1) for i in range(n)], mu=mu)
     else:
         flow.set_timesteps(steps or defaults.STEPS["flow"], mu=mu)
     ss = [float(x) for x in flow.sigmas]  # K + 1 levels, the last 0
@@ -144,7 +147,7 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {"lcm": lcm_schedule, "ddim": dd
 
 
 def make_schedule(scheduler: str, config: Mapping, steps: int | None = None,
-                  timesteps: Sequence[int] | None = None, spacing: str | None = None) -> Schedule:
+                  timesteps: Sequence[int] | None = None, spacing: str | None = None, **flow: Any) -> Schedule:
     """The schedule of `scheduler` (one of `defaults.SCHEDULERS`) for a model's scheduler config;
     `spacing` (ddim and euler) replaces the config's `timestep_spacing`."""
     if scheduler not in SCHEDULES:
@@ -156,7 +159,7 @@ def make_schedule(scheduler: str, config: Mapping, steps: int | None = None,
             raise SmdError("timestep_spacing applies to the ddim and euler schedulers; lcm spaces its steps "
                            "on its own grid")
         config = {**config, "timestep_spacing": spacing}
-    return SCHEDULES[scheduler](config, steps, timesteps)
+    return SCHEDULES[scheduler](config, steps, timesteps, **flow)
 
 
 def _check_timesteps(config: Mapping, timesteps: Sequence[int] | None) -> int:

@@ -93,9 +93,10 @@ class StreamMultiDiffusion:
         self.cover_alpha = cover_alpha
         if pipe.family.name in FLOW_FAMILIES and num_inference_steps is None and timesteps is None:
             num_inference_steps = defaults.STEPS["lcm"]  # a stream's depth, not a flow model's 28 steps
-        self.schedule = pipe.schedule(num_inference_steps, timesteps)
-        self.shape = (1, pipe.family.channels, height // f, width // f)
         window, stride = view_sizes(tile_size, None, f)
+        self.schedule = pipe.schedule(num_inference_steps, timesteps,
+                                      window=(min(window, height // f), min(window, width // f)))
+        self.shape = (1, pipe.family.channels, height // f, width // f)
         self.views = layout(self.shape[2], self.shape[3], (window, window), (stride, stride), device=pipe.device)
 
         # Every noise comes from the stream's own generator: stage 0's fresh latents and the fixed

@@ -57,6 +57,14 @@ def tiny_sd3(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A tiny FLUX.1-dev-shaped model folder (guidance embedded; VAE factor 2)."""
+    from tinymodel import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"), guidance=True)
+
+
+@pytest.fixture(scope="session")
 def pipe(tiny_model):
     from smd_cli import StableMultiDiffusionPipeline
 

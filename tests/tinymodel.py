@@ -246,3 +246,33 @@ def build_tiny_sd3(folder: Path, *, seed: int = 0, vae_blocks: int = 2, t5: bool
         index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])  # such folders on the hub do
         (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def build_tiny_flux(folder: Path, *, seed: int = 0, vae_blocks: int = 2, guidance: bool = False) -> Path:
+    """Tiny random FLUX.1 components saved as a diffusers folder: a transformer over 2x2-packed
+    latents (with the guidance embedding of dev, `guidance`, or without, as schnell), CLIP (pooled)
+    and T5 (token states) text encoders with their tokenizers, and a flow-matching scheduler with
+    FLUX's resolution-dependent shift."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance,
+        axes_dims_rope=(2, 2, 4))  # 4 latent channels x 2 x 2 per token; RoPE axes sum to the head width
+    vae = tiny_vae(vae_blocks, scaling_factor=0.3611, shift_factor=0.1159)  # FLUX's
+    text_encoder = CLIPTextModel(_clip_config(32))
+    tokenizer_2 = tiny_t5_tokenizer()
+    text_encoder_2 = tiny_t5(32, len(tokenizer_2))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    pipe.save_pretrained(folder)
+    return folder

@@ -1,0 +1,134 @@
+"""FLUX.1 as a flow-matching family: conformance with diffusers' FluxPipeline (dev-like with the
+guidance embedding, schnell-like without), the method's invariants on packed latents, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import write
+from PIL import Image
+
+SIZE = 64  # pixels: 32 x 32 latents with the tiny VAE's factor 2, 16 x 16 tokens
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).sum() / np.abs(a).sum())
+
+
+def latents(seed: int = 1) -> torch.Tensor:
+    return torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_flux):
+    from smd_cli import StableMultiDiffusionPipeline
+
+    return StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_flux))
+
+
+@pytest.fixture(scope="module")
+def schnell(tmp_path_factory):
+    from tinymodel import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-schnell"), guidance=False, seed=1)
+
+
+def diffusers_flux(folder, prompt: str, seed: int, **options):
+    from diffusers import FluxPipeline
+
+    reference = FluxPipeline.from_pretrained(str(folder))
+    reference.set_progress_bar_config(disable=True)
+    packed = FluxPipeline._pack_latents(latents(seed), 1, 4, SIZE // 2, SIZE // 2)
+    return reference(prompt, height=SIZE, width=SIZE, latents=packed, output_type="np", **options).images[0]
+
+
+@pytest.mark.parametrize("guidance, steps", [(1.0, 4), (3.5, 4), (3.5, 6)])
+def test_dev_sampling_equals_diffusers(flux, tiny_flux, guidance, steps):
+    expected = diffusers_flux(tiny_flux, "a photo of the sun", 2, guidance_scale=guidance, num_inference_steps=steps)
+    got = flux.sample("a photo of the sun", guidance_scale=guidance, height=SIZE, width=SIZE, num_inference_steps=steps,
+                      latents=latents(2), output_type="np")
+    assert flux.family.name == "flux" and flux.family.guidance_distilled
+    assert rel_err(expected, got) < 1e-4
+
+
+def test_schnell_sampling_equals_diffusers(schnell):
+    from smd_cli import StableMultiDiffusionPipeline
+
+    expected = diffusers_flux(schnell, "a red ball", 4, num_inference_steps=4, guidance_scale=0.0)
+    smd = StableMultiDiffusionPipeline("cpu", hf_key=str(schnell))
+    got = smd.sample("a red ball", height=SIZE, width=SIZE, num_inference_steps=4, latents=latents(4), output_type="np")
+    assert not smd.family.guidance_distilled and rel_err(expected, got) < 1e-4
+
+
+def test_two_layers_of_one_prompt_equal_plain_sampling(flux):
+    halves = np.zeros((2, SIZE, SIZE), np.float32)
+    halves[0, :, : SIZE // 2] = 1
+    halves[1, :, SIZE // 2:] = 1
+    plain = flux.sample("a lake", height=SIZE, width=SIZE, num_inference_steps=4, latents=latents(3), output_type="np")
+    layered = flux(["a lake", "a lake"], masks=halves, height=SIZE, width=SIZE, num_inference_steps=4,
+                   bootstrap_steps=0, latents=latents(3), output_type="np")
+    assert rel_err(plain, layered) < 1e-4
+
+
+def test_inpainting_keeps_every_unmasked_pixel_and_a_stream_frame_is_one_call(flux):
+    from smd_cli import StreamMultiDiffusion
+
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = np.zeros((SIZE, SIZE), np.float32)
+    mask[16:40, 16:40] = 1
+    out = np.asarray(flux("a red ball", masks=[mask], background=picture, num_inference_steps=4,
+                          generator=torch.Generator().manual_seed(0)))
+    keep = np.ones((SIZE, SIZE), bool)
+    keep[8:48, 8:48] = False  # the mask and the reach of its blur
+    np.testing.assert_array_equal(out[keep], np.asarray(picture)[keep])
+    stream = StreamMultiDiffusion(pipeline=flux, height=SIZE, width=SIZE, autoflush=False, seed=7)
+    stream.update_background(prompt="a landscape")
+    stream.update_single_layer(0, prompt="a large tree", mask=mask)
+    calls = []
+    hook = flux.unet.register_forward_pre_hook(lambda m, a, k: calls.append(len(k["hidden_states"])),
+                                               with_kwargs=True)
+    try:
+        frame = stream()
+    finally:
+        hook.remove()
+    assert calls == [2 * len(stream.schedule)] and frame.size == (SIZE, SIZE)  # 2 prompts x 5 stages, one call
+
+
+def test_the_cli_on_a_flux_scene(run_cli, tiny_flux, tmp_path):
+    mask = Image.new("L", (128, 64), 0)
+    mask.paste(255, (0, 0, 48, 64))
+    mask.save(tmp_path / "m.png")
+    scene = write(tmp_path / "s.yaml", f"model: {tiny_flux}\nseed: 3\nwidth: 128\nheight: 64\ntile_size: 64\n"
+                                        "steps: 4\nguidance_scale: 3.5\nbackground: {prompt: a lake}\n"
+                                        "layers:\n  - {prompt: a tree, mask: m.png}\n")
+    result = run_cli("generate", scene, "--device", "cpu", "--out", tmp_path / "x.png")
+    assert result.exit_code == 0, result.stderr
+    assert Image.open(tmp_path / "x.png").text["smd-family"] == "flux"
+    assert json.loads(run_cli("show", tmp_path / "x.png", "--json").stdout)["family"] == "flux"
+    again = run_cli("reproduce", tmp_path / "x.png", "--out", tmp_path / "y.png", "--check")
+    assert again.exit_code == 0, again.stderr
+    panorama = run_cli("panorama", "a river", "--model", tiny_flux, "--width", "128", "--height", "64", "--steps", "3",
+                       "--tile-size", "64", "--device", "cpu", "--out", tmp_path / "p.png")
+    assert panorama.exit_code == 0, panorama.stderr
+    odd = run_cli("generate", "--prompt", "a cat", "--model", tiny_flux, "--width", "66", "--height", "64",
+                  "--device", "cpu", "--out", tmp_path / "o.png")  # 33 latent pixels: no whole 2x2 tokens
+    assert odd.exit_code == 1 and "a FLUX.1 canvas is a multiple of 4 pixels on each side, got 66x64" in odd.stderr
+    assert "Traceback" not in odd.stderr
+
+
+def test_an_ignored_negative_prompt_is_said_once(tiny_flux):
+    import warnings
+
+    from smd_cli import StableMultiDiffusionPipeline
+
+    dev = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_flux))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            dev.sample("a cat", "blurry", height=SIZE, width=SIZE, num_inference_steps=1, output_type="latent")
+    said = [str(w.message) for w in caught if "negative prompts are ignored" in str(w.message)]
+    assert len(said) == 1 and "dev embeds the guidance scale" in said[0]
