@@ -274,13 +274,22 @@ class Sources:
         return (self.model, self.lcm_lora, self.vae)
 
 
+def with_preset(sf: SceneFile, options: Options) -> SceneFile:
+    """The scene with the model preset the run chooses (`smd_cli.presets`) expanded into it."""
+    from smd_cli.presets import expand
+    from smd_cli.settings import user_default
+
+    return expand(sf, options.model or sf.scene.model or user_default("model"))
+
+
 def sources_of(sf: SceneFile, options: Options) -> Sources:
     """Each of a scene's sources in one order: the batch's setting, else the scene's (a path relative
     to the scene file where one exists there), else your default (SMD_MODEL, SMD_LCM_LORA or the
-    config file's); the LCM LoRA is `auto` by default."""
+    config file's); the LCM LoRA is `auto` by default. A preset's name stands for its hub id."""
+    from smd_cli.presets import model_of
     from smd_cli.settings import user_default
 
-    return Sources(model=options.model or sf.source(sf.scene.model) or user_default("model"),
+    return Sources(model=model_of(options.model or sf.source(sf.scene.model) or user_default("model")),
                    lcm_lora=options.lcm_lora or sf.source(sf.scene.lcm_lora) or user_default("lcm_lora") or "auto",
                    vae=options.vae or sf.source(sf.scene.vae))
 
@@ -348,7 +357,9 @@ def plan(items: Iterable[Union[str, Path, SceneFile]], options: Options, *,
     shard = shard or Shard()
     emit = on_event or _ignore
     if options.model:
-        check_source(options.model)
+        from smd_cli.presets import model_of
+
+        check_source(model_of(options.model))
     device = shard.state.device if shard.state is not None and options.device == "auto" \
         else resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
@@ -386,6 +397,7 @@ def _plan_scene(item, options: Options, check, device, dtype, free: int | None, 
     from smd_cli.scene import load_scene, step_count
 
     sf = load_scene(item, options.overrides) if isinstance(item, (str, Path)) else item
+    sf = with_preset(sf, options)
     if check is not None:
         check(sf)
     problems: list[SceneError] = []

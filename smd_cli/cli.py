@@ -352,6 +352,25 @@ def stream(
 
 
 @app.command()
+def models(json_: bool = typer.Option(False, "--json", help="One JSON object per preset.")) -> None:
+    """List the model presets: names that stand for a model and the recipe it was made for.
+
+    A preset's settings apply where a scene sets none; the image records the model and settings,
+    not the name.
+
+    \b
+    Examples:
+      smd models
+      smd generate scenes/village.yaml --model sdxl-lightning --width 1024 --height 1024
+    """
+    with user_errors():
+        from smd_cli.presets import table
+        from smd_cli.report import models as show_models
+
+        show_models(table(), json_)
+
+
+@app.command()
 @shared(*MODEL_OPTIONS, "set_", "quiet", "threads")
 def paint(
     scene: Optional[Path] = typer.Argument(None, help="Scene file (YAML) to open; without one, a blank canvas.",

@@ -297,7 +297,13 @@ class StableDiffusion3(StableDiffusion):
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> Conditioning:
-        """As diffusers' `StableDiffusion3Pipeline.encode_prompt` makes the conditioning."""
+        """As diffusers' `StableDiffusion3Pipeline.encode_prompt` makes the conditioning. Without T5
+        a prompt longer than CLIP's limit would lose its end: that is refused, not cut."""
+        if self.text_encoder_3 is None:
+            limit = self.tokenizer.model_max_length
+            if any(len(ids) > limit for ids in self.tokenizer(list(texts)).input_ids):
+                raise SmdError(f"a prompt is longer than CLIP's {limit} tokens and this SD3 model has no T5 "
+                               "(text_encoder_3) to read the rest: shorten it, or use the model with its T5")
         states, pooled = [], []
         for tok, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             ids, _ = self._tokens(tok, texts, warn=encoder is self.text_encoder)

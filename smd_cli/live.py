@@ -418,12 +418,12 @@ def open_session(scene: Path, options: batch.Options, *, output: Path | None = N
     """Check all that can fail before a model loads (the scene and its masks, the output, the preview
     address), then load the model (`options`, with `options.overrides` applied to the scene) and start
     streaming the scene. `options.compile` compiles for the stream's one fixed shape."""
-    from smd_cli.batch import ModelCache, sources_of
+    from smd_cli.batch import ModelCache, sources_of, with_preset
     from smd_cli.canvas import model_canvas
     from smd_cli.models import check_source, resolve_device, resolve_dtype, set_threads
 
     check_cfg_type(cfg_type)
-    sf = load_scene(scene, options.overrides)
+    sf = with_preset(load_scene(scene, options.overrides), options)
     sources = sources_of(sf, options)
     check_source(sources.model)
     model_canvas(sf, sources.model)  # every mask file read and checked before the model loads

@@ -175,6 +175,15 @@ def _looks_like_path(name: str) -> bool:
     return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name) is None or name.endswith(SINGLE_FILE_SUFFIXES)
 
 
+def hub_file(name: str) -> tuple[str, str] | None:
+    """`owner/name/file.safetensors`, one file of a hub repository (as LoRA repositories that hold
+    several ship them), as (repository, file); None for anything else, a local file included."""
+    m = re.fullmatch(r"([\w-][\w.-]*/[\w.-]+)/([\w./-]+\.safetensors)", name)
+    if m is None or exists(Path(name).expanduser()):
+        return None
+    return m.group(1), m.group(2)
+
+
 def config_json(model: str | None, name: str) -> dict | None:
     """A component's config (`vae/config.json`) from a local folder or the hub cache, loading nothing."""
     model = model or defaults.MODEL
@@ -284,6 +293,16 @@ def check_available(name: str | None, what: str = "model") -> str | None:
     id not downloaded, with the hub reachable)."""
     if not name:
         return None
+    hub = hub_file(name)
+    if hub is not None:
+        if in_cache(*hub):
+            return None
+        if _offline():
+            error = ModelError(f"{what} '{name}' is not in the Hugging Face cache, and the hub cannot be reached; "
+                               f"download it once on a machine with network access (`hf download {hub[0]} {hub[1]}`)")
+            error.offline = True
+            raise error
+        return f"{what} {name} is not downloaded yet: it is fetched when it loads"
     if _looks_like_path(name):
         if not exists(Path(name).expanduser()):
             raise ModelError(f"{NOT_FOUND[what]}: {Path(name).expanduser()}")
@@ -479,7 +498,10 @@ def apply_lcm_lora(pipe, lcm_lora: str | None) -> str | None:
     family = family_of(denoiser.config)
     with _loading(lcm_lora, "LCM LoRA", hint), _silenced("diffusers"):  # it logs, then raises: we say it once
         try:
-            if is_file(path):
+            hub = hub_file(lcm_lora)
+            if hub is not None:
+                pipe.load_lora_weights(hub[0], weight_name=hub[1], local_files_only=_offline())
+            elif is_file(path):
                 pipe.load_lora_weights(str(path.parent), weight_name=path.name)
             elif is_dir(path):
                 pipe.load_lora_weights(str(path))

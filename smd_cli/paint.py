@@ -475,7 +475,7 @@ def open_paint(scene: Path | None, options, *, width: int | None = None, height:
     import dataclasses
 
     from smd_cli import defaults
-    from smd_cli.batch import ModelCache, sources_of
+    from smd_cli.batch import ModelCache, sources_of, with_preset
     from smd_cli.live import check_cfg_type
     from smd_cli.models import check_source, resolve_device, resolve_dtype, set_threads
     from smd_cli.outputs import check_writable
@@ -483,7 +483,7 @@ def open_paint(scene: Path | None, options, *, width: int | None = None, height:
 
     check_cfg_type(cfg_type)
     if scene is not None:
-        sf = load_scene(scene, options.overrides)
+        sf = with_preset(load_scene(scene, options.overrides), options)
         painting = Painting.from_scene(sf, width, height)
         stem, folder = sf.name, save_dir or sf.base_dir
     else:

@@ -203,6 +203,21 @@ def plan(plan: batch.Plan, options: batch.Options, as_json: bool) -> None:
     out.print(table)
 
 
+def models(rows: list[dict[str, str]], as_json: bool) -> None:
+    """The model presets (`smd models`): a table, or JSON lines."""
+    if as_json:
+        for row in rows:
+            out.print(json.dumps(row), soft_wrap=True)
+        return
+    table = Table(title=f"{len(rows)} model presets: use a name as model: or --model", title_justify="left")
+    for column in ("name", "model", "family", "recipe", "GPU memory", "downloads"):
+        table.add_column(column)
+    for r in rows:
+        _row(table, r["name"], r["model"], r["family"], r["recipe"], f"{r['gpu_memory']} ({r['dtype']})",
+             r["downloads"] + (f" ({r['note']})" if r["note"] else ""))
+    out.print(table)
+
+
 def coverage(sf: SceneFile, masks: SceneMasks, title: str, factor_known: bool = True) -> None:
     """`smd validate`'s table: each layer's prompt, mask, share of the canvas and overlaps."""
     from smd_cli.canvas import coverage_report

@@ -132,3 +132,19 @@ def test_an_ignored_negative_prompt_is_said_once(tiny_flux):
             dev.sample("a cat", "blurry", height=SIZE, width=SIZE, num_inference_steps=1, output_type="latent")
     said = [str(w.message) for w in caught if "negative prompts are ignored" in str(w.message)]
     assert len(said) == 1 and "dev embeds the guidance scale" in said[0]
+
+
+def test_a_two_layer_scene_is_one_transformer_call_per_step(flux):
+    left = np.zeros((SIZE, SIZE), np.float32)
+    left[:, :32] = 1
+    sizes = []
+    hook = flux.unet.register_forward_pre_hook(lambda m, a, k: sizes.append(tuple(k["hidden_states"].shape)),
+                                               with_kwargs=True)
+    try:
+        flux(["a red ball", "a tree"], masks=[left, 1 - left], num_inference_steps=4, height=SIZE, width=SIZE,
+             bootstrap_steps=0, guidance_scale=3.5, output_type="latent")
+    finally:
+        hook.remove()
+    # 2 layers (no gap, so no background layer), one view, guidance embedded: one call of 2 rows a
+    # step, each row 16 x 16 = 256 packed tokens of 4 x 2 x 2 channels.
+    assert sizes == [(2, 256, 16)] * 4

@@ -161,3 +161,11 @@ def test_with_t5_sampling_equals_diffusers(tmp_path_factory):
     got = smd.sample("a photo of the sun", "a cat", guidance_scale=4.0, height=SIZE, width=SIZE, num_inference_steps=4,
                      latents=latents(2), output_type="np")
     assert rel_err(expected, got) < 1e-4
+
+
+def test_a_long_prompt_without_t5_is_refused(run_cli, tiny_sd3, tmp_path):
+    long = " ".join(["a photo of the sun"] * 30)  # far beyond CLIP's 77 tokens
+    result = run_cli("generate", "--prompt", long, "--model", tiny_sd3, "--width", "64", "--height", "64",
+                     "--steps", "2", "--device", "cpu", "--out", tmp_path / "x.png")
+    assert result.exit_code == 1 and "this SD3 model has no T5 (text_encoder_3) to read the rest" in result.stderr
+    assert "Traceback" not in result.stderr
