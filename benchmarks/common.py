@@ -108,9 +108,15 @@ def finish_args(args: argparse.Namespace, build: Callable[[Path], Path] | None =
 def model_summary(folder: str | Path) -> str:
     """The model's shape in a few words, read from its configs: which random model a row used."""
     folder = Path(folder)
-    unet = json.loads((folder / "unet" / "config.json").read_text())
     vae = json.loads((folder / "vae" / "config.json").read_text())
     factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    if (folder / "transformer").is_dir():
+        t = json.loads((folder / "transformer" / "config.json").read_text())
+        kind = "SD3" if "caption_projection_dim" in t else "FLUX.1"
+        blocks = t["num_layers"] + t.get("num_single_layers", 0)
+        return (f"random {kind}-shaped transformer, {blocks} blocks of width "
+                f"{t['num_attention_heads'] * t['attention_head_dim']}, VAE factor {factor}")
+    unet = json.loads((folder / "unet" / "config.json").read_text())
     family = "SDXL-shaped " if unet.get("addition_embed_type") == "text_time" else ""
     return (f"random {family}UNet with channels {tuple(unet['block_out_channels'])} and cross-attention "
             f"{unet['cross_attention_dim']}, VAE factor {factor}")
@@ -143,6 +149,22 @@ def tiny_sdxl(folder: Path, *, factor: int = 8, seed: int = 2) -> Path:
     from tinymodel import build_tiny_sdxl
 
     return build_tiny_sdxl(folder, vae_blocks=int(math.log2(factor)) + 1, seed=seed)
+
+
+def tiny_sd3(folder: Path, *, factor: int = 8, seed: int = 2) -> Path:
+    """The tests' tiny random SD3 (with T5), with a VAE that downscales by `factor`."""
+    tests_on_path()
+    from tinymodel import build_tiny_sd3
+
+    return build_tiny_sd3(folder, vae_blocks=int(math.log2(factor)) + 1, seed=seed, t5=True)
+
+
+def tiny_flux(folder: Path, *, factor: int = 8, seed: int = 2) -> Path:
+    """The tests' tiny random FLUX.1 (dev-like: guidance embedded), with a VAE that downscales by `factor`."""
+    tests_on_path()
+    from tinymodel import build_tiny_flux
+
+    return build_tiny_flux(folder, vae_blocks=int(math.log2(factor)) + 1, seed=seed, guidance=True)
 
 
 def tiny_taesd(folder: Path, *, factor: int = 8, seed: int = 0) -> Path:
@@ -202,7 +224,7 @@ class UNetProbe:
         self._handles: list = []
 
     def _before(self, module, args, kwargs) -> None:
-        sample = args[0] if args else kwargs["sample"]
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))  # a UNet's or a transformer's
         self.calls += 1
         self.items += int(sample.shape[0])
         if self.timed:

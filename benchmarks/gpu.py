@@ -1,14 +1,17 @@
-"""Every benchmark on a GPU at the published sizes, on random weights with SD 1.5's and SDXL's shapes.
+"""Every benchmark on a GPU at the published sizes, on random weights with the real models' shapes.
 
-No weights can be downloaded, so each family's UNet, VAE and CLIP text encoders are built from
-its configs with random values and saved in float16 as a local diffusers folder, with a
-TAESD-shaped random AutoencoderTiny beside them: SD 1.5 (UNet about 860M parameters, CLIP
-ViT-L/14) and SDXL (UNet about 2.6B, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14). `benchmarks.run_all`
-runs on SD 1.5's and `benchmarks.sdxl` (a 1024 x 1024 regional scene and the stream) on SDXL's,
-with `--device cuda --size full --dtype float16`; each table is appended to BENCHMARKS.md as soon
-as it is measured. Random weights cost the same time as trained ones; the images are noise.
-`--dry-run` builds the configs on the meta device (no memory for weights), counts parameters,
-checks the tokenizer and prints the plan.
+No weights can be downloaded, so each family's denoiser, VAE and text encoders are built from its
+configs with random values and saved in float16 as a local diffusers folder, with a TAESD-shaped
+random AutoencoderTiny beside them: SD 1.5 (UNet about 860M parameters, CLIP ViT-L/14), SDXL
+(UNet about 2.6B, CLIP ViT-L/14 and OpenCLIP ViT-bigG/14), SD3.5 Medium (MMDiT 2.2B, both CLIPs;
+T5 left out, as `text_encoder_3: none` runs it) and FLUX.1 dev scaled down in depth (its
+transformer at full width with 4 + 8 of its 19 + 38 blocks, 2.6B; T5-XXL at full width with 2 of
+its 24 layers). `benchmarks.run_all` runs on SD 1.5's and `benchmarks.families` (a 1024 x 1024
+regional scene and the stream) on the others, with `--device cuda --size full --dtype float16`;
+each table is appended to BENCHMARKS.md as soon as it is measured. Random weights cost the same
+time as trained ones (for the scaled-down FLUX, per block); the images are noise. `--dry-run`
+builds the configs on the meta device (no memory for weights), counts parameters, checks the
+tokenizer and prints the plan.
 """
 
 from __future__ import annotations
@@ -47,8 +50,21 @@ TEXT_2 = dict(  # laion/CLIP-ViT-bigG-14's text model, as SDXL ships it (with it
     hidden_act="gelu", projection_dim=1280)
 SCHEDULER_XL = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                     steps_offset=1, timestep_spacing="leading", interpolation_type="linear")
-FAMILIES = ("sd", "sdxl")
-FOLDERS = {"sd": "sd15-random", "sdxl": "sdxl-random"}
+SD35 = dict(  # stabilityai/stable-diffusion-3.5-medium/transformer/config.json
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+VAE_16 = dict(VAE, latent_channels=16, sample_size=1024, use_quant_conv=False,  # SD3's and FLUX's autoencoder
+              use_post_quant_conv=False)
+FLUX = dict(  # black-forest-labs/FLUX.1-dev's transformer at full width, 4 + 8 of its 19 + 38 blocks
+    patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+T5 = dict(  # google/t5-v1_1-xxl's encoder at full width, 2 of its 24 layers
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, feed_forward_proj="gated-gelu",
+    is_encoder_decoder=False, use_cache=False)
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
+FOLDERS = {"sd": "sd15-random", "sdxl": "sdxl-random", "sd3": "sd35m-random", "flux": "flux-random"}
+TAESDS = {"sd": "taesd-random", "sdxl": "taesd-random", "sd3": "taesd16-random", "flux": "taesd16-random"}
 START_ID, END_ID = 49406, 49407  # CLIP's <|startoftext|> and <|endoftext|>
 SEED = 0
 
@@ -59,16 +75,28 @@ def build_modules(family: str, *, empty: bool):
     from contextlib import nullcontext
 
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import (AutoencoderKL, AutoencoderTiny, FluxTransformer2DModel, SD3Transformer2DModel,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     with init_empty_weights() if empty else nullcontext():
         if family == "sd":
             return {"unet": UNet2DConditionModel(**UNET), "vae": AutoencoderKL(**VAE),
                     "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT)), "taesd": AutoencoderTiny()}
-        return {"unet": UNet2DConditionModel(**UNET_XL), "vae": AutoencoderKL(**VAE_XL),
-                "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT)),
-                "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_2)), "taesd": AutoencoderTiny()}
+        if family == "sdxl":
+            return {"unet": UNet2DConditionModel(**UNET_XL), "vae": AutoencoderKL(**VAE_XL),
+                    "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT)),
+                    "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_2)), "taesd": AutoencoderTiny()}
+        if family == "sd3":  # without T5, as `text_encoder_3: none` runs it
+            return {"transformer": SD3Transformer2DModel(**SD35),
+                    "vae": AutoencoderKL(**{**VAE_16, "scaling_factor": 1.5305, "shift_factor": 0.0609}),
+                    "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**TEXT)),
+                    "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_2)),
+                    "taesd": AutoencoderTiny(latent_channels=16)}
+        return {"transformer": FluxTransformer2DModel(**FLUX),
+                "vae": AutoencoderKL(**{**VAE_16, "scaling_factor": 0.3611, "shift_factor": 0.1159}),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**TEXT)), "text_encoder_2": T5EncoderModel(T5Config(**T5)),
+                "taesd": AutoencoderTiny(latent_channels=16)}
 
 
 def write_tokenizer(folder: Path):
@@ -102,10 +130,11 @@ def save_model(folder: Path, device: str, family: str = "sd") -> tuple[Path, Pat
     """Build the family's random weights on `device` (fast on a GPU) and save them in float16;
     returns the model and TAESD folders. An existing folder is reused."""
     import torch
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                           StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
     from transformers import CLIPTokenizer
 
-    model, taesd = folder / FOLDERS[family], folder / "taesd-random"
+    model, taesd = folder / FOLDERS[family], folder / TAESDS[family]
     if (model / "model_index.json").is_file() and (taesd / "config.json").is_file():
         return model, taesd
     torch.manual_seed(SEED)
@@ -124,12 +153,24 @@ def save_model(folder: Path, device: str, family: str = "sd") -> tuple[Path, Pat
     if family == "sd":
         pipe = StableDiffusionPipeline(**parts, tokenizer=tokenizer, scheduler=DDIMScheduler(**SCHEDULER),
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    else:  # SDXL's second tokenizer pads with "!"
+    elif family == "flux":
+        tests_on_path()
+        from tinymodel import tiny_t5_tokenizer
+
+        pipe = FluxPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tiny_t5_tokenizer(),
+                            scheduler=FlowMatchEulerDiscreteScheduler(
+                                shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                base_image_seq_len=256, max_image_seq_len=4096))
+    else:  # SDXL's and SD3's second tokenizer pads with "!"
         tokenizer_2 = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=77,
                                     pad_token="!")
-        pipe = StableDiffusionXLPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-                                         scheduler=EulerDiscreteScheduler(**SCHEDULER_XL),
-                                         force_zeros_for_empty_prompt=True)
+        if family == "sd3":
+            pipe = StableDiffusion3Pipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2, text_encoder_3=None,
+                                            tokenizer_3=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+        else:
+            pipe = StableDiffusionXLPipeline(**parts, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                                             scheduler=EulerDiscreteScheduler(**SCHEDULER_XL),
+                                             force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(model)
     del pipe, parts
     if torch.cuda.is_available():
@@ -140,10 +181,11 @@ def save_model(folder: Path, device: str, family: str = "sd") -> tuple[Path, Pat
 def run_argv(family: str, model: Path, taesd: Path, device: str) -> list[str]:
     """The family's benchmark arguments: full sizes in float16 (and torch.compile for SD 1.5's fast paths)."""
     argv = ["--device", device, "--size", "full", "--dtype", "float16", "--model", str(model), "--vae", str(taesd)]
-    return argv + (["--compile"] if family == "sd" else [])
+    return argv + (["--compile"] if family == "sd" else ["--family", family])
 
 
-BENCHMARKS = {"sd": "benchmarks.run_all", "sdxl": "benchmarks.sdxl"}
+BENCHMARKS = {"sd": "benchmarks.run_all", "sdxl": "benchmarks.families", "sd3": "benchmarks.families",
+              "flux": "benchmarks.families"}
 
 
 def print_plan(folder: Path, device: str, families: tuple[str, ...]) -> None:
@@ -157,7 +199,7 @@ def print_plan(folder: Path, device: str, families: tuple[str, ...]) -> None:
     print(f"tokenizer         {check_tokenizer(write_tokenizer(scratch_dir()))}")
     print(f"\nplan: save the models under {folder}, then from {REPO}:")
     for family in families:
-        argv = run_argv(family, folder / FOLDERS[family], folder / "taesd-random", device)
+        argv = run_argv(family, folder / FOLDERS[family], folder / TAESDS[family], device)
         print(f"  python -m {BENCHMARKS[family]} {' '.join(argv)}")
 
 

@@ -1,8 +1,8 @@
-"""Run the panorama, regional, stream, startup, fast-path, paint and SDXL benchmarks in turn (`make bench`).
+"""Run the panorama, regional, stream, startup, fast-path, paint and family benchmarks in turn (`make bench`).
 
 Options other than `--model`, `--vae` and `--compile` go to every benchmark, e.g. `--device cuda
 --size full`. Without `--model`/`--vae`, one tiny random model and one tiny autoencoder are built
-and shared, and the SDXL benchmark runs on the tiny random SDXL; `--model` (an SD 1.x folder)
+and shared, and the SDXL, SD3 and FLUX.1 benchmark runs on each family's tiny random model; `--model` (an SD 1.x folder)
 leaves it out (`benchmarks.gpu` runs it on SDXL-shaped weights). `--compile` adds torch.compile to
 the fast paths (minutes of compiling on a CPU).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks import fast_paths, paint, panorama, regional, sdxl, startup, stream
+from benchmarks import families, fast_paths, paint, panorama, regional, startup, stream
 from benchmarks.common import scratch_dir, tiny_model, tiny_taesd
 
 
@@ -36,7 +36,8 @@ def main(argv=None) -> None:
     fast_paths.main(shared + (["--compile"] if args.compile else []))
     paint.main(shared + ["--vae", vae])
     if args.model is None:
-        sdxl.main(options + ["--vae", vae])
+        for family in families.BUILDERS:
+            families.main(options + ["--vae", vae, "--family", family])
     print(f"all benchmarks: {time.perf_counter() - started:.0f} s")
 
 
