@@ -68,6 +68,7 @@ class Options:
     compile: bool = False
     channels_last: bool = False
     threads: Optional[int] = None  # torch's CPU threads (default: torch's own choice)
+    offload: bool = False  # weights in CPU memory, each model on the GPU while it runs
 
     def __post_init__(self):
         from smd_cli.settings import user_default
@@ -436,7 +437,7 @@ def _scene_masks(sf: SceneFile, options: Options, sources: Sources, device, dtyp
     _check_views(sf, width, height, factor)
     emit(Message("detail", check_memory(sf, sources.model, width=width, height=height, factor=factor,
                                         device=device, dtype=dtype, free=free, max_batch=options.max_batch,
-                                        vae=sources.vae)))
+                                        vae=sources.vae, offload=options.offload)))
     return masks
 
 
@@ -581,7 +582,7 @@ class ModelCache:
         self.emit(Loading(model or defaults.MODEL, str(self.device), dtype_name(self.dtype)))
         try:
             pipe = StableMultiDiffusionPipeline(self.device, hf_key=model, dtype=self.dtype, lcm_lora=lcm_lora,
-                                                config=self.options.config, vae=vae)
+                                                config=self.options.config, vae=vae, offload=self.options.offload)
             pipe.optimize(channels_last=self.options.channels_last, compile=self.options.compile)
         except SmdError as exc:
             self._loaded(started, None)

@@ -32,6 +32,8 @@ AUTO_BATCH_SHARE = 0.6
 # not measured here). A UNet with fewer channels needs proportionally less.
 UNET_BYTES_PER_LATENT_PIXEL = {"sd": 64 * 1024, "sdxl": 96 * 1024,
                                "sd3": 96 * 1024, "flux": 96 * 1024}  # sd3, flux: as SDXL's, guesses
+# The transformers' widths the activation figures above are for: SD3.5 Large's, FLUX.1's.
+TRANSFORMER_WIDTHS = {"sd3": 38 * 64, "flux": 24 * 128}
 # Where a model's configs cannot be read (a hub model not downloaded yet), the default model's
 # shapes (SD 1.5's) are assumed.
 SD_UNET_CHANNELS = 320
@@ -40,6 +42,8 @@ SD_VAE_CHANNELS = 128
 VAE_TENSORS_AT_FULL_SIZE = 8
 # Half-precision weights where the files cannot be measured: SD 1.5 (0.86B UNet, 0.12B text
 # encoder, 0.08B VAE) and SDXL (2.6B UNet, 0.8B in its two text encoders, 0.08B VAE).
+# The denoiser's share of those weights: what stays on the GPU with --offload.
+DENOISER_SHARE = {"sd": 0.81, "sdxl": 0.74, "sd3": 0.59, "flux": 0.70}
 WEIGHT_BYTES_FP16 = {"sd": 2_130_000_000, "sdxl": 6_940_000_000,
                      "sd3": 27_500_000_000,  # SD3.5 Large: 8.1B transformer, 4.8B T5, 0.8B CLIPs
                      "flux": 33_800_000_000}  # FLUX.1: 11.9B transformer, 4.8B T5, 0.1B CLIP
@@ -52,8 +56,7 @@ GIB = 1024**3
 def unet_bytes_per_pair(window_pixels: int, *, unet_config: Mapping, dtype_bytes: int, cfg: bool) -> int:
     """Activations of one (layer, view) pair in a UNet call: a window of `window_pixels` latent
     pixels, twice that with an unconditional pass ({} for `unet_config` is SD 1.5's)."""
-    per_pixel = (UNET_BYTES_PER_LATENT_PIXEL[family_of(unet_config)] * unet_channels(unet_config)
-                 // SD_UNET_CHANNELS * dtype_bytes // 2)
+    per_pixel = int(UNET_BYTES_PER_LATENT_PIXEL[family_of(unet_config)] * denoiser_scale(unet_config)) * dtype_bytes // 2
     return window_pixels * per_pixel * (2 if cfg else 1)
 
 
@@ -82,7 +85,8 @@ class MemoryEstimate:
 
 
 def estimate_memory(model: str | None, *, width: int, height: int, factor: int | None, tile_size: int,
-                    max_batch: int, cfg: bool, dtype_bytes: int, vae: str | None = None) -> MemoryEstimate:
+                    max_batch: int, cfg: bool, dtype_bytes: int, vae: str | None = None,
+                    offload: bool = False) -> MemoryEstimate:
     """What generating a `width` x `height` canvas needs, from the model's configs and file sizes.
 
     `vae` is a replacement autoencoder (`tiny`, a folder or a hub id), whose decoder counts instead.
@@ -96,12 +100,21 @@ def estimate_memory(model: str | None, *, width: int, height: int, factor: int |
                     or [SD_VAE_CHANNELS])[0]
     window = min(tile_size, width) // factor * (min(tile_size, height) // factor)
     return MemoryEstimate(
-        weights=_weight_bytes(model, dtype_bytes),
+        weights=_weight_bytes(model, dtype_bytes, offload),
         unet=max_batch * unet_bytes_per_pair(window, unet_config=unet, dtype_bytes=dtype_bytes, cfg=cfg),
         decode=width * height * vae_channels * (TAESD_TENSORS_AT_FULL_SIZE if tiny else VAE_TENSORS_AT_FULL_SIZE)
         * dtype_bytes,
         vae_is_full=not tiny,
     )
+
+
+def denoiser_scale(config: Mapping) -> float:
+    """How wide a denoiser is against the model its family's activation figure is for: a UNet's first
+    block against SD's 320 channels, a transformer's width against SD3.5 Large's or FLUX.1's."""
+    if "num_attention_heads" in config and "block_out_channels" not in config:
+        width = int(config["num_attention_heads"]) * int(config.get("attention_head_dim", 64))
+        return width / TRANSFORMER_WIDTHS[family_of(config)]
+    return unet_channels(config) / SD_UNET_CHANNELS
 
 
 def unet_channels(config: Mapping) -> int:
@@ -117,19 +130,28 @@ def _decoder_config(model: str | None, vae: str | None) -> dict:
     return found or {}
 
 
-def _weight_bytes(model: str | None, dtype_bytes: int) -> int:
+def _weight_bytes(model: str | None, dtype_bytes: int, offload: bool = False) -> int:
+    """The weights on the device: all of them, or with `offload` the denoiser's (the largest model,
+    the one on the device while the loop runs)."""
     path = Path(model or defaults.MODEL).expanduser()
     if is_file(path):
         return path.stat().st_size * dtype_bytes // 4  # checkpoints are mostly float32
     if not is_dir(path):
-        return WEIGHT_BYTES_FP16[model_family(model) or "sd"] * dtype_bytes // 2
-    total = 0
+        family = model_family(model) or _preset_family(model) or "sd"
+        return int(WEIGHT_BYTES_FP16[family] * (DENOISER_SHARE[family] if offload else 1)) * dtype_bytes // 2
+    parts = {}
     for part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         files = sorted((path / part).glob("*.safetensors")) or sorted((path / part).glob("*.bin"))
         half = [f for f in files if "fp16" in f.name]
-        for f in half or files:
-            total += f.stat().st_size * dtype_bytes // (2 if half else 4)
-    return total
+        parts[part] = sum(f.stat().st_size * dtype_bytes // (2 if half else 4) for f in half or files)
+    return max(parts.values()) if offload else sum(parts.values())
+
+
+def _preset_family(model: str | None) -> str | None:
+    """The family of a model that a preset names, before it is downloaded."""
+    from smd_cli.presets import PRESETS
+
+    return next((p.family for p in PRESETS.values() if p.model == model), None)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -149,7 +171,7 @@ def available_memory(device: torch.device) -> int | None:
 def check_memory(sf: SceneFile, model: str | None, *, width: int, height: int, factor: int | None,
                  device: torch.device,
                  dtype: torch.dtype, free: int | None, max_batch: int | None = None,
-                 vae: str | None = None) -> str:
+                 vae: str | None = None, offload: bool = False) -> str:
     """Refuse, before loading anything, a canvas that clearly cannot fit on the device.
 
     Returns a one-line account of the estimate; raises a `SceneError` at the canvas size when the
@@ -162,14 +184,19 @@ def check_memory(sf: SceneFile, model: str | None, *, width: int, height: int, f
     batch = max_batch or (1 if device.type == "cuda" else AUTO_BATCH_CPU)
     cfg = runs_unconditional(sf.scene.guidance_scale, denoiser_config(model) or {})
     est = estimate_memory(model, width=width, height=height, factor=factor, tile_size=sf.scene.tile_size,
-                          max_batch=batch, cfg=cfg, dtype_bytes=torch.finfo(dtype).bits // 8, vae=vae)
+                          max_batch=batch, cfg=cfg, dtype_bytes=torch.finfo(dtype).bits // 8, vae=vae,
+                          offload=offload)
     parts = (f"weights {est.weights / GIB:.1f}, UNet batch of {batch} {est.unet / GIB:.1f}, "
              f"decoding {est.decode / GIB:.1f}")
     account = f"{sf.name}: needs about {est.total / GIB:.1f} GiB ({parts})" + (
         f", {free / GIB:.1f} GiB free on {device}" if free is not None else "")
     if free is not None and est.total > free:
-        hint = "lower --max-batch or tile_size" if est.unet > est.decode else (
-            "use --vae tiny, whose decoder needs far less" if est.vae_is_full else "the decoder alone is too large")
+        if est.weights > est.unet + est.decode and not offload and device.type == "cuda":
+            hint = "use --offload (weights wait in CPU memory and each model moves to the GPU while it runs)"
+        elif est.unet > est.decode:
+            hint = "lower --max-batch or tile_size"
+        else:
+            hint = "use --vae tiny, whose decoder needs far less" if est.vae_is_full else "the decoder alone is too large"
         raise sf.error(("width",), f"a {width}x{height} canvas needs about {est.total / GIB:.1f} GiB on {device} "
                                    f"({parts} GiB) but only {free / GIB:.1f} GiB is free; {hint}, or make the "
                                    "canvas smaller")

@@ -517,6 +517,12 @@ def apply_lcm_lora(pipe, lcm_lora: str | None) -> str | None:
                              "(a LoRA for another model family?)"
                              + (f"; {name}'s is {defaults.LCM_LORAS[family]}" if family in defaults.LCM_LORAS else "")
                              + ", or use --lcm-lora none") from None
+        if not any("lora_" in name for name, _ in denoiser.named_modules()):  # diffusers loads none, silently
+            name = defaults.FAMILY_NAMES[family]
+            pipe.unload_lora_weights()
+            raise ModelError(f"LCM LoRA '{lcm_lora}' has no layers of this {name} model's denoiser (a LoRA for "
+                             "another model family?), so it would change nothing; use a LoRA made for "
+                             f"{name}, or --lcm-lora none")
         pipe.fuse_lora()
         pipe.unload_lora_weights()
     return lcm_lora
@@ -550,8 +556,13 @@ def check_runnable(model: str, unet_config, *, has_text_encoder: bool = True) ->
 
 
 def load_components(model: str | None = None, *, device: torch.device, dtype: torch.dtype,
-                    lcm_lora: str | None = "auto", config: str | None = None, vae: str | None = None) -> Components:
-    """Load a model onto `device`, with the LCM LoRA fused and the VAE replaced where asked for."""
+                    lcm_lora: str | None = "auto", config: str | None = None, vae: str | None = None,
+                    offload: bool = False) -> Components:
+    """Load a model onto `device`, with the LCM LoRA fused and the VAE replaced where asked for. With
+    `offload` (a GPU only) the weights stay in CPU memory and diffusers' model CPU offload moves each
+    model to the GPU when it runs and back when the next one starts."""
+    if offload and device.type != "cuda":
+        raise ModelError(f"--offload moves each model to the GPU while it runs: it needs a CUDA device, not {device}")
     model = model or defaults.MODEL
     check_runnable(model, denoiser_config(model, config))
     try:
@@ -570,7 +581,10 @@ def load_components(model: str | None = None, *, device: torch.device, dtype: to
     family = family_of(denoiser.config)
     if vae:
         pipe.vae = load_vae(vae, dtype=dtype, family=family)
-    pipe.to(device)
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
     return Components(unet=denoiser, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
                       scheduler_config=dict(pipe.scheduler.config), source=model, lcm_lora=applied,
                       vae_source=vae_source(vae, family) if vae else None, config=config,

@@ -68,12 +68,15 @@ OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
     "channels_last": (bool, O(False, "--channels-last", help="Channels-last memory for the UNet and VAE.")),
     "threads": (Optional[int], O(None, "--threads", min=1, help="CPU threads for torch (fewer than the cores when "
                                                                 "the machine is busy).")),
+    "offload": (bool, O(False, "--offload", help="Keep the weights in CPU memory and move each model to the GPU "
+                                                 "while it runs (for GPUs too small for the model).")),
 }
-MODEL_OPTIONS = ("model", "config", "device", "dtype", "lcm_lora", "vae")
+MODEL_OPTIONS = ("model", "config", "device", "dtype", "lcm_lora", "vae", "offload")
 REPORTING = ("json_", "quiet", "verbose")
 GENERATING = ("model", "config", "output", "seed", "seeds", "repeat", "steps", "scheduler", "guidance_scale",
               "tile_size", "device", "dtype", "lcm_lora", "vae", "max_batch", "set_", "overwrite", "json_", "dry_run",
-              "quiet", "verbose", "distributed", "processes", "region_crop", "compile_", "channels_last", "threads")
+              "quiet", "verbose", "distributed", "processes", "region_crop", "compile_", "channels_last", "threads",
+              "offload")
 
 
 def shared(*names: str):

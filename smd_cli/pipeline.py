@@ -86,7 +86,8 @@ class StableMultiDiffusionPipeline:
 
     def __init__(self, device: Any = None, hf_key: str | None = None, sd_version: str | None = None, *,
                  dtype: Any = None, lcm_lora: str | None = "auto", config: str | None = None,
-                 vae: str | None = None, use_tiny_vae: bool = False, components: Components | None = None):
+                 vae: str | None = None, use_tiny_vae: bool = False, components: Components | None = None,
+                 offload: bool = False):
         if sd_version is not None and str(sd_version) not in SD_VERSIONS:
             raise ModelError(f"sd_version {sd_version!r} is not supported; use one of {', '.join(SD_VERSIONS)}")
         self.device = resolve_device(device)
@@ -95,7 +96,8 @@ class StableMultiDiffusionPipeline:
         self.dtype = resolve_dtype(dtype, self.device)
         if components is None:
             components = load_components(hf_key, device=self.device, dtype=self.dtype, lcm_lora=lcm_lora,
-                                         config=config, vae=vae or ("tiny" if use_tiny_vae else None))
+                                         config=config, vae=vae or ("tiny" if use_tiny_vae else None),
+                                         offload=offload)
         self.components = components
         expected = SD_VERSIONS.get(str(sd_version))
         if expected is not None and expected != components.family:
@@ -256,9 +258,11 @@ class StableMultiDiffusionPipeline:
                               dtype_bytes=torch.finfo(self.dtype).bits // 8, cfg=cfg)
 
     def _predictor(self, cond: Conditioning, uncond: Conditioning | None, guidance_scale: float,
-                   canvas: tuple[int, int], pad: int | None = None):
+                   canvas: tuple[int, int], pad: int | None = None, cfg_scale: float | None = None):
         """`predict(x, t, layers, corners)` for the sampler: the noise with classifier-free guidance
-        (SPEC 3.3), each row placed on the latent `canvas` at its window's corner.
+        (SPEC 3.3), each row placed on the latent `canvas` at its window's corner. `cfg_scale`, where
+        given, weighs the unconditional pass instead of `guidance_scale`, which a guidance-distilled
+        model then takes as its embedding (FLUX.1 dev's true CFG).
 
         With `pad` (the largest batch), a batch is padded with copies of its last pair up to the
         next power of two, or `pad` (and the padding dropped from the result): a compiled UNet then
@@ -280,7 +284,8 @@ class StableMultiDiffusionPipeline:
             # Both halves in one batch.
             eps_u, eps_c = self.predict(torch.cat([x, x]), t, Conditioning.cat([uncond[index], cond[index]]),
                                         guidance_scale, Placement(canvas, corners + corners)).chunk(2)
-            return (eps_u + guidance_scale * (eps_c - eps_u))[:count]
+            scale = guidance_scale if cfg_scale is None else cfg_scale
+            return (eps_u + scale * (eps_c - eps_u))[:count]
 
         return predict
 
@@ -299,8 +304,8 @@ class StableMultiDiffusionPipeline:
         negatives = [*request.layers.negatives, request.background_negative_prompt]
         if self.family.name == "flux" and not unconditional and any(negatives) and not self._negatives_warned:
             self._negatives_warned = True
-            warnings.warn("negative prompts are ignored: FLUX.1 runs no unconditional pass here (dev embeds the "
-                          "guidance scale; schnell runs one, true CFG, above guidance_scale 1)", stacklevel=3)
+            warnings.warn("negative prompts are ignored: FLUX.1 runs no unconditional pass here (on dev set "
+                          "true_cfg_scale above 1 for one; schnell runs one above guidance_scale 1)", stacklevel=3)
 
     @torch.no_grad()
     def run(self, request: Request, *, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
@@ -326,8 +331,13 @@ class StableMultiDiffusionPipeline:
             background_prompt=request.background_prompt, background_negative_prompt=request.background_negative_prompt)
 
         # 3. Encode prompts (SPEC 2.1), mixing toward the background prompt by prompt strength.
+        true_cfg = request.true_cfg_scale if (request.true_cfg_scale or 0) > 1 else None
+        if true_cfg is not None and not self.family.guidance_distilled:
+            raise SmdError("true_cfg_scale is for guidance-distilled models (FLUX.1 dev); on this model "
+                           "guidance_scale above 1 runs the unconditional pass")
         cond, uncond = prepare_text(self.encode_prompts, layers, request.background_prompt,
-                                    request.background_negative_prompt, self.runs_unconditional(request.guidance_scale),
+                                    request.background_negative_prompt,
+                                    true_cfg is not None or self.runs_unconditional(request.guidance_scale),
                                     self.family.empty_negative())
         self._check_negatives(request, uncond is not None)
 
@@ -347,7 +357,8 @@ class StableMultiDiffusionPipeline:
         max_batch = max_batch or self.auto_max_batch((min(window, shape[2]), min(window, shape[3])),
                                                      uncond is not None)
         x0 = sample(
-            self._predictor(cond, uncond, request.guidance_scale, shape[2:], pad=max_batch if self.compiled else None),
+            self._predictor(cond, uncond, request.guidance_scale, shape[2:], pad=max_batch if self.compiled else None,
+                            cfg_scale=true_cfg),
             latents, schedule,
             layers.step_masks, views=views, bootstrap_steps=request.bootstrap_steps,
             bootstrap_mix_steps=request.bootstrap_mix_steps, leak_sensitivity=request.leak_sensitivity,
@@ -382,6 +393,7 @@ class StableMultiDiffusionPipeline:
         scheduler: str = defaults.SCHEDULER,
         timestep_spacing: str | None = None,
         guidance_scale: float = defaults.GUIDANCE_SCALE,
+        true_cfg_scale: float | None = None,
         prompt_strengths: float | Sequence[float] | None = None,
         masks: Any = None,
         mask_type: str = defaults.MASK_TYPE,
@@ -415,6 +427,8 @@ class StableMultiDiffusionPipeline:
         (faster for small regions on large canvases; close to, not equal to, the default).
         `timestep_spacing` (leading, linspace, trailing) spaces ddim and euler steps other than the
         model's config says: few-step SDXL distillations want `scheduler="euler"` with `trailing`.
+        `true_cfg_scale` above 1 adds an unconditional pass with the negative prompts on a
+        guidance-distilled model (FLUX.1 dev), which keeps `guidance_scale` as its embedding.
         `output_type` is pil, np ([H, W, 3] in [0, 1]), pt ([3, H, W]) or latent (the clean latent).
         """
         if prompts is None:
@@ -437,7 +451,7 @@ class StableMultiDiffusionPipeline:
             layers, width, height, background_prompt, prefixed(negative_prompt_prefix, background_negative_prompt),
             None if background is None else mask_ops.fit_picture(background, width, height),
             steps=num_inference_steps, timesteps=timesteps, scheduler=scheduler, timestep_spacing=timestep_spacing,
-            guidance_scale=guidance_scale, mask_type=mask_type, cover_alpha=cover_alpha,
+            guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale, mask_type=mask_type, cover_alpha=cover_alpha,
             bootstrap_steps=bootstrap_steps, bootstrap_mix_steps=bootstrap_mix_steps,
             leak_sensitivity=bootstrap_leak_sensitivity, bootstrap_centre=bootstrap_centre, tile_size=tile_size,
             tile_stride=tile_stride, tile_weighting=tile_weighting, circular=circular, region_crop=region_crop)

@@ -55,6 +55,7 @@ class Request:
     scheduler: str = defaults.SCHEDULER
     timestep_spacing: str | None = None  # ddim and euler: diffusers' spacing (None: the model's)
     guidance_scale: float = defaults.GUIDANCE_SCALE
+    true_cfg_scale: float | None = None  # guidance-distilled flow models: an unconditional pass as well
     mask_type: str = defaults.MASK_TYPE
     cover_alpha: float = defaults.COVER_ALPHA
     bootstrap_steps: int = defaults.BOOTSTRAP_STEPS

@@ -67,6 +67,7 @@ def scene_request(sf: SceneFile, masks: SceneMasks) -> Request:
     return Request(layers, masks.width, masks.height, s.background.prompt,
                    prefixed(prefix, s.background.negative_prompt), picture, steps=s.steps, timesteps=s.timesteps,
                    scheduler=s.scheduler, timestep_spacing=s.timestep_spacing, guidance_scale=s.guidance_scale,
+                   true_cfg_scale=s.true_cfg_scale,
                    mask_type=s.mask_type, cover_alpha=s.cover_alpha, bootstrap_steps=s.bootstrap.steps,
                    bootstrap_mix_steps=s.bootstrap.mix_steps, leak_sensitivity=s.bootstrap.leak_sensitivity,
                    bootstrap_centre=s.bootstrap.centre, tile_size=s.tile_size, tile_stride=s.tile_stride,
@@ -157,7 +158,7 @@ def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type:
 # Scene keys a stream has no use for, each with the test of a value that asks for what it cannot do.
 STREAM_IGNORED = {"scheduler": lambda v: v != "lcm", "tile_stride": lambda v: v is not None,
                   "tile_weighting": lambda v: v != defaults.TILE_WEIGHTING, "circular": bool, "region_crop": bool,
-                  "timestep_spacing": lambda v: v is not None}
+                  "timestep_spacing": lambda v: v is not None, "true_cfg_scale": lambda v: v is not None}
 # Scene keys a stream takes when it starts (and those it ignores): edits to them need a restart,
 # which `restart_needed` names. Prompts, masks and the background change while it runs.
 STREAM_FIXED = ("model", "lcm_lora", "vae", "width", "height", "seed", "steps", "timesteps", "guidance_scale",

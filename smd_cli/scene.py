@@ -194,6 +194,7 @@ class Scene(_Model):
     timestep_spacing: Literal[defaults.TIMESTEP_SPACINGS] | None = None  # type: ignore[valid-type]
     guidance_scale: Annotated[float, Field(strict=True, ge=0.0,
                                            le=defaults.MAX_GUIDANCE_SCALE)] = defaults.GUIDANCE_SCALE
+    true_cfg_scale: Annotated[float, Field(strict=True, ge=0.0, le=defaults.MAX_GUIDANCE_SCALE)] | None = None
     mask_type: Literal[defaults.MASK_TYPES] = defaults.MASK_TYPE  # type: ignore[valid-type]
     cover_alpha: Unit = defaults.COVER_ALPHA
     tile_size: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] = defaults.TILE_SIZE

@@ -131,7 +131,7 @@ def test_an_ignored_negative_prompt_is_said_once(tiny_flux):
         for _ in range(2):
             dev.sample("a cat", "blurry", height=SIZE, width=SIZE, num_inference_steps=1, output_type="latent")
     said = [str(w.message) for w in caught if "negative prompts are ignored" in str(w.message)]
-    assert len(said) == 1 and "dev embeds the guidance scale" in said[0]
+    assert len(said) == 1 and "on dev set true_cfg_scale above 1 for one" in said[0]
 
 
 def test_a_two_layer_scene_is_one_transformer_call_per_step(flux):
@@ -148,3 +148,63 @@ def test_a_two_layer_scene_is_one_transformer_call_per_step(flux):
     # 2 layers (no gap, so no background layer), one view, guidance embedded: one call of 2 rows a
     # step, each row 16 x 16 = 256 packed tokens of 4 x 2 x 2 channels.
     assert sizes == [(2, 256, 16)] * 4
+
+
+def test_offload_is_suggested_when_the_weights_do_not_fit_and_refused_without_a_gpu(run_cli, tiny_flux, tmp_path):
+    from smd_cli.errors import SceneError
+    from smd_cli.memory import check_memory
+    from smd_cli.scene import load_scene
+
+    sf = load_scene(write(tmp_path / "s.yaml", "width: 1024\nheight: 1024\nlayers: [{prompt: a}]\n"))
+    sizes = dict(width=1024, height=1024, factor=8, device=torch.device("cuda"), dtype=torch.bfloat16,
+                 free=30 * 1024**3, max_batch=1)
+    with pytest.raises(SceneError, match="use --offload"):  # FLUX.1 dev's 34 GB of weights, before downloading
+        check_memory(sf, "black-forest-labs/FLUX.1-dev", **sizes)
+    assert "needs about" in check_memory(sf, "black-forest-labs/FLUX.1-dev", offload=True, **sizes)
+    result = run_cli("generate", "--prompt", "a cat", "--model", tiny_flux, "--offload", "--device", "cpu",
+                     "--out", tmp_path / "x.png")
+    assert result.exit_code == 2 and "--offload moves each model to the GPU while it runs" in result.stderr
+
+
+def test_a_lora_of_another_family_is_refused_not_ignored(run_cli, tiny_model, tiny_flux, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    sd = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None, requires_safety_checker=False)
+    sd.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "sd-lora", unet_lora_layers=get_peft_model_state_dict(sd.unet))
+    result = run_cli("generate", "--prompt", "a cat", "--model", tiny_flux, "--lcm-lora", tmp_path / "sd-lora",
+                     "--width", "64", "--height", "64", "--steps", "1", "--device", "cpu", "--out", tmp_path / "x.png")
+    assert result.exit_code == 2 and not (tmp_path / "x.png").exists()  # the model could not be made
+    assert "has no layers of this FLUX.1 model's denoiser (a LoRA for another model family?)" in result.stderr
+
+
+def test_a_stream_frame_equals_generate_with_the_same_noises(flux):
+    from smd_cli import StreamMultiDiffusion
+    from smd_cli.sampler import randn
+
+    left = np.zeros((SIZE, SIZE), np.float32)
+    left[:, :28] = 1
+    stream = StreamMultiDiffusion(pipeline=flux, height=SIZE, width=SIZE, autoflush=False, mask_type="continuous",
+                                  bootstrap_steps=2, seed=7)
+    stream.update_background(prompt="a landscape")
+    stream.update_single_layer(0, prompt="a large tree", mask=left, prompt_strength=0.8)
+    steps = len(stream.schedule)
+    frames = [stream.step() for _ in range(steps)]
+    generator = torch.Generator("cpu").manual_seed(7)
+    noises = [randn(stream.shape, generator, flux.device, torch.float32) for _ in range(steps - 1)]
+    first = randn(stream.shape, generator, flux.device, torch.float32)
+    expected = flux(["a large tree"], masks=[left], prompt_strengths=[0.8], mask_type="continuous", bootstrap_steps=2,
+                    background_prompt="a landscape", height=SIZE, width=SIZE, latents=first, noises=noises,
+                    num_inference_steps=steps, scheduler="renoise", output_type="latent")
+    assert float((frames[-1] - expected).abs().sum() / expected.abs().sum()) < 1e-4
+
+
+def test_true_cfg_on_dev_equals_diffusers(flux, tiny_flux):
+    expected = diffusers_flux(tiny_flux, "a photo of the sun", 5, negative_prompt="a cat", true_cfg_scale=4.0,
+                              guidance_scale=3.5, num_inference_steps=4)
+    got = flux.sample("a photo of the sun", "a cat", true_cfg_scale=4.0, guidance_scale=3.5, height=SIZE, width=SIZE,
+                      num_inference_steps=4, latents=latents(5), output_type="np")
+    plain = flux.sample("a photo of the sun", guidance_scale=3.5, height=SIZE, width=SIZE, num_inference_steps=4,
+                        latents=latents(5), output_type="np")
+    assert rel_err(expected, got) < 1e-4 and rel_err(plain, got) > 1e-3  # the negative prompt does something
