@@ -194,16 +194,22 @@ class StableDiffusion:
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The VAE latent of pixels [B, 3, H, W] in [-1, 1]: the distribution's mode, scaled (SPEC 2.3)."""
+        """The VAE latent of pixels [B, 3, H, W] in [-1, 1]: the distribution's mode, shifted (SD3's
+        and FLUX's autoencoders have a shift factor) and scaled (SPEC 2.3)."""
         encoded = self.vae.encode(pixels.to(self.device, self.vae.dtype))
         # AutoencoderKL gives a distribution (take its mode, never a sample); TAESD gives latents.
         latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
-        return latents.float() * self.vae.config.scaling_factor
+        return (latents.float() - self._shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels in [-1, 1] from a clean latent."""
-        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self._shift
+        return self.vae.decode(latents, return_dict=False)[0]
+
+    @property
+    def _shift(self) -> float:
+        return float(self.vae.config.get("shift_factor") or 0.0)
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -336,20 +342,6 @@ class StableDiffusion3(StableDiffusion):
                  spacing: str | None = None, window: tuple[int, int] | None = None) -> Schedule:
         """`window` is one view's size in latent pixels, for families whose shift depends on it."""
         return family_schedule(self.name, scheduler, self.scheduler.config, steps, timesteps, spacing, window)
-
-    @torch.no_grad()
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The VAE latent, shifted then scaled as SD3's autoencoder asks."""
-        encoded = self.vae.encode(pixels.to(self.device, self.vae.dtype))
-        latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
-        shift = self.vae.config.get("shift_factor") or 0.0
-        return (latents.float() - shift) * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        shift = self.vae.config.get("shift_factor") or 0.0
-        latents = latents / self.vae.config.scaling_factor + shift
-        return self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
 
 
 class Flux(StableDiffusion3):

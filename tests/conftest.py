@@ -107,6 +107,25 @@ def run_cli():
     return invoke
 
 
+def rel_err(a, b) -> float:
+    """Relative L1 error of `b` against `a` (arrays or tensors)."""
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).sum() / np.abs(a).sum())
+
+
+def wide_scene(folder: Path, model: Path, settings: str) -> Path:
+    """A 128 x 64 scene in 64-pixel views: a tree painted on the left 48 pixels over a lake."""
+    from PIL import Image
+
+    mask = Image.new("L", (128, 64), 0)
+    mask.paste(255, (0, 0, 48, 64))
+    mask.save(folder / "m.png")
+    return write(folder / "s.yaml", f"model: {model}\nseed: 3\nwidth: 128\nheight: 64\ntile_size: 64\n{settings}"
+                                    "background: {prompt: a lake}\nlayers:\n  - {prompt: a tree, mask: m.png}\n")
+
+
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

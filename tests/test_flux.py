@@ -8,15 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write
+from conftest import rel_err, wide_scene, write
 from PIL import Image
 
 SIZE = 64  # pixels: 32 x 32 latents with the tiny VAE's factor 2, 16 x 16 tokens
 
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).sum() / np.abs(a).sum())
 
 
 def latents(seed: int = 1) -> torch.Tensor:
@@ -99,12 +95,7 @@ def test_inpainting_keeps_every_unmasked_pixel_and_a_stream_frame_is_one_call(fl
 
 
 def test_the_cli_on_a_flux_scene(run_cli, tiny_flux, tmp_path):
-    mask = Image.new("L", (128, 64), 0)
-    mask.paste(255, (0, 0, 48, 64))
-    mask.save(tmp_path / "m.png")
-    scene = write(tmp_path / "s.yaml", f"model: {tiny_flux}\nseed: 3\nwidth: 128\nheight: 64\ntile_size: 64\n"
-                                        "steps: 4\nguidance_scale: 3.5\nbackground: {prompt: a lake}\n"
-                                        "layers:\n  - {prompt: a tree, mask: m.png}\n")
+    scene = wide_scene(tmp_path, tiny_flux, "steps: 4\nguidance_scale: 3.5\n")
     result = run_cli("generate", scene, "--device", "cpu", "--out", tmp_path / "x.png")
     assert result.exit_code == 0, result.stderr
     assert Image.open(tmp_path / "x.png").text["smd-family"] == "flux"

@@ -6,13 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import rel_err, wide_scene
 
 SIZE = 64  # pixels: 32 x 32 latents with the tiny VAE's factor 2
 
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).sum() / np.abs(a).sum())
 
 
 def latents(seed: int = 1) -> torch.Tensor:
@@ -71,15 +68,9 @@ def test_inpainting_keeps_every_unmasked_pixel(sd3):
 def test_the_cli_on_an_sd3_scene(run_cli, tiny_sd3, tmp_path):
     import json
 
-    from conftest import write
     from PIL import Image
 
-    mask = Image.new("L", (128, 64), 0)
-    mask.paste(255, (0, 0, 48, 64))
-    mask.save(tmp_path / "m.png")
-    scene = write(tmp_path / "s.yaml", f"model: {tiny_sd3}\nseed: 3\nwidth: 128\nheight: 64\ntile_size: 64\n"
-                                       "steps: 4\nguidance_scale: 3\nbackground: {prompt: a lake}\n"
-                                       "layers:\n  - {prompt: a tree, mask: m.png}\n")
+    scene = wide_scene(tmp_path, tiny_sd3, "steps: 4\nguidance_scale: 3\n")
     result = run_cli("generate", scene, "--device", "cpu", "--out", tmp_path / "x.png")
     assert result.exit_code == 0, result.stderr
     image = Image.open(tmp_path / "x.png")

@@ -8,16 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write
+from conftest import rel_err, wide_scene, write
 from PIL import Image
 
 SIZE = 64  # pixels: 32 x 32 latents with the tiny VAE's factor 2
 DEFAULT_TIMESTEPS = [999, 919, 759, 499, 259]
 
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).sum() / np.abs(a).sum())
 
 
 def latents(seed: int = 1, size: int = SIZE // 2) -> torch.Tensor:
@@ -161,13 +157,7 @@ def test_the_original_projects_sdxl_names_insist_on_sdxl(xl, pipe, tiny_model, t
 
 
 def test_the_cli_on_an_sdxl_scene(run_cli, tiny_sdxl, tmp_path):
-    mask = Image.new("L", (128, 64), 0)
-    mask.paste(255, (0, 0, 48, 64))
-    mask.save(tmp_path / "m.png")
-    scene = write(tmp_path / "s.yaml", f"model: {tiny_sdxl}\nseed: 3\nwidth: 128\nheight: 64\ntile_size: 64\n"
-                                        "scheduler: euler\ntimestep_spacing: trailing\nsteps: 2\n"
-                                        "background: {prompt: a lake}\n"
-                                        "layers:\n  - {prompt: a tree, mask: m.png}\n")
+    scene = wide_scene(tmp_path, tiny_sdxl, "scheduler: euler\ntimestep_spacing: trailing\nsteps: 2\n")
     result = run_cli("generate", scene, "--device", "cpu", "--out", tmp_path / "x.png")
     assert result.exit_code == 0, result.stderr
     image = Image.open(tmp_path / "x.png")

@@ -115,6 +115,18 @@ def tiny_vae(blocks: int, **extra):
                          sample_size=32, **extra)
 
 
+def clip_tokenizers():
+    """Two CLIP tokenizers of the tests' vocabulary, the second padding with "!" as SDXL's and
+    SD3's second tokenizers do."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp))
+        vocab, merges = str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt")
+        return (CLIPTokenizer(vocab, merges, model_max_length=77),
+                CLIPTokenizer(vocab, merges, model_max_length=77, pad_token="!"))
+
+
 def _clip_config(hidden: int, **extra):
     from transformers import CLIPTextConfig
 
@@ -129,7 +141,7 @@ def build_tiny_sdxl(folder: Path, *, seed: int = 0, vae_blocks: int = 2, lcm_dis
     projection, their tokenizers, a VAE that downscales by 2 ** (vae_blocks - 1)."""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -147,11 +159,7 @@ def build_tiny_sdxl(folder: Path, *, seed: int = 0, vae_blocks: int = 2, lcm_dis
     text_encoder = CLIPTextModel(_clip_config(32))
     # Widths differ, as in SDXL (768 and 1280): single-file loading tells the encoders apart by width.
     text_encoder_2 = CLIPTextModelWithProjection(_clip_config(48, projection_dim=32))
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
-        tokenizer_2 = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
-                                    model_max_length=77, pad_token="!")
+    tokenizer, tokenizer_2 = clip_tokenizers()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         timestep_spacing="leading", steps_offset=1, interpolation_type="linear", prediction_type="epsilon",
@@ -218,7 +226,7 @@ def build_tiny_sd3(folder: Path, *, seed: int = 0, vae_blocks: int = 2, t5: bool
     a shift factor."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModelWithProjection
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -229,11 +237,7 @@ def build_tiny_sd3(folder: Path, *, seed: int = 0, vae_blocks: int = 2, t5: bool
     vae = tiny_vae(vae_blocks, scaling_factor=1.5305, shift_factor=0.0609)  # SD3's
     text_encoder = CLIPTextModelWithProjection(_clip_config(32, projection_dim=32))
     text_encoder_2 = CLIPTextModelWithProjection(_clip_config(32, projection_dim=32))
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
-        tokenizer_2 = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
-                                    model_max_length=77, pad_token="!")
+    tokenizer, tokenizer_2 = clip_tokenizers()
     tokenizer_3 = tiny_t5_tokenizer() if t5 else None
     text_encoder_3 = tiny_t5(64, len(tokenizer_3)) if t5 else None  # as wide as the joint attention
     pipe = StableDiffusion3Pipeline(
@@ -255,7 +259,7 @@ def build_tiny_flux(folder: Path, *, seed: int = 0, vae_blocks: int = 2, guidanc
     FLUX's resolution-dependent shift."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -267,9 +271,7 @@ def build_tiny_flux(folder: Path, *, seed: int = 0, vae_blocks: int = 2, guidanc
     text_encoder = CLIPTextModel(_clip_config(32))
     tokenizer_2 = tiny_t5_tokenizer()
     text_encoder_2 = tiny_t5(32, len(tokenizer_2))
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
+    tokenizer = clip_tokenizers()[0]
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
