@@ -332,11 +332,13 @@ class StableDiffusion3(StableDiffusion):
     def predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
                 guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
         """The transformer's velocity prediction (float32) at timestep t = 1000 s."""
-        if not isinstance(t, torch.Tensor):
-            t = torch.tensor(t, dtype=torch.float32, device=self.device)
-        t = t.to(self.device).reshape(-1).expand(len(x)) if t.numel() == 1 else t.to(self.device)
-        return self.unet(hidden_states=x.to(self.dtype), timestep=t, encoder_hidden_states=cond.states,
-                         pooled_projections=cond.pooled, return_dict=False)[0].float()
+        return self.unet(hidden_states=x.to(self.dtype), timestep=self._timesteps(t, len(x)),
+                         encoder_hidden_states=cond.states, pooled_projections=cond.pooled, return_dict=False)[0].float()
+
+    def _timesteps(self, t: float | torch.Tensor, batch: int) -> torch.Tensor:
+        """One timestep per row, on the device: a transformer takes them as a [B] tensor."""
+        t = torch.as_tensor(t, dtype=torch.float32).to(self.device)
+        return t.reshape(-1).expand(batch) if t.numel() == 1 else t
 
     def schedule(self, scheduler: str, steps: int | None = None, timesteps: Sequence[int] | None = None,
                  spacing: str | None = None, window: tuple[int, int] | None = None) -> Schedule:
@@ -364,6 +366,16 @@ class Flux(StableDiffusion3):
 
     def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype):
         super().__init__(components, device=device, dtype=dtype)
+        self._ids: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _image_ids(self, rows: int, cols: int) -> torch.Tensor:
+        """RoPE positions (0, row, col) of a `rows` x `cols` token grid, made once per size: every
+        view starts at (0, 0), as the class docstring says why."""
+        if (rows, cols) not in self._ids:
+            r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+            ids = torch.stack([torch.zeros_like(r), r, c], dim=-1).reshape(-1, 3)
+            self._ids[(rows, cols)] = ids.to(self.device, self.dtype)
+        return self._ids[(rows, cols)]
 
     @property
     def channels(self) -> int:
@@ -399,17 +411,13 @@ class Flux(StableDiffusion3):
                 guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
         """The transformer's velocity for latents x [B, C, h, w] (float32, unpacked)."""
         b, c, h, w = x.shape
-        if not isinstance(t, torch.Tensor):
-            t = torch.tensor(t, dtype=torch.float32, device=self.device)
-        t = t.to(self.device).reshape(-1).expand(b) if t.numel() == 1 else t.to(self.device)
+        t = self._timesteps(t, b)
         packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-        rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
-        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(self.device, self.dtype)
         txt_ids = torch.zeros(cond.states.shape[1], 3, device=self.device, dtype=self.dtype)
         guidance = torch.full((b,), guidance_scale, device=self.device) if self.guidance_distilled else None
         out = self.unet(hidden_states=packed.to(self.dtype), timestep=(t / 1000).to(self.dtype), guidance=guidance,
                         pooled_projections=cond.pooled, encoder_hidden_states=cond.states, txt_ids=txt_ids,
-                        img_ids=img_ids, return_dict=False)[0].float()
+                        img_ids=self._image_ids(h // 2, w // 2), return_dict=False)[0].float()
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
