@@ -7,7 +7,8 @@ random AutoencoderTiny beside them: SD 1.5 (UNet about 860M parameters, CLIP ViT
 T5 left out, as `text_encoder_3: none` runs it) and FLUX.1 dev scaled down in depth (its
 transformer at full width with 4 + 8 of its 19 + 38 blocks, 2.6B; T5-XXL at full width with 2 of
 its 24 layers). `benchmarks.run_all` runs on SD 1.5's and `benchmarks.families` (a 1024 x 1024
-regional scene and the stream) on the others, with `--device cuda --size full --dtype float16`;
+regional scene and the stream) on the others, with `--device cuda --size full --dtype float16`
+(`--compile` adds torch.compile to SD 1.5's fast paths: over 100 s of compiling on an H100);
 each table is appended to BENCHMARKS.md as soon as it is measured. Random weights cost the same
 time as trained ones (for the scaled-down FLUX, per block); the images are noise. `--dry-run`
 builds the configs on the meta device (no memory for weights), counts parameters, checks the
@@ -178,17 +179,20 @@ def save_model(folder: Path, device: str, family: str = "sd") -> tuple[Path, Pat
     return model, taesd
 
 
-def run_argv(family: str, model: Path, taesd: Path, device: str) -> list[str]:
-    """The family's benchmark arguments: full sizes in float16 (and torch.compile for SD 1.5's fast paths)."""
+def run_argv(family: str, model: Path, taesd: Path, device: str, compile: bool = False) -> list[str]:
+    """The family's benchmark arguments: full sizes in float16 (and, with `compile`, torch.compile
+    for SD 1.5's fast paths)."""
     argv = ["--device", device, "--size", "full", "--dtype", "float16", "--model", str(model), "--vae", str(taesd)]
-    return argv + (["--compile"] if family == "sd" else ["--family", family])
+    if family != "sd":
+        return argv + ["--family", family]
+    return argv + (["--compile"] if compile else [])
 
 
 BENCHMARKS = {"sd": "benchmarks.run_all", "sdxl": "benchmarks.families", "sd3": "benchmarks.families",
               "flux": "benchmarks.families"}
 
 
-def print_plan(folder: Path, device: str, families: tuple[str, ...]) -> None:
+def print_plan(folder: Path, device: str, families: tuple[str, ...], compile: bool) -> None:
     """Parameter counts from the meta device, the tokenizer check and the commands that would run."""
     for family in families:
         print(f"{family}:")
@@ -199,7 +203,7 @@ def print_plan(folder: Path, device: str, families: tuple[str, ...]) -> None:
     print(f"tokenizer         {check_tokenizer(write_tokenizer(scratch_dir()))}")
     print(f"\nplan: save the models under {folder}, then from {REPO}:")
     for family in families:
-        argv = run_argv(family, folder / FOLDERS[family], folder / TAESDS[family], device)
+        argv = run_argv(family, folder / FOLDERS[family], folder / TAESDS[family], device, compile)
         print(f"  python -m {BENCHMARKS[family]} {' '.join(argv)}")
 
 
@@ -211,12 +215,14 @@ def main(argv=None) -> None:
                         help="which family's weights to build and benchmark (default: all, SD 1.5 first)")
     parser.add_argument("--folder", type=Path, default=None,
                         help="where the random models are saved and reused (default: a temporary folder)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time SD 1.5's fast paths under torch.compile (minutes of compiling on an H100)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cuda:N; cpu only with --build-only")
     args = parser.parse_args(argv)
     folder = args.folder or scratch_dir()
     families = FAMILIES if args.family == "all" else (args.family,)
     if args.dry_run:
-        print_plan(folder, args.device, families)
+        print_plan(folder, args.device, families, args.compile)
         return
     import importlib
 
@@ -229,7 +235,7 @@ def main(argv=None) -> None:
         if args.build_only:
             print(f"saved {model} and {taesd}")
             continue
-        importlib.import_module(BENCHMARKS[family]).main(run_argv(family, model, taesd, args.device))
+        importlib.import_module(BENCHMARKS[family]).main(run_argv(family, model, taesd, args.device, args.compile))
 
 
 if __name__ == "__main__":
