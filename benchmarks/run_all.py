@@ -1,4 +1,4 @@
-"""Run the panorama, regional, stream, startup, fast-path, paint and family benchmarks in turn (`make bench`).
+"""Run the panorama, regional, controls, stream, startup, fast-path, paint and family benchmarks in turn (`make bench`).
 
 Options other than `--model`, `--vae` and `--compile` go to every benchmark, e.g. `--device cuda
 --size full`. Without `--model`/`--vae`, one tiny random model and one tiny autoencoder are built
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks import families, fast_paths, paint, panorama, regional, startup, stream
+from benchmarks import controls, families, fast_paths, paint, panorama, regional, startup, stream
 from benchmarks.common import scratch_dir, tiny_model, tiny_taesd
 
 
@@ -31,6 +31,7 @@ def main(argv=None) -> None:
     shared = ["--model", model, *options]
     panorama.main(shared)
     regional.main(shared)
+    controls.main(shared)
     stream.main(shared + ["--vae", vae])
     startup.main(shared)
     fast_paths.main(shared + (["--compile"] if args.compile else []))

@@ -253,14 +253,15 @@ def reproducing(record: Record, source: Path, output: str | None = None, *, mode
 
 
 def reads(sf: SceneFile, options: Options) -> list[str]:
-    """Every file on this machine that making `sf` would read: its masks and background image, and
+    """Every file on this machine that making `sf` would read: its masks, background image and LoRAs, and
     the model, LCM LoRA, autoencoder and config where they are local paths."""
     from smd_cli.files import exists
-    from smd_cli.scene import scene_files
+    from smd_cli.scene import lora_files, scene_files
 
     sources = sources_of(sf, options)
     local = [x for x in (sources.model, sources.lcm_lora, sources.vae, options.config) if x and exists(x)]
-    return [str(path) for path in scene_files(sf).values()] + [str(Path(x).expanduser().absolute()) for x in local]
+    return ([str(path) for path in (*scene_files(sf).values(), *lora_files(sf).values())]
+            + [str(Path(x).expanduser().absolute()) for x in local])
 
 
 @dataclass(frozen=True)
@@ -454,6 +455,24 @@ def _scene_jobs(sf: SceneFile, options: Options, sources: Sources, masks: SceneM
     return made
 
 
+def check_loras(sf: SceneFile) -> tuple[list[str], list[SmdError]]:
+    """Whether each LoRA the scene names can be had (a local path that exists, a hub id cached when
+    offline): notes on what is checked when it loads, and the errors, each at its key."""
+    from smd_cli.models import _looks_like_path, check_available, hub_file
+    from smd_cli.scene import scene_loras
+
+    notes, problems = [], []
+    for key, spec in scene_loras(sf):
+        source = sf.source(spec.path)
+        if hub_file(source) is None and _looks_like_path(source):  # named in errors as the scene means it
+            source = str(sf.resolve(source))
+        try:
+            notes.append(check_available(source, "LoRA"))
+        except SmdError as exc:
+            problems.append(sf.error(key, str(exc)))
+    return notes, problems
+
+
 def _check_sources(sf: SceneFile, options: Options, sources: Sources) -> list[str]:
     """The model, LCM LoRA and autoencoder exist (local paths; hub ids in the cache when offline),
     and the steps fit the model's schedule. Returns what cannot be checked before loading."""
@@ -486,6 +505,8 @@ def _check_sources(sf: SceneFile, options: Options, sources: Sources) -> list[st
             notes.append(check_available(name, what))
         except SmdError as exc:  # every missing download is named, not only the first
             problems.append(SceneError(str(exc), file=sf.path))
+    lora_notes, lora_errors = check_loras(sf)
+    notes, problems = notes + lora_notes, problems + lora_errors
     schedule = config_json(model, "scheduler/scheduler_config.json")
     if schedule is None:
         notes.append("its steps are checked against the model's schedule when the model loads")

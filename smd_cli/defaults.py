@@ -77,3 +77,6 @@ def prefixed(prefix: str | None, negative: str) -> str:
         return negative
     return f"{prefix}, {negative}" if negative else prefix
 
+
+# LoRA scales a scene may ask for: beyond a few, a LoRA's change swamps the model.
+MAX_LORA_SCALE = 10.0

@@ -33,19 +33,38 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from smd_cli import defaults
+from smd_cli import defaults, prompts
 from smd_cli.errors import SmdError
+from smd_cli.loras import LoraAdapters, LoraSet
 from smd_cli.models import Components, family_of, guidance_distilled, vae_factor
 from smd_cli.sampler import Schedule, make_schedule
 
 
 class PromptTruncatedWarning(UserWarning):
     """A prompt longer than the text encoder's limit was cut."""
+
+
+class PromptWeightsIgnoredWarning(UserWarning):
+    """A family that reads prompts with T5 took a weighted prompt's text without its weights."""
+
+
+def unweighted(texts: Sequence[str], family: str) -> list[str]:
+    """The prompts' texts with the weight syntax taken out, and a warning where a weight is lost:
+    weights are applied to CLIP's token states (SD 1.x, SDXL), and SD3 and FLUX.1 read a prompt
+    through T5, whose states compel does not weight on these families."""
+    out = []
+    for text in texts:
+        fragments = prompts.parse(text)
+        if any(weight != 1.0 for _, weight in fragments):
+            warnings.warn(f"prompt weights are applied on SD 1.x and SDXL; this {family} model reads "
+                          f"{text!r} without them", PromptWeightsIgnoredWarning, stacklevel=4)
+        out.append("".join(fragment for fragment, _ in fragments))
+    return out
 
 
 def runs_unconditional(guidance_scale: float, unet_config: Mapping) -> bool:
@@ -56,31 +75,69 @@ def runs_unconditional(guidance_scale: float, unet_config: Mapping) -> bool:
 
 @dataclass
 class Conditioning:
-    """Text conditioning, one row per prompt: the encoders' token states [N, tokens, D], and for
-    SDXL the pooled embedding [N, D'] of its second encoder."""
+    """Text conditioning, one row per prompt: the encoders' token states [N, tokens, D], for SDXL
+    the pooled embedding [N, D'] of its second encoder, and where prompts may run past one chunk
+    of the tokenizer (`smd_cli.prompts`), the empty prompt's chunk [1, chunk, D] that pads a row to
+    a longer row's length when rows are joined or mixed."""
 
     states: torch.Tensor
     pooled: Optional[torch.Tensor] = None
+    filler: Optional[torch.Tensor] = None
+    loras: Optional[tuple[LoraSet, ...]] = None  # per row: the LoRAs its denoiser call runs with
 
     def __len__(self) -> int:
         return len(self.states)
 
     def __getitem__(self, index: Any) -> "Conditioning":
-        return Conditioning(self.states[index], None if self.pooled is None else self.pooled[index])
+        loras = self.loras
+        if loras is not None:
+            picked = range(len(self))[index] if isinstance(index, (int, slice)) else torch.as_tensor(index).tolist()
+            loras = (loras[picked],) if isinstance(picked, int) else tuple(loras[i] for i in picked)
+        return Conditioning(self.states[index], None if self.pooled is None else self.pooled[index], self.filler,
+                            loras)
+
+    def with_loras(self, loras: Sequence[LoraSet]) -> "Conditioning":
+        """These rows, row i to run with LoRAs `loras[i]`."""
+        return replace(self, loras=tuple(loras) if any(loras) else None)
+
+    def padded(self, tokens: int, filler: Optional[torch.Tensor] = None) -> "Conditioning":
+        """These rows, their token states extended with the empty chunk (`filler` where they have
+        none: a plain prompt's rows joined with a long one's) to `tokens` tokens."""
+        missing = tokens - self.states.shape[1]
+        filler = self.filler if self.filler is not None else filler
+        if missing <= 0:
+            return self
+        if filler is None or missing % filler.shape[1]:
+            raise ValueError(f"cannot pad conditioning of {self.states.shape[1]} tokens to {tokens}")
+        fill = filler.to(self.states.dtype).expand(len(self), -1, -1)
+        return replace(self, states=torch.cat([self.states] + [fill] * (missing // filler.shape[1]), dim=1),
+                       filler=filler)
 
     def mix(self, background: "Conditioning", w: Sequence[float]) -> "Conditioning":
         """E_p = E_bg + w_p (E_p - E_bg) for each row p (SPEC 2.1), the token states and the pooled
-        embedding alike; `background` is one row."""
-        weights = torch.tensor(list(w), device=self.states.device, dtype=self.states.dtype)
+        embedding alike; `background` is one row (`cond[i]` or `cond[i:i + 1]`)."""
+        if background.states.dim() == 2:
+            background = background[None]
+        tokens = max(self.states.shape[1], background.states.shape[1])
+        filler = self.filler if self.filler is not None else background.filler
+        rows, background = self.padded(tokens, filler), background.padded(tokens, filler)
+        weights = torch.tensor(list(w), device=rows.states.device, dtype=rows.states.dtype)
         pooled = None
-        if self.pooled is not None:
-            pooled = background.pooled + weights.view(-1, 1) * (self.pooled - background.pooled)
-        return Conditioning(background.states + weights.view(-1, 1, 1) * (self.states - background.states), pooled)
+        if rows.pooled is not None:
+            pooled = background.pooled + weights.view(-1, 1) * (rows.pooled - background.pooled)
+        states = background.states + weights.view(-1, 1, 1) * (rows.states - background.states)
+        return Conditioning(states, pooled, rows.filler, self.loras)
 
     @staticmethod
     def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        tokens = max(p.states.shape[1] for p in parts)
+        filler = next((p.filler for p in parts if p.filler is not None), None)
+        parts = [p.padded(tokens, filler) for p in parts]
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
-        return Conditioning(torch.cat([p.states for p in parts]), pooled)
+        loras = None
+        if any(p.loras is not None for p in parts):
+            loras = tuple(s for p in parts for s in (p.loras if p.loras is not None else ((),) * len(p)))
+        return Conditioning(torch.cat([p.states for p in parts]), pooled, filler, loras)
 
 
 @dataclass(frozen=True)
@@ -105,6 +162,8 @@ class StableDiffusion:
         c = components
         self.unet, self.vae, self.text_encoder, self.tokenizer = c.unet, c.vae, c.text_encoder, c.tokenizer
         self.device, self.dtype = device, dtype
+        self._weighted_encoders: dict[int, prompts.WeightedEncoder] = {}
+        self.loras = LoraAdapters(components)
         # The noise levels of the model's training; LCM's is the scheduler smd starts from.
         self.scheduler = LCMScheduler.from_config(c.scheduler_config)
 
@@ -135,20 +194,53 @@ class StableDiffusion:
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> Conditioning:
-        """CLIP token states padded to the tokenizer's length; longer prompts, positive or negative,
-        are cut with a warning naming what was cut (SPEC 2.1)."""
-        ids, mask = self._tokens(self.tokenizer, texts, warn=True)
+        """CLIP token states, as diffusers' pipelines make them for plain prompts that fit the
+        tokenizer; prompts with weights or past its length go through `smd_cli.prompts` (weighted,
+        in chunks), the batch then padded with the empty prompt's chunk to its longest row."""
+        plain = self._plain(texts)
+        if plain is not None:
+            return self.encode_plain(plain)
+        encoder = self._weighted(self.tokenizer, self.text_encoder)
+        return Conditioning(encoder.states(texts).to(self.dtype), filler=encoder.empty.to(self.dtype))
+
+    def _clip_states(self, texts: Sequence[str]) -> torch.Tensor:
+        ids, mask = self._tokens(self.tokenizer, texts, warn=False)
         if not getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = None
-        states = self.text_encoder(ids, attention_mask=mask)[0]
-        return Conditioning(states.to(self.dtype))
+        return self.text_encoder(ids, attention_mask=mask)[0].to(self.dtype)
+
+    def _plain(self, texts: Sequence[str]) -> list[str] | None:
+        """The prompts' texts when none asks for a weight and each fits every tokenizer; else None."""
+        texts = [prompts.plain(text) for text in texts]
+        if any(text is None for text in texts):
+            return None
+        limits = [(tok, tok.model_max_length) for tok in self._clip_tokenizers()]
+        if any(len(ids) > limit for tok, limit in limits for ids in tok(texts).input_ids):
+            return None
+        return texts
+
+    def _clip_tokenizers(self) -> list:
+        return [self.tokenizer]
+
+    def _weighted(self, tokenizer, encoder, penultimate: bool = False) -> prompts.WeightedEncoder:
+        """compel's reading of weights and long prompts for one encoder, made on first use."""
+        key = id(encoder)
+        if key not in self._weighted_encoders:
+            self._weighted_encoders[key] = prompts.WeightedEncoder(tokenizer, encoder, penultimate=penultimate,
+                                                                   device=self.device)
+        return self._weighted_encoders[key]
+
+    def encode_plain(self, texts: Sequence[str]) -> Conditioning:
+        """The conditioning of texts taken as they are (no weights, no chunks)."""
+        return Conditioning(self._clip_states(texts))
 
     def empty_negative(self) -> Conditioning | None:
         """What an empty negative prompt conditions on: the encoding of "" (None says so)."""
         return None
 
     def _tokens(self, tok, texts: Sequence[str], warn: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (and attention mask) padded to the tokenizer's length, cut with a warning."""
+        """Token ids (and attention mask) padded to the tokenizer's length, cut with a warning (for
+        the families that read prompts past it with another encoder, T5)."""
         limit, texts = tok.model_max_length, list(texts)
         batch = tok(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
         for full in tok(texts).input_ids if warn else []:
@@ -162,6 +254,25 @@ class StableDiffusion:
     @torch.no_grad()
     def predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
                 guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
+        """The denoiser's prediction for rows x (`_predict`), one call per set of LoRAs the rows run
+        with (`smd_cli.loras`: diffusers activates one set per call)."""
+        sets = cond.loras or ((),) * len(x)
+        if len(set(sets)) == 1:
+            self.loras.activate(sets[0])
+            return self._predict(x, t, cond, guidance_scale, placement)
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        times = torch.as_tensor(t)
+        for chosen in dict.fromkeys(sets):
+            rows = [i for i, s in enumerate(sets) if s == chosen]
+            index = torch.tensor(rows, device=x.device)
+            part = placement and Placement(placement.canvas, [placement.corners[i] for i in rows])
+            self.loras.activate(chosen)
+            out[index] = self._predict(x[index], times[index.to(times.device)] if times.numel() > 1 else t,
+                                       cond[index], guidance_scale, part)
+        return out
+
+    def _predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
+                 guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
         """The UNet's noise prediction (float32). Guidance-distilled UNets get `guidance_scale` as
         an embedding (SPEC 3.3); v-prediction is converted to noise with eps = sigma * x + alpha * v."""
         cfg = self.unet.config
@@ -236,15 +347,37 @@ class StableDiffusionXL(StableDiffusion):
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> Conditioning:
         """Both encoders' penultimate token states, side by side, and the second's pooled
-        embedding, as diffusers' `StableDiffusionXLPipeline.encode_prompt` makes them."""
+        embedding, as diffusers' `StableDiffusionXLPipeline.encode_prompt` makes them; weighted and
+        long prompts through `smd_cli.prompts`, as on SD 1.x (the pooled embedding from the first
+        chunk, without weights)."""
+        plain = self._plain(texts)
+        if plain is not None:
+            return self.encode_plain(plain)
+        first = self._weighted(self.tokenizer, self.text_encoder, penultimate=True)
+        second = self._weighted(self.tokenizer_2, self.text_encoder_2, penultimate=True)
+        states_1 = first.states(texts)
+        states_2 = second.states(texts, chunks=states_1.shape[1] // first.chunk)
+        if states_2.shape[1] > states_1.shape[1]:  # the tokenizers split the prompt differently
+            states_1 = first.states(texts, chunks=states_2.shape[1] // first.chunk)
+        filler = torch.cat([first.empty, second.empty], dim=-1)
+        return Conditioning(torch.cat([states_1, states_2], dim=-1).to(self.dtype),
+                            second.pooled(texts).to(self.dtype), filler.to(self.dtype))
+
+    def encode_plain(self, texts: Sequence[str]) -> Conditioning:
+        return Conditioning(*self._plain_states(texts))
+
+    def _plain_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         states = []
         pooled = None
         for tok, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            ids, _ = self._tokens(tok, texts, warn=encoder is self.text_encoder)  # one warning, not two
+            ids, _ = self._tokens(tok, texts, warn=False)
             out = encoder(ids, output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled = out[0]  # the second encoder's projected end token
-        return Conditioning(torch.cat(states, dim=-1).to(self.dtype), pooled.to(self.dtype))
+        return torch.cat(states, dim=-1).to(self.dtype), pooled.to(self.dtype)
+
+    def _clip_tokenizers(self) -> list:
+        return [self.tokenizer, self.tokenizer_2]
 
     def empty_negative(self) -> Conditioning | None:
         """Zero conditioning where the model asks for it (`force_zeros_for_empty_prompt`), as diffusers
@@ -252,8 +385,9 @@ class StableDiffusionXL(StableDiffusion):
         if not self.zero_empty_negative:
             return None
         if self._empty is None:
-            empty = self.encode([""])
-            self._empty = Conditioning(torch.zeros_like(empty.states), torch.zeros_like(empty.pooled))
+            empty = self.encode_plain([""])
+            zeros = torch.zeros_like(empty.states)
+            self._empty = Conditioning(zeros, torch.zeros_like(empty.pooled), zeros)
         return self._empty
 
     def _added(self, x: torch.Tensor, cond: Conditioning, placement: Placement | None) -> dict:
@@ -305,6 +439,7 @@ class StableDiffusion3(StableDiffusion):
     def encode(self, texts: Sequence[str]) -> Conditioning:
         """As diffusers' `StableDiffusion3Pipeline.encode_prompt` makes the conditioning. Without T5
         a prompt longer than CLIP's limit would lose its end: that is refused, not cut."""
+        texts = unweighted(texts, self.name)
         if self.text_encoder_3 is None:
             limit = self.tokenizer.model_max_length
             if any(len(ids) > limit for ids in self.tokenizer(list(texts)).input_ids):
@@ -328,9 +463,8 @@ class StableDiffusion3(StableDiffusion):
         return Conditioning(torch.cat([clip.to(self.dtype), t5.to(self.dtype)], dim=-2),
                             torch.cat(pooled, dim=-1).to(self.dtype))
 
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
-                guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
+    def _predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
+                 guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
         """The transformer's velocity prediction (float32) at timestep t = 1000 s."""
         return self.unet(hidden_states=x.to(self.dtype), timestep=self._timesteps(t, len(x)),
                          encoder_hidden_states=cond.states, pooled_projections=cond.pooled, return_dict=False)[0].float()
@@ -396,6 +530,7 @@ class Flux(StableDiffusion3):
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> Conditioning:
         """As diffusers' `FluxPipeline.encode_prompt`: CLIP's pooled output and T5's states."""
+        texts = unweighted(texts, self.name)
         ids, _ = self._tokens(self.tokenizer, texts, warn=False)  # T5 reads the whole prompt
         pooled = self.text_encoder(ids, output_hidden_states=False).pooler_output
         t5 = self.tokenizer_2(list(texts), padding="max_length", max_length=self.max_sequence_length, truncation=True,
@@ -406,9 +541,8 @@ class Flux(StableDiffusion3):
     def empty_negative(self) -> Conditioning | None:
         return None
 
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
-                guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
+    def _predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
+                 guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
         """The transformer's velocity for latents x [B, C, h, w] (float32, unpacked)."""
         b, c, h, w = x.shape
         t = self._timesteps(t, b)

@@ -94,6 +94,10 @@ def read_bytes(path: str | Path, limit: int) -> bytes:
     return data
 
 
+# A LoRA or other weights file that a record hashes: the largest LoRAs are a few GB.
+MAX_MODEL_BYTES = 16 * 1024**3
+
+
 def sha256(path: str | Path, limit: int = MAX_IMAGE_BYTES) -> str:
     """The SHA-256 of a regular file of at most `limit` bytes, read in blocks."""
     digest = hashlib.sha256()

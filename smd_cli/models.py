@@ -282,9 +282,9 @@ def check_source(model: str | None) -> None:
 
 
 # The file that shows a hub repository of each kind is in the cache, and how a missing local one is said.
-KEY_FILES = {"model": "model_index.json", "LCM LoRA": LORA_FILE, "VAE": "config.json"}
+KEY_FILES = {"model": "model_index.json", "LCM LoRA": LORA_FILE, "LoRA": LORA_FILE, "VAE": "config.json"}
 NOT_FOUND = {"model": "model folder or file not found", "LCM LoRA": "LCM LoRA file or folder not found",
-             "VAE": "VAE folder not found"}
+             "LoRA": "LoRA file or folder not found", "VAE": "VAE folder not found"}
 
 
 def check_available(name: str | None, what: str = "model") -> str | None:
@@ -493,39 +493,54 @@ def apply_lcm_lora(pipe, lcm_lora: str | None) -> str | None:
     lcm_lora = chosen_lcm_lora(lcm_lora, denoiser.config)
     if lcm_lora is None:
         return None
-    path = Path(lcm_lora).expanduser()
-    hint = " (use --lcm-lora none for a model that needs none)"
     family = family_of(denoiser.config)
-    with _loading(lcm_lora, "LCM LoRA", hint), _silenced("diffusers"):  # it logs, then raises: we say it once
+    name = defaults.FAMILY_NAMES[family]
+    other = (f"; {name}'s is {defaults.LCM_LORAS[family]}" if family in defaults.LCM_LORAS else "")
+    load_lora(pipe, lcm_lora, "LCM LoRA", instead="--lcm-lora none", hint=" (use --lcm-lora none for a model that "
+              "needs none)", other=other)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    return lcm_lora
+
+
+def load_lora(pipe, source: str, what: str, *, adapter_name: str | None = None, instead: str = "",
+              hint: str = "", other: str = "") -> None:
+    """Load a LoRA (a file, a folder, a hub id, or `owner/name/file.safetensors`) into a diffusers
+    pipeline as an adapter; one that does not fit the model, or matches none of its layers (which
+    diffusers loads silently), is a `ModelError` that says `what` it is and what to do `instead`."""
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    path = Path(source).expanduser()
+    name = defaults.FAMILY_NAMES[family_of(denoiser.config)]
+    before = set(getattr(denoiser, "peft_config", {}))
+    options = {"adapter_name": adapter_name} if adapter_name else {}
+    otherwise = f", or {instead}" if instead else ""
+    with _loading(source, what, hint), _silenced("diffusers"):  # it logs, then raises: we say it once
         try:
-            hub = hub_file(lcm_lora)
+            hub = hub_file(source)
             if hub is not None:
-                pipe.load_lora_weights(hub[0], weight_name=hub[1], local_files_only=_offline())
+                pipe.load_lora_weights(hub[0], weight_name=hub[1], local_files_only=_offline(), **options)
             elif is_file(path):
-                pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+                pipe.load_lora_weights(str(path.parent), weight_name=path.name, **options)
             elif is_dir(path):
-                pipe.load_lora_weights(str(path))
-            elif _looks_like_path(lcm_lora):
-                raise ModelError(f"LCM LoRA file or folder not found: {path}")
+                pipe.load_lora_weights(str(path), **options)
+            elif _looks_like_path(source):
+                raise ModelError(f"{what} file or folder not found: {path}")
             else:
-                pipe.load_lora_weights(lcm_lora, local_files_only=_offline())
+                pipe.load_lora_weights(source, local_files_only=_offline(), **options)
         except (RuntimeError, ValueError) as exc:
             if "size mismatch" not in str(exc):
                 raise
-            name = defaults.FAMILY_NAMES[family]
-            raise ModelError(f"LCM LoRA '{lcm_lora}' does not fit this {name} model: its layers have other sizes "
-                             "(a LoRA for another model family?)"
-                             + (f"; {name}'s is {defaults.LCM_LORAS[family]}" if family in defaults.LCM_LORAS else "")
-                             + ", or use --lcm-lora none") from None
-        if not any("lora_" in name for name, _ in denoiser.named_modules()):  # diffusers loads none, silently
-            name = defaults.FAMILY_NAMES[family]
-            pipe.unload_lora_weights()
-            raise ModelError(f"LCM LoRA '{lcm_lora}' has no layers of this {name} model's denoiser (a LoRA for "
-                             "another model family?), so it would change nothing; use a LoRA made for "
-                             f"{name}, or --lcm-lora none")
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-    return lcm_lora
+            raise ModelError(f"{what} '{source}' does not fit this {name} model: its layers have other sizes "
+                             f"(a LoRA for another model family?){other}{otherwise}") from None
+        added = set(getattr(denoiser, "peft_config", {})) - before
+        if not added:
+            if adapter_name is None:
+                pipe.unload_lora_weights()
+            elif any(adapter_name in names for names in pipe.get_list_adapters().values()):
+                pipe.delete_adapters(adapter_name)  # it matched the text encoders only
+            raise ModelError(f"{what} '{source}' has no layers of this {name} model's denoiser (a LoRA for "
+                             f"another model family?), so it would change nothing; use a LoRA made for {name}"
+                             f"{otherwise}")
 
 
 @contextlib.contextmanager

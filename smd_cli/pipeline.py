@@ -29,7 +29,8 @@ from smd_cli.family import (FLOW_FAMILIES, Conditioning, Placement, PromptTrunca
 from smd_cli.memory import auto_max_batch, available_memory
 from smd_cli.models import Components, load_components, resolve_device, resolve_dtype, warn_if_slow
 from smd_cli.defaults import prefixed
-from smd_cli.prepare import Layers, Request, prepare_layers, prepare_text
+from smd_cli.loras import Lora, LoraSet, as_loras
+from smd_cli.prepare import Layers, Request, prepare_layers, prepare_text, row_loras
 from smd_cli.sampler import RegionCrop, Schedule, StepCallback, randn, sample
 from smd_cli.views import layout, view_sizes
 
@@ -109,6 +110,7 @@ class StableMultiDiffusionPipeline:
         self.family = make_family(components, device=self.device, dtype=self.dtype)
         self._white: torch.Tensor | None = None
         self._text_cache: dict[str, Conditioning] = {}
+        self._text_lora_set: LoraSet = ()
         self._negatives_warned = False
 
     @classmethod
@@ -168,6 +170,19 @@ class StableMultiDiffusionPipeline:
         steps, spaced as the model's config says or as `spacing` says); flow-matching Euler on SD3
         and FLUX, whose shift may depend on `window`, one view's size in latent pixels."""
         return self.family.schedule(scheduler, steps, timesteps, spacing, window)
+
+    def load_loras(self, loras: Sequence[Lora], where: str = "LoRA") -> None:
+        """Load LoRAs into the model as adapters, each once, without making them act; `where`
+        names them in errors (a scene key)."""
+        self.family.loras.load(loras, where)
+
+    def _text_loras(self, loras: LoraSet) -> None:
+        """Encode prompts with these LoRAs on the text encoders; remembered encodings made under
+        others are forgotten."""
+        if loras != self._text_lora_set:
+            self.family.loras.for_text(loras)
+            self._text_cache.clear()
+            self._text_lora_set = loras
 
     def runs_unconditional(self, guidance_scale: float) -> bool:
         """Whether guidance at this scale runs an unconditional pass on this model (SPEC 3.3)."""
@@ -335,10 +350,14 @@ class StableMultiDiffusionPipeline:
         if true_cfg is not None and not self.family.guidance_distilled:
             raise SmdError("true_cfg_scale is for guidance-distilled models (FLUX.1 dev); on this model "
                            "guidance_scale above 1 runs the unconditional pass")
+        self.load_loras([*request.loras, *(x for own in layers.loras or [] for x in own)])
+        self._text_loras(tuple(request.loras))  # the canvas's LoRAs act on the text encoders too
         cond, uncond = prepare_text(self.encode_prompts, layers, request.background_prompt,
                                     request.background_negative_prompt,
                                     true_cfg is not None or self.runs_unconditional(request.guidance_scale),
                                     self.family.empty_negative())
+        sets = row_loras(layers, tuple(request.loras))  # and each layer's on its own rows (smd_cli.loras)
+        cond, uncond = cond.with_loras(sets), uncond and uncond.with_loras(sets)
         self._check_negatives(request, uncond is not None)
 
         # 4. Prepare latents: initial noise, and the flat images for bootstrapping (SPEC 2.3).
@@ -417,6 +436,8 @@ class StableMultiDiffusionPipeline:
         noises: Sequence[torch.Tensor] | None = None,
         output_type: str = "pil",
         callback: StepCallback | None = None,
+        loras: Any = None,
+        layer_loras: Sequence[Any] | None = None,
     ):
         """Generate one image from prompts painted through masks; returns a PIL image by default.
 
@@ -429,6 +450,9 @@ class StableMultiDiffusionPipeline:
         model's config says: few-step SDXL distillations want `scheduler="euler"` with `trailing`.
         `true_cfg_scale` above 1 adds an unconditional pass with the negative prompts on a
         guidance-distilled model (FLUX.1 dev), which keeps `guidance_scale` as its embedding.
+        `loras` act on the whole canvas (a path or hub id, `(source, scale)`, or a list of these),
+        `layer_loras` (one entry per prompt, each like `loras`) on one layer's rows only. Prompts may
+        carry weights in AUTOMATIC1111's syntax, `(word:1.3)`, and run past 77 tokens.
         `output_type` is pil, np ([H, W, 3] in [0, 1]), pt ([3, H, W]) or latent (the clean latent).
         """
         if prompts is None:
@@ -447,6 +471,10 @@ class StableMultiDiffusionPipeline:
                         _per_layer(mask_strengths, count, defaults.MASK_STRENGTH, "mask_strengths"),
                         _per_layer(mask_stds, count, defaults.MASK_STD, "mask_stds"),
                         _per_layer(prompt_strengths, count, defaults.PROMPT_STRENGTH, "prompt_strengths"))
+        if layer_loras is not None:
+            if len(layer_loras) != count:
+                raise SmdError(f"layer_loras has {len(layer_loras)} entries for {count} prompts")
+            layers.loras = [as_loras(own) for own in layer_loras]
         request = Request(
             layers, width, height, background_prompt, prefixed(negative_prompt_prefix, background_negative_prompt),
             None if background is None else mask_ops.fit_picture(background, width, height),
@@ -454,7 +482,8 @@ class StableMultiDiffusionPipeline:
             guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale, mask_type=mask_type, cover_alpha=cover_alpha,
             bootstrap_steps=bootstrap_steps, bootstrap_mix_steps=bootstrap_mix_steps,
             leak_sensitivity=bootstrap_leak_sensitivity, bootstrap_centre=bootstrap_centre, tile_size=tile_size,
-            tile_stride=tile_stride, tile_weighting=tile_weighting, circular=circular, region_crop=region_crop)
+            tile_stride=tile_stride, tile_weighting=tile_weighting, circular=circular, region_crop=region_crop,
+            loras=as_loras(loras))
         return self.run(request, latents=latents, generator=generator, noises=noises, max_batch=max_batch,
                         skip_empty=skip_empty, callback=callback, output_type=output_type)
 

@@ -23,6 +23,7 @@ from smd_cli import defaults
 from smd_cli import masks as mask_ops
 from smd_cli.errors import SmdError
 from smd_cli.family import Conditioning
+from smd_cli.loras import LoraSet
 from smd_cli.sampler import Schedule
 
 
@@ -38,6 +39,7 @@ class Layers:
     prompt_strengths: list[float]
     blurred: np.ndarray | None = None  # [P, H, W], for the final pixel blend
     step_masks: torch.Tensor | None = None  # [K, P, 1, h, w] m_{p,k}
+    loras: list[LoraSet] | None = None  # each layer's own LoRAs (None: no layer has any)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class Request:
     tile_weighting: str = defaults.TILE_WEIGHTING
     circular: bool = False
     region_crop: bool = False
+    loras: LoraSet = ()  # the whole canvas's LoRAs, text encoders included
 
     def check(self, factor: int) -> None:
         """Raise `SmdError` for settings no scene could have (the Python API takes anything)."""
@@ -94,7 +97,8 @@ def prepare_layers(layers: Layers, schedule: Schedule, *, factor: int, device: t
             layers = Layers([background_prompt or ""] + layers.prompts,
                             [background_negative_prompt] + layers.negatives,
                             np.concatenate([uncovered[None], layers.masks]), [1.0] + layers.strengths,
-                            [0.0] + layers.stds, [1.0] + layers.prompt_strengths)
+                            [0.0] + layers.stds, [1.0] + layers.prompt_strengths,
+                            loras=None if layers.loras is None else [()] + list(layers.loras))
     layers.blurred, strengthened = mask_ops.prepare(layers.masks, cover_alpha=cover_alpha, stds=layers.stds,
                                                     strengths=layers.strengths, cache=blur_cache)
     per_step = mask_ops.step_masks(strengthened, factor, schedule.mask_sigmas, mask_type)
@@ -131,3 +135,9 @@ def prepare_text(encode: Callable[[Sequence[str]], Conditioning], layers: Layers
         if uncond is not None:
             uncond = uncond.mix(states[len(texts) - 1], weights)
     return cond, uncond
+
+
+def row_loras(layers: Layers, canvas: LoraSet) -> list[LoraSet]:
+    """The LoRAs each layer's rows run with: the canvas's, then the layer's own."""
+    own = layers.loras or [()] * len(layers.prompts)
+    return [tuple(canvas) + tuple(mine) for mine in own]

@@ -12,7 +12,6 @@ import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import ProgressColumn
 from rich.table import Table
 from rich.text import Text
@@ -37,11 +36,11 @@ out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False,
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """`warnings.showwarning` for the command line: one yellow line."""
-    err.print(f"[yellow]warning:[/] {escape(printable(str(message)))}", markup=True)
+    err.print(Text.assemble(("warning:", "yellow"), " ", printable(str(message))))
 
 
 def error(text: str) -> None:
-    err.print(f"[red]error:[/] {escape(printable(text))}", markup=True)
+    err.print(Text.assemble(("error:", "red"), " ", printable(text)))  # the text as it is: no markup in it
 
 
 def say(text: str) -> None:

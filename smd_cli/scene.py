@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import (
     BaseModel,
+    AfterValidator,
     BeforeValidator,
     ConfigDict,
     Discriminator,
@@ -27,7 +28,7 @@ from pydantic import (
     field_validator,
 )
 
-from smd_cli import defaults
+from smd_cli import defaults, prompts
 from smd_cli.errors import SceneError
 
 # A scene is a few hundred nodes, four or five levels deep; far beyond either means YAML aliases
@@ -58,6 +59,19 @@ def parse_color(value: Any) -> str:
 
 
 Color = Annotated[str, BeforeValidator(parse_color)]
+
+
+def parse_prompt(value: Any) -> Any:
+    """A prompt whose weight syntax parses (`smd_cli.prompts`); other values are pydantic's to refuse."""
+    if isinstance(value, str):
+        try:
+            prompts.check(value)
+        except prompts.PromptSyntaxError as exc:
+            raise ValueError(f"prompt weights do not parse: {exc}") from None
+    return value
+
+
+Prompt = Annotated[str, AfterValidator(parse_prompt)]
 
 
 class _Model(BaseModel):
@@ -146,6 +160,21 @@ MaskSpec = Annotated[
 ]
 
 
+class LoraSpec(_Model):
+    """A LoRA: a file, a folder, a hub id or `owner/name/file.safetensors`, at a scale."""
+
+    path: str
+    scale: Annotated[float, Field(strict=True, ge=-defaults.MAX_LORA_SCALE, le=defaults.MAX_LORA_SCALE)] = 1.0
+    sha256: Sha256 | None = None
+
+
+def _lora_from_path(value: Any) -> Any:
+    return {"path": value} if isinstance(value, str) else value
+
+
+LoraEntry = Annotated[LoraSpec, BeforeValidator(_lora_from_path)]
+
+
 class Bootstrap(_Model):
     """Bootstrapping (SPEC 3.2, 3.5): the first steps see each layer alone on a flat background."""
 
@@ -161,8 +190,8 @@ class Background(_Model):
     With an `image` (inpainting), the uncovered area keeps that picture instead.
     """
 
-    prompt: str = ""
-    negative_prompt: str = ""
+    prompt: Prompt = ""
+    negative_prompt: Prompt = ""
     image: str | None = None
     image_sha256: Sha256 | None = None
 
@@ -171,12 +200,13 @@ class Layer(_Model):
     """A semantic brush: a prompt painted through a mask."""
 
     name: str | None = None
-    prompt: str
-    negative_prompt: str = ""
+    prompt: Prompt
+    negative_prompt: Prompt = ""
     mask: MaskSpec | None = None
     mask_strength: Unit = defaults.MASK_STRENGTH
     mask_std: Annotated[float, Field(strict=True, ge=0.0, le=256.0)] = defaults.MASK_STD
     prompt_strength: Unit = defaults.PROMPT_STRENGTH
+    loras: list[LoraEntry] = []  # act on this layer's rows only
 
 
 class Scene(_Model):
@@ -185,6 +215,7 @@ class Scene(_Model):
     model: str | None = None
     lcm_lora: str | None = None
     vae: str | None = None
+    loras: list[LoraEntry] = []  # act on the whole canvas, text encoders included
     width: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] | None = None
     height: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] | None = None
     seed: Annotated[StrictInt, Field(ge=0, lt=defaults.SEED_LIMIT)] | None = None
@@ -627,6 +658,22 @@ def scene_files(sf: SceneFile) -> dict[KeyPath, Path]:
     if sf.scene.background.image is not None:
         files[("background", "image")] = sf.resolve(sf.scene.background.image).absolute()
     return files
+
+
+def lora_files(sf: SceneFile) -> dict[KeyPath, Path]:
+    """The scene's LoRAs that are files or folders on this machine, by key, as absolute paths (a
+    hub id is none)."""
+    from smd_cli.files import exists
+
+    return {key: sf.resolve(lora.path).absolute() for key, lora in scene_loras(sf) if exists(sf.resolve(lora.path))}
+
+
+def scene_loras(sf: SceneFile) -> list[tuple[KeyPath, LoraSpec]]:
+    """Every LoRA a scene names, the canvas's first, by its key (`loras[0]`, `layers[1].loras[0]`)."""
+    out: list[tuple[KeyPath, LoraSpec]] = [(("loras", i), lora) for i, lora in enumerate(sf.scene.loras)]
+    for n, layer in enumerate(sf.scene.layers):
+        out += [(("layers", n, "loras", i), lora) for i, lora in enumerate(layer.loras)]
+    return out
 
 
 def merge_overrides(items: list) -> dict[KeyPath, Any]:

@@ -22,7 +22,8 @@ from smd_cli.errors import SmdError
 from smd_cli.family import FLOW_FAMILIES
 from smd_cli.family import Conditioning, Placement
 from smd_cli.pipeline import StableMultiDiffusionPipeline
-from smd_cli.prepare import Layers, prepare_layers, prepare_text
+from smd_cli.loras import LoraSet, as_loras
+from smd_cli.prepare import Layers, prepare_layers, prepare_text, row_loras
 from smd_cli.sampler import active_pairs, randn, renoise, step_inputs, step_output
 from smd_cli.views import layout, view_sizes
 
@@ -37,6 +38,7 @@ class StreamLayer:
     mask_strength: float = defaults.MASK_STRENGTH
     mask_std: float = defaults.MASK_STD
     prompt_strength: float = defaults.PROMPT_STRENGTH
+    loras: LoraSet = ()  # act on this layer's rows only
 
 
 class StreamMultiDiffusion:
@@ -60,10 +62,12 @@ class StreamMultiDiffusion:
                  tile_size: int = defaults.TILE_SIZE,
                  dtype: Any = None, lcm_lora: str | None = None, vae: str | None = None,
                  pipeline: StableMultiDiffusionPipeline | None = None, overlap_decode: bool = False,
-                 compile: bool = False):
+                 compile: bool = False, loras: Any = None):
         """Load a model as `StableMultiDiffusionPipeline` does (the tiny autoencoder by default), or
         stream from a loaded `pipeline`, which then decides the model, device, dtype and autoencoder.
-        The stream's stages are the LCM schedule's `num_inference_steps` steps, or `timesteps`."""
+        The stream's stages are the LCM schedule's `num_inference_steps` steps, or `timesteps`.
+        `loras` act on the whole canvas (as the pipeline's `loras`); a layer's own are given with
+        `update_single_layer(..., loras=...)`."""
         if cfg_type not in defaults.STREAM_CFG_TYPES:
             raise SmdError(f"cfg_type must be one of {', '.join(defaults.STREAM_CFG_TYPES)}, got {cfg_type!r}")
         loading = dict(device=device, hf_key=hf_key, sd_version=sd_version, dtype=dtype, lcm_lora=lcm_lora, vae=vae,
@@ -78,6 +82,8 @@ class StreamMultiDiffusion:
             lcm_lora="auto" if lcm_lora is None else lcm_lora, vae=vae,
             use_tiny_vae=True if use_tiny_vae is None else use_tiny_vae)
         pipe = self.pipe
+        self.loras = as_loras(loras)
+        pipe.load_loras(self.loras)
         f = pipe.vae_scale_factor
         mask_ops.check_divisible(width, height, f)
         self.height, self.width = height, width
@@ -150,8 +156,9 @@ class StreamMultiDiffusion:
 
     def update_single_layer(self, idx: int, prompt: str | None = None, negative_prompt: str | None = None,
                             mask: Any = None, mask_strength: float | None = None, mask_std: float | None = None,
-                            prompt_strength: float | None = None) -> None:
-        """Edit layer `idx`'s fields that are given; `idx` equal to the layer count appends a layer."""
+                            prompt_strength: float | None = None, loras: Any = None) -> None:
+        """Edit layer `idx`'s fields that are given; `idx` equal to the layer count appends a layer.
+        `loras` (as the pipeline takes them; an empty list for none) act on this layer only."""
         if not 0 <= idx <= len(self.layers):
             raise SmdError(f"layer index {idx} out of range: there are {len(self.layers)} layers")
         if idx == len(self.layers):
@@ -163,6 +170,9 @@ class StreamMultiDiffusion:
                                         mask_std=mask_std, prompt_strength=prompt_strength).items() if v is not None}
         if mask is not None:
             changes["mask"] = self._mask(mask)
+        if loras is not None:
+            changes["loras"] = as_loras(loras)
+            self.pipe.load_loras(changes["loras"])
         self.layers[idx] = replace(layer, **changes)
         self._changed()
 
@@ -190,16 +200,18 @@ class StreamMultiDiffusion:
         layers = Layers([l.prompt for l in self.layers], [l.negative_prompt for l in self.layers],
                         np.stack([full if l.mask is None else l.mask for l in self.layers]),
                         [l.mask_strength for l in self.layers], [l.mask_std for l in self.layers],
-                        [l.prompt_strength for l in self.layers])
+                        [l.prompt_strength for l in self.layers], loras=[l.loras for l in self.layers])
         self._prepared = prepare_layers(
             layers, self.schedule, factor=self.pipe.vae_scale_factor, device=self.pipe.device,
             cover_alpha=self.cover_alpha, mask_type=self.mask_type, picture=self.background_latent is not None,
             background_prompt=self.background_prompt, background_negative_prompt=self.background_negative_prompt,
             blur_cache=self._blur_cache)
-        self._cond, self._uncond = prepare_text(self.pipe.encode_prompts, self._prepared, self.background_prompt,
-                                                self.background_negative_prompt,
-                                                self.pipe.runs_unconditional(self.guidance_scale),
-                                                self.pipe.family.empty_negative())
+        self.pipe._text_loras(self.loras)
+        cond, uncond = prepare_text(self.pipe.encode_prompts, self._prepared, self.background_prompt,
+                                    self.background_negative_prompt, self.pipe.runs_unconditional(self.guidance_scale),
+                                    self.pipe.family.empty_negative())
+        sets = row_loras(self._prepared, self.loras)
+        self._cond, self._uncond = cond.with_loras(sets), uncond and uncond.with_loras(sets)
         self._active = active_pairs(self._prepared.step_masks, self.views)
         if self.stock is None or self.stock.shape[1] != len(self._prepared.prompts):
             self.stock = None  # layers were added or removed: restart the residual noise

@@ -530,7 +530,7 @@ def test_absurd_work_is_counted_before_it_starts(run_cli, tiny_model, tmp_path):
 
 
 def test_control_characters_are_escaped_wherever_they_are_printed(run_cli, tiny_model, tmp_path):
-    evil = "a\x1b[2Jcat\x07\nx"
+    evil = "a\x1b[2Jcat\x07\nx]"  # the bracket closed: a lone one is a prompt-weight error
     scene = write(tmp_path / "s.yaml", f"seed: 1\nwidth: 32\nheight: 32\nlayers:\n  - name: {json.dumps(evil)}\n"
                                        f"    prompt: {json.dumps(evil)}\n")
     for args in (("validate", scene), ("generate", scene, "--model", tiny_model, "--device", "cpu", "--verbose",
@@ -539,7 +539,7 @@ def test_control_characters_are_escaped_wherever_they_are_printed(run_cli, tiny_
         assert result.exit_code == 0, result.stderr
         for stream in (result.stdout, result.stderr):
             assert "\x1b" not in stream and "\x07" not in stream
-    assert "a\\x1b[2Jcat\\x07\\nx" in run_cli("validate", scene).stdout  # its table shows name and prompt
+    assert "a\\x1b[2Jcat\\x07\\nx]" in run_cli("validate", scene).stdout  # its table shows name and prompt
     bad = write(tmp_path / "b.yaml", f"layers:\n  - {{prompt: a, mask: {json.dumps(evil + '.png')}}}\n")
     result = run_cli("validate", bad)
     assert result.exit_code == 2 and "\x1b" not in result.stderr and "\\x1b" in result.stderr

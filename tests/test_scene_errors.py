@@ -14,6 +14,11 @@ GOOD_LAYER = "layers:\n  - {prompt: a cat}\n"
 # (scene text, expected message fragment, expected "line: key" location or None)
 CASES = [
     ("seeed: 3\n" + GOOD_LAYER, "unknown key 'seeed'; did you mean 'seed'?", "1: seeed"),
+    ("layers:\n  - prompt: 'a (red hat:1.3 cat'\n", "prompt weights do not parse: '(' at character 3 is never closed",
+     "2: layers[0].prompt"),
+    ("background: {negative_prompt: 'blurry]'}\n" + GOOD_LAYER, "']' at character 7 closes nothing",
+     "1: background.negative_prompt"),
+    ("layers:\n  - prompt: '(hat:500)'\n", "weight 500 at character 5 is outside 0 to 100", "2: layers[0].prompt"),
     ("layers:\n  - promt: a cat\n", "unknown key 'promt'; did you mean 'prompt'?", "2: layers[0].promt"),
     ("layers:\n  - prompt: a\n    mask: {palette: p.png, colour: '#ffffff'}\n",
      "unknown key 'colour'; did you mean 'color'?", "3: layers[0].mask.colour"),

@@ -278,3 +278,26 @@ def build_tiny_flux(folder: Path, *, seed: int = 0, vae_blocks: int = 2, guidanc
                         tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
     pipe.save_pretrained(folder)
     return folder
+
+
+def write_tiny_lora(model: Path, folder: Path, *, seed: int = 0, name: str = "pytorch_lora_weights.safetensors") -> Path:
+    """A LoRA with non-zero weights for a tiny SD or SDXL model's UNet attention, saved as diffusers
+    saves LoRAs; returns the file."""
+    import diffusers
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from smd_cli.models import PIPELINES, family_of
+
+    index = json.loads((Path(model) / "model_index.json").read_text())
+    cls = getattr(diffusers, index["_class_name"])
+    pipe = cls.from_pretrained(str(model), **({"safety_checker": None} if "safety_checker" in index else {}))
+    family = family_of(pipe.unet.config)
+    assert PIPELINES[family] == cls.__name__
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))
+    folder.mkdir(parents=True, exist_ok=True)
+    cls.save_lora_weights(str(folder), weight_name=name, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    return folder / name

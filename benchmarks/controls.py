@@ -1,0 +1,109 @@
+"""Region controls: what per-layer LoRAs and weighted or long prompts cost.
+
+The regional scene's 8 layers over a background (`benchmarks.regional`'s layout, as shapes), LCM 5
+steps, bootstrapping 2, on one model: with no LoRA, with one LoRA over the whole canvas, and with
+its own LoRA on 1, 2 and 4 layers. Rows of different LoRA sets go to the denoiser in separate
+calls (`smd_cli.loras`), so the call count grows with the sets; each run is timed `--repeats`
+times, interleaved, and the median reported. Prompt encoding is timed apart: plain prompts, the
+same with `(word:1.3)` weights (compel's path), and prompts of 120 words (in chunks).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from benchmarks.common import (
+    append_report,
+    base_parser,
+    finish_args,
+    fresh_pipeline,
+    model_summary,
+    quiet,
+    scratch_dir,
+    shape_masks,
+    synchronize,
+    tests_on_path,
+    UNetProbe,
+)
+from benchmarks.regional import BACKGROUND, PROMPTS, SIZES
+
+RUNS = {"no LoRA": 0, "one LoRA over the canvas": -1, "1 layer with its own LoRA": 1,
+        "2 layers with their own LoRAs": 2, "4 layers with their own LoRAs": 4}
+WORDS = ["red", "blue", "tall", "small", "green", "old", "new", "wide"]
+
+
+def lora_files(model: str, count: int) -> list[str]:
+    """`count` random LoRAs for the model's UNet attention, made with peft as the tests make them."""
+    tests_on_path()
+    from tinymodel import write_tiny_lora
+
+    folder = scratch_dir()
+    return [str(write_tiny_lora(model, folder / f"lora{i}", seed=i)) for i in range(count)]
+
+
+def main(argv=None) -> str:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each setting (median reported)")
+    args = finish_args(parser.parse_args(argv))
+    import torch
+
+    from smd_cli import StableMultiDiffusionPipeline
+
+    size = SIZES[args.size]
+    loras = lora_files(args.model, 4)
+    masks = shape_masks(len(PROMPTS), size.height, size.width)
+    pipe = StableMultiDiffusionPipeline(args.device, hf_key=args.model, dtype=args.dtype, lcm_lora="none")
+
+    def run(setting: int):
+        layer = [[loras[i]] if i < setting else [] for i in range(len(PROMPTS))]
+        return pipe(PROMPTS, masks=masks, background_prompt=BACKGROUND, height=size.height, width=size.width,
+                    tile_size=size.tile_size, bootstrap_steps=2, loras=loras[0] if setting < 0 else None,
+                    layer_loras=layer, generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np")
+
+    with quiet():
+        for setting in RUNS.values():  # untimed: loads each LoRA, and pays each shape's first run
+            run(setting)
+        times = {name: [] for name in RUNS}
+        calls = {}
+        for _ in range(args.repeats):
+            for name, setting in RUNS.items():
+                with UNetProbe(pipe.unet) as probe:
+                    synchronize(args.device)
+                    started = time.perf_counter()
+                    run(setting)
+                    synchronize(args.device)
+                    times[name].append(time.perf_counter() - started)
+                calls[name] = (probe.calls, probe.items)
+    base = statistics.median(times["no LoRA"])
+    rows = [{"LoRAs": name, "UNet calls": calls[name][0], "UNet batch items": calls[name][1],
+             "wall s (median)": f"{statistics.median(t):.3f}", "vs no LoRA": f"{statistics.median(t) / base:.2f}x"}
+            for name, t in times.items()]
+
+    plain = [f"a {w} house by the sea" for w in WORDS]
+    weighted = [f"a ({w}:1.3) house by the [sea]" for w in WORDS]
+    long = [", ".join(f"a {w} house by the sea" for w in WORDS * 3) + f", {i}" for i in range(len(WORDS))]
+    encode_rows = []
+    for name, texts in (("8 plain prompts", plain), ("8 weighted prompts", weighted), ("8 prompts of 120 words", long)):
+        spent = []
+        for _ in range(args.repeats + 1):
+            fresh = fresh_pipeline(pipe)  # nothing remembered
+            started = time.perf_counter()
+            states = fresh.encode_prompts(texts).states
+            synchronize(args.device)
+            spent.append(time.perf_counter() - started)
+        encode_rows.append({"LoRAs": f"encoding {name}", "UNet calls": "-", "UNet batch items": "-",
+                            "wall s (median)": f"{statistics.median(spent[1:]):.3f}",
+                            "vs no LoRA": f"{tuple(states.shape[1:2])[0]} tokens"})
+    notes = [f"{size.width}x{size.height} canvas, tile {size.tile_size} px, 8 layers + background (shapes), LCM 5 steps, "
+             f"bootstrap 2, seed {args.seed}, {args.dtype}, {model_summary(args.model)}; random LoRAs of rank 4 "
+             "on the UNet's attention",
+             f"median of {args.repeats} interleaved runs after one untimed run of each; encoding rows: a fresh "
+             "pipeline each time (no remembered prompts), median of the runs after the first; the last column "
+             "of an encoding row is the token length of its conditioning"]
+    return append_report(f"Region controls ({args.size}): per-layer LoRAs and weighted prompts", rows + encode_rows,
+                         notes, device=args.device, write=not args.no_report)
+
+
+if __name__ == "__main__":
+    main()
