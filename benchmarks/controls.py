@@ -1,10 +1,12 @@
-"""Region controls: what per-layer LoRAs and weighted or long prompts cost.
+"""Region controls: what per-layer LoRAs, ControlNets and weighted or long prompts cost.
 
 The regional scene's 8 layers over a background (`benchmarks.regional`'s layout, as shapes), LCM 5
-steps, bootstrapping 2, on one model: with no LoRA, with one LoRA over the whole canvas, and with
-its own LoRA on 1, 2 and 4 layers. Rows of different LoRA sets go to the denoiser in separate
-calls (`smd_cli.loras`), so the call count grows with the sets; each run is timed `--repeats`
-times, interleaved, and the median reported. Prompt encoding is timed apart: plain prompts, the
+steps, bootstrapping 2, on one model: with nothing, with one LoRA over the whole canvas, with its
+own LoRA on 1, 2 and 4 layers, and the same with a ControlNet (over the canvas, on 1 and 4
+layers). Rows of different LoRA sets go to the denoiser in separate calls (`smd_cli.loras`), so
+the call count grows with the sets; a ControlNet runs on the rows it acts on and leaves the UNet
+call whole (`smd_cli.controls`). Each run is timed `--repeats` times, interleaved, and the median
+reported. Prompt encoding is timed apart: plain prompts, the
 same with `(word:1.3)` weights (compel's path), and prompts of 120 words (in chunks).
 """
 
@@ -12,6 +14,9 @@ from __future__ import annotations
 
 import statistics
 import time
+
+import numpy as np
+from PIL import Image
 
 from benchmarks.common import (
     append_report,
@@ -28,9 +33,19 @@ from benchmarks.common import (
 )
 from benchmarks.regional import BACKGROUND, PROMPTS, SIZES
 
-RUNS = {"no LoRA": 0, "one LoRA over the canvas": -1, "1 layer with its own LoRA": 1,
-        "2 layers with their own LoRAs": 2, "4 layers with their own LoRAs": 4}
+RUNS = {"none": ("lora", 0), "one LoRA over the canvas": ("lora", -1), "1 layer with its own LoRA": ("lora", 1),
+        "2 layers with their own LoRAs": ("lora", 2), "4 layers with their own LoRAs": ("lora", 4),
+        "one ControlNet over the canvas": ("controlnet", -1), "1 layer with its own ControlNet": ("controlnet", 1),
+        "4 layers with their own ControlNet": ("controlnet", 4)}
 WORDS = ["red", "blue", "tall", "small", "green", "old", "new", "wide"]
+
+
+def controlnet_folder(model: str) -> str:
+    """A random ControlNet made from the model's UNet, as the tests make one."""
+    tests_on_path()
+    from tinymodel import write_tiny_controlnet
+
+    return str(write_tiny_controlnet(model, scratch_dir() / "controlnet"))
 
 
 def lora_files(model: str, count: int) -> list[str]:
@@ -52,14 +67,19 @@ def main(argv=None) -> str:
 
     size = SIZES[args.size]
     loras = lora_files(args.model, 4)
+    image = Image.fromarray((np.random.default_rng(0).random((size.height, size.width, 3)) * 255).astype(np.uint8))
+    control = {"model": controlnet_folder(args.model), "image": image}
     masks = shape_masks(len(PROMPTS), size.height, size.width)
     pipe = StableMultiDiffusionPipeline(args.device, hf_key=args.model, dtype=args.dtype, lcm_lora="none")
 
-    def run(setting: int):
-        layer = [[loras[i]] if i < setting else [] for i in range(len(PROMPTS))]
+    def run(setting: tuple[str, int]):
+        kind, count = setting
+        own = [([loras[i]] if kind == "lora" else [control]) if i < count else [] for i in range(len(PROMPTS))]
+        extra = (dict(loras=loras[0] if count < 0 else None, layer_loras=own) if kind == "lora"
+                 else dict(controlnets=control if count < 0 else None, layer_controlnets=own))
         return pipe(PROMPTS, masks=masks, background_prompt=BACKGROUND, height=size.height, width=size.width,
-                    tile_size=size.tile_size, bootstrap_steps=2, loras=loras[0] if setting < 0 else None,
-                    layer_loras=layer, generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np")
+                    tile_size=size.tile_size, bootstrap_steps=2, generator=torch.Generator("cpu").manual_seed(args.seed),
+                    output_type="np", **extra)
 
     with quiet():
         for setting in RUNS.values():  # untimed: loads each LoRA, and pays each shape's first run
@@ -75,9 +95,9 @@ def main(argv=None) -> str:
                     synchronize(args.device)
                     times[name].append(time.perf_counter() - started)
                 calls[name] = (probe.calls, probe.items)
-    base = statistics.median(times["no LoRA"])
-    rows = [{"LoRAs": name, "UNet calls": calls[name][0], "UNet batch items": calls[name][1],
-             "wall s (median)": f"{statistics.median(t):.3f}", "vs no LoRA": f"{statistics.median(t) / base:.2f}x"}
+    base = statistics.median(times["none"])
+    rows = [{"controls": name, "UNet calls": calls[name][0], "UNet batch items": calls[name][1],
+             "wall s (median)": f"{statistics.median(t):.3f}", "vs none": f"{statistics.median(t) / base:.2f}x"}
             for name, t in times.items()]
 
     plain = [f"a {w} house by the sea" for w in WORDS]
@@ -92,16 +112,18 @@ def main(argv=None) -> str:
             states = fresh.encode_prompts(texts).states
             synchronize(args.device)
             spent.append(time.perf_counter() - started)
-        encode_rows.append({"LoRAs": f"encoding {name}", "UNet calls": "-", "UNet batch items": "-",
+        encode_rows.append({"controls": f"encoding {name}", "UNet calls": "-", "UNet batch items": "-",
                             "wall s (median)": f"{statistics.median(spent[1:]):.3f}",
-                            "vs no LoRA": f"{tuple(states.shape[1:2])[0]} tokens"})
+                            "vs none": f"{states.shape[1]} tokens"})
     notes = [f"{size.width}x{size.height} canvas, tile {size.tile_size} px, 8 layers + background (shapes), LCM 5 steps, "
              f"bootstrap 2, seed {args.seed}, {args.dtype}, {model_summary(args.model)}; random LoRAs of rank 4 "
-             "on the UNet's attention",
+             "on the UNet's attention; a random ControlNet made from the UNet (`ControlNetModel.from_unet`) with a "
+             "noise control image",
              f"median of {args.repeats} interleaved runs after one untimed run of each; encoding rows: a fresh "
              "pipeline each time (no remembered prompts), median of the runs after the first; the last column "
              "of an encoding row is the token length of its conditioning"]
-    return append_report(f"Region controls ({args.size}): per-layer LoRAs and weighted prompts", rows + encode_rows,
+    return append_report(f"Region controls ({args.size}): per-layer LoRAs, ControlNets and weighted prompts",
+                         rows + encode_rows,
                          notes, device=args.device, write=not args.no_report)
 
 

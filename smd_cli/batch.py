@@ -256,11 +256,12 @@ def reads(sf: SceneFile, options: Options) -> list[str]:
     """Every file on this machine that making `sf` would read: its masks, background image and LoRAs, and
     the model, LCM LoRA, autoencoder and config where they are local paths."""
     from smd_cli.files import exists
-    from smd_cli.scene import lora_files, scene_files
+    from smd_cli.scene import control_files, lora_files, scene_controlnets, scene_files
 
     sources = sources_of(sf, options)
     local = [x for x in (sources.model, sources.lcm_lora, sources.vae, options.config) if x and exists(x)]
-    return ([str(path) for path in (*scene_files(sf).values(), *lora_files(sf).values())]
+    local += [sf.source(spec.model) for _, spec in scene_controlnets(sf) if exists(sf.source(spec.model))]
+    return ([str(path) for path in (*scene_files(sf).values(), *lora_files(sf).values(), *control_files(sf).values())]
             + [str(Path(x).expanduser().absolute()) for x in local])
 
 
@@ -455,19 +456,21 @@ def _scene_jobs(sf: SceneFile, options: Options, sources: Sources, masks: SceneM
     return made
 
 
-def check_loras(sf: SceneFile) -> tuple[list[str], list[SmdError]]:
-    """Whether each LoRA the scene names can be had (a local path that exists, a hub id cached when
-    offline): notes on what is checked when it loads, and the errors, each at its key."""
+def check_controls(sf: SceneFile) -> tuple[list[str], list[SmdError]]:
+    """Whether each LoRA and ControlNet the scene names can be had (a local path that exists, a hub
+    id cached when offline): notes on what is checked when it loads, and the errors, each at its key."""
     from smd_cli.models import _looks_like_path, check_available, hub_file
-    from smd_cli.scene import scene_loras
+    from smd_cli.scene import scene_controlnets, scene_loras
 
+    wanted = [(key, spec.path, "LoRA") for key, spec in scene_loras(sf)]
+    wanted += [(key + ("model",), spec.model, "ControlNet") for key, spec in scene_controlnets(sf)]
     notes, problems = [], []
-    for key, spec in scene_loras(sf):
-        source = sf.source(spec.path)
+    for key, name, what in wanted:
+        source = sf.source(name)
         if hub_file(source) is None and _looks_like_path(source):  # named in errors as the scene means it
             source = str(sf.resolve(source))
         try:
-            notes.append(check_available(source, "LoRA"))
+            notes.append(check_available(source, what))
         except SmdError as exc:
             problems.append(sf.error(key, str(exc)))
     return notes, problems
@@ -505,8 +508,8 @@ def _check_sources(sf: SceneFile, options: Options, sources: Sources) -> list[st
             notes.append(check_available(name, what))
         except SmdError as exc:  # every missing download is named, not only the first
             problems.append(SceneError(str(exc), file=sf.path))
-    lora_notes, lora_errors = check_loras(sf)
-    notes, problems = notes + lora_notes, problems + lora_errors
+    more_notes, more_problems = check_controls(sf)
+    notes, problems = notes + more_notes, problems + more_problems
     schedule = config_json(model, "scheduler/scheduler_config.json")
     if schedule is None:
         notes.append("its steps are checked against the model's schedule when the model loads")

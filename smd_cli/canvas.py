@@ -23,7 +23,7 @@ from smd_cli.files import MAX_IMAGE_BYTES, UnreadableFile, decode_image, image_s
 from smd_cli.masks import (PALETTE_TOLERANCE, LayerMask, aspect_mismatch, check_divisible, ellipse_box, image_mask,
                            main_colors, palette_labels, rect_box, resize)
 from smd_cli.scene import (EllipseMask, PaletteMask, RectMask, SceneFile, default_layer_name, mask_file,
-                           scene_files)
+                           scene_controlnets, scene_files)
 
 MAX_MASK_BYTES = 4 * 2**30  # the layers' masks at canvas size, as float32
 
@@ -39,6 +39,7 @@ class SceneMasks:
     names: list[str]
     files: dict[Path, str] = field(default_factory=dict)  # absolute path -> SHA-256 of the bytes read
     picture: Image.Image | None = None  # the inpainting picture, as read with the masks
+    controls: dict[tuple, Image.Image] = field(default_factory=dict)  # ControlNet key -> its image, RGB
 
     @functools.cached_property
     def masks(self) -> np.ndarray:
@@ -185,13 +186,24 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
                                  sf.scene.background.image_sha256).convert("RGB")
         except SceneError as exc:
             problems.append(exc)
+    controls = {}
+    for key, spec in scene_controlnets(sf):  # read with the masks: a missing image is found before loading
+        try:
+            image = images.get(spec.image, key + ("image",), "control image", spec.sha256)
+            if aspect_mismatch(image.size, width, height):
+                raise sf.error(key + ("image",), f"control image is {image.size[0]}x{image.size[1]} but the canvas is "
+                                                 f"{width}x{height}: the aspect ratios differ; crop or pad the image, "
+                                                 "or set width and height to match it")
+            controls[key] = image.convert("RGB")
+        except SceneError as exc:
+            problems.append(exc)
     if problems:
         raise SceneError.gather(problems)
     if not any(box.values.any() for box in boxes):  # stops at the first layer that paints anything
         raise sf.error(("layers",), "every layer's mask is empty: nothing would be painted; "
                                     "check the mask images, colours and rectangles")
     return SceneMasks(boxes, width, height, [layer.name or default_layer_name(i) for i, layer in enumerate(layers)],
-                      files=images.hashes, picture=picture)
+                      files=images.hashes, picture=picture, controls=controls)
 
 
 def _layer_mask(sf: SceneFile, images: _Images, i: int, spec, width: int, height: int,

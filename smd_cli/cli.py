@@ -94,7 +94,8 @@ def validate(
                                         "(read from its config only; nothing is loaded)."),
     set_: List[str] = OPTIONS["set_"][1],
 ) -> None:
-    """Check scene files without loading any model: keys, values, mask and LoRA files, coverage.
+    """Check scene files without loading any model: keys, values, mask, control image and LoRA
+    files, ControlNet folders, coverage.
 
     \b
     Examples:
@@ -102,7 +103,7 @@ def validate(
       smd validate scenes/village.yaml --set width=1024 --model ./my-sd15-folder
     """
     from smd_cli import report
-    from smd_cli.batch import Options, check_loras, sources_of
+    from smd_cli.batch import Options, check_controls, sources_of
     from smd_cli.canvas import model_canvas
     from smd_cli.scene import load_scene
 
@@ -111,7 +112,7 @@ def validate(
         try:
             with user_errors():
                 sf = load_scene(path, set_)
-                for problem in check_loras(sf)[1][:1]:
+                for problem in check_controls(sf)[1][:1]:
                     raise problem
                 masks, factor = model_canvas(sf, sources_of(sf, Options(model=model, device="cpu", dtype="auto")).model)
                 report.coverage(sf, masks, str(path), factor is not None)

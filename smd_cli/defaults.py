@@ -80,3 +80,5 @@ def prefixed(prefix: str | None, negative: str) -> str:
 
 # LoRA scales a scene may ask for: beyond a few, a LoRA's change swamps the model.
 MAX_LORA_SCALE = 10.0
+# ControlNet scales a scene may ask for (diffusers' controlnet_conditioning_scale; 1 is the usual).
+MAX_CONTROL_SCALE = 10.0

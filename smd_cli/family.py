@@ -40,6 +40,7 @@ import torch
 
 from smd_cli import defaults, prompts
 from smd_cli.errors import SmdError
+from smd_cli.controls import ControlNets, ControlSet
 from smd_cli.loras import LoraAdapters, LoraSet
 from smd_cli.models import Components, family_of, guidance_distilled, vae_factor
 from smd_cli.sampler import Schedule, make_schedule
@@ -84,21 +85,30 @@ class Conditioning:
     pooled: Optional[torch.Tensor] = None
     filler: Optional[torch.Tensor] = None
     loras: Optional[tuple[LoraSet, ...]] = None  # per row: the LoRAs its denoiser call runs with
+    controls: Optional[tuple[ControlSet, ...]] = None  # per row: the ControlNets acting on it
 
     def __len__(self) -> int:
         return len(self.states)
 
     def __getitem__(self, index: Any) -> "Conditioning":
-        loras = self.loras
-        if loras is not None:
+        picked = None
+        if self.loras is not None or self.controls is not None:
             picked = range(len(self))[index] if isinstance(index, (int, slice)) else torch.as_tensor(index).tolist()
-            loras = (loras[picked],) if isinstance(picked, int) else tuple(loras[i] for i in picked)
+            picked = [picked] if isinstance(picked, int) else list(picked)
+
+        def rows(values):
+            return None if values is None else tuple(values[i] for i in picked)
+
         return Conditioning(self.states[index], None if self.pooled is None else self.pooled[index], self.filler,
-                            loras)
+                            rows(self.loras), rows(self.controls))
 
     def with_loras(self, loras: Sequence[LoraSet]) -> "Conditioning":
         """These rows, row i to run with LoRAs `loras[i]`."""
         return replace(self, loras=tuple(loras) if any(loras) else None)
+
+    def with_controls(self, controls: Sequence[ControlSet]) -> "Conditioning":
+        """These rows, row i under ControlNets `controls[i]`."""
+        return replace(self, controls=tuple(controls) if any(controls) else None)
 
     def padded(self, tokens: int, filler: Optional[torch.Tensor] = None) -> "Conditioning":
         """These rows, their token states extended with the empty chunk (`filler` where they have
@@ -126,7 +136,7 @@ class Conditioning:
         if rows.pooled is not None:
             pooled = background.pooled + weights.view(-1, 1) * (rows.pooled - background.pooled)
         states = background.states + weights.view(-1, 1, 1) * (rows.states - background.states)
-        return Conditioning(states, pooled, rows.filler, self.loras)
+        return replace(self, states=states, pooled=pooled, filler=rows.filler)
 
     @staticmethod
     def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
@@ -134,10 +144,15 @@ class Conditioning:
         filler = next((p.filler for p in parts if p.filler is not None), None)
         parts = [p.padded(tokens, filler) for p in parts]
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
-        loras = None
-        if any(p.loras is not None for p in parts):
-            loras = tuple(s for p in parts for s in (p.loras if p.loras is not None else ((),) * len(p)))
-        return Conditioning(torch.cat([p.states for p in parts]), pooled, filler, loras)
+        return Conditioning(torch.cat([p.states for p in parts]), pooled, filler, _joined(parts, "loras"),
+                            _joined(parts, "controls"))
+
+
+def _joined(parts: Sequence[Conditioning], name: str) -> tuple | None:
+    """A per-row field of joined rows: () for the rows of a part without it, None if no part has it."""
+    if all(getattr(p, name) is None for p in parts):
+        return None
+    return tuple(s for p in parts for s in (getattr(p, name) or ((),) * len(p)))
 
 
 @dataclass(frozen=True)
@@ -164,6 +179,7 @@ class StableDiffusion:
         self.device, self.dtype = device, dtype
         self._weighted_encoders: dict[int, prompts.WeightedEncoder] = {}
         self.loras = LoraAdapters(components)
+        self.controlnets = ControlNets(c.unet, device=device, dtype=dtype, factor=vae_factor(c.vae.config))
         # The noise levels of the model's training; LCM's is the scheduler smd starts from.
         self.scheduler = LCMScheduler.from_config(c.scheduler_config)
 
@@ -282,8 +298,11 @@ class StableDiffusion:
             tc = guidance_embedding(w, cfg.time_cond_proj_dim).to(self.device, self.dtype).expand(len(x), -1)
         if not isinstance(t, torch.Tensor):  # a tensor, so that a compiled UNet is not specialised on each t
             t = torch.tensor(t, dtype=torch.float32, device=self.device)
+        added = self._added(x, cond, placement)
+        control = self.controlnets.residuals(x, t, cond, placement, added) if cond.controls else None
         out = self.unet(x.to(self.dtype), t, encoder_hidden_states=cond.states, timestep_cond=tc,
-                        added_cond_kwargs=self._added(x, cond, placement), return_dict=False)[0].float()
+                        added_cond_kwargs=added, down_block_additional_residuals=control and control[0],
+                        mid_block_additional_residual=control and control[1], return_dict=False)[0].float()
         if self.scheduler.config.prediction_type == "v_prediction":
             abar = self.scheduler.alphas_cumprod.to(out.device)[torch.as_tensor(t, device=out.device).long()]
             a = abar.sqrt().reshape(-1, 1, 1, 1)

@@ -34,7 +34,7 @@ from smd_cli.errors import SmdError, printable
 from smd_cli.files import (MAX_IMAGE_BYTES, MAX_MODEL_BYTES, UnreadableFile, exists, is_file, open_image,
                            read_bytes, sha256)
 from smd_cli.outputs import JPEG_SUFFIXES
-from smd_cli.scene import SceneFile, lora_files, parse_mapping, scene_files, validate_scene
+from smd_cli.scene import SceneFile, control_files, lora_files, parse_mapping, scene_files, validate_scene
 
 
 @dataclass
@@ -96,6 +96,11 @@ def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: 
         node[name] = str(path)
         if path in files:
             node[hash_key] = files[path]
+    for key, path in control_files(sf).items():  # control images: the same, and local ControlNets absolute
+        node = data["controlnet"][key[1]] if key[0] == "controlnet" else data["layers"][key[1]]["controlnet"][key[3]]
+        node["image"], node["model"] = str(path), _absolute(sf.source(node["model"]))
+        if path in files:
+            node["sha256"] = files[path]
     for key, path in lora_files(sf).items():  # LoRAs: the path absolute, and the file's hash
         node = data["loras"][key[1]] if key[0] == "loras" else data["layers"][key[1]]["loras"][key[3]]
         node["path"] = str(path)
@@ -121,7 +126,7 @@ def make_record(sf: SceneFile, *, seed: int, width: int, height: int, steps: int
     `scene_masks` read them); files missing there are hashed now."""
     read = files or {}
     files = {path: read[path] if path in read else sha256(path)
-             for path in scene_files(sf).values() if path in read or is_file(path)}
+             for path in (*scene_files(sf).values(), *control_files(sf).values()) if path in read or is_file(path)}
     files.update({path: sha256(path, MAX_MODEL_BYTES) for path in lora_files(sf).values() if is_file(path)})
     scene = resolved_scene(sf, seed=seed, width=width, height=height, steps=steps, model=model,
                            lcm_lora=lcm_lora, vae=vae, files=files)

@@ -233,7 +233,9 @@ def _offline() -> bool:
 # The files smd needs of each kind of repository, so that a download fetches no other checkpoint.
 NEEDED_FILES = {"model": ('"*.json"', '"*.txt"', '"*/diffusion_pytorch_model.safetensors"',
                           '"text_encoder/model.safetensors"', '"text_encoder_2/model.safetensors"'),
-                "LCM LoRA": ('"*.safetensors"',), "VAE": ("config.json", "diffusion_pytorch_model.safetensors")}
+                "LCM LoRA": ('"*.safetensors"',), "LoRA": ('"*.safetensors"',),
+                "VAE": ("config.json", "diffusion_pytorch_model.safetensors"),
+                "ControlNet": ("config.json", "diffusion_pytorch_model.safetensors")}
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -245,7 +247,8 @@ def download_command(name: str, what: str = "model") -> str:
 def _not_cached_message(name: str, what: str = "model") -> str:
     return (f"{what} '{name}' is not a local folder or file and is not in the Hugging Face cache, "
             "and the hub cannot be reached; download it once on a machine with network access "
-            f"(`{download_command(name, what)}`), or pass a local diffusers folder or .safetensors file")
+            f"(`{download_command(name, what)}`), or pass a local "
+            + ("diffusers folder or .safetensors file" if what == "model" else "one") + "")
 
 
 def in_cache(name: str, filename: str) -> bool:
@@ -282,9 +285,11 @@ def check_source(model: str | None) -> None:
 
 
 # The file that shows a hub repository of each kind is in the cache, and how a missing local one is said.
-KEY_FILES = {"model": "model_index.json", "LCM LoRA": LORA_FILE, "LoRA": LORA_FILE, "VAE": "config.json"}
+KEY_FILES = {"model": "model_index.json", "LCM LoRA": LORA_FILE, "LoRA": LORA_FILE, "VAE": "config.json",
+             "ControlNet": "config.json"}
 NOT_FOUND = {"model": "model folder or file not found", "LCM LoRA": "LCM LoRA file or folder not found",
-             "LoRA": "LoRA file or folder not found", "VAE": "VAE folder not found"}
+             "LoRA": "LoRA file or folder not found", "VAE": "VAE folder not found",
+             "ControlNet": "ControlNet folder not found"}
 
 
 def check_available(name: str | None, what: str = "model") -> str | None:

@@ -29,6 +29,7 @@ from smd_cli.family import (FLOW_FAMILIES, Conditioning, Placement, PromptTrunca
 from smd_cli.memory import auto_max_batch, available_memory
 from smd_cli.models import Components, load_components, resolve_device, resolve_dtype, warn_if_slow
 from smd_cli.defaults import prefixed
+from smd_cli.controls import ControlSet, ControlSpec, as_specs
 from smd_cli.loras import Lora, LoraSet, as_loras
 from smd_cli.prepare import Layers, Request, prepare_layers, prepare_text, row_loras
 from smd_cli.sampler import RegionCrop, Schedule, StepCallback, randn, sample
@@ -175,6 +176,25 @@ class StableMultiDiffusionPipeline:
         """Load LoRAs into the model as adapters, each once, without making them act; `where`
         names them in errors (a scene key)."""
         self.family.loras.load(loras, where)
+
+    def load_controlnet(self, source: str) -> None:
+        """Load a ControlNet (a folder or hub id) once; one for another model family is refused."""
+        if self.family.name in FLOW_FAMILIES:
+            raise SmdError(f"ControlNets run on SD 1.x and SDXL here, not on {defaults.FAMILY_NAMES[self.family.name]}")
+        self.family.controlnets.load(source)
+
+    def row_controls(self, canvas: Sequence[ControlSpec], layers: Layers, width: int, height: int,
+                     timesteps: Sequence[float]) -> list[ControlSet]:
+        """The ControlNets acting on each layer's rows (`smd_cli.controls`): the canvas's, then the
+        layer's own, their images brought to the canvas and their nets loaded once."""
+        own = layers.controlnets or [[] for _ in layers.prompts]
+        if not canvas and not any(own):
+            return [() for _ in layers.prompts]
+        if self.family.name in FLOW_FAMILIES:
+            raise SmdError(f"ControlNets run on SD 1.x and SDXL here, not on {defaults.FAMILY_NAMES[self.family.name]}")
+        nets = self.family.controlnets
+        shared = tuple(nets.add(spec, width, height, timesteps) for spec in canvas)
+        return [shared + tuple(nets.add(spec, width, height, timesteps) for spec in mine) for mine in own]
 
     def _text_loras(self, loras: LoraSet) -> None:
         """Encode prompts with these LoRAs on the text encoders; remembered encodings made under
@@ -358,6 +378,8 @@ class StableMultiDiffusionPipeline:
                                     self.family.empty_negative())
         sets = row_loras(layers, tuple(request.loras))  # and each layer's on its own rows (smd_cli.loras)
         cond, uncond = cond.with_loras(sets), uncond and uncond.with_loras(sets)
+        controls = self.row_controls(request.controlnets, layers, width, height, schedule.timesteps)
+        cond, uncond = cond.with_controls(controls), uncond and uncond.with_controls(controls)
         self._check_negatives(request, uncond is not None)
 
         # 4. Prepare latents: initial noise, and the flat images for bootstrapping (SPEC 2.3).
@@ -438,6 +460,8 @@ class StableMultiDiffusionPipeline:
         callback: StepCallback | None = None,
         loras: Any = None,
         layer_loras: Sequence[Any] | None = None,
+        controlnets: Any = None,
+        layer_controlnets: Sequence[Any] | None = None,
     ):
         """Generate one image from prompts painted through masks; returns a PIL image by default.
 
@@ -453,6 +477,8 @@ class StableMultiDiffusionPipeline:
         `loras` act on the whole canvas (a path or hub id, `(source, scale)`, or a list of these),
         `layer_loras` (one entry per prompt, each like `loras`) on one layer's rows only. Prompts may
         carry weights in AUTOMATIC1111's syntax, `(word:1.3)`, and run past 77 tokens.
+        `controlnets` (a `ControlSpec` or mapping with `model`, `image`, `scale`, `start`, `end`, or
+        a list) act on the whole canvas, `layer_controlnets` (one entry per prompt) on one layer.
         `output_type` is pil, np ([H, W, 3] in [0, 1]), pt ([3, H, W]) or latent (the clean latent).
         """
         if prompts is None:
@@ -475,6 +501,10 @@ class StableMultiDiffusionPipeline:
             if len(layer_loras) != count:
                 raise SmdError(f"layer_loras has {len(layer_loras)} entries for {count} prompts")
             layers.loras = [as_loras(own) for own in layer_loras]
+        if layer_controlnets is not None:
+            if len(layer_controlnets) != count:
+                raise SmdError(f"layer_controlnets has {len(layer_controlnets)} entries for {count} prompts")
+            layers.controlnets = [as_specs(own) for own in layer_controlnets]
         request = Request(
             layers, width, height, background_prompt, prefixed(negative_prompt_prefix, background_negative_prompt),
             None if background is None else mask_ops.fit_picture(background, width, height),
@@ -483,7 +513,7 @@ class StableMultiDiffusionPipeline:
             bootstrap_steps=bootstrap_steps, bootstrap_mix_steps=bootstrap_mix_steps,
             leak_sensitivity=bootstrap_leak_sensitivity, bootstrap_centre=bootstrap_centre, tile_size=tile_size,
             tile_stride=tile_stride, tile_weighting=tile_weighting, circular=circular, region_crop=region_crop,
-            loras=as_loras(loras))
+            loras=as_loras(loras), controlnets=as_specs(controlnets))
         return self.run(request, latents=latents, generator=generator, noises=noises, max_batch=max_batch,
                         skip_empty=skip_empty, callback=callback, output_type=output_type)
 

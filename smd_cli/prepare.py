@@ -12,7 +12,7 @@ the `encode` function passed in.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -22,6 +22,7 @@ from PIL import Image
 from smd_cli import defaults
 from smd_cli import masks as mask_ops
 from smd_cli.errors import SmdError
+from smd_cli.controls import ControlSpec
 from smd_cli.family import Conditioning
 from smd_cli.loras import LoraSet
 from smd_cli.sampler import Schedule
@@ -40,6 +41,7 @@ class Layers:
     blurred: np.ndarray | None = None  # [P, H, W], for the final pixel blend
     step_masks: torch.Tensor | None = None  # [K, P, 1, h, w] m_{p,k}
     loras: list[LoraSet] | None = None  # each layer's own LoRAs (None: no layer has any)
+    controlnets: list[list[ControlSpec]] | None = None  # each layer's own ControlNets
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Request:
     circular: bool = False
     region_crop: bool = False
     loras: LoraSet = ()  # the whole canvas's LoRAs, text encoders included
+    controlnets: list[ControlSpec] = field(default_factory=list)  # ControlNets over the whole canvas
 
     def check(self, factor: int) -> None:
         """Raise `SmdError` for settings no scene could have (the Python API takes anything)."""
@@ -98,7 +101,8 @@ def prepare_layers(layers: Layers, schedule: Schedule, *, factor: int, device: t
                             [background_negative_prompt] + layers.negatives,
                             np.concatenate([uncovered[None], layers.masks]), [1.0] + layers.strengths,
                             [0.0] + layers.stds, [1.0] + layers.prompt_strengths,
-                            loras=None if layers.loras is None else [()] + list(layers.loras))
+                            loras=None if layers.loras is None else [()] + list(layers.loras),
+                            controlnets=None if layers.controlnets is None else [[]] + list(layers.controlnets))
     layers.blurred, strengthened = mask_ops.prepare(layers.masks, cover_alpha=cover_alpha, stds=layers.stds,
                                                     strengths=layers.strengths, cache=blur_cache)
     per_step = mask_ops.step_masks(strengthened, factor, schedule.mask_sigmas, mask_type)

@@ -19,13 +19,14 @@ import numpy as np
 from smd_cli import defaults
 from smd_cli.defaults import prefixed
 from smd_cli.canvas import FileChangedWarning, SceneMasks, checked_canvas, scene_masks
-from smd_cli.errors import ModelError
+from smd_cli.errors import ModelError, SmdError
+from smd_cli.controls import ControlSpec
 from smd_cli.loras import Lora, LoraSet
 from smd_cli.masks import check_divisible, fit_picture
 from smd_cli.metadata import Record, make_record
 from smd_cli.models import dtype_name
 from smd_cli.prepare import Layers, Request
-from smd_cli.scene import SceneFile, random_seed, scene_loras, step_count
+from smd_cli.scene import SceneFile, random_seed, scene_controlnets, scene_loras, step_count
 
 if TYPE_CHECKING:
     from smd_cli.pipeline import StableMultiDiffusionPipeline
@@ -65,7 +66,9 @@ def scene_request(sf: SceneFile, masks: SceneMasks) -> Request:
                     [prefixed(prefix, layer.negative_prompt) for layer in s.layers], masks.masks,
                     [layer.mask_strength for layer in s.layers], [layer.mask_std for layer in s.layers],
                     [layer.prompt_strength for layer in s.layers],
-                    loras=[scene_lora_set(sf, layer.loras) for layer in s.layers])
+                    loras=[scene_lora_set(sf, layer.loras) for layer in s.layers],
+                    controlnets=[control_specs(sf, masks, layer.controlnet, ("layers", i, "controlnet"))
+                                 for i, layer in enumerate(s.layers)])
     picture = None if masks.picture is None else fit_picture(masks.picture, masks.width, masks.height)
     return Request(layers, masks.width, masks.height, s.background.prompt,
                    prefixed(prefix, s.background.negative_prompt), picture, steps=s.steps, timesteps=s.timesteps,
@@ -75,7 +78,14 @@ def scene_request(sf: SceneFile, masks: SceneMasks) -> Request:
                    bootstrap_mix_steps=s.bootstrap.mix_steps, leak_sensitivity=s.bootstrap.leak_sensitivity,
                    bootstrap_centre=s.bootstrap.centre, tile_size=s.tile_size, tile_stride=s.tile_stride,
                    tile_weighting=s.tile_weighting, circular=s.circular, region_crop=s.region_crop,
-                   loras=scene_lora_set(sf, s.loras))
+                   loras=scene_lora_set(sf, s.loras),
+                   controlnets=control_specs(sf, masks, s.controlnet, ("controlnet",)))
+
+
+def control_specs(sf: SceneFile, masks: SceneMasks, specs, key: tuple) -> list[ControlSpec]:
+    """A scene key's ControlNets with the images read with the masks; models relative to the scene."""
+    return [ControlSpec(sf.source(spec.model), masks.controls[key + (i,)], spec.scale, spec.start, spec.end)
+            for i, spec in enumerate(specs)]
 
 
 def scene_lora_set(sf: SceneFile, specs) -> LoraSet:
@@ -83,9 +93,9 @@ def scene_lora_set(sf: SceneFile, specs) -> LoraSet:
     return tuple(Lora(sf.source(spec.path), spec.scale) for spec in specs)
 
 
-def load_scene_loras(pipe: StableMultiDiffusionPipeline, sf: SceneFile) -> None:
-    """Load every LoRA the scene names; one that cannot load is an error at its key and line, and
-    one whose file changed since its sha256 was recorded is a warning."""
+def load_scene_models(pipe: StableMultiDiffusionPipeline, sf: SceneFile) -> None:
+    """Load every LoRA and ControlNet the scene names; one that cannot load is an error at its key
+    and line, and a LoRA whose file changed since its sha256 was recorded is a warning."""
     from smd_cli.files import MAX_MODEL_BYTES, is_file, sha256
 
     for key, spec in scene_loras(sf):
@@ -98,6 +108,11 @@ def load_scene_loras(pipe: StableMultiDiffusionPipeline, sf: SceneFile) -> None:
             pipe.load_loras([Lora(sf.source(spec.path), spec.scale)])
         except ModelError as exc:
             raise sf.error(key, str(exc)) from None
+    for key, spec in scene_controlnets(sf):
+        try:
+            pipe.load_controlnet(sf.source(spec.model))
+        except SmdError as exc:
+            raise sf.error(key + ("model",), str(exc)) from None
 
 
 def needs_picture(sf: SceneFile) -> None:
@@ -127,7 +142,7 @@ def generate(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, masks: SceneM
     if masks is None or (masks.width, masks.height) != (width, height):
         masks = scene_masks(sf, width, height)
     seed = sf.scene.seed if sf.scene.seed is not None else random_seed()
-    load_scene_loras(pipe, sf)
+    load_scene_models(pipe, sf)
     request = scene_request(sf, masks)
     prepared = time.perf_counter()
     image = pipe.run(request, generator=torch.Generator("cpu").manual_seed(seed), max_batch=max_batch,
@@ -157,6 +172,7 @@ def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type:
     s = sf.scene
     if masks is None:
         width, height = checked_canvas(sf, pipe.vae_scale_factor)
+        masks = scene_masks(sf, width, height)
     else:
         width, height = masks.width, masks.height
         check_divisible(width, height, pipe.vae_scale_factor)
@@ -176,7 +192,7 @@ def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type:
         bootstrap_centre=s.bootstrap.centre, cover_alpha=s.cover_alpha,
         seed=s.seed if s.seed is not None else defaults.STREAM_SEED, num_inference_steps=s.steps if lcm else None,
         timesteps=s.timesteps, tile_size=s.tile_size, overlap_decode=overlap_decode, compile=compile,
-        loras=scene_lora_set(sf, s.loras))
+        loras=scene_lora_set(sf, s.loras), controlnets=control_specs(sf, masks, s.controlnet, ("controlnet",)))
     apply_scene(stream, sf, masks)
     stream.flush()
     stream.autoflush = True
@@ -189,7 +205,7 @@ STREAM_IGNORED = {"scheduler": lambda v: v != "lcm", "tile_stride": lambda v: v 
                   "timestep_spacing": lambda v: v is not None, "true_cfg_scale": lambda v: v is not None}
 # Scene keys a stream takes when it starts (and those it ignores): edits to them need a restart,
 # which `restart_needed` names. Prompts, masks and the background change while it runs.
-STREAM_FIXED = ("model", "lcm_lora", "vae", "loras", "width", "height", "seed", "steps", "timesteps", "guidance_scale",
+STREAM_FIXED = ("model", "lcm_lora", "vae", "loras", "controlnet", "width", "height", "seed", "steps", "timesteps", "guidance_scale",
                 "mask_type", "cover_alpha", "tile_size", *STREAM_IGNORED, "bootstrap")
 
 
@@ -206,7 +222,7 @@ def apply_scene(stream: StreamMultiDiffusion, sf: SceneFile, masks: SceneMasks |
     """
     if masks is None:
         masks = scene_masks(sf, stream.width, stream.height)
-    load_scene_loras(stream.pipe, sf)
+    load_scene_models(stream.pipe, sf)
     request = scene_request(sf, masks)
     layers = request.layers
     changes: list[str] = []
@@ -228,7 +244,8 @@ def apply_scene(stream: StreamMultiDiffusion, sf: SceneFile, masks: SceneMasks |
         for i, name in enumerate(masks.names):
             fields = dict(prompt=layers.prompts[i], negative_prompt=layers.negatives[i],
                           mask_strength=layers.strengths[i], mask_std=layers.stds[i],
-                          prompt_strength=layers.prompt_strengths[i], loras=layers.loras[i])
+                          prompt_strength=layers.prompt_strengths[i], loras=layers.loras[i],
+                          controlnets=tuple(layers.controlnets[i]))
             if i >= len(stream.layers):
                 stream.update_single_layer(i, mask=layers.masks[i], **fields)
                 changes.append(f"added {name}")

@@ -26,6 +26,7 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from smd_cli import defaults, prompts
@@ -175,6 +176,24 @@ def _lora_from_path(value: Any) -> Any:
 LoraEntry = Annotated[LoraSpec, BeforeValidator(_lora_from_path)]
 
 
+class ControlNetSpec(_Model):
+    """A ControlNet: its model (hub id or folder), a control image, its scale and the fraction of
+    the steps it acts in."""
+
+    model: str
+    image: str
+    scale: Annotated[float, Field(strict=True, ge=0.0, le=defaults.MAX_CONTROL_SCALE)] = 1.0
+    start: Unit = 0.0
+    end: Unit = 1.0
+    sha256: Sha256 | None = None  # the image's
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.start >= self.end:
+            raise ValueError(f"start {self.start} must be before end {self.end} (fractions of the steps)")
+        return self
+
+
 class Bootstrap(_Model):
     """Bootstrapping (SPEC 3.2, 3.5): the first steps see each layer alone on a flat background."""
 
@@ -207,6 +226,7 @@ class Layer(_Model):
     mask_std: Annotated[float, Field(strict=True, ge=0.0, le=256.0)] = defaults.MASK_STD
     prompt_strength: Unit = defaults.PROMPT_STRENGTH
     loras: list[LoraEntry] = []  # act on this layer's rows only
+    controlnet: list[ControlNetSpec] = []  # act on this layer's rows only
 
 
 class Scene(_Model):
@@ -216,6 +236,7 @@ class Scene(_Model):
     lcm_lora: str | None = None
     vae: str | None = None
     loras: list[LoraEntry] = []  # act on the whole canvas, text encoders included
+    controlnet: list[ControlNetSpec] = []  # act on the whole canvas
     width: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] | None = None
     height: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] | None = None
     seed: Annotated[StrictInt, Field(ge=0, lt=defaults.SEED_LIMIT)] | None = None
@@ -666,6 +687,20 @@ def lora_files(sf: SceneFile) -> dict[KeyPath, Path]:
     from smd_cli.files import exists
 
     return {key: sf.resolve(lora.path).absolute() for key, lora in scene_loras(sf) if exists(sf.resolve(lora.path))}
+
+
+def scene_controlnets(sf: SceneFile) -> list[tuple[KeyPath, ControlNetSpec]]:
+    """Every ControlNet a scene names, the canvas's first, by its key (`controlnet[0]`,
+    `layers[1].controlnet[0]`)."""
+    out: list[tuple[KeyPath, ControlNetSpec]] = [(("controlnet", i), c) for i, c in enumerate(sf.scene.controlnet)]
+    for n, layer in enumerate(sf.scene.layers):
+        out += [(("layers", n, "controlnet", i), c) for i, c in enumerate(layer.controlnet)]
+    return out
+
+
+def control_files(sf: SceneFile) -> dict[KeyPath, Path]:
+    """The control images of the scene's ControlNets, by key, as absolute paths."""
+    return {key: sf.resolve(spec.image).absolute() for key, spec in scene_controlnets(sf)}
 
 
 def scene_loras(sf: SceneFile) -> list[tuple[KeyPath, LoraSpec]]:

@@ -22,6 +22,7 @@ from smd_cli.errors import SmdError
 from smd_cli.family import FLOW_FAMILIES
 from smd_cli.family import Conditioning, Placement
 from smd_cli.pipeline import StableMultiDiffusionPipeline
+from smd_cli.controls import ControlSpec, as_specs
 from smd_cli.loras import LoraSet, as_loras
 from smd_cli.prepare import Layers, prepare_layers, prepare_text, row_loras
 from smd_cli.sampler import active_pairs, randn, renoise, step_inputs, step_output
@@ -39,6 +40,7 @@ class StreamLayer:
     mask_std: float = defaults.MASK_STD
     prompt_strength: float = defaults.PROMPT_STRENGTH
     loras: LoraSet = ()  # act on this layer's rows only
+    controlnets: tuple[ControlSpec, ...] = ()  # act on this layer's rows only
 
 
 class StreamMultiDiffusion:
@@ -62,12 +64,12 @@ class StreamMultiDiffusion:
                  tile_size: int = defaults.TILE_SIZE,
                  dtype: Any = None, lcm_lora: str | None = None, vae: str | None = None,
                  pipeline: StableMultiDiffusionPipeline | None = None, overlap_decode: bool = False,
-                 compile: bool = False, loras: Any = None):
+                 compile: bool = False, loras: Any = None, controlnets: Any = None):
         """Load a model as `StableMultiDiffusionPipeline` does (the tiny autoencoder by default), or
         stream from a loaded `pipeline`, which then decides the model, device, dtype and autoencoder.
         The stream's stages are the LCM schedule's `num_inference_steps` steps, or `timesteps`.
-        `loras` act on the whole canvas (as the pipeline's `loras`); a layer's own are given with
-        `update_single_layer(..., loras=...)`."""
+        `loras` and `controlnets` act on the whole canvas (as the pipeline takes them); a layer's own
+        are given with `update_single_layer(..., loras=..., controlnets=...)`."""
         if cfg_type not in defaults.STREAM_CFG_TYPES:
             raise SmdError(f"cfg_type must be one of {', '.join(defaults.STREAM_CFG_TYPES)}, got {cfg_type!r}")
         loading = dict(device=device, hf_key=hf_key, sd_version=sd_version, dtype=dtype, lcm_lora=lcm_lora, vae=vae,
@@ -84,6 +86,7 @@ class StreamMultiDiffusion:
         pipe = self.pipe
         self.loras = as_loras(loras)
         pipe.load_loras(self.loras)
+        self.controlnets = as_specs(controlnets)
         f = pipe.vae_scale_factor
         mask_ops.check_divisible(width, height, f)
         self.height, self.width = height, width
@@ -156,9 +159,11 @@ class StreamMultiDiffusion:
 
     def update_single_layer(self, idx: int, prompt: str | None = None, negative_prompt: str | None = None,
                             mask: Any = None, mask_strength: float | None = None, mask_std: float | None = None,
-                            prompt_strength: float | None = None, loras: Any = None) -> None:
+                            prompt_strength: float | None = None, loras: Any = None,
+                            controlnets: Any = None) -> None:
         """Edit layer `idx`'s fields that are given; `idx` equal to the layer count appends a layer.
-        `loras` (as the pipeline takes them; an empty list for none) act on this layer only."""
+        `loras` and `controlnets` (as the pipeline takes them; an empty list for none) act on this
+        layer only."""
         if not 0 <= idx <= len(self.layers):
             raise SmdError(f"layer index {idx} out of range: there are {len(self.layers)} layers")
         if idx == len(self.layers):
@@ -173,6 +178,8 @@ class StreamMultiDiffusion:
         if loras is not None:
             changes["loras"] = as_loras(loras)
             self.pipe.load_loras(changes["loras"])
+        if controlnets is not None:
+            changes["controlnets"] = tuple(as_specs(controlnets))
         self.layers[idx] = replace(layer, **changes)
         self._changed()
 
@@ -200,7 +207,8 @@ class StreamMultiDiffusion:
         layers = Layers([l.prompt for l in self.layers], [l.negative_prompt for l in self.layers],
                         np.stack([full if l.mask is None else l.mask for l in self.layers]),
                         [l.mask_strength for l in self.layers], [l.mask_std for l in self.layers],
-                        [l.prompt_strength for l in self.layers], loras=[l.loras for l in self.layers])
+                        [l.prompt_strength for l in self.layers], loras=[l.loras for l in self.layers],
+                        controlnets=[list(l.controlnets) for l in self.layers])
         self._prepared = prepare_layers(
             layers, self.schedule, factor=self.pipe.vae_scale_factor, device=self.pipe.device,
             cover_alpha=self.cover_alpha, mask_type=self.mask_type, picture=self.background_latent is not None,
@@ -211,7 +219,10 @@ class StreamMultiDiffusion:
                                     self.background_negative_prompt, self.pipe.runs_unconditional(self.guidance_scale),
                                     self.pipe.family.empty_negative())
         sets = row_loras(self._prepared, self.loras)
-        self._cond, self._uncond = cond.with_loras(sets), uncond and uncond.with_loras(sets)
+        controls = self.pipe.row_controls(self.controlnets, self._prepared, self.width, self.height,
+                                          self.schedule.timesteps)
+        cond, uncond = cond.with_loras(sets), uncond and uncond.with_loras(sets)
+        self._cond, self._uncond = cond.with_controls(controls), uncond and uncond.with_controls(controls)
         self._active = active_pairs(self._prepared.step_masks, self.views)
         if self.stock is None or self.stock.shape[1] != len(self._prepared.prompts):
             self.stock = None  # layers were added or removed: restart the residual noise

@@ -301,3 +301,26 @@ def write_tiny_lora(model: Path, folder: Path, *, seed: int = 0, name: str = "py
     folder.mkdir(parents=True, exist_ok=True)
     cls.save_lora_weights(str(folder), weight_name=name, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
     return folder / name
+
+
+def write_tiny_controlnet(model: Path, folder: Path, *, seed: int = 0) -> Path:
+    """A ControlNet made from a tiny SD or SDXL model's UNet (as `ControlNetModel.from_unet` makes
+    one), its zero convolutions given random weights so that it changes what it controls, and its
+    image embedding downscaling as the model's VAE does; saved as a diffusers folder."""
+    import math
+
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(Path(model) / "unet"))
+    vae = json.loads((Path(model) / "vae" / "config.json").read_text())
+    steps = len(vae["block_out_channels"]) - 1  # the VAE's factor is 2 ** steps
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(4 * 2 ** i for i in range(steps + 1)))
+    torch.manual_seed(seed)
+    zero = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zero:
+            conv.weight.normal_(0, 0.5 / math.sqrt(conv.weight[0].numel()))
+            conv.bias.normal_(0, 0.01)
+    net.save_pretrained(str(folder))
+    return folder
