@@ -31,7 +31,7 @@ from smd_cli.models import Components, load_components, resolve_device, resolve_
 from smd_cli.defaults import prefixed
 from smd_cli.controls import ControlSet, ControlSpec, as_specs
 from smd_cli.loras import Lora, LoraSet, as_loras
-from smd_cli.prepare import Layers, Request, prepare_layers, prepare_text, row_loras
+from smd_cli.prepare import Layers, Request, auto_negatives, prepare_layers, prepare_text, row_loras
 from smd_cli.sampler import RegionCrop, Schedule, StepCallback, randn, sample
 from smd_cli.views import layout, view_sizes
 
@@ -360,6 +360,7 @@ class StableMultiDiffusionPipeline:
                                  (min(window, height // f), min(window, width // f)))
 
         # 2. Prepare masks (SPEC 2.2): the uncovered area becomes a background layer at the bottom.
+        own = len(request.layers.prompts)
         layers = prepare_layers(
             request.layers, schedule, factor=f, device=self.device, cover_alpha=request.cover_alpha,
             mask_type=request.mask_type, picture=request.picture is not None,
@@ -370,7 +371,9 @@ class StableMultiDiffusionPipeline:
         if true_cfg is not None and not self.family.guidance_distilled:
             raise SmdError("true_cfg_scale is for guidance-distilled models (FLUX.1 dev); on this model "
                            "guidance_scale above 1 runs the unconditional pass")
-        self.load_loras([*request.loras, *(x for own in layers.loras or [] for x in own)])
+        if request.negative_auto:
+            layers.negatives = auto_negatives(layers, own)
+        self.load_loras([*request.loras, *(x for mine in layers.loras or [] for x in mine)])
         self._text_loras(tuple(request.loras))  # the canvas's LoRAs act on the text encoders too
         cond, uncond = prepare_text(self.encode_prompts, layers, request.background_prompt,
                                     request.background_negative_prompt,
@@ -462,6 +465,7 @@ class StableMultiDiffusionPipeline:
         layer_loras: Sequence[Any] | None = None,
         controlnets: Any = None,
         layer_controlnets: Sequence[Any] | None = None,
+        negative_auto: bool = False,
     ):
         """Generate one image from prompts painted through masks; returns a PIL image by default.
 
@@ -479,6 +483,8 @@ class StableMultiDiffusionPipeline:
         carry weights in AUTOMATIC1111's syntax, `(word:1.3)`, and run past 77 tokens.
         `controlnets` (a `ControlSpec` or mapping with `model`, `image`, `scale`, `start`, `end`, or
         a list) act on the whole canvas, `layer_controlnets` (one entry per prompt) on one layer.
+        `negative_auto` adds the other layers' prompts to each layer's negative prompt (with
+        guidance above 1, which runs the unconditional pass they act through).
         `output_type` is pil, np ([H, W, 3] in [0, 1]), pt ([3, H, W]) or latent (the clean latent).
         """
         if prompts is None:
@@ -513,7 +519,7 @@ class StableMultiDiffusionPipeline:
             bootstrap_steps=bootstrap_steps, bootstrap_mix_steps=bootstrap_mix_steps,
             leak_sensitivity=bootstrap_leak_sensitivity, bootstrap_centre=bootstrap_centre, tile_size=tile_size,
             tile_stride=tile_stride, tile_weighting=tile_weighting, circular=circular, region_crop=region_crop,
-            loras=as_loras(loras), controlnets=as_specs(controlnets))
+            loras=as_loras(loras), controlnets=as_specs(controlnets), negative_auto=negative_auto)
         return self.run(request, latents=latents, generator=generator, noises=noises, max_batch=max_batch,
                         skip_empty=skip_empty, callback=callback, output_type=output_type)
 

@@ -72,6 +72,7 @@ class Request:
     circular: bool = False
     region_crop: bool = False
     loras: LoraSet = ()  # the whole canvas's LoRAs, text encoders included
+    negative_auto: bool = False  # each layer's prompt a negative prompt of the other layers' rows
     controlnets: list[ControlSpec] = field(default_factory=list)  # ControlNets over the whole canvas
 
     def check(self, factor: int) -> None:
@@ -145,3 +146,15 @@ def row_loras(layers: Layers, canvas: LoraSet) -> list[LoraSet]:
     """The LoRAs each layer's rows run with: the canvas's, then the layer's own."""
     own = layers.loras or [()] * len(layers.prompts)
     return [tuple(canvas) + tuple(mine) for mine in own]
+
+
+def auto_negatives(layers: Layers, own: int) -> list[str]:
+    """`negative_auto`: each row's negative prompt followed by the prompts of the other layers, so
+    that one layer's subject is steered out of the others' regions. `own` counts the scene's own
+    layers, the last of `layers` (a background layer before them takes all their prompts)."""
+    first = len(layers.prompts) - own
+    out = []
+    for i, negative in enumerate(layers.negatives):
+        others = [p for j, p in enumerate(layers.prompts[first:], first) if j != i and p and p != layers.prompts[i]]
+        out.append(", ".join([negative, *others] if negative else others))
+    return out

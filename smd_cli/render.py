@@ -79,7 +79,7 @@ def scene_request(sf: SceneFile, masks: SceneMasks) -> Request:
                    bootstrap_centre=s.bootstrap.centre, tile_size=s.tile_size, tile_stride=s.tile_stride,
                    tile_weighting=s.tile_weighting, circular=s.circular, region_crop=s.region_crop,
                    loras=scene_lora_set(sf, s.loras),
-                   controlnets=control_specs(sf, masks, s.controlnet, ("controlnet",)))
+                   controlnets=control_specs(sf, masks, s.controlnet, ("controlnet",)), negative_auto=s.negative_auto)
 
 
 def control_specs(sf: SceneFile, masks: SceneMasks, specs, key: tuple) -> list[ControlSpec]:
@@ -192,7 +192,8 @@ def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type:
         bootstrap_centre=s.bootstrap.centre, cover_alpha=s.cover_alpha,
         seed=s.seed if s.seed is not None else defaults.STREAM_SEED, num_inference_steps=s.steps if lcm else None,
         timesteps=s.timesteps, tile_size=s.tile_size, overlap_decode=overlap_decode, compile=compile,
-        loras=scene_lora_set(sf, s.loras), controlnets=control_specs(sf, masks, s.controlnet, ("controlnet",)))
+        loras=scene_lora_set(sf, s.loras), controlnets=control_specs(sf, masks, s.controlnet, ("controlnet",)),
+        negative_auto=s.negative_auto)
     apply_scene(stream, sf, masks)
     stream.flush()
     stream.autoflush = True
@@ -205,7 +206,7 @@ STREAM_IGNORED = {"scheduler": lambda v: v != "lcm", "tile_stride": lambda v: v 
                   "timestep_spacing": lambda v: v is not None, "true_cfg_scale": lambda v: v is not None}
 # Scene keys a stream takes when it starts (and those it ignores): edits to them need a restart,
 # which `restart_needed` names. Prompts, masks and the background change while it runs.
-STREAM_FIXED = ("model", "lcm_lora", "vae", "loras", "controlnet", "width", "height", "seed", "steps", "timesteps", "guidance_scale",
+STREAM_FIXED = ("model", "lcm_lora", "vae", "loras", "controlnet", "negative_auto", "width", "height", "seed", "steps", "timesteps", "guidance_scale",
                 "mask_type", "cover_alpha", "tile_size", *STREAM_IGNORED, "bootstrap")
 
 

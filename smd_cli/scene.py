@@ -256,6 +256,7 @@ class Scene(_Model):
     region_crop: StrictBool = False
     bootstrap: Bootstrap = Field(default_factory=Bootstrap)
     negative_prefix: str | None = None
+    negative_auto: StrictBool = False  # each layer's prompt a negative prompt of the other layers' rows
     background: Background = Field(default_factory=Background)
     layers: Annotated[list[Layer], Field(min_length=1)]
     output: str | None = None

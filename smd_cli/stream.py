@@ -24,7 +24,7 @@ from smd_cli.family import Conditioning, Placement
 from smd_cli.pipeline import StableMultiDiffusionPipeline
 from smd_cli.controls import ControlSpec, as_specs
 from smd_cli.loras import LoraSet, as_loras
-from smd_cli.prepare import Layers, prepare_layers, prepare_text, row_loras
+from smd_cli.prepare import Layers, auto_negatives, prepare_layers, prepare_text, row_loras
 from smd_cli.sampler import active_pairs, randn, renoise, step_inputs, step_output
 from smd_cli.views import layout, view_sizes
 
@@ -64,12 +64,13 @@ class StreamMultiDiffusion:
                  tile_size: int = defaults.TILE_SIZE,
                  dtype: Any = None, lcm_lora: str | None = None, vae: str | None = None,
                  pipeline: StableMultiDiffusionPipeline | None = None, overlap_decode: bool = False,
-                 compile: bool = False, loras: Any = None, controlnets: Any = None):
+                 compile: bool = False, loras: Any = None, controlnets: Any = None, negative_auto: bool = False):
         """Load a model as `StableMultiDiffusionPipeline` does (the tiny autoencoder by default), or
         stream from a loaded `pipeline`, which then decides the model, device, dtype and autoencoder.
         The stream's stages are the LCM schedule's `num_inference_steps` steps, or `timesteps`.
         `loras` and `controlnets` act on the whole canvas (as the pipeline takes them); a layer's own
-        are given with `update_single_layer(..., loras=..., controlnets=...)`."""
+        are given with `update_single_layer(..., loras=..., controlnets=...)`. `negative_auto` as
+        the pipeline's."""
         if cfg_type not in defaults.STREAM_CFG_TYPES:
             raise SmdError(f"cfg_type must be one of {', '.join(defaults.STREAM_CFG_TYPES)}, got {cfg_type!r}")
         loading = dict(device=device, hf_key=hf_key, sd_version=sd_version, dtype=dtype, lcm_lora=lcm_lora, vae=vae,
@@ -87,6 +88,7 @@ class StreamMultiDiffusion:
         self.loras = as_loras(loras)
         pipe.load_loras(self.loras)
         self.controlnets = as_specs(controlnets)
+        self.negative_auto = negative_auto
         f = pipe.vae_scale_factor
         mask_ops.check_divisible(width, height, f)
         self.height, self.width = height, width
@@ -214,6 +216,8 @@ class StreamMultiDiffusion:
             cover_alpha=self.cover_alpha, mask_type=self.mask_type, picture=self.background_latent is not None,
             background_prompt=self.background_prompt, background_negative_prompt=self.background_negative_prompt,
             blur_cache=self._blur_cache)
+        if self.negative_auto:
+            self._prepared.negatives = auto_negatives(self._prepared, len(self.layers))
         self.pipe._text_loras(self.loras)
         cond, uncond = prepare_text(self.pipe.encode_prompts, self._prepared, self.background_prompt,
                                     self.background_negative_prompt, self.pipe.runs_unconditional(self.guidance_scale),

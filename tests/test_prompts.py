@@ -126,3 +126,41 @@ def test_flux_reads_the_text_of_a_weighted_prompt_and_says_the_weights_are_lost(
     with pytest.warns(PromptWeightsIgnoredWarning, match="reads 'a \\(red:1.3\\) fox' without them"):
         weighted = flux.encode_prompts(["a (red:1.3) fox"])
     torch.testing.assert_close(weighted.states, flux.encode_prompts(["a red fox"]).states)
+
+
+def test_negative_auto_makes_each_layers_prompt_a_negative_of_the_others():
+    from smd_cli.prepare import Layers, auto_negatives
+
+    layers = Layers(["sky", "a cat", "a lake"], ["", "blurry", ""], np.ones((3, 4, 4), np.float32), [1.0] * 3,
+                    [0.0] * 3, [1.0] * 3)
+    assert auto_negatives(layers, own=2) == ["a cat, a lake", "blurry, a lake", "a cat"]
+
+
+def test_negative_auto_equals_writing_the_negatives_out(pipe):
+    masks = np.zeros((2, 64, 64), np.float32)
+    masks[0, :, :32] = 1
+    masks[1, :, 32:] = 1
+    common = dict(masks=masks, height=64, width=64, guidance_scale=3.0, output_type="np", bootstrap_steps=1,
+                  latents=torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1)))
+    auto = pipe(["a cat", "a lake"], negative_prompts=["blurry", ""], negative_auto=True,
+                generator=torch.Generator().manual_seed(0), **common)
+    written = pipe(["a cat", "a lake"], negative_prompts=["blurry, a lake", "a cat"],
+                   generator=torch.Generator().manual_seed(0), **common)
+    without = pipe(["a cat", "a lake"], negative_prompts=["blurry", ""], generator=torch.Generator().manual_seed(0),
+                   **common)
+    np.testing.assert_array_equal(auto, written)
+    assert np.abs(auto - without).mean() > 1e-4
+
+
+def test_negative_auto_is_a_scene_key(run_cli, tiny_model, tmp_path):
+    from conftest import write
+
+    from smd_cli.metadata import read_record
+
+    scene = write(tmp_path / "s.yaml", "seed: 1\nwidth: 64\nheight: 64\nguidance_scale: 2\nnegative_auto: true\n"
+                                       "layers:\n  - {prompt: a cat, mask: {rect: [0, 0, 0.5, 1]}}\n"
+                                       "  - {prompt: a lake, mask: {rect: [0.5, 0, 1, 1]}}\n")
+    result = run_cli("generate", scene, "--model", tiny_model, "--device", "cpu", "--out", tmp_path / "x.png")
+    assert result.exit_code == 0 and read_record(tmp_path / "x.png").scene["negative_auto"] is True
+    bad = write(tmp_path / "b.yaml", "negative_auto: 'yes'\nlayers:\n  - {prompt: a}\n")
+    assert run_cli("validate", bad).exit_code == 2
