@@ -457,13 +457,14 @@ def _scene_jobs(sf: SceneFile, options: Options, sources: Sources, masks: SceneM
 
 
 def check_controls(sf: SceneFile) -> tuple[list[str], list[SmdError]]:
-    """Whether each LoRA and ControlNet the scene names can be had (a local path that exists, a hub
+    """Whether each LoRA, ControlNet and embedding the scene names can be had (a local path that exists, a hub
     id cached when offline): notes on what is checked when it loads, and the errors, each at its key."""
     from smd_cli.models import _looks_like_path, check_available, hub_file
     from smd_cli.scene import scene_controlnets, scene_loras
 
     wanted = [(key, spec.path, "LoRA") for key, spec in scene_loras(sf)]
     wanted += [(key + ("model",), spec.model, "ControlNet") for key, spec in scene_controlnets(sf)]
+    wanted += [(("embeddings", i), spec.path, "embedding") for i, spec in enumerate(sf.scene.embeddings)]
     notes, problems = [], []
     for key, name, what in wanted:
         source = sf.source(name)

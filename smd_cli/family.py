@@ -39,7 +39,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from smd_cli import defaults, prompts
-from smd_cli.errors import SmdError
+from smd_cli.errors import ModelError, SmdError
 from smd_cli.controls import ControlNets, ControlSet
 from smd_cli.loras import LoraAdapters, LoraSet
 from smd_cli.models import Components, family_of, guidance_distilled, vae_factor
@@ -179,6 +179,7 @@ class StableDiffusion:
         self.device, self.dtype = device, dtype
         self._weighted_encoders: dict[int, prompts.WeightedEncoder] = {}
         self.loras = LoraAdapters(components)
+        self.embeddings: dict[str, str] = {}  # token -> the file its vectors came from
         self.controlnets = ControlNets(c.unet, device=device, dtype=dtype, factor=vae_factor(c.vae.config))
         # The noise levels of the model's training; LCM's is the scheduler smd starts from.
         self.scheduler = LCMScheduler.from_config(c.scheduler_config)
@@ -213,6 +214,7 @@ class StableDiffusion:
         """CLIP token states, as diffusers' pipelines make them for plain prompts that fit the
         tokenizer; prompts with weights or past its length go through `smd_cli.prompts` (weighted,
         in chunks), the batch then padded with the empty prompt's chunk to its longest row."""
+        texts = self._spelt(texts)
         plain = self._plain(texts)
         if plain is not None:
             return self.encode_plain(plain)
@@ -224,6 +226,48 @@ class StableDiffusion:
         if not getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = None
         return self.text_encoder(ids, attention_mask=mask)[0].to(self.dtype)
+
+    def load_embedding(self, path: str, token: str) -> None:
+        """A textual-inversion embedding file under `token`, through diffusers' loader: its vectors
+        join the tokenizer and the text encoder (SDXL's files hold one set per encoder, `clip_l`
+        and `clip_g`). A prompt that says the token then reads them; an embedding of several
+        vectors is spelt out in the prompt as diffusers' pipelines spell it."""
+        if self.embeddings.get(token) == path:
+            return
+        if token in self.embeddings or token in self.tokenizer.get_vocab():
+            taken = f"the embedding {self.embeddings[token]}" if token in self.embeddings else "a word of the tokenizer"
+            raise ModelError(f"token '{token}' is already {taken}; give this embedding another token")
+        from smd_cli.models import _loading
+
+        loader = self.loras.loader()
+        pairs = [(self.tokenizer, self.text_encoder)]
+        if self.name == "sdxl":
+            pairs.append((self.tokenizer_2, self.text_encoder_2))
+        with _loading(path, "embedding"):
+            try:
+                if len(pairs) == 1:
+                    loader.load_textual_inversion(path, token=token)
+                else:
+                    from safetensors.torch import load_file
+
+                    vectors = load_file(path)
+                    if "clip_l" not in vectors or "clip_g" not in vectors:
+                        raise ModelError(f"embedding {path} is not for SDXL: an SDXL embedding holds clip_l and clip_g")
+                    for (tok, encoder), name in zip(pairs, ("clip_l", "clip_g")):
+                        loader.load_textual_inversion(vectors[name], token=token, tokenizer=tok, text_encoder=encoder)
+            except ValueError as exc:
+                if "incorrect shape" not in str(exc):
+                    raise
+                raise ModelError(f"embedding {path} does not fit this {defaults.FAMILY_NAMES[self.name]} model: its "
+                                 "vectors have another width (an embedding for another model family?)") from None
+        self.embeddings[token] = path
+
+    def _spelt(self, texts: Sequence[str]) -> list[str]:
+        """Prompts with each multi-vector embedding's token spelt out (`<t> <t>_1 ...`)."""
+        if not self.embeddings:
+            return list(texts)
+        loader = self.loras.loader()
+        return [loader.maybe_convert_prompt(text, self.tokenizer) for text in texts]
 
     def _plain(self, texts: Sequence[str]) -> list[str] | None:
         """The prompts' texts when none asks for a weight and each fits every tokenizer; else None."""
@@ -369,6 +413,7 @@ class StableDiffusionXL(StableDiffusion):
         embedding, as diffusers' `StableDiffusionXLPipeline.encode_prompt` makes them; weighted and
         long prompts through `smd_cli.prompts`, as on SD 1.x (the pooled embedding from the first
         chunk, without weights)."""
+        texts = self._spelt(texts)
         plain = self._plain(texts)
         if plain is not None:
             return self.encode_plain(plain)

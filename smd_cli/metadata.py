@@ -101,8 +101,8 @@ def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: 
         node["image"], node["model"] = str(path), _absolute(sf.source(node["model"]))
         if path in files:
             node["sha256"] = files[path]
-    for key, path in lora_files(sf).items():  # LoRAs: the path absolute, and the file's hash
-        node = data["loras"][key[1]] if key[0] == "loras" else data["layers"][key[1]]["loras"][key[3]]
+    for key, path in lora_files(sf).items():  # LoRAs and embeddings: the path absolute, and the file's hash
+        node = data[key[0]][key[1]] if len(key) == 2 else data["layers"][key[1]]["loras"][key[3]]
         node["path"] = str(path)
         if path in files:
             node["sha256"] = files[path]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -176,6 +177,18 @@ class StableMultiDiffusionPipeline:
         """Load LoRAs into the model as adapters, each once, without making them act; `where`
         names them in errors (a scene key)."""
         self.family.loras.load(loras, where)
+
+    def load_embedding(self, path: str | Path, token: str | None = None) -> str:
+        """Load a textual-inversion embedding file (SD 1.x, 2.x and SDXL) under `token` (default:
+        the file's name, as AUTOMATIC1111 names them); prompts that say it use its vectors.
+        Returns the token."""
+        if self.family.name in FLOW_FAMILIES:
+            raise SmdError(f"embeddings are read on SD 1.x and SDXL, not {defaults.FAMILY_NAMES[self.family.name]}")
+        token = token or Path(path).stem
+        if self.family.embeddings.get(token) != str(path):
+            self.family.load_embedding(str(path), token)
+            self._text_cache.clear()  # prompts saying the token now read differently
+        return token
 
     def load_controlnet(self, source: str) -> None:
         """Load a ControlNet (a folder or hub id) once; one for another model family is refused."""

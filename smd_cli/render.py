@@ -94,8 +94,8 @@ def scene_lora_set(sf: SceneFile, specs) -> LoraSet:
 
 
 def load_scene_models(pipe: StableMultiDiffusionPipeline, sf: SceneFile) -> None:
-    """Load every LoRA and ControlNet the scene names; one that cannot load is an error at its key
-    and line, and a LoRA whose file changed since its sha256 was recorded is a warning."""
+    """Load every LoRA, ControlNet and embedding the scene names; one that cannot load is an error
+    at its key and line, and a file that changed since its sha256 was recorded is a warning."""
     from smd_cli.files import MAX_MODEL_BYTES, is_file, sha256
 
     for key, spec in scene_loras(sf):
@@ -113,6 +113,16 @@ def load_scene_models(pipe: StableMultiDiffusionPipeline, sf: SceneFile) -> None
             pipe.load_controlnet(sf.source(spec.model))
         except SmdError as exc:
             raise sf.error(key + ("model",), str(exc)) from None
+    for i, spec in enumerate(sf.scene.embeddings):
+        path = sf.resolve(spec.path)
+        if spec.sha256 and is_file(path) and sha256(path, MAX_MODEL_BYTES) != spec.sha256:
+            warnings.warn(str(sf.error(("embeddings", i), f"{path} has changed since its sha256 was recorded; the "
+                                                          "result will differ from the image it was recorded for")),
+                          FileChangedWarning, stacklevel=2)
+        try:
+            pipe.load_embedding(path, spec.token)
+        except SmdError as exc:
+            raise sf.error(("embeddings", i), str(exc)) from None
 
 
 def needs_picture(sf: SceneFile) -> None:
@@ -206,7 +216,7 @@ STREAM_IGNORED = {"scheduler": lambda v: v != "lcm", "tile_stride": lambda v: v 
                   "timestep_spacing": lambda v: v is not None, "true_cfg_scale": lambda v: v is not None}
 # Scene keys a stream takes when it starts (and those it ignores): edits to them need a restart,
 # which `restart_needed` names. Prompts, masks and the background change while it runs.
-STREAM_FIXED = ("model", "lcm_lora", "vae", "loras", "controlnet", "negative_auto", "width", "height", "seed", "steps", "timesteps", "guidance_scale",
+STREAM_FIXED = ("model", "lcm_lora", "vae", "loras", "controlnet", "embeddings", "negative_auto", "width", "height", "seed", "steps", "timesteps", "guidance_scale",
                 "mask_type", "cover_alpha", "tile_size", *STREAM_IGNORED, "bootstrap")
 
 

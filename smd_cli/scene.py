@@ -194,6 +194,21 @@ class ControlNetSpec(_Model):
         return self
 
 
+class EmbeddingSpec(_Model):
+    """A textual-inversion embedding file and the token prompts say it with (default: its name)."""
+
+    path: str
+    token: Annotated[str, Field(pattern=r"^\S+$")] | None = None
+    sha256: Sha256 | None = None
+
+
+def _embedding_from_path(value: Any) -> Any:
+    return {"path": value} if isinstance(value, str) else value
+
+
+EmbeddingEntry = Annotated[EmbeddingSpec, BeforeValidator(_embedding_from_path)]
+
+
 class Bootstrap(_Model):
     """Bootstrapping (SPEC 3.2, 3.5): the first steps see each layer alone on a flat background."""
 
@@ -237,6 +252,7 @@ class Scene(_Model):
     vae: str | None = None
     loras: list[LoraEntry] = []  # act on the whole canvas, text encoders included
     controlnet: list[ControlNetSpec] = []  # act on the whole canvas
+    embeddings: list[EmbeddingEntry] = []  # textual inversions, said in prompts by their tokens
     width: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] | None = None
     height: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] | None = None
     seed: Annotated[StrictInt, Field(ge=0, lt=defaults.SEED_LIMIT)] | None = None
@@ -683,11 +699,12 @@ def scene_files(sf: SceneFile) -> dict[KeyPath, Path]:
 
 
 def lora_files(sf: SceneFile) -> dict[KeyPath, Path]:
-    """The scene's LoRAs that are files or folders on this machine, by key, as absolute paths (a
-    hub id is none)."""
+    """The scene's LoRAs and embeddings that are files or folders on this machine, by key, as
+    absolute paths (a hub id is none)."""
     from smd_cli.files import exists
 
-    return {key: sf.resolve(lora.path).absolute() for key, lora in scene_loras(sf) if exists(sf.resolve(lora.path))}
+    named = [*scene_loras(sf), *((("embeddings", i), e) for i, e in enumerate(sf.scene.embeddings))]
+    return {key: sf.resolve(spec.path).absolute() for key, spec in named if exists(sf.resolve(spec.path))}
 
 
 def scene_controlnets(sf: SceneFile) -> list[tuple[KeyPath, ControlNetSpec]]:
