@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     shared = ["--model", model, *options]
     panorama.main(shared)
     regional.main(shared)
-    controls.main(shared)
+    controls.main(shared + ["--repeats", "2"])
     stream.main(shared + ["--vae", vae])
     startup.main(shared)
     fast_paths.main(shared + (["--compile"] if args.compile else []))

@@ -141,3 +141,16 @@ def load_mask(path):
     # The README: mask = (T.ToTensor()(Image.open(...).convert('RGBA'))[-1:] > 0.5).float()
     rgba = np.asarray(Image.open(path).convert("RGBA"), dtype=np.float32) / 255.0
     return (torch.from_numpy(rgba[..., 3:]).permute(2, 0, 1) > 0.5).float()
+
+
+def stream_frame(model, size: int, **layer):
+    """A stream's first frame of one layer, "a cat" over the whole canvas, with the model's own VAE
+    and the layer's further fields (`loras=`, `controlnets=`), as floats."""
+    import numpy as np
+
+    from smd_cli import StreamMultiDiffusion
+
+    stream = StreamMultiDiffusion("cpu", hf_key=str(model), height=size, width=size, lcm_lora="none",
+                                  use_tiny_vae=False)
+    stream.update_single_layer(0, prompt="a cat", mask=np.ones((size, size), np.float32), **layer)
+    return np.asarray(stream(), np.float32)

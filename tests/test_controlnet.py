@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err, write
+from conftest import rel_err, stream_frame, write
 from PIL import Image
 from tinymodel import write_tiny_controlnet
 
@@ -172,12 +172,5 @@ def test_a_controlnet_of_another_family_is_an_error_at_its_key(run_cli, tiny_mod
 
 
 def test_a_stream_layer_takes_its_own_controlnet(tiny_model, net):
-    from smd_cli import StreamMultiDiffusion
-
-    def frame(controlnets):
-        stream = StreamMultiDiffusion("cpu", hf_key=str(tiny_model), height=SIZE, width=SIZE, lcm_lora="none",
-                                      use_tiny_vae=False)
-        stream.update_single_layer(0, prompt="a cat", mask=np.ones((SIZE, SIZE), np.float32), controlnets=controlnets)
-        return np.asarray(stream(), np.float32)
-
-    assert np.abs(frame([dict(model=str(net), image=control_image())]) - frame([])).mean() > 0.1
+    with_net = stream_frame(tiny_model, SIZE, controlnets=[dict(model=str(net), image=control_image())])
+    assert np.abs(with_net - stream_frame(tiny_model, SIZE, controlnets=[])).mean() > 0.1

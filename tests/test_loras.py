@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err, write
+from conftest import rel_err, stream_frame, write
 from tinymodel import write_tiny_lora
 
 from smd_cli.loras import as_loras
@@ -177,12 +177,5 @@ def test_a_layer_lora_of_another_family_is_an_error_at_its_key(run_cli, tiny_mod
 
 
 def test_a_stream_layer_takes_its_own_lora(tiny_model, lora):
-    from smd_cli import StreamMultiDiffusion
-
-    def frame(loras):
-        stream = StreamMultiDiffusion("cpu", hf_key=str(tiny_model), height=SIZE, width=SIZE, lcm_lora="none",
-                                      use_tiny_vae=False)
-        stream.update_single_layer(0, prompt="a cat", mask=np.ones((SIZE, SIZE), np.float32), loras=loras)
-        return np.asarray(stream(), np.float32)
-
-    assert np.abs(frame([str(lora)]) - frame([])).mean() > 0.1
+    with_lora = stream_frame(tiny_model, SIZE, loras=[str(lora)])
+    assert np.abs(with_lora - stream_frame(tiny_model, SIZE, loras=[])).mean() > 0.1
