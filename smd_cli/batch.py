@@ -256,11 +256,12 @@ def reads(sf: SceneFile, options: Options) -> list[str]:
     """Every file on this machine that making `sf` would read: its masks, background image and LoRAs, and
     the model, LCM LoRA, autoencoder and config where they are local paths."""
     from smd_cli.files import exists
-    from smd_cli.scene import control_files, lora_files, scene_controlnets, scene_files
+    from smd_cli.scene import control_files, lora_files, scene_controlnets, scene_files, scene_references
 
     sources = sources_of(sf, options)
     local = [x for x in (sources.model, sources.lcm_lora, sources.vae, options.config) if x and exists(x)]
     local += [sf.source(spec.model) for _, spec in scene_controlnets(sf) if exists(sf.source(spec.model))]
+    local += [sf.source(spec.adapter) for _, spec in scene_references(sf) if spec.adapter and exists(sf.source(spec.adapter))]
     return ([str(path) for path in (*scene_files(sf).values(), *lora_files(sf).values(), *control_files(sf).values())]
             + [str(Path(x).expanduser().absolute()) for x in local])
 
@@ -457,14 +458,15 @@ def _scene_jobs(sf: SceneFile, options: Options, sources: Sources, masks: SceneM
 
 
 def check_controls(sf: SceneFile) -> tuple[list[str], list[SmdError]]:
-    """Whether each LoRA, ControlNet and embedding the scene names can be had (a local path that exists, a hub
+    """Whether each LoRA, ControlNet, embedding and IP-Adapter the scene names can be had (a local path that exists, a hub
     id cached when offline): notes on what is checked when it loads, and the errors, each at its key."""
     from smd_cli.models import _looks_like_path, check_available, hub_file
-    from smd_cli.scene import scene_controlnets, scene_loras
+    from smd_cli.scene import scene_controlnets, scene_loras, scene_references
 
     wanted = [(key, spec.path, "LoRA") for key, spec in scene_loras(sf)]
     wanted += [(key + ("model",), spec.model, "ControlNet") for key, spec in scene_controlnets(sf)]
     wanted += [(("embeddings", i), spec.path, "embedding") for i, spec in enumerate(sf.scene.embeddings)]
+    wanted += [(key + ("adapter",), spec.adapter, "IP-Adapter") for key, spec in scene_references(sf) if spec.adapter]
     notes, problems = [], []
     for key, name, what in wanted:
         source = sf.source(name)

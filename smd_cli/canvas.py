@@ -23,7 +23,7 @@ from smd_cli.files import MAX_IMAGE_BYTES, UnreadableFile, decode_image, image_s
 from smd_cli.masks import (PALETTE_TOLERANCE, LayerMask, aspect_mismatch, check_divisible, ellipse_box, image_mask,
                            main_colors, palette_labels, rect_box, resize)
 from smd_cli.scene import (EllipseMask, PaletteMask, RectMask, SceneFile, default_layer_name, mask_file,
-                           scene_controlnets, scene_files)
+                           scene_controlnets, scene_files, scene_references)
 
 MAX_MASK_BYTES = 4 * 2**30  # the layers' masks at canvas size, as float32
 
@@ -39,7 +39,7 @@ class SceneMasks:
     names: list[str]
     files: dict[Path, str] = field(default_factory=dict)  # absolute path -> SHA-256 of the bytes read
     picture: Image.Image | None = None  # the inpainting picture, as read with the masks
-    controls: dict[tuple, Image.Image] = field(default_factory=dict)  # ControlNet key -> its image, RGB
+    controls: dict[tuple, Image.Image] = field(default_factory=dict)  # ControlNet or reference key -> image, RGB
 
     @functools.cached_property
     def masks(self) -> np.ndarray:
@@ -195,6 +195,11 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
                                                  f"{width}x{height}: the aspect ratios differ; crop or pad the image, "
                                                  "or set width and height to match it")
             controls[key] = image.convert("RGB")
+        except SceneError as exc:
+            problems.append(exc)
+    for key, spec in scene_references(sf):
+        try:
+            controls[key] = images.get(spec.image, key + ("image",), "reference image", spec.sha256).convert("RGB")
         except SceneError as exc:
             problems.append(exc)
     if problems:

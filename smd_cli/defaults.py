@@ -15,6 +15,9 @@ FAMILIES = ("sd", "sdxl", "sd3", "flux")
 FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1"}
 LCM_LORAS = {"sd": "latent-consistency/lcm-lora-sdv1-5", "sdxl": "latent-consistency/lcm-lora-sdxl"}
 LCM_LORA = LCM_LORAS["sd"]  # the default model's
+# The IP-Adapter a reference image goes through when a scene names none (h94/IP-Adapter's base ones).
+IP_ADAPTERS = {"sd": "h94/IP-Adapter/models/ip-adapter_sd15.safetensors",
+               "sdxl": "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors"}
 TINY_VAES = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl", "sd3": "madebyollin/taesd3",
              "flux": "madebyollin/taef1"}
 

@@ -42,6 +42,7 @@ from smd_cli import defaults, prompts
 from smd_cli.errors import ModelError, SmdError
 from smd_cli.controls import ControlNets, ControlSet
 from smd_cli.loras import LoraAdapters, LoraSet
+from smd_cli.references import Reference, References
 from smd_cli.models import Components, family_of, guidance_distilled, vae_factor
 from smd_cli.sampler import Schedule, make_schedule
 
@@ -86,13 +87,14 @@ class Conditioning:
     filler: Optional[torch.Tensor] = None
     loras: Optional[tuple[LoraSet, ...]] = None  # per row: the LoRAs its denoiser call runs with
     controls: Optional[tuple[ControlSet, ...]] = None  # per row: the ControlNets acting on it
+    references: Optional[tuple[Optional[Reference], ...]] = None  # per row: its IP-Adapter image, if any
 
     def __len__(self) -> int:
         return len(self.states)
 
     def __getitem__(self, index: Any) -> "Conditioning":
         picked = None
-        if self.loras is not None or self.controls is not None:
+        if self.loras is not None or self.controls is not None or self.references is not None:
             picked = range(len(self))[index] if isinstance(index, (int, slice)) else torch.as_tensor(index).tolist()
             picked = [picked] if isinstance(picked, int) else list(picked)
 
@@ -100,7 +102,7 @@ class Conditioning:
             return None if values is None else tuple(values[i] for i in picked)
 
         return Conditioning(self.states[index], None if self.pooled is None else self.pooled[index], self.filler,
-                            rows(self.loras), rows(self.controls))
+                            rows(self.loras), rows(self.controls), rows(self.references))
 
     def with_loras(self, loras: Sequence[LoraSet]) -> "Conditioning":
         """These rows, row i to run with LoRAs `loras[i]`."""
@@ -109,6 +111,10 @@ class Conditioning:
     def with_controls(self, controls: Sequence[ControlSet]) -> "Conditioning":
         """These rows, row i under ControlNets `controls[i]`."""
         return replace(self, controls=tuple(controls) if any(controls) else None)
+
+    def with_references(self, references: Sequence[Optional[Reference]]) -> "Conditioning":
+        """These rows, row i with IP-Adapter image `references[i]` (None: zeros at scale 0)."""
+        return replace(self, references=tuple(references) if any(r is not None for r in references) else None)
 
     def padded(self, tokens: int, filler: Optional[torch.Tensor] = None) -> "Conditioning":
         """These rows, their token states extended with the empty chunk (`filler` where they have
@@ -144,15 +150,15 @@ class Conditioning:
         filler = next((p.filler for p in parts if p.filler is not None), None)
         parts = [p.padded(tokens, filler) for p in parts]
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
-        return Conditioning(torch.cat([p.states for p in parts]), pooled, filler, _joined(parts, "loras"),
-                            _joined(parts, "controls"))
+        return Conditioning(torch.cat([p.states for p in parts]), pooled, filler, _joined(parts, "loras", ()),
+                            _joined(parts, "controls", ()), _joined(parts, "references", None))
 
 
-def _joined(parts: Sequence[Conditioning], name: str) -> tuple | None:
-    """A per-row field of joined rows: () for the rows of a part without it, None if no part has it."""
+def _joined(parts: Sequence[Conditioning], name: str, empty: Any) -> tuple | None:
+    """A per-row field of joined rows: `empty` for the rows of a part without it, None if no part has it."""
     if all(getattr(p, name) is None for p in parts):
         return None
-    return tuple(s for p in parts for s in (getattr(p, name) or ((),) * len(p)))
+    return tuple(s for p in parts for s in (getattr(p, name) or (empty,) * len(p)))
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,7 @@ class StableDiffusion:
         self._weighted_encoders: dict[int, prompts.WeightedEncoder] = {}
         self.loras = LoraAdapters(components)
         self.embeddings: dict[str, str] = {}  # token -> the file its vectors came from
+        self.references = References(self.loras.loader, self.name, device, dtype)
         self.controlnets = ControlNets(c.unet, device=device, dtype=dtype, factor=vae_factor(c.vae.config))
         # The noise levels of the model's training; LCM's is the scheduler smd starts from.
         self.scheduler = LCMScheduler.from_config(c.scheduler_config)
@@ -315,18 +322,21 @@ class StableDiffusion:
     def predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
                 guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
         """The denoiser's prediction for rows x (`_predict`), one call per set of LoRAs the rows run
-        with (`smd_cli.loras`: diffusers activates one set per call)."""
+        with (`smd_cli.loras`: diffusers activates one set per call) and per IP-Adapter scale
+        (`smd_cli.references`: one per call too)."""
         sets = cond.loras or ((),) * len(x)
-        if len(set(sets)) == 1:
+        refs = cond.references or (None,) * len(x)
+        keys = [(s, r.scale if r is not None else 0.0) for s, r in zip(sets, refs)]
+        if len(set(keys)) == 1:
             self.loras.activate(sets[0])
             return self._predict(x, t, cond, guidance_scale, placement)
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         times = torch.as_tensor(t)
-        for chosen in dict.fromkeys(sets):
-            rows = [i for i, s in enumerate(sets) if s == chosen]
+        for chosen in dict.fromkeys(keys):
+            rows = [i for i, k in enumerate(keys) if k == chosen]
             index = torch.tensor(rows, device=x.device)
             part = placement and Placement(placement.canvas, [placement.corners[i] for i in rows])
-            self.loras.activate(chosen)
+            self.loras.activate(chosen[0])
             out[index] = self._predict(x[index], times[index.to(times.device)] if times.numel() > 1 else t,
                                        cond[index], guidance_scale, part)
         return out
@@ -344,6 +354,9 @@ class StableDiffusion:
             t = torch.tensor(t, dtype=torch.float32, device=self.device)
         added = self._added(x, cond, placement)
         control = self.controlnets.residuals(x, t, cond, placement, added) if cond.controls else None
+        if self.references.adapter is not None:  # an IP-Adapter in the UNet wants an image for every row
+            refs = cond.references or (None,) * len(x)
+            added = {**(added or {}), "image_embeds": [self.references.inputs(refs, len(x))]}
         out = self.unet(x.to(self.dtype), t, encoder_hidden_states=cond.states, timestep_cond=tc,
                         added_cond_kwargs=added, down_block_additional_residuals=control and control[0],
                         mid_block_additional_residual=control and control[1], return_dict=False)[0].float()

@@ -96,9 +96,14 @@ def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: 
         node[name] = str(path)
         if path in files:
             node[hash_key] = files[path]
-    for key, path in control_files(sf).items():  # control images: the same, and local ControlNets absolute
-        node = data["controlnet"][key[1]] if key[0] == "controlnet" else data["layers"][key[1]]["controlnet"][key[3]]
-        node["image"], node["model"] = str(path), _absolute(sf.source(node["model"]))
+    for key, path in control_files(sf).items():  # ControlNet and reference images: the same
+        node = data
+        for part in key:
+            node = node[part]
+        node["image"] = str(path)
+        for name in ("model", "adapter"):  # local ControlNets and IP-Adapters made absolute
+            if node.get(name):
+                node[name] = _absolute(sf.source(node[name]))
         if path in files:
             node["sha256"] = files[path]
     for key, path in lora_files(sf).items():  # LoRAs and embeddings: the path absolute, and the file's hash

@@ -286,10 +286,12 @@ def check_source(model: str | None) -> None:
 
 # The file that shows a hub repository of each kind is in the cache, and how a missing local one is said.
 KEY_FILES = {"model": "model_index.json", "LCM LoRA": LORA_FILE, "LoRA": LORA_FILE, "VAE": "config.json",
-             "ControlNet": "config.json", "embedding": "learned_embeds.safetensors"}
+             "ControlNet": "config.json", "embedding": "learned_embeds.safetensors",
+             "IP-Adapter": "models/ip-adapter_sd15.safetensors"}
 NOT_FOUND = {"model": "model folder or file not found", "LCM LoRA": "LCM LoRA file or folder not found",
              "LoRA": "LoRA file or folder not found", "VAE": "VAE folder not found",
-             "ControlNet": "ControlNet folder not found", "embedding": "embedding file not found"}
+             "ControlNet": "ControlNet folder not found", "embedding": "embedding file not found",
+             "IP-Adapter": "IP-Adapter file not found"}
 
 
 def check_available(name: str | None, what: str = "model") -> str | None:

@@ -32,6 +32,7 @@ from smd_cli.models import Components, load_components, resolve_device, resolve_
 from smd_cli.defaults import prefixed
 from smd_cli.controls import ControlSet, ControlSpec, as_specs
 from smd_cli.loras import Lora, LoraSet, as_loras
+from smd_cli.references import Reference, ReferenceSpec, as_reference
 from smd_cli.prepare import Layers, Request, auto_negatives, prepare_layers, prepare_text, row_loras
 from smd_cli.sampler import RegionCrop, Schedule, StepCallback, randn, sample
 from smd_cli.views import layout, view_sizes
@@ -189,6 +190,30 @@ class StableMultiDiffusionPipeline:
             self.family.load_embedding(str(path), token)
             self._text_cache.clear()  # prompts saying the token now read differently
         return token
+
+    def with_references(self, cond: Conditioning, uncond: Conditioning | None, canvas: ReferenceSpec | None,
+                        layers: Layers) -> tuple[Conditioning, Conditioning | None]:
+        """Each layer's rows with its reference image (`smd_cli.references`), else the canvas's:
+        the image's embedding on the conditional rows, zeros at the same scale on the
+        unconditional ones, as diffusers' IP-Adapter pipelines give them."""
+        own = layers.references or [None] * len(layers.prompts)
+        if canvas is None and not any(own):
+            return cond, uncond
+        if self.family.name in FLOW_FAMILIES:
+            raise SmdError(f"reference images run on SD 1.x and SDXL here, not on "
+                           f"{defaults.FAMILY_NAMES[self.family.name]}")
+        refs = [None if spec is None else self.family.references.add(spec)
+                for spec in (mine if mine is not None else canvas for mine in own)]
+        blank = [None if r is None else Reference(None, r.scale) for r in refs]
+        return cond.with_references(refs), uncond and uncond.with_references(blank)
+
+    def load_ip_adapter(self, adapter: str | None = None) -> str:
+        """Load an IP-Adapter (a weights file with `image_encoder/` beside it, or
+        `owner/name/sub/file.safetensors`; default: the family's) for reference images."""
+        if self.family.name in FLOW_FAMILIES:
+            raise SmdError(f"reference images run on SD 1.x and SDXL here, not on "
+                           f"{defaults.FAMILY_NAMES[self.family.name]}")
+        return self.family.references.load(adapter)
 
     def load_controlnet(self, source: str) -> None:
         """Load a ControlNet (a folder or hub id) once; one for another model family is refused."""
@@ -396,6 +421,7 @@ class StableMultiDiffusionPipeline:
         cond, uncond = cond.with_loras(sets), uncond and uncond.with_loras(sets)
         controls = self.row_controls(request.controlnets, layers, width, height, schedule.timesteps)
         cond, uncond = cond.with_controls(controls), uncond and uncond.with_controls(controls)
+        cond, uncond = self.with_references(cond, uncond, request.reference, layers)
         self._check_negatives(request, uncond is not None)
 
         # 4. Prepare latents: initial noise, and the flat images for bootstrapping (SPEC 2.3).
@@ -479,6 +505,8 @@ class StableMultiDiffusionPipeline:
         controlnets: Any = None,
         layer_controlnets: Sequence[Any] | None = None,
         negative_auto: bool = False,
+        reference: Any = None,
+        layer_references: Sequence[Any] | None = None,
     ):
         """Generate one image from prompts painted through masks; returns a PIL image by default.
 
@@ -497,7 +525,9 @@ class StableMultiDiffusionPipeline:
         `controlnets` (a `ControlSpec` or mapping with `model`, `image`, `scale`, `start`, `end`, or
         a list) act on the whole canvas, `layer_controlnets` (one entry per prompt) on one layer.
         `negative_auto` adds the other layers' prompts to each layer's negative prompt (with
-        guidance above 1, which runs the unconditional pass they act through).
+        guidance above 1, which runs the unconditional pass they act through). `reference` (a PIL
+        image, or a mapping with `image`, `scale`, `adapter`) goes through an IP-Adapter to every
+        layer without its own in `layer_references` (one entry per prompt, None for none).
         `output_type` is pil, np ([H, W, 3] in [0, 1]), pt ([3, H, W]) or latent (the clean latent).
         """
         if prompts is None:
@@ -524,6 +554,10 @@ class StableMultiDiffusionPipeline:
             if len(layer_controlnets) != count:
                 raise SmdError(f"layer_controlnets has {len(layer_controlnets)} entries for {count} prompts")
             layers.controlnets = [as_specs(own) for own in layer_controlnets]
+        if layer_references is not None:
+            if len(layer_references) != count:
+                raise SmdError(f"layer_references has {len(layer_references)} entries for {count} prompts")
+            layers.references = [as_reference(own) for own in layer_references]
         request = Request(
             layers, width, height, background_prompt, prefixed(negative_prompt_prefix, background_negative_prompt),
             None if background is None else mask_ops.fit_picture(background, width, height),
@@ -532,7 +566,8 @@ class StableMultiDiffusionPipeline:
             bootstrap_steps=bootstrap_steps, bootstrap_mix_steps=bootstrap_mix_steps,
             leak_sensitivity=bootstrap_leak_sensitivity, bootstrap_centre=bootstrap_centre, tile_size=tile_size,
             tile_stride=tile_stride, tile_weighting=tile_weighting, circular=circular, region_crop=region_crop,
-            loras=as_loras(loras), controlnets=as_specs(controlnets), negative_auto=negative_auto)
+            loras=as_loras(loras), controlnets=as_specs(controlnets), negative_auto=negative_auto,
+            reference=as_reference(reference))
         return self.run(request, latents=latents, generator=generator, noises=noises, max_batch=max_batch,
                         skip_empty=skip_empty, callback=callback, output_type=output_type)
 

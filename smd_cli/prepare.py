@@ -25,6 +25,7 @@ from smd_cli.errors import SmdError
 from smd_cli.controls import ControlSpec
 from smd_cli.family import Conditioning
 from smd_cli.loras import LoraSet
+from smd_cli.references import ReferenceSpec
 from smd_cli.sampler import Schedule
 
 
@@ -42,6 +43,7 @@ class Layers:
     step_masks: torch.Tensor | None = None  # [K, P, 1, h, w] m_{p,k}
     loras: list[LoraSet] | None = None  # each layer's own LoRAs (None: no layer has any)
     controlnets: list[list[ControlSpec]] | None = None  # each layer's own ControlNets
+    references: list[ReferenceSpec | None] | None = None  # each layer's own reference image
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Request:
     region_crop: bool = False
     loras: LoraSet = ()  # the whole canvas's LoRAs, text encoders included
     negative_auto: bool = False  # each layer's prompt a negative prompt of the other layers' rows
+    reference: ReferenceSpec | None = None  # a reference image for every layer without its own
     controlnets: list[ControlSpec] = field(default_factory=list)  # ControlNets over the whole canvas
 
     def check(self, factor: int) -> None:
@@ -103,7 +106,8 @@ def prepare_layers(layers: Layers, schedule: Schedule, *, factor: int, device: t
                             np.concatenate([uncovered[None], layers.masks]), [1.0] + layers.strengths,
                             [0.0] + layers.stds, [1.0] + layers.prompt_strengths,
                             loras=None if layers.loras is None else [()] + list(layers.loras),
-                            controlnets=None if layers.controlnets is None else [[]] + list(layers.controlnets))
+                            controlnets=None if layers.controlnets is None else [[]] + list(layers.controlnets),
+                            references=None if layers.references is None else [None] + list(layers.references))
     layers.blurred, strengthened = mask_ops.prepare(layers.masks, cover_alpha=cover_alpha, stds=layers.stds,
                                                     strengths=layers.strengths, cache=blur_cache)
     per_step = mask_ops.step_masks(strengthened, factor, schedule.mask_sigmas, mask_type)

@@ -22,11 +22,12 @@ from smd_cli.canvas import FileChangedWarning, SceneMasks, checked_canvas, scene
 from smd_cli.errors import ModelError, SmdError
 from smd_cli.controls import ControlSpec
 from smd_cli.loras import Lora, LoraSet
+from smd_cli.references import ReferenceSpec
 from smd_cli.masks import check_divisible, fit_picture
 from smd_cli.metadata import Record, make_record
 from smd_cli.models import dtype_name
 from smd_cli.prepare import Layers, Request
-from smd_cli.scene import SceneFile, random_seed, scene_controlnets, scene_loras, step_count
+from smd_cli.scene import SceneFile, random_seed, scene_controlnets, scene_loras, scene_references, step_count
 
 if TYPE_CHECKING:
     from smd_cli.pipeline import StableMultiDiffusionPipeline
@@ -68,7 +69,9 @@ def scene_request(sf: SceneFile, masks: SceneMasks) -> Request:
                     [layer.prompt_strength for layer in s.layers],
                     loras=[scene_lora_set(sf, layer.loras) for layer in s.layers],
                     controlnets=[control_specs(sf, masks, layer.controlnet, ("layers", i, "controlnet"))
-                                 for i, layer in enumerate(s.layers)])
+                                 for i, layer in enumerate(s.layers)],
+                    references=[reference_spec(sf, masks, layer.reference, ("layers", i, "reference"))
+                                for i, layer in enumerate(s.layers)])
     picture = None if masks.picture is None else fit_picture(masks.picture, masks.width, masks.height)
     return Request(layers, masks.width, masks.height, s.background.prompt,
                    prefixed(prefix, s.background.negative_prompt), picture, steps=s.steps, timesteps=s.timesteps,
@@ -79,7 +82,15 @@ def scene_request(sf: SceneFile, masks: SceneMasks) -> Request:
                    bootstrap_centre=s.bootstrap.centre, tile_size=s.tile_size, tile_stride=s.tile_stride,
                    tile_weighting=s.tile_weighting, circular=s.circular, region_crop=s.region_crop,
                    loras=scene_lora_set(sf, s.loras),
-                   controlnets=control_specs(sf, masks, s.controlnet, ("controlnet",)), negative_auto=s.negative_auto)
+                   controlnets=control_specs(sf, masks, s.controlnet, ("controlnet",)), negative_auto=s.negative_auto,
+                   reference=reference_spec(sf, masks, s.reference, ("reference",)))
+
+
+def reference_spec(sf: SceneFile, masks: SceneMasks, spec, key: tuple) -> ReferenceSpec | None:
+    """A scene key's reference image, read with the masks; its IP-Adapter relative to the scene."""
+    if spec is None:
+        return None
+    return ReferenceSpec(masks.controls[key], spec.scale, sf.source(spec.adapter) if spec.adapter else None)
 
 
 def control_specs(sf: SceneFile, masks: SceneMasks, specs, key: tuple) -> list[ControlSpec]:
@@ -113,6 +124,11 @@ def load_scene_models(pipe: StableMultiDiffusionPipeline, sf: SceneFile) -> None
             pipe.load_controlnet(sf.source(spec.model))
         except SmdError as exc:
             raise sf.error(key + ("model",), str(exc)) from None
+    for key, spec in scene_references(sf):
+        try:
+            pipe.load_ip_adapter(sf.source(spec.adapter) if spec.adapter else None)
+        except SmdError as exc:
+            raise sf.error(key + (("adapter",) if spec.adapter else ()), str(exc)) from None
     for i, spec in enumerate(sf.scene.embeddings):
         path = sf.resolve(spec.path)
         if spec.sha256 and is_file(path) and sha256(path, MAX_MODEL_BYTES) != spec.sha256:
@@ -203,7 +219,7 @@ def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type:
         seed=s.seed if s.seed is not None else defaults.STREAM_SEED, num_inference_steps=s.steps if lcm else None,
         timesteps=s.timesteps, tile_size=s.tile_size, overlap_decode=overlap_decode, compile=compile,
         loras=scene_lora_set(sf, s.loras), controlnets=control_specs(sf, masks, s.controlnet, ("controlnet",)),
-        negative_auto=s.negative_auto)
+        negative_auto=s.negative_auto, reference=reference_spec(sf, masks, s.reference, ("reference",)))
     apply_scene(stream, sf, masks)
     stream.flush()
     stream.autoflush = True
@@ -216,7 +232,8 @@ STREAM_IGNORED = {"scheduler": lambda v: v != "lcm", "tile_stride": lambda v: v 
                   "timestep_spacing": lambda v: v is not None, "true_cfg_scale": lambda v: v is not None}
 # Scene keys a stream takes when it starts (and those it ignores): edits to them need a restart,
 # which `restart_needed` names. Prompts, masks and the background change while it runs.
-STREAM_FIXED = ("model", "lcm_lora", "vae", "loras", "controlnet", "embeddings", "negative_auto", "width", "height", "seed", "steps", "timesteps", "guidance_scale",
+STREAM_FIXED = ("model", "lcm_lora", "vae", "loras", "controlnet", "embeddings", "reference", "negative_auto",
+                "width", "height", "seed", "steps", "timesteps", "guidance_scale",
                 "mask_type", "cover_alpha", "tile_size", *STREAM_IGNORED, "bootstrap")
 
 
@@ -256,13 +273,15 @@ def apply_scene(stream: StreamMultiDiffusion, sf: SceneFile, masks: SceneMasks |
             fields = dict(prompt=layers.prompts[i], negative_prompt=layers.negatives[i],
                           mask_strength=layers.strengths[i], mask_std=layers.stds[i],
                           prompt_strength=layers.prompt_strengths[i], loras=layers.loras[i],
-                          controlnets=tuple(layers.controlnets[i]))
+                          controlnets=tuple(layers.controlnets[i]), reference=layers.references[i])
             if i >= len(stream.layers):
                 stream.update_single_layer(i, mask=layers.masks[i], **fields)
                 changes.append(f"added {name}")
                 continue
             current = stream.layers[i]
             edits = {k: v for k, v in fields.items() if getattr(current, k) != v}
+            if "reference" in edits and edits["reference"] is None:
+                edits["reference"] = False  # removed: None would mean "unchanged"
             mask_changed = current.mask is None or not np.array_equal(current.mask, layers.masks[i])
             if edits or mask_changed:
                 stream.update_single_layer(i, mask=layers.masks[i] if mask_changed else None, **edits)

@@ -194,6 +194,22 @@ class ControlNetSpec(_Model):
         return self
 
 
+class ReferenceImage(_Model):
+    """A reference image through an IP-Adapter (default: the model family's), at a scale."""
+
+    image: str
+    scale: Annotated[float, Field(strict=True, ge=0.0, le=defaults.MAX_CONTROL_SCALE)] = 1.0
+    adapter: str | None = None
+    sha256: Sha256 | None = None  # the image's
+
+
+def _reference_from_path(value: Any) -> Any:
+    return {"image": value} if isinstance(value, str) else value
+
+
+ReferenceEntry = Annotated[ReferenceImage, BeforeValidator(_reference_from_path)]
+
+
 class EmbeddingSpec(_Model):
     """A textual-inversion embedding file and the token prompts say it with (default: its name)."""
 
@@ -242,6 +258,7 @@ class Layer(_Model):
     prompt_strength: Unit = defaults.PROMPT_STRENGTH
     loras: list[LoraEntry] = []  # act on this layer's rows only
     controlnet: list[ControlNetSpec] = []  # act on this layer's rows only
+    reference: ReferenceEntry | None = None  # an image this layer's rows see through an IP-Adapter
 
 
 class Scene(_Model):
@@ -253,6 +270,7 @@ class Scene(_Model):
     loras: list[LoraEntry] = []  # act on the whole canvas, text encoders included
     controlnet: list[ControlNetSpec] = []  # act on the whole canvas
     embeddings: list[EmbeddingEntry] = []  # textual inversions, said in prompts by their tokens
+    reference: ReferenceEntry | None = None  # for every layer without a reference of its own
     width: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] | None = None
     height: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] | None = None
     seed: Annotated[StrictInt, Field(ge=0, lt=defaults.SEED_LIMIT)] | None = None
@@ -716,9 +734,17 @@ def scene_controlnets(sf: SceneFile) -> list[tuple[KeyPath, ControlNetSpec]]:
     return out
 
 
+def scene_references(sf: SceneFile) -> list[tuple[KeyPath, ReferenceImage]]:
+    """Every reference image a scene names, the canvas's first, by its key (`reference`,
+    `layers[1].reference`)."""
+    out: list[tuple[KeyPath, ReferenceImage]] = [(("reference",), sf.scene.reference)] if sf.scene.reference else []
+    return out + [(("layers", n, "reference"), layer.reference) for n, layer in enumerate(sf.scene.layers)
+                  if layer.reference is not None]
+
+
 def control_files(sf: SceneFile) -> dict[KeyPath, Path]:
-    """The control images of the scene's ControlNets, by key, as absolute paths."""
-    return {key: sf.resolve(spec.image).absolute() for key, spec in scene_controlnets(sf)}
+    """The images of the scene's ControlNets and reference images, by key, as absolute paths."""
+    return {key: sf.resolve(spec.image).absolute() for key, spec in [*scene_controlnets(sf), *scene_references(sf)]}
 
 
 def scene_loras(sf: SceneFile) -> list[tuple[KeyPath, LoraSpec]]:

@@ -24,6 +24,7 @@ from smd_cli.family import Conditioning, Placement
 from smd_cli.pipeline import StableMultiDiffusionPipeline
 from smd_cli.controls import ControlSpec, as_specs
 from smd_cli.loras import LoraSet, as_loras
+from smd_cli.references import ReferenceSpec, as_reference
 from smd_cli.prepare import Layers, auto_negatives, prepare_layers, prepare_text, row_loras
 from smd_cli.sampler import active_pairs, randn, renoise, step_inputs, step_output
 from smd_cli.views import layout, view_sizes
@@ -41,6 +42,7 @@ class StreamLayer:
     prompt_strength: float = defaults.PROMPT_STRENGTH
     loras: LoraSet = ()  # act on this layer's rows only
     controlnets: tuple[ControlSpec, ...] = ()  # act on this layer's rows only
+    reference: ReferenceSpec | None = None  # this layer's reference image (IP-Adapter)
 
 
 class StreamMultiDiffusion:
@@ -64,13 +66,14 @@ class StreamMultiDiffusion:
                  tile_size: int = defaults.TILE_SIZE,
                  dtype: Any = None, lcm_lora: str | None = None, vae: str | None = None,
                  pipeline: StableMultiDiffusionPipeline | None = None, overlap_decode: bool = False,
-                 compile: bool = False, loras: Any = None, controlnets: Any = None, negative_auto: bool = False):
+                 compile: bool = False, loras: Any = None, controlnets: Any = None, negative_auto: bool = False,
+                 reference: Any = None):
         """Load a model as `StableMultiDiffusionPipeline` does (the tiny autoencoder by default), or
         stream from a loaded `pipeline`, which then decides the model, device, dtype and autoencoder.
         The stream's stages are the LCM schedule's `num_inference_steps` steps, or `timesteps`.
         `loras` and `controlnets` act on the whole canvas (as the pipeline takes them); a layer's own
-        are given with `update_single_layer(..., loras=..., controlnets=...)`. `negative_auto` as
-        the pipeline's."""
+        are given with `update_single_layer(..., loras=..., controlnets=..., reference=...)`.
+        `negative_auto` and `reference` (for layers without their own) as the pipeline's."""
         if cfg_type not in defaults.STREAM_CFG_TYPES:
             raise SmdError(f"cfg_type must be one of {', '.join(defaults.STREAM_CFG_TYPES)}, got {cfg_type!r}")
         loading = dict(device=device, hf_key=hf_key, sd_version=sd_version, dtype=dtype, lcm_lora=lcm_lora, vae=vae,
@@ -89,6 +92,7 @@ class StreamMultiDiffusion:
         pipe.load_loras(self.loras)
         self.controlnets = as_specs(controlnets)
         self.negative_auto = negative_auto
+        self.reference = as_reference(reference)
         f = pipe.vae_scale_factor
         mask_ops.check_divisible(width, height, f)
         self.height, self.width = height, width
@@ -162,7 +166,7 @@ class StreamMultiDiffusion:
     def update_single_layer(self, idx: int, prompt: str | None = None, negative_prompt: str | None = None,
                             mask: Any = None, mask_strength: float | None = None, mask_std: float | None = None,
                             prompt_strength: float | None = None, loras: Any = None,
-                            controlnets: Any = None) -> None:
+                            controlnets: Any = None, reference: Any = None) -> None:
         """Edit layer `idx`'s fields that are given; `idx` equal to the layer count appends a layer.
         `loras` and `controlnets` (as the pipeline takes them; an empty list for none) act on this
         layer only."""
@@ -182,6 +186,8 @@ class StreamMultiDiffusion:
             self.pipe.load_loras(changes["loras"])
         if controlnets is not None:
             changes["controlnets"] = tuple(as_specs(controlnets))
+        if reference is not None:  # False removes the layer's reference
+            changes["reference"] = as_reference(reference) if reference is not False else None
         self.layers[idx] = replace(layer, **changes)
         self._changed()
 
@@ -210,7 +216,8 @@ class StreamMultiDiffusion:
                         np.stack([full if l.mask is None else l.mask for l in self.layers]),
                         [l.mask_strength for l in self.layers], [l.mask_std for l in self.layers],
                         [l.prompt_strength for l in self.layers], loras=[l.loras for l in self.layers],
-                        controlnets=[list(l.controlnets) for l in self.layers])
+                        controlnets=[list(l.controlnets) for l in self.layers],
+                        references=[l.reference for l in self.layers])
         self._prepared = prepare_layers(
             layers, self.schedule, factor=self.pipe.vae_scale_factor, device=self.pipe.device,
             cover_alpha=self.cover_alpha, mask_type=self.mask_type, picture=self.background_latent is not None,
@@ -226,7 +233,8 @@ class StreamMultiDiffusion:
         controls = self.pipe.row_controls(self.controlnets, self._prepared, self.width, self.height,
                                           self.schedule.timesteps)
         cond, uncond = cond.with_loras(sets), uncond and uncond.with_loras(sets)
-        self._cond, self._uncond = cond.with_controls(controls), uncond and uncond.with_controls(controls)
+        cond, uncond = cond.with_controls(controls), uncond and uncond.with_controls(controls)
+        self._cond, self._uncond = self.pipe.with_references(cond, uncond, self.reference, self._prepared)
         self._active = active_pairs(self._prepared.step_masks, self.views)
         if self.stock is None or self.stock.shape[1] != len(self._prepared.prompts):
             self.stock = None  # layers were added or removed: restart the residual noise
