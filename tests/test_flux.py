@@ -33,11 +33,13 @@ def schnell(tmp_path_factory):
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-schnell"), guidance=False, seed=1)
 
 
-def diffusers_flux(folder, prompt: str, seed: int, **options):
+def diffusers_flux(folder, prompt: str, seed: int, prepare=None, **options):
     from diffusers import FluxPipeline
 
     reference = FluxPipeline.from_pretrained(str(folder))
     reference.set_progress_bar_config(disable=True)
+    if prepare is not None:
+        prepare(reference)
     packed = FluxPipeline._pack_latents(latents(seed), 1, 4, SIZE // 2, SIZE // 2)
     return reference(prompt, height=SIZE, width=SIZE, latents=packed, output_type="np", **options).images[0]
 
@@ -199,3 +201,24 @@ def test_true_cfg_on_dev_equals_diffusers(flux, tiny_flux):
     plain = flux.sample("a photo of the sun", guidance_scale=3.5, height=SIZE, width=SIZE, num_inference_steps=4,
                         latents=latents(5), output_type="np")
     assert rel_err(expected, got) < 1e-4 and rel_err(plain, got) > 1e-3  # the negative prompt does something
+
+
+def test_a_flux_lora_equals_diffusers_and_acts_on_its_layer_alone(flux, tiny_flux, tmp_path):
+    from tinymodel import write_tiny_lora
+
+    file = write_tiny_lora(tiny_flux, tmp_path, seed=3)
+
+    def with_lora(reference):
+        reference.load_lora_weights(str(tmp_path), weight_name=file.name, adapter_name="a")
+        reference.set_adapters(["a"], adapter_weights=[0.8])
+
+    expected = diffusers_flux(tiny_flux, "a photo of the sun", 2, guidance_scale=3.5, num_inference_steps=4,
+                              prepare=with_lora)
+    options = dict(guidance_scale=3.5, height=SIZE, width=SIZE, num_inference_steps=4, latents=latents(2),
+                   output_type="np")
+    got = flux.sample("a photo of the sun", loras=[(str(file), 0.8)], **options)
+    plain = flux.sample("a photo of the sun", **options)
+    assert rel_err(expected, got) < 1e-4 and rel_err(expected, plain) > 1e-3
+    whole = flux("a photo of the sun", masks=np.ones((1, SIZE, SIZE), np.float32), layer_loras=[[(str(file), 0.8)]],
+                 bootstrap_steps=0, **options)
+    np.testing.assert_allclose(whole, got, atol=1e-6)

@@ -160,3 +160,22 @@ def test_a_long_prompt_without_t5_is_refused(run_cli, tiny_sd3, tmp_path):
                      "--steps", "2", "--device", "cpu", "--out", tmp_path / "x.png")
     assert result.exit_code == 1 and "this SD3 model has no T5 (text_encoder_3) to read the rest" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_sd3_lora_equals_diffusers_with_the_same_adapter(tiny_sd3, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    from tinymodel import write_tiny_lora
+
+    from smd_cli import StableMultiDiffusionPipeline
+
+    file = write_tiny_lora(tiny_sd3, tmp_path, seed=4)
+    reference = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3), text_encoder_3=None, tokenizer_3=None)
+    reference.load_lora_weights(str(tmp_path), weight_name=file.name, adapter_name="a")
+    reference.set_progress_bar_config(disable=True)
+    expected = reference("a photo of the sun", guidance_scale=3.0, height=SIZE, width=SIZE, num_inference_steps=4,
+                         output_type="np", latents=latents(2)).images[0]
+    smd = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_sd3))
+    options = dict(guidance_scale=3.0, height=SIZE, width=SIZE, num_inference_steps=4, latents=latents(2),
+                   output_type="np")
+    got = smd.sample("a photo of the sun", loras=str(file), **options)
+    assert rel_err(expected, got) < 1e-4 and rel_err(expected, smd.sample("a photo of the sun", **options)) > 1e-4

@@ -281,25 +281,26 @@ def build_tiny_flux(folder: Path, *, seed: int = 0, vae_blocks: int = 2, guidanc
 
 
 def write_tiny_lora(model: Path, folder: Path, *, seed: int = 0, name: str = "pytorch_lora_weights.safetensors") -> Path:
-    """A LoRA with non-zero weights for a tiny SD or SDXL model's UNet attention, saved as diffusers
-    saves LoRAs; returns the file."""
+    """A LoRA with non-zero weights for a tiny model's denoiser attention (a UNet's, or SD3's and
+    FLUX's transformer's), saved as diffusers saves LoRAs; returns the file."""
     import diffusers
     import torch
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from smd_cli.models import PIPELINES, family_of
-
     index = json.loads((Path(model) / "model_index.json").read_text())
     cls = getattr(diffusers, index["_class_name"])
-    pipe = cls.from_pretrained(str(model), **({"safety_checker": None} if "safety_checker" in index else {}))
-    family = family_of(pipe.unet.config)
-    assert PIPELINES[family] == cls.__name__
+    options = {"safety_checker": None} if "safety_checker" in index else {}
+    if index.get("text_encoder_3", ["t5"])[0] is None:  # an SD3 folder without T5
+        options.update(text_encoder_3=None, tokenizer_3=None)
+    pipe = cls.from_pretrained(str(model), **options)
+    denoiser, layers = (pipe.unet, "unet_lora_layers") if hasattr(pipe, "unet") else (pipe.transformer,
+                                                                                         "transformer_lora_layers")
     torch.manual_seed(seed)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                     init_lora_weights=False))
+    targets = ["to_q", "to_k", "to_v", "to_out.0"] if hasattr(pipe, "unet") else ["to_q", "to_k", "to_v"]
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
     folder.mkdir(parents=True, exist_ok=True)
-    cls.save_lora_weights(str(folder), weight_name=name, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    cls.save_lora_weights(str(folder), weight_name=name, **{layers: get_peft_model_state_dict(denoiser)})
     return folder / name
 
 
