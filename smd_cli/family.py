@@ -51,24 +51,6 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt longer than the text encoder's limit was cut."""
 
 
-class PromptWeightsIgnoredWarning(UserWarning):
-    """A family that reads prompts with T5 took a weighted prompt's text without its weights."""
-
-
-def unweighted(texts: Sequence[str], family: str) -> list[str]:
-    """The prompts' texts with the weight syntax taken out, and a warning where a weight is lost:
-    weights are applied to CLIP's token states (SD 1.x, SDXL), and SD3 and FLUX.1 read a prompt
-    through T5, whose states compel does not weight on these families."""
-    out = []
-    for text in texts:
-        fragments = prompts.parse(text)
-        if any(weight != 1.0 for _, weight in fragments):
-            warnings.warn(f"prompt weights are applied on SD 1.x and SDXL; this {family} model reads "
-                          f"{text!r} without them", PromptWeightsIgnoredWarning, stacklevel=4)
-        out.append("".join(fragment for fragment, _ in fragments))
-    return out
-
-
 def runs_unconditional(guidance_scale: float, unet_config: Mapping) -> bool:
     """Whether classifier-free guidance runs an unconditional pass: only above 1, and never for a
     guidance-distilled denoiser, which takes the scale as an embedding (SPEC 3.3)."""
@@ -183,7 +165,7 @@ class StableDiffusion:
         c = components
         self.unet, self.vae, self.text_encoder, self.tokenizer = c.unet, c.vae, c.text_encoder, c.tokenizer
         self.device, self.dtype = device, dtype
-        self._weighted_encoders: dict[int, prompts.WeightedEncoder] = {}
+        self._weighted_encoders: dict[tuple, prompts.WeightedEncoder] = {}
         self.loras = LoraAdapters(components)
         self.embeddings: dict[str, str] = {}  # token -> the file its vectors came from
         self.references = References(self.loras.loader, self.name, device, dtype)
@@ -289,12 +271,14 @@ class StableDiffusion:
     def _clip_tokenizers(self) -> list:
         return [self.tokenizer]
 
-    def _weighted(self, tokenizer, encoder, penultimate: bool = False) -> prompts.WeightedEncoder:
-        """compel's reading of weights and long prompts for one encoder, made on first use."""
-        key = id(encoder)
+    def _weighted(self, tokenizer, encoder, penultimate: bool = False,
+                  length: int | None = None) -> prompts.WeightedEncoder:
+        """compel's reading of weights (and long prompts, in chunks unless `length` fixes one
+        sequence) for one encoder, made on first use."""
+        key = (id(encoder), length)
         if key not in self._weighted_encoders:
             self._weighted_encoders[key] = prompts.WeightedEncoder(tokenizer, encoder, penultimate=penultimate,
-                                                                   device=self.device)
+                                                                   device=self.device, length=length)
         return self._weighted_encoders[key]
 
     def encode_plain(self, texts: Sequence[str]) -> Conditioning:
@@ -514,17 +498,27 @@ class StableDiffusion3(StableDiffusion):
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> Conditioning:
-        """As diffusers' `StableDiffusion3Pipeline.encode_prompt` makes the conditioning. Without T5
-        a prompt longer than CLIP's limit would lose its end: that is refused, not cut."""
-        texts = unweighted(texts, self.name)
+        """As diffusers' `StableDiffusion3Pipeline.encode_prompt` makes the conditioning; prompts
+        with weights go through compel, each encoder reading the one sequence diffusers reads (CLIP's
+        77 tokens, T5's 256). Without T5 a prompt longer than CLIP's limit would lose its end: that
+        is refused, not cut."""
+        texts = self._spelt(texts)
+        plain = [prompts.plain(text) for text in texts]
         if self.text_encoder_3 is None:
             limit = self.tokenizer.model_max_length
-            if any(len(ids) > limit for ids in self.tokenizer(list(texts)).input_ids):
+            readable = [p if p is not None else "".join(f for f, _ in prompts.parse(t)) for p, t in zip(plain, texts)]
+            if any(len(ids) > limit for ids in self.tokenizer(readable).input_ids):
                 raise SmdError(f"a prompt is longer than CLIP's {limit} tokens and this SD3 model has no T5 "
                                "(text_encoder_3) to read the rest: shorten it, or use the model with its T5")
+        weighted = any(p is None for p in plain)
         states, pooled = [], []
         for tok, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            ids, _ = self._tokens(tok, texts, warn=encoder is self.text_encoder)
+            if weighted:
+                reader = self._weighted(tok, encoder, penultimate=True, length=tok.model_max_length)
+                states.append(reader.states(texts))
+                pooled.append(reader.pooled(texts))
+                continue
+            ids, _ = self._tokens(tok, plain, warn=encoder is self.text_encoder)
             out = encoder(ids, output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled.append(out[0])
@@ -533,8 +527,10 @@ class StableDiffusion3(StableDiffusion):
         clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
         if self.text_encoder_3 is None:
             t5 = torch.zeros(len(texts), self.max_sequence_length, width, device=self.device, dtype=clip.dtype)
+        elif weighted:
+            t5 = self._weighted(self.tokenizer_3, self.text_encoder_3, length=self.max_sequence_length).states(texts)
         else:
-            ids = self.tokenizer_3(list(texts), padding="max_length", max_length=self.max_sequence_length,
+            ids = self.tokenizer_3(plain, padding="max_length", max_length=self.max_sequence_length,
                                    truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
             t5 = self.text_encoder_3(ids.to(self.device))[0]
         return Conditioning(torch.cat([clip.to(self.dtype), t5.to(self.dtype)], dim=-2),
@@ -606,11 +602,18 @@ class Flux(StableDiffusion3):
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> Conditioning:
-        """As diffusers' `FluxPipeline.encode_prompt`: CLIP's pooled output and T5's states."""
-        texts = unweighted(texts, self.name)
-        ids, _ = self._tokens(self.tokenizer, texts, warn=False)  # T5 reads the whole prompt
+        """As diffusers' `FluxPipeline.encode_prompt`: CLIP's pooled output and T5's states; prompts
+        with weights go through compel, T5 reading its one sequence of 512 tokens and CLIP's pooled
+        output the text without the weights."""
+        texts = self._spelt(texts)
+        plain = [prompts.plain(text) for text in texts]
+        if any(p is None for p in plain):
+            clip = self._weighted(self.tokenizer, self.text_encoder, length=self.tokenizer.model_max_length)
+            t5 = self._weighted(self.tokenizer_2, self.text_encoder_2, length=self.max_sequence_length)
+            return Conditioning(t5.states(texts).to(self.dtype), clip.pooled(texts).to(self.dtype))
+        ids, _ = self._tokens(self.tokenizer, plain, warn=False)  # T5 reads the whole prompt
         pooled = self.text_encoder(ids, output_hidden_states=False).pooler_output
-        t5 = self.tokenizer_2(list(texts), padding="max_length", max_length=self.max_sequence_length, truncation=True,
+        t5 = self.tokenizer_2(plain, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                               return_tensors="pt").input_ids
         states = self.text_encoder_2(t5.to(self.device), output_hidden_states=False)[0]
         return Conditioning(states.to(self.dtype), pooled.to(self.dtype))

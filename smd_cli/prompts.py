@@ -111,18 +111,22 @@ def _quiet_import() -> Iterator[None]:
 class WeightedEncoder:
     """One tokenizer and text encoder through compel: weighted fragments to token states, long
     prompts in chunks. `penultimate` takes the layer before the last without the final norm, as
-    SDXL's encoders are read; else the last, normalised, as SD 1.x reads its one."""
+    SDXL's encoders are read; else the last, normalised, as SD 1.x reads its one. With `length`
+    (T5, and CLIP beside it on SD3) a prompt is read in one sequence of that many tokens and cut
+    beyond, as diffusers' pipelines read it, with a warning."""
 
-    def __init__(self, tokenizer, text_encoder, *, penultimate: bool, device):
+    def __init__(self, tokenizer, text_encoder, *, penultimate: bool, device, length: int | None = None):
         with _quiet_import():
             from compel.embeddings_provider import EmbeddingsProvider, ReturnedEmbeddingsType
 
         kind = (ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED if penultimate
                 else ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED)
-        self.provider = EmbeddingsProvider(tokenizer, text_encoder, truncate=False, returned_embeddings_type=kind,
-                                           device=device, dtype_for_device_getter=lambda _: text_encoder.dtype)
+        self.provider = EmbeddingsProvider(tokenizer, text_encoder, truncate=length is not None,
+                                           returned_embeddings_type=kind, device=device, model_max_length=length,
+                                           dtype_for_device_getter=lambda _: text_encoder.dtype)
         self.provider.disable_no_weights_bypass()
-        self.chunk = tokenizer.model_max_length
+        self.chunk = length or tokenizer.model_max_length
+        self.cut = length is not None
 
     def states(self, prompts: Sequence[str], chunks: int = 1):
         """Token states [N, n * chunk, D], every row padded with the empty prompt's chunk to the
@@ -131,7 +135,7 @@ class WeightedEncoder:
 
         rows = []
         for prompt in prompts:
-            fragments = self._within_limit(parse(prompt))
+            fragments = self._cut(parse(prompt)) if self.cut else self._within_limit(parse(prompt))
             rows.append(self.provider.get_embeddings_for_weighted_prompt_fragments(
                 [[text for text, _ in fragments]], [[weight for _, weight in fragments]],
                 device=self.provider.device))
@@ -139,6 +143,17 @@ class WeightedEncoder:
         empty = self.empty.to(rows[0].dtype)
         return torch.cat([torch.cat([row] + [empty] * ((longest - row.shape[1]) // self.chunk), dim=1)
                           for row in rows])
+
+    def _cut(self, fragments: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        """The fragments as they are, with a warning naming what the one sequence cannot hold."""
+        from smd_cli.family import PromptTruncatedWarning
+
+        tokenizer, room = self.provider.tokenizer, self.chunk - len(self.provider.bos_sequence) - 1
+        ids = [i for text, _ in fragments for i in tokenizer(text, add_special_tokens=False).input_ids]
+        if len(ids) > room:
+            warnings.warn(f"prompt longer than the text encoder's {self.chunk} tokens; cut: "
+                          f"{tokenizer.decode(ids[room:])[:200]!r}", PromptTruncatedWarning, stacklevel=6)
+        return fragments
 
     def _within_limit(self, fragments: list[tuple[str, float]]) -> list[tuple[str, float]]:
         """The fragments cut after `MAX_CHUNKS` chunks' worth of tokens, with a warning naming the cut."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import rel_err
 
-from smd_cli.family import PromptTruncatedWarning, PromptWeightsIgnoredWarning
+from smd_cli.family import PromptTruncatedWarning
 from smd_cli.prompts import PromptSyntaxError, parse, plain
 
 LONG = ", ".join(f"a {word} house" for word in ["red", "blue", "tall", "small", "green", "old", "new", "wide"] * 3)
@@ -119,13 +119,25 @@ def test_sdxl_weights_both_encoders_and_pools_the_first_chunk(tiny_sdxl):
     assert np.isfinite(image).all()
 
 
-def test_flux_reads_the_text_of_a_weighted_prompt_and_says_the_weights_are_lost(tiny_flux):
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_t5_families_weight_their_prompts_in_one_sequence(family, tiny_sd3, tiny_flux):
+    """compel's reading of an unweighted prompt is diffusers' (T5 and CLIP alike, one sequence
+    each); a weight changes the conditioning and keeps its shape; a weight of 1 is the plain prompt."""
     from smd_cli import StableMultiDiffusionPipeline
 
-    flux = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_flux))
-    with pytest.warns(PromptWeightsIgnoredWarning, match="reads 'a \\(red:1.3\\) fox' without them"):
-        weighted = flux.encode_prompts(["a (red:1.3) fox"])
-    torch.testing.assert_close(weighted.states, flux.encode_prompts(["a red fox"]).states)
+    smd = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_sd3 if family == "sd3" else tiny_flux))
+    plain = smd.encode_prompts(["a red fox"])
+    weighted = smd.encode_prompts(["a (red:1.4) fox"])
+    assert weighted.states.shape == plain.states.shape and rel_err(plain.states, weighted.states) > 1e-4
+    torch.testing.assert_close(smd.encode_prompts(["(a red fox:1.0)"]).states, plain.states, rtol=0, atol=0)
+    f = smd.family
+    t5 = f._weighted(f.tokenizer_3 if family == "sd3" else f.tokenizer_2,
+                     f.text_encoder_3 if family == "sd3" else f.text_encoder_2, length=f.max_sequence_length)
+    if family == "flux":
+        torch.testing.assert_close(t5.states(["a red fox"]).to(plain.states.dtype), plain.states)
+    image = smd.sample("a (red:1.4) fox", height=64, width=64, num_inference_steps=2, output_type="np",
+                       generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(image).all()
 
 
 def test_negative_auto_makes_each_layers_prompt_a_negative_of_the_others():
