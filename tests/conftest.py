@@ -154,3 +154,23 @@ def stream_frame(model, size: int, **layer):
                                   use_tiny_vae=False)
     stream.update_single_layer(0, prompt="a cat", mask=np.ones((size, size), np.float32), **layer)
     return np.asarray(stream(), np.float32)
+
+
+def family_reference(model, family: str, options: dict, pipeline: str | None = None, **components):
+    """diffusers' pipeline for a tiny model (`pipeline`, default the family's own) set to the
+    sampler each family's conformance tests compare, DDIM on SD 1.x and trailing Euler on SDXL,
+    and smd's sampling options for the same: (reference, options)."""
+    import diffusers
+
+    name = pipeline or ("StableDiffusionPipeline" if family == "sd" else "StableDiffusionXLPipeline")
+    extra = {"safety_checker": None} if family == "sd" else {}
+    reference = getattr(diffusers, name).from_pretrained(str(model), **extra, **components)
+    if family == "sdxl":
+        reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config,
+                                                                           timestep_spacing="trailing")
+        options = dict(options, scheduler="euler", timestep_spacing="trailing")
+    else:
+        reference.scheduler = diffusers.DDIMScheduler.from_config(reference.scheduler.config)
+        options = dict(options, scheduler="ddim")
+    reference.set_progress_bar_config(disable=True)
+    return reference, options

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err, stream_frame, write
+from conftest import family_reference, rel_err, stream_frame, write
 from PIL import Image
 from tinymodel import write_tiny_controlnet
 
@@ -42,19 +42,10 @@ def test_a_canvas_controlnet_equals_diffusers_controlnet_pipeline(family, guidan
 
     model = tiny_model if family == "sd" else tiny_sdxl
     folder = write_tiny_controlnet(model, tmp_path / "net")
-    cls = (diffusers.StableDiffusionControlNetPipeline if family == "sd"
-           else diffusers.StableDiffusionXLControlNetPipeline)
-    extra = {"safety_checker": None} if family == "sd" else {}
-    reference = cls.from_pretrained(str(model), controlnet=diffusers.ControlNetModel.from_pretrained(str(folder)),
-                                    **extra)
-    sampler = dict(KW, guidance_scale=guidance)
-    if family == "sdxl":  # the sampler the SDXL conformance tests compare
-        sampler.update(scheduler="euler", timestep_spacing="trailing")
-        reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config,
-                                                                           timestep_spacing="trailing")
-    else:
-        reference.scheduler = diffusers.DDIMScheduler.from_config(reference.scheduler.config)
-    reference.set_progress_bar_config(disable=True)
+    reference, sampler = family_reference(
+        model, family, dict(KW, guidance_scale=guidance),
+        "StableDiffusionControlNetPipeline" if family == "sd" else "StableDiffusionXLControlNetPipeline",
+        controlnet=diffusers.ControlNetModel.from_pretrained(str(folder)))
     expected = reference("a photo of the sun", image=control_image(), height=SIZE, width=SIZE, num_inference_steps=4,
                          guidance_scale=guidance, negative_prompt="blurry" if guidance > 1 else None,
                          controlnet_conditioning_scale=0.8, control_guidance_start=0.0, control_guidance_end=0.75,

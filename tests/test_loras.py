@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err, stream_frame, write
+from conftest import family_reference, rel_err, stream_frame, write
 from tinymodel import write_tiny_lora
 
 from smd_cli.loras import as_loras
@@ -45,22 +45,13 @@ def halves() -> np.ndarray:
 
 @pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_a_canvas_lora_equals_diffusers_with_the_same_adapter(family, tiny_model, tiny_sdxl, tmp_path):
-    import diffusers
-
     from smd_cli import StableMultiDiffusionPipeline
 
     model = tiny_model if family == "sd" else tiny_sdxl
     file = write_tiny_lora(model, tmp_path, seed=2)
-    cls = diffusers.StableDiffusionPipeline if family == "sd" else diffusers.StableDiffusionXLPipeline
-    reference = cls.from_pretrained(str(model), **({"safety_checker": None} if family == "sd" else {}))
+    reference, sampler = family_reference(model, family, KW)
     reference.load_lora_weights(str(tmp_path), weight_name=file.name, adapter_name="a")
     reference.set_adapters(["a"], adapter_weights=[0.7])
-    # The samplers each family's conformance tests compare: DDIM on SD 1.x, trailing Euler on SDXL.
-    sampler = dict(KW, scheduler="euler", timestep_spacing="trailing") if family == "sdxl" else KW
-    reference.scheduler = (diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config,
-                                                                        timestep_spacing="trailing")
-                           if family == "sdxl" else diffusers.DDIMScheduler.from_config(reference.scheduler.config))
-    reference.set_progress_bar_config(disable=True)
     expected = reference("a photo of the sun", height=SIZE, width=SIZE, num_inference_steps=3, guidance_scale=1.0,
                          latents=latents(), output_type="np").images[0]
     smd = StableMultiDiffusionPipeline("cpu", hf_key=str(model), lcm_lora="none")

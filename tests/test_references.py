@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err, stream_frame, write
+from conftest import family_reference, rel_err, stream_frame, write
 from PIL import Image
 from tinymodel import write_tiny_ip_adapter
 
@@ -42,24 +42,13 @@ def sd(tiny_model):
 
 @pytest.mark.parametrize("family, guidance", [("sd", 1.0), ("sd", 3.0), ("sdxl", 3.0)])
 def test_a_reference_equals_diffusers_ip_adapter(family, guidance, tiny_model, tiny_sdxl, tmp_path):
-    import diffusers
-
     from smd_cli import StableMultiDiffusionPipeline
 
     model = tiny_model if family == "sd" else tiny_sdxl
     file = write_tiny_ip_adapter(model, tmp_path / "ip")
-    cls = diffusers.StableDiffusionPipeline if family == "sd" else diffusers.StableDiffusionXLPipeline
-    reference = cls.from_pretrained(str(model), **({"safety_checker": None} if family == "sd" else {}))
+    reference, sampler = family_reference(model, family, dict(KW, guidance_scale=guidance))
     reference.load_ip_adapter(str(file.parent), subfolder="", weight_name=file.name)
     reference.set_ip_adapter_scale(0.7)
-    sampler = dict(KW, guidance_scale=guidance)
-    if family == "sdxl":
-        sampler.update(scheduler="euler", timestep_spacing="trailing")
-        reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config,
-                                                                           timestep_spacing="trailing")
-    else:
-        reference.scheduler = diffusers.DDIMScheduler.from_config(reference.scheduler.config)
-    reference.set_progress_bar_config(disable=True)
     expected = reference("a photo of the sun", ip_adapter_image=picture(), height=SIZE, width=SIZE,
                          num_inference_steps=3, guidance_scale=guidance, latents=latents(), output_type="np").images[0]
     smd = StableMultiDiffusionPipeline("cpu", hf_key=str(model), lcm_lora="none")
