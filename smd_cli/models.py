@@ -535,6 +535,8 @@ def load_lora(pipe, source: str, what: str, *, adapter_name: str | None = None, 
             else:
                 pipe.load_lora_weights(source, local_files_only=_offline(), **options)
         except (RuntimeError, ValueError) as exc:
+            if adapter_name and any(adapter_name in names for names in pipe.get_list_adapters().values()):
+                pipe.delete_adapters(adapter_name)  # what loaded before the failure goes too
             if "size mismatch" not in str(exc):
                 raise
             raise ModelError(f"{what} '{source}' does not fit this {name} model: its layers have other sizes "

@@ -170,3 +170,33 @@ def test_a_layer_lora_of_another_family_is_an_error_at_its_key(run_cli, tiny_mod
 def test_a_stream_layer_takes_its_own_lora(tiny_model, lora):
     with_lora = stream_frame(tiny_model, SIZE, loras=[str(lora)])
     assert np.abs(with_lora - stream_frame(tiny_model, SIZE, loras=[])).mean() > 0.1
+
+
+def test_a_loras_text_encoder_weights_act_over_the_canvas_not_from_a_layer(tiny_model, lora, tmp_path):
+    """A canvas LoRA's text-encoder weights change every prompt's encoding; a layer's LoRA leaves
+    the encoding alone (every prompt goes through the one set of text encoders)."""
+    from safetensors.torch import load_file, save_file
+
+    from smd_cli import StableMultiDiffusionPipeline
+
+    weights = load_file(str(lora))
+    smd = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_model), lcm_lora="none")
+    width = smd.text_encoder.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    for name in ("q_proj", "v_proj"):
+        prefix = f"text_encoder.text_model.encoder.layers.0.self_attn.{name}"
+        weights[f"{prefix}.lora_A.weight"] = torch.randn(4, width, generator=g)
+        weights[f"{prefix}.lora_B.weight"] = torch.randn(width, 4, generator=g)
+    file = str(tmp_path / "with-te.safetensors")
+    save_file(weights, file)
+    plain = smd.encode_prompts(["a cat"]).states.clone()
+    seen = []
+    hook = smd.unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"][0]),
+                                              with_kwargs=True)
+    try:
+        smd("a cat", masks=np.ones((1, SIZE, SIZE), np.float32), layer_loras=[[file]], latents=latents(), **KW)
+        torch.testing.assert_close(seen[-1], plain[0], rtol=0, atol=0)
+        smd("a cat", loras=file, latents=latents(), **KW)
+        assert rel_err(plain[0], seen[-1]) > 1e-3
+    finally:
+        hook.remove()
