@@ -1,8 +1,10 @@
 """ControlNets over the whole canvas and over single layers.
 
 A control image (a pose, a depth map, edges) is brought to the canvas's size once, as diffusers'
-ControlNet pipelines bring it to the image's (RGB in [0, 1]), and each (layer, view) row is given
-the part of it under its window, as the row's latent is the part of the canvas's. The ControlNet
+ControlNet pipelines bring it to the image's (RGB in [0, 1] for a UNet's ControlNet; for FLUX.1's,
+in [-1, 1] and encoded by the VAE into a latent, whose mode is taken where diffusers draws a
+sample), and each (layer, view) row is given the part of it under its window, as the row's latent
+is the part of the canvas's. The ControlNet
 runs on the rows it acts on, with their own latents, timesteps and text states, and its residuals
 are added to those rows' UNet features (zero for the others), so one UNet call still serves the
 whole batch. `start` and `end` are fractions of the steps, read as diffusers reads
@@ -60,16 +62,19 @@ def as_specs(value) -> list[ControlSpec]:
 def active_timesteps(timesteps: Sequence[float], start: float, end: float) -> frozenset:
     """The timesteps at which a net with this start and end acts (diffusers' `controlnet_keep`)."""
     n = len(timesteps)
-    return frozenset(t for i, t in enumerate(timesteps) if not (i / n < start or (i + 1) / n > end))
+    # As float32, the precision the denoiser's timesteps arrive in (FLUX's are fractions).
+    return frozenset(float(torch.tensor(t, dtype=torch.float32)) for i, t in enumerate(timesteps)
+                     if not (i / n < start or (i + 1) / n > end))
 
 
 class ControlNets:
     """The ControlNets loaded for one model (each once) and the control images at canvas size."""
 
-    def __init__(self, unet, *, device: torch.device, dtype: torch.dtype, factor: int):
-        self.unet, self.device, self.dtype, self.factor = unet, device, dtype, factor
+    def __init__(self, unet, *, device: torch.device, dtype: torch.dtype, factor: int, encode=None):
+        """`encode` (pixels in [-1, 1] to a latent) makes the family's control images latents (FLUX.1)."""
+        self.unet, self.device, self.dtype, self.factor, self.encode = unet, device, dtype, factor, encode
         self.models: dict[str, Any] = {}
-        self.images: dict[str, tuple[str, torch.Tensor]] = {}  # key -> (model, [1, 3, H, W] in [0, 1])
+        self.images: dict[str, tuple[str, torch.Tensor]] = {}  # key -> (model, [1, 3, H, W] or its latent)
 
     def add(self, spec: ControlSpec, width: int, height: int, timesteps: Sequence[float]) -> Control:
         """Load the spec's net (once) and its image at canvas size; the `Control` rows carry."""
@@ -85,8 +90,12 @@ class ControlNets:
                            f"{width}x{height}: the aspect ratios differ; crop or pad the image, or set width "
                            "and height to match it")
         self.load(spec.model)
-        pixels = VaeImageProcessor(vae_scale_factor=self.factor, do_convert_rgb=True, do_normalize=False)
+        latent = self.encode is not None
+        pixels = VaeImageProcessor(vae_scale_factor=self.factor * (2 if latent else 1), do_convert_rgb=True,
+                                   do_normalize=latent)
         image = pixels.preprocess(spec.image, height=height, width=width).to(self.device, torch.float32)
+        if latent:
+            image = self.encode(image)
         digest = hashlib.sha256(image.cpu().numpy().tobytes()).hexdigest()[:16]
         key = f"{spec.model}@{digest}"
         self.images[key] = (spec.model, image)
@@ -97,7 +106,7 @@ class ControlNets:
         family is a `ModelError`."""
         if source in self.models:
             return self.models[source]
-        from diffusers import ControlNetModel
+        from diffusers import ControlNetModel, FluxControlNetModel
 
         from smd_cli.files import is_dir
         from smd_cli.models import _loading, _looks_like_path, _offline
@@ -105,33 +114,42 @@ class ControlNets:
         path = Path(source).expanduser()
         if _looks_like_path(source) and not is_dir(path):
             raise ModelError(f"ControlNet folder not found: {path}")
+        cls = FluxControlNetModel if self.encode is not None else ControlNetModel
         with _loading(source, "ControlNet"):
-            net = ControlNetModel.from_pretrained(str(path) if is_dir(path) else source, torch_dtype=self.dtype,
-                                                  local_files_only=is_dir(path) or _offline())
+            net = cls.from_pretrained(str(path) if is_dir(path) else source, torch_dtype=self.dtype,
+                                      local_files_only=is_dir(path) or _offline())
         mine, theirs = self.unet.config, net.config
-        if (theirs.cross_attention_dim != mine.cross_attention_dim
+        width = "joint_attention_dim" if self.encode is not None else "cross_attention_dim"
+        if (theirs.get(width) != mine.get(width) or theirs.get("in_channels") != mine.get("in_channels")
                 or theirs.get("addition_embed_type") != mine.get("addition_embed_type")
-                or tuple(theirs.block_out_channels) != tuple(mine.block_out_channels)):
-            raise ModelError(f"ControlNet '{source}' is for another model family: its cross-attention width is "
-                             f"{theirs.cross_attention_dim}, this model's {mine.cross_attention_dim}; use a "
-                             "ControlNet made for this model's family")
+                or tuple(theirs.get("block_out_channels") or ()) != tuple(mine.get("block_out_channels") or ())):
+            raise ModelError(f"ControlNet '{source}' is for another model family: its text width is "
+                             f"{theirs.get(width)}, this model's {mine.get(width)}; use a ControlNet made for this "
+                             "model's family")
         self.models[source] = net.to(self.device)
         return net
 
-    def residuals(self, x: torch.Tensor, t: torch.Tensor, cond, placement, added: dict | None):
-        """The ControlNets' residuals for rows x (down-block list and mid-block tensor), each net
-        run on the rows it acts on now and scaled per row; None when none acts on any row."""
+    @property
+    def repeats(self) -> bool:
+        """FLUX.1: XLabs' ControlNets (with an input hint block) give residuals the transformer
+        repeats over its blocks; InstantX's give one per block."""
+        return any(getattr(net, "input_hint_block", None) is not None for net in self.models.values())
+
+    def residuals(self, x: torch.Tensor, t: torch.Tensor, cond, placement, call):
+        """The ControlNets' residuals for rows x, each net run on the rows it acts on now (`call(net,
+        rows, crops)` runs it and returns its outputs as lists of tensors, row first) and scaled
+        per row, zero for the other rows; None when none acts on any row."""
         sets = cond.controls
         if not sets or not any(sets):
             return None
         b, _, h, w = x.shape
         times = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(-1)
-        down, mid = None, None
+        total = None
         for key in dict.fromkeys(c.key for s in sets for c in s):
             scales = torch.zeros(b, device=x.device, dtype=torch.float32)
             for i, s in enumerate(sets):
                 for c in s:
-                    if c.key == key and float(times[i]) in c.active:
+                    if c.key == key and float(times[i].float()) in c.active:
                         scales[i] += c.scale
             rows = torch.nonzero(scales).flatten()
             if len(rows) == 0:
@@ -139,23 +157,20 @@ class ControlNets:
             model, image = self.images[key]
             corners = placement.corners if placement else [(0, 0)] * b
             crops = torch.cat([self._crop(image, corners[i], h, w) for i in rows.tolist()])
-            part = None if added is None else {k: v[rows] for k, v in added.items()}
-            d, m = self.models[model](x[rows].to(self.dtype), times[rows], encoder_hidden_states=cond.states[rows],
-                                      controlnet_cond=crops.to(self.dtype), conditioning_scale=1.0,
-                                      added_cond_kwargs=part, return_dict=False)
-            weight = scales[rows].to(self.dtype)
-            if down is None:
-                down = [torch.zeros((b, *r.shape[1:]), device=x.device, dtype=r.dtype) for r in d]
-                mid = torch.zeros((b, *m.shape[1:]), device=x.device, dtype=m.dtype)
-            for total, r in zip(down, d):
-                total[rows] += r * weight.view(-1, 1, 1, 1)
-            mid[rows] += m * weight.view(-1, 1, 1, 1)
-        return None if down is None else (down, mid)
+            outputs = call(self.models[model], rows, crops.to(self.dtype))
+            if total is None:
+                total = [[None if r is None else torch.zeros((b, *r.shape[1:]), device=x.device, dtype=r.dtype)
+                          for r in group] for group in outputs]
+            for sums, group in zip(total, outputs):
+                for s, r in zip(sums, group):
+                    if r is not None:
+                        s[rows] += r * scales[rows].to(r.dtype).view(-1, *[1] * (r.dim() - 1))
+        return total
 
     def _crop(self, image: torch.Tensor, corner: tuple[int, int], h: int, w: int) -> torch.Tensor:
-        """The image under a window at latent `corner` of latent size h x w (wrapping round, as
-        a circular canvas's views do)."""
-        f = self.factor
+        """The image (or latent) under a window at latent `corner` of latent size h x w (wrapping
+        round, as a circular canvas's views do)."""
+        f = 1 if self.encode is not None else self.factor
         height, width = image.shape[-2:]
         rows = (torch.arange(h * f, device=image.device) + corner[0] * f) % height
         cols = (torch.arange(w * f, device=image.device) + corner[1] * f) % width

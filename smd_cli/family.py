@@ -337,13 +337,23 @@ class StableDiffusion:
         if not isinstance(t, torch.Tensor):  # a tensor, so that a compiled UNet is not specialised on each t
             t = torch.tensor(t, dtype=torch.float32, device=self.device)
         added = self._added(x, cond, placement)
-        control = self.controlnets.residuals(x, t, cond, placement, added) if cond.controls else None
+        control = None
+        if cond.controls:
+            def run(net, rows, crops):
+                part = None if added is None else {k: v[rows] for k, v in added.items()}
+                times = t.reshape(-1).expand(len(x)) if t.numel() == 1 else t.reshape(-1)
+                down, mid = net(x[rows].to(self.dtype), times[rows], encoder_hidden_states=cond.states[rows],
+                                controlnet_cond=crops, conditioning_scale=1.0, added_cond_kwargs=part,
+                                return_dict=False)
+                return list(down), [mid]
+
+            control = self.controlnets.residuals(x, t, cond, placement, run)
         if self.references.adapter is not None:  # an IP-Adapter in the UNet wants an image for every row
             refs = cond.references or (None,) * len(x)
             added = {**(added or {}), "image_embeds": [self.references.inputs(refs, len(x))]}
         out = self.unet(x.to(self.dtype), t, encoder_hidden_states=cond.states, timestep_cond=tc,
                         added_cond_kwargs=added, down_block_additional_residuals=control and control[0],
-                        mid_block_additional_residual=control and control[1], return_dict=False)[0].float()
+                        mid_block_additional_residual=control and control[1][0], return_dict=False)[0].float()
         if self.scheduler.config.prediction_type == "v_prediction":
             abar = self.scheduler.alphas_cumprod.to(out.device)[torch.as_tensor(t, device=out.device).long()]
             a = abar.sqrt().reshape(-1, 1, 1, 1)
@@ -574,6 +584,8 @@ class Flux(StableDiffusion3):
     def __init__(self, components: Components, *, device: torch.device, dtype: torch.dtype):
         super().__init__(components, device=device, dtype=dtype)
         self._ids: dict[tuple[int, int], torch.Tensor] = {}
+        self.controlnets = ControlNets(self.unet, device=device, dtype=dtype, factor=self.factor,
+                                       encode=self.encode_image)
 
     def _image_ids(self, rows: int, cols: int) -> torch.Tensor:
         """RoPE positions (0, row, col) of a `rows` x `cols` token grid, made once per size: every
@@ -626,13 +638,34 @@ class Flux(StableDiffusion3):
         """The transformer's velocity for latents x [B, C, h, w] (float32, unpacked)."""
         b, c, h, w = x.shape
         t = self._timesteps(t, b)
-        packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        packed = pack(x).to(self.dtype)
         txt_ids = torch.zeros(cond.states.shape[1], 3, device=self.device, dtype=self.dtype)
-        guidance = torch.full((b,), guidance_scale, device=self.device) if self.guidance_distilled else None
-        out = self.unet(hidden_states=packed.to(self.dtype), timestep=(t / 1000).to(self.dtype), guidance=guidance,
-                        pooled_projections=cond.pooled, encoder_hidden_states=cond.states, txt_ids=txt_ids,
-                        img_ids=self._image_ids(h // 2, w // 2), return_dict=False)[0].float()
+        img_ids = self._image_ids(h // 2, w // 2)
+        guidance = torch.full((b,), guidance_scale, device=self.device)
+        control = None
+        if cond.controls:  # FLUX.1 ControlNets (smd_cli.controls), on the rows they act on
+            def run(net, rows, crops):
+                blocks, singles = net(hidden_states=packed[rows], controlnet_cond=pack(crops), conditioning_scale=1.0,
+                                      timestep=(t[rows] / 1000).to(self.dtype),
+                                      guidance=guidance[rows] if net.config.guidance_embeds else None,
+                                      pooled_projections=cond.pooled[rows], encoder_hidden_states=cond.states[rows],
+                                      txt_ids=txt_ids, img_ids=img_ids, return_dict=False)
+                return list(blocks or []), list(singles or [])
+
+            control = self.controlnets.residuals(x, t, cond, placement, run)
+        out = self.unet(hidden_states=packed, timestep=(t / 1000).to(self.dtype),
+                        guidance=guidance if self.guidance_distilled else None, pooled_projections=cond.pooled,
+                        encoder_hidden_states=cond.states, txt_ids=txt_ids, img_ids=img_ids,
+                        controlnet_block_samples=(control[0] or None) if control else None,
+                        controlnet_single_block_samples=(control[1] or None) if control else None,
+                        controlnet_blocks_repeat=self.controlnets.repeats, return_dict=False)[0].float()
         return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """FLUX's tokens: latents [B, C, h, w] packed 2x2 into [B, h/2 * w/2, 4C]."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
 
 
 # Families whose models are trained by flow matching.

@@ -217,8 +217,8 @@ class StableMultiDiffusionPipeline:
 
     def load_controlnet(self, source: str) -> None:
         """Load a ControlNet (a folder or hub id) once; one for another model family is refused."""
-        if self.family.name in FLOW_FAMILIES:
-            raise SmdError(f"ControlNets run on SD 1.x and SDXL here, not on {defaults.FAMILY_NAMES[self.family.name]}")
+        if self.family.name == "sd3":
+            raise SmdError("ControlNets run on SD 1.x, SDXL and FLUX.1 here, not on SD3")
         self.family.controlnets.load(source)
 
     def row_controls(self, canvas: Sequence[ControlSpec], layers: Layers, width: int, height: int,
@@ -228,8 +228,8 @@ class StableMultiDiffusionPipeline:
         own = layers.controlnets or [[] for _ in layers.prompts]
         if not canvas and not any(own):
             return [() for _ in layers.prompts]
-        if self.family.name in FLOW_FAMILIES:
-            raise SmdError(f"ControlNets run on SD 1.x and SDXL here, not on {defaults.FAMILY_NAMES[self.family.name]}")
+        if self.family.name == "sd3":
+            raise SmdError("ControlNets run on SD 1.x, SDXL and FLUX.1 here, not on SD3")
         nets = self.family.controlnets
         shared = tuple(nets.add(spec, width, height, timesteps) for spec in canvas)
         return [shared + tuple(nets.add(spec, width, height, timesteps) for spec in mine) for mine in own]

@@ -222,3 +222,35 @@ def test_a_flux_lora_equals_diffusers_and_acts_on_its_layer_alone(flux, tiny_flu
     whole = flux("a photo of the sun", masks=np.ones((1, SIZE, SIZE), np.float32), layer_loras=[[(str(file), 0.8)]],
                  bootstrap_steps=0, **options)
     np.testing.assert_allclose(whole, got, atol=1e-6)
+
+
+def test_a_flux_controlnet_equals_diffusers_and_acts_per_layer(tiny_flux, tmp_path):
+    """InstantX's kind of FLUX.1 ControlNet: the control image's latent (taken at its mode; the
+    VAE here is made a point posterior, so diffusers' sample is the same) cut per row."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+    from PIL import Image
+    from tinymodel import write_tiny_controlnet
+
+    from smd_cli import StableMultiDiffusionPipeline
+
+    net = write_tiny_controlnet(tiny_flux, tmp_path / "net")
+    image = Image.fromarray((np.random.default_rng(0).random((48, 48, 3)) * 255).astype(np.uint8))
+    smd = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_flux))
+    with torch.no_grad():
+        conv = smd.vae.quant_conv if smd.vae.quant_conv is not None else smd.vae.encoder.conv_out
+        conv.weight[conv.out_channels // 2:] = 0  # log-variance -30: a standard deviation of 3e-7
+        conv.bias[conv.out_channels // 2:] = -30.0
+    options = dict(height=SIZE, width=SIZE, output_type="np", num_inference_steps=4, guidance_scale=3.5)
+    spec = dict(model=str(net), image=image, scale=0.8, end=0.75)
+    got = smd.sample("a cat", controlnets=spec, latents=latents(2), **options)
+    plain = smd.sample("a cat", latents=latents(2), **options)
+    reference = FluxControlNetPipeline.from_pretrained(str(tiny_flux), controlnet=FluxControlNetModel.from_pretrained(
+        str(net)), vae=smd.vae)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference("a cat", control_image=image, controlnet_conditioning_scale=0.8, control_guidance_end=0.75,
+                         latents=FluxControlNetPipeline._pack_latents(latents(2), 1, 4, SIZE // 2, SIZE // 2),
+                         **options).images[0]
+    assert rel_err(expected, got) < 1e-4 and rel_err(expected, plain) > 1e-3
+    whole = smd("a cat", masks=np.ones((1, SIZE, SIZE), np.float32), layer_controlnets=[[spec]], latents=latents(2),
+                **options)
+    np.testing.assert_allclose(whole, got, atol=1e-6)

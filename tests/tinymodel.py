@@ -306,13 +306,26 @@ def write_tiny_lora(model: Path, folder: Path, *, seed: int = 0, name: str = "py
 
 def write_tiny_controlnet(model: Path, folder: Path, *, seed: int = 0) -> Path:
     """A ControlNet made from a tiny SD or SDXL model's UNet (as `ControlNetModel.from_unet` makes
-    one), its zero convolutions given random weights so that it changes what it controls, and its
-    image embedding downscaling as the model's VAE does; saved as a diffusers folder."""
+    one; for FLUX.1, from its transformer), its zero layers given random weights so that it changes
+    what it controls, and its image embedding downscaling as the model's VAE does; saved as a
+    diffusers folder."""
     import math
 
     import torch
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import ControlNetModel, FluxControlNetModel, FluxTransformer2DModel, UNet2DConditionModel
 
+    if (Path(model) / "transformer").is_dir():  # FLUX.1: InstantX's kind, made as from_transformer makes one
+        transformer = FluxTransformer2DModel.from_pretrained(str(Path(model) / "transformer"))
+        c = transformer.config
+        net = FluxControlNetModel.from_transformer(transformer, num_layers=1, num_single_layers=1,
+                                                   attention_head_dim=c.attention_head_dim,
+                                                   num_attention_heads=c.num_attention_heads)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for linear in [*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder]:
+                linear.weight.normal_(0, 0.5 / math.sqrt(linear.weight.shape[1]))
+        net.save_pretrained(str(folder))
+        return folder
     unet = UNet2DConditionModel.from_pretrained(str(Path(model) / "unet"))
     vae = json.loads((Path(model) / "vae" / "config.json").read_text())
     steps = len(vae["block_out_channels"]) - 1  # the VAE's factor is 2 ** steps
