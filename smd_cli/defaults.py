@@ -17,7 +17,9 @@ LCM_LORAS = {"sd": "latent-consistency/lcm-lora-sdv1-5", "sdxl": "latent-consist
 LCM_LORA = LCM_LORAS["sd"]  # the default model's
 # The IP-Adapter a reference image goes through when a scene names none (h94/IP-Adapter's base ones).
 IP_ADAPTERS = {"sd": "h94/IP-Adapter/models/ip-adapter_sd15.safetensors",
-               "sdxl": "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors"}
+               "sdxl": "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors",
+               "flux": "XLabs-AI/flux-ip-adapter/ip_adapter.safetensors"}
+FLUX_IP_ADAPTER_ENCODER = "openai/clip-vit-large-patch14"  # the image encoder XLabs' IP-Adapter reads
 TINY_VAES = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl", "sd3": "madebyollin/taesd3",
              "flux": "madebyollin/taef1"}
 

@@ -653,9 +653,13 @@ class Flux(StableDiffusion3):
                 return list(blocks or []), list(singles or [])
 
             control = self.controlnets.residuals(x, t, cond, placement, run)
+        attention = None
+        if self.references.adapter is not None:  # XLabs' IP-Adapter: an image for every row
+            attention = {"ip_adapter_image_embeds": [self.references.inputs(cond.references or (None,) * b, b)]}
         out = self.unet(hidden_states=packed, timestep=(t / 1000).to(self.dtype),
                         guidance=guidance if self.guidance_distilled else None, pooled_projections=cond.pooled,
                         encoder_hidden_states=cond.states, txt_ids=txt_ids, img_ids=img_ids,
+                        joint_attention_kwargs=attention,
                         controlnet_block_samples=(control[0] or None) if control else None,
                         controlnet_single_block_samples=(control[1] or None) if control else None,
                         controlnet_blocks_repeat=self.controlnets.repeats, return_dict=False)[0].float()

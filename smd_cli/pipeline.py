@@ -199,20 +199,18 @@ class StableMultiDiffusionPipeline:
         own = layers.references or [None] * len(layers.prompts)
         if canvas is None and not any(own):
             return cond, uncond
-        if self.family.name in FLOW_FAMILIES:
-            raise SmdError(f"reference images run on SD 1.x and SDXL here, not on "
-                           f"{defaults.FAMILY_NAMES[self.family.name]}")
+        if self.family.name == "sd3":
+            raise SmdError("reference images run on SD 1.x, SDXL and FLUX.1 here, not on SD3")
         refs = [None if spec is None else self.family.references.add(spec)
                 for spec in (mine if mine is not None else canvas for mine in own)]
-        blank = [None if r is None else Reference(None, r.scale) for r in refs]
+        blank = [None if r is None else self.family.references.negative(r.scale) for r in refs]
         return cond.with_references(refs), uncond and uncond.with_references(blank)
 
     def load_ip_adapter(self, adapter: str | None = None) -> str:
         """Load an IP-Adapter (a weights file with `image_encoder/` beside it, or
         `owner/name/sub/file.safetensors`; default: the family's) for reference images."""
-        if self.family.name in FLOW_FAMILIES:
-            raise SmdError(f"reference images run on SD 1.x and SDXL here, not on "
-                           f"{defaults.FAMILY_NAMES[self.family.name]}")
+        if self.family.name == "sd3":
+            raise SmdError("reference images run on SD 1.x, SDXL and FLUX.1 here, not on SD3")
         return self.family.references.load(adapter)
 
     def load_controlnet(self, source: str) -> None:

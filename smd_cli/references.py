@@ -7,7 +7,8 @@ image's embedding (and, as diffusers does for the unconditional pass, zeros on t
 rows), the rows of a layer without one zeros at scale 0. The adapter's scale is one number per
 denoiser call, so `StableDiffusion.predict` groups rows by it (rows of one scale share a call,
 each with its own image). A reference over the whole canvas (`reference:` at the top of a scene)
-acts on every row whose layer has none of its own.
+acts on every row whose layer has none of its own. On FLUX.1 (XLabs' IP-Adapter, diffusers'
+`FluxIPAdapterMixin`) the unconditional rows of true CFG see a black picture, as diffusers'.
 """
 
 from __future__ import annotations
@@ -93,10 +94,15 @@ class References:
         repo, sub, name = split_source(source)
         name_ = defaults.FAMILY_NAMES[self.family]
         loader = self.loader()
+        local = hub_file(source) is None
+        options = {}
+        if self.family == "flux":  # XLabs' layout: the image encoder is a repository of its own
+            encoder = str(Path(repo) / "image_encoder") if local else defaults.FLUX_IP_ADAPTER_ENCODER
+            options = dict(image_encoder_pretrained_model_name_or_path=encoder, image_encoder_dtype=self.dtype)
         with _loading(source, "IP-Adapter"), _silenced("diffusers"):
             try:
-                loader.load_ip_adapter(repo, subfolder=sub, weight_name=name,
-                                       local_files_only=hub_file(source) is None or _offline())
+                loader.load_ip_adapter(repo, subfolder=sub, weight_name=name, local_files_only=local or _offline(),
+                                       **options)
             except (RuntimeError, ValueError) as exc:
                 loader.register_modules(image_encoder=None, feature_extractor=None)  # a later try starts afresh
                 if "size mismatch" not in str(exc) and "expected shape" not in str(exc):
@@ -117,6 +123,15 @@ class References:
             encoder = loader.image_encoder
             self.embeds[key] = encoder(pixels.to(self.device, encoder.dtype)).image_embeds
         return Reference(key, float(spec.scale))
+
+    def negative(self, scale: float) -> Reference:
+        """What a reference's unconditional rows see, as diffusers gives it: zeros on SD 1.x and
+        SDXL, a black picture's embedding on FLUX.1."""
+        if self.family != "flux":
+            return Reference(None, scale)
+        from PIL import Image
+
+        return Reference(self.add(ReferenceSpec(Image.new("RGB", (64, 64)), scale, self.adapter)).key, scale)
 
     def inputs(self, rows: Sequence[Reference | None], batch: int) -> torch.Tensor:
         """The image embeddings [B, 1, D] of a call's rows (zeros where a row has none), its

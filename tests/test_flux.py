@@ -254,3 +254,33 @@ def test_a_flux_controlnet_equals_diffusers_and_acts_per_layer(tiny_flux, tmp_pa
     whole = smd("a cat", masks=np.ones((1, SIZE, SIZE), np.float32), layer_controlnets=[[spec]], latents=latents(2),
                 **options)
     np.testing.assert_allclose(whole, got, atol=1e-6)
+
+
+@pytest.mark.parametrize("true_cfg", [None, 3.0])
+def test_a_flux_reference_image_equals_diffusers_ip_adapter(tiny_flux, tmp_path, true_cfg):
+    """XLabs' kind of FLUX.1 IP-Adapter; with true CFG the unconditional rows see a black picture,
+    as diffusers' FluxPipeline gives them."""
+    from diffusers import FluxPipeline
+    from PIL import Image
+    from tinymodel import write_tiny_ip_adapter
+
+    from smd_cli import StableMultiDiffusionPipeline
+
+    file = write_tiny_ip_adapter(tiny_flux, tmp_path / "ip")
+    image = Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8))
+    options = dict(height=SIZE, width=SIZE, output_type="np", num_inference_steps=4, guidance_scale=3.5,
+                   **({"true_cfg_scale": true_cfg} if true_cfg else {}))
+    negative = "blurry" if true_cfg else ""
+    smd = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_flux))
+    plain = smd.sample("a cat", negative, latents=latents(2), **options)
+    got = smd.sample("a cat", negative, reference=dict(image=image, scale=0.7, adapter=str(file)), latents=latents(2),
+                     **options)
+    reference = FluxPipeline.from_pretrained(str(tiny_flux))
+    reference.load_ip_adapter(str(file.parent), weight_name=file.name, image_encoder_dtype=torch.float32,
+                              image_encoder_pretrained_model_name_or_path=str(file.parent / "image_encoder"))
+    reference.set_ip_adapter_scale(0.7)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference("a cat", negative_prompt=negative or None, ip_adapter_image=image,
+                         latents=FluxPipeline._pack_latents(latents(2), 1, 4, SIZE // 2, SIZE // 2),
+                         **options).images[0]
+    assert rel_err(expected, got) < 1e-4 and rel_err(expected, plain) > 1e-3

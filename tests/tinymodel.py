@@ -341,36 +341,40 @@ def write_tiny_controlnet(model: Path, folder: Path, *, seed: int = 0) -> Path:
 
 
 def write_tiny_ip_adapter(model: Path, folder: Path, *, seed: int = 0) -> Path:
-    """An IP-Adapter for a tiny SD or SDXL model's UNet, laid out as h94/IP-Adapter lays one out
-    (the weights file, its CLIP image encoder in `image_encoder/` beside it), with random
-    weights: the image projection to 4 tokens, and the key/value projections of every
-    cross-attention, numbered as diffusers reads them. Returns the weights file."""
+    """An IP-Adapter for a tiny SD or SDXL model's UNet (or FLUX.1's transformer), laid out as
+    h94/IP-Adapter lays one out (the weights file, its CLIP image encoder in `image_encoder/`
+    beside it), with random weights: the image projection to 4 tokens, and the key/value
+    projections of every cross-attention, numbered as diffusers reads them. Returns the file."""
     import torch
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    unet = UNet2DConditionModel.from_pretrained(str(Path(model) / "unet"))
-    cross, channels = unet.config.cross_attention_dim, list(unet.config.block_out_channels)
     torch.manual_seed(seed)
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=2, num_attention_heads=2,
         image_size=32, patch_size=8))
     encoder.save_pretrained(str(folder / "image_encoder"))
     g = torch.Generator().manual_seed(seed)
+    flux = (Path(model) / "transformer").is_dir()
+    if flux:  # XLabs' kind: the attention of every double-stream block
+        c = json.loads((Path(model) / "transformer" / "config.json").read_text())
+        cross, inner = c["joint_attention_dim"], c["num_attention_heads"] * c["attention_head_dim"]
+        targets = [(str(block), inner) for block in range(c["num_layers"])]
+    else:
+        unet = UNet2DConditionModel.from_pretrained(str(Path(model) / "unet"))
+        cross, channels = unet.config.cross_attention_dim, list(unet.config.block_out_channels)
+        names = [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
+        sizes = [channels[-1] if name.startswith("mid_block") else channels[int(name.split(".")[1])]
+                 if name.startswith("down_blocks") else channels[::-1][int(name.split(".")[1])] for name in names]
+        targets = [(str(1 + 2 * i), size) for i, size in enumerate(sizes)]  # numbered 1, 3, 5, ...
     tensors = {"image_proj.proj.weight": torch.randn(4 * cross, 24, generator=g) * 0.2,
                "image_proj.proj.bias": torch.zeros(4 * cross), "image_proj.norm.weight": torch.ones(cross),
                "image_proj.norm.bias": torch.zeros(cross)}
-    key = 1
-    for name in unet.attn_processors:
-        if name.endswith("attn1.processor"):
-            continue
-        block = name.split(".")[0]
-        hidden = (channels[-1] if block == "mid_block" else
-                  channels[int(name.split(".")[1])] if block == "down_blocks" else
-                  channels[::-1][int(name.split(".")[1])])
+    for key, hidden in targets:
         for which in ("to_k_ip", "to_v_ip"):
             tensors[f"ip_adapter.{key}.{which}.weight"] = torch.randn(hidden, cross, generator=g) * 0.3
-        key += 2
+            if flux:
+                tensors[f"ip_adapter.{key}.{which}.bias"] = torch.zeros(hidden)
     save_file(tensors, str(folder / "ip-adapter.safetensors"))
     return folder / "ip-adapter.safetensors"
