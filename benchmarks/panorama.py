@@ -41,22 +41,23 @@ class Size:
 SIZES = {"cpu": Size(64, 384, 96, 8, 1), "full": Size(512, 3072, 768, 64, 8)}
 
 
-def run_smd(args, size: Size):
-    """smd as shipped: LCM, 5 steps, guidance 1, its default views, (layer, view) pairs batched."""
+def smd_run(args, size: Size):
+    """smd as shipped: LCM, 5 steps, guidance 1, its default views, (layer, view) pairs batched;
+    returns (the run, its UNet)."""
     import torch
 
     from smd_cli import StableMultiDiffusionPipeline
 
     pipe = StableMultiDiffusionPipeline(args.device, hf_key=args.model, dtype=args.dtype, lcm_lora="none")
     warm_up(pipe.unet, _window(size.tile_size // pipe.vae_scale_factor, size, pipe.vae_scale_factor))
-    generator = torch.Generator("cpu").manual_seed(args.seed)
-    return measure(lambda: pipe.sample_panorama(PROMPT, height=size.height, width=size.width,
-                                                tile_size=size.tile_size, generator=generator, output_type="np"),
-                   pipe.unet, args.device)
+    return (lambda: pipe.sample_panorama(PROMPT, height=size.height, width=size.width, tile_size=size.tile_size,
+                                         generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np"),
+            pipe.unet)
 
 
-def run_multidiffusion(args, size: Size):
-    """diffusers' MultiDiffusion panorama on the same folder: DDIM 50 steps, guidance 7.5."""
+def multidiffusion_run(args, size: Size):
+    """diffusers' MultiDiffusion panorama on the same folder: DDIM 50 steps, guidance 7.5; returns
+    (the run, its UNet)."""
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
 
@@ -67,11 +68,22 @@ def run_multidiffusion(args, size: Size):
     # The pipeline always asks for its default 64-latent window; the CPU size needs a smaller one.
     ref.get_views = functools.partial(ref.get_views, window_size=size.window, stride=size.stride)
     warm_up(ref.unet, _window(size.window, size, DIFFUSERS_FACTOR))
-    generator = torch.Generator("cpu").manual_seed(args.seed)
-    return measure(lambda: ref(PROMPT, height=size.height, width=size.width, num_inference_steps=DDIM_STEPS,
-                               guidance_scale=GUIDANCE, view_batch_size=args.view_batch_size, generator=generator,
-                               output_type="np"),
-                   ref.unet, args.device)
+    return (lambda: ref(PROMPT, height=size.height, width=size.width, num_inference_steps=DDIM_STEPS,
+                        guidance_scale=GUIDANCE, view_batch_size=args.view_batch_size,
+                        generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np"),
+            ref.unet)
+
+
+def interleaved(runs, repeats: int, device):
+    """Each (run, unet) once untimed (first-run costs: kernels, the decoder at this size), then
+    `repeats` timed rounds taking turns; the run of median wall time of each."""
+    for run, _ in runs:
+        run()
+    measured = [[] for _ in runs]
+    for _ in range(repeats):
+        for times, (run, unet) in zip(measured, runs):
+            times.append(measure(run, unet, device))
+    return [sorted(times, key=lambda m: m.seconds)[len(times) // 2] for times in measured]
 
 
 def _window(window: int, size: Size, factor: int) -> tuple[int, int]:
@@ -83,17 +95,19 @@ def main(argv=None) -> str:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--view-batch-size", type=int, default=8,
                         help="MultiDiffusion's views per UNet call (smd batches pairs by itself)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the untimed one (median kept)")
     args = finish_args(parser.parse_args(argv))
     size = SIZES[args.size]
     with quiet():
-        smd = run_smd(args, size)
-        baseline = run_multidiffusion(args, size)
+        smd, baseline = interleaved([smd_run(args, size), multidiffusion_run(args, size)], args.repeats, args.device)
     rows = comparison_rows((f"smd: LCM 5 steps, guidance 1, tile {size.tile_size} px", smd),
                            (f"MultiDiffusion: DDIM {DDIM_STEPS} steps, guidance {GUIDANCE}, window {size.window} "
                             f"stride {size.stride} latents, {args.view_batch_size} views/call", baseline))
     notes = [f"{size.width}x{size.height} canvas, prompt {PROMPT!r}, seed {args.seed}, {args.dtype}, "
              f"{model_summary(args.model)}; both pipelines load the same folder and decode to pixels "
-             "inside the timed run", *comparison_notes(args.device)]
+             "inside the timed run",
+             f"each run once untimed, then {args.repeats} timed rounds taking turns; the median kept",
+             *comparison_notes(args.device)]
     return append_report(f"Panorama ({args.size}): smd vs diffusers StableDiffusionPanoramaPipeline", rows, notes,
                          device=args.device, write=not args.no_report)
 
