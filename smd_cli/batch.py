@@ -551,7 +551,8 @@ def _check_views(sf: SceneFile, width: int, height: int, factor: int | None) -> 
 
     s = sf.scene
     f = factor or defaults.MODEL_VAE_FACTOR
-    window, stride = view_sizes(s.tile_size, s.tile_stride, f)
+    tile = s.tile_size or min(defaults.NATIVE_SIZES.values())  # the model's is not known yet: the most views
+    window, stride = view_sizes(tile, s.tile_stride, f)
     count = len(starts(height // f, window, stride)) * len(starts(width // f, window, stride, s.circular))
     if count > MANY_VIEWS:
         warnings.warn(f"{sf.name}: {count} views per layer and step (tile_size {s.tile_size}, tile_stride "

@@ -188,6 +188,12 @@ class StableDiffusion:
         return int(self.unet.config.sample_size) * self.factor
 
     @property
+    def tile_size(self) -> int:
+        """The default view, in pixels: the family's native size (defaults.NATIVE_SIZES), or the
+        model's own where its config says larger (SD 2.x's 768)."""
+        return max(defaults.NATIVE_SIZES[self.name], self.native_size)
+
+    @property
     def granularity(self) -> int:
         """The UNet's total downsampling: its inputs' sides must be multiples of this."""
         return 2 ** (len(self.unet.config.block_out_channels) - 1)

@@ -183,7 +183,8 @@ def check_memory(sf: SceneFile, model: str | None, *, width: int, height: int, f
 
     batch = max_batch or (1 if device.type == "cuda" else AUTO_BATCH_CPU)
     cfg = runs_unconditional(sf.scene.guidance_scale, denoiser_config(model) or {})
-    est = estimate_memory(model, width=width, height=height, factor=factor, tile_size=sf.scene.tile_size,
+    tile = sf.scene.tile_size or defaults.NATIVE_SIZES.get(model_family(model) or "sd", 512)
+    est = estimate_memory(model, width=width, height=height, factor=factor, tile_size=tile,
                           max_batch=batch, cfg=cfg, dtype_bytes=torch.finfo(dtype).bits // 8, vae=vae,
                           offload=offload)
     parts = (f"weights {est.weights / GIB:.1f}, UNet batch of {batch} {est.unet / GIB:.1f}, "

@@ -83,7 +83,8 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: int, model: str,
-                   lcm_lora: str | None, vae: str | None, files: dict[Path, str]) -> dict[str, Any]:
+                   lcm_lora: str | None, vae: str | None, files: dict[Path, str],
+                   tile_size: int | None = None) -> dict[str, Any]:
     """The scene with nothing left to a default: what `reproduce` needs to run it again."""
     data = sf.scene.model_dump(mode="json", exclude_none=False)
     for key, path in scene_files(sf).items():
@@ -115,6 +116,8 @@ def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: 
                 vae=_absolute(vae) if vae else None, output=None)
     if data.get("timesteps") is None:
         data["steps"] = steps
+    if data.get("tile_size") is None and tile_size:  # the model's native size, as it was then
+        data["tile_size"] = tile_size
     return {k: v for k, v in data.items() if v is not None}
 
 
@@ -126,7 +129,8 @@ def _absolute(source: str) -> str:
 
 def make_record(sf: SceneFile, *, seed: int, width: int, height: int, steps: int, model: str,
                 lcm_lora: str | None, vae: str | None, config: str | None, device: str, dtype: str,
-                timings: dict[str, float], files: dict[Path, str] | None = None, family: str = "") -> Record:
+                timings: dict[str, float], files: dict[Path, str] | None = None, family: str = "",
+                tile_size: int | None = None) -> Record:
     """The record of an image. `files` are the hashes of the bytes the masks were made from (as
     `scene_masks` read them); files missing there are hashed now."""
     read = files or {}
@@ -134,7 +138,7 @@ def make_record(sf: SceneFile, *, seed: int, width: int, height: int, steps: int
              for path in (*scene_files(sf).values(), *control_files(sf).values()) if path in read or is_file(path)}
     files.update({path: sha256(path, MAX_MODEL_BYTES) for path in lora_files(sf).values() if is_file(path)})
     scene = resolved_scene(sf, seed=seed, width=width, height=height, steps=steps, model=model,
-                           lcm_lora=lcm_lora, vae=vae, files=files)
+                           lcm_lora=lcm_lora, vae=vae, files=files, tile_size=tile_size)
     files = {str(path): digest for path, digest in files.items()}
     return Record(scene=scene, name=sf.name, seed=seed, model=scene["model"], files=files, device=device,
                   dtype=dtype, config=_absolute(config) if config else None,

@@ -39,7 +39,8 @@ OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
                                           help="Classifier-free guidance (scene key guidance_scale; 1: none).")),
     "tile_size": (Optional[int], O(None, "--tile-size", min=defaults.MIN_SIZE, max=defaults.MAX_SIZE,
                                    help="Views of this many pixels for larger canvases (scene key tile_size; "
-                                        f"default {defaults.TILE_SIZE}).")),
+                                        "default: the model's native size, 512 on SD 1.x, 1024 on SDXL, SD3 and "
+                                        "FLUX.1).")),
     "scheduler": (Optional[str], O(None, "--scheduler",
                                    help=f"{', '.join(defaults.SCHEDULERS[:-1])} or {defaults.SCHEDULERS[-1]} "
                                         f"(default {defaults.SCHEDULER}).")),

@@ -391,7 +391,11 @@ class StableMultiDiffusionPipeline:
         if self.family.name in FLOW_FAMILIES and ((height // f) % g or (width // f) % g):
             raise SmdError(f"a {defaults.FAMILY_NAMES[self.family.name]} canvas is a multiple of {f * g} pixels "
                            f"on each side, got {width}x{height}")
-        window, stride = view_sizes(request.tile_size, request.tile_stride, f)
+        tile = request.tile_size or self.family.tile_size
+        if request.tile_stride is not None and request.tile_stride > tile:
+            raise SmdError(f"tile_stride {request.tile_stride} is larger than the tile ({tile} pixels"
+                           + ("" if request.tile_size else ", the model's default") + "): views would leave gaps")
+        window, stride = view_sizes(tile, request.tile_stride, f)
         schedule = self.schedule(request.steps, request.timesteps, request.scheduler, request.timestep_spacing,
                                  (min(window, height // f), min(window, width // f)))
 
@@ -488,7 +492,7 @@ class StableMultiDiffusionPipeline:
         negative_prompt_prefix: str | None = None,
         latents: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-        tile_size: int = defaults.TILE_SIZE,
+        tile_size: int | None = None,
         tile_stride: int | None = None,
         tile_weighting: str = defaults.TILE_WEIGHTING,
         circular: bool = False,

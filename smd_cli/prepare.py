@@ -68,7 +68,7 @@ class Request:
     bootstrap_mix_steps: float = defaults.BOOTSTRAP_MIX_STEPS
     leak_sensitivity: float | None = defaults.LEAK_SENSITIVITY
     bootstrap_centre: bool = defaults.BOOTSTRAP_CENTRE
-    tile_size: int = defaults.TILE_SIZE
+    tile_size: int | None = None  # pixels; None: the model's native size
     tile_stride: int | None = None
     tile_weighting: str = defaults.TILE_WEIGHTING
     circular: bool = False

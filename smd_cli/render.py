@@ -184,7 +184,8 @@ def image_record(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, seed: int
     c = pipe.components
     return make_record(sf, seed=seed, width=width, height=height, model=c.source, lcm_lora=c.lcm_lora,
                        vae=c.vae_source, config=c.config, device=str(pipe.device), steps=step_count(sf.scene),
-                       dtype=dtype_name(pipe.dtype), timings=timings, files=files, family=pipe.family.name)
+                       dtype=dtype_name(pipe.dtype), timings=timings, files=files, family=pipe.family.name,
+                       tile_size=pipe.family.tile_size)
 
 
 def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type: str = defaults.STREAM_CFG_TYPE,

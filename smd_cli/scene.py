@@ -283,7 +283,7 @@ class Scene(_Model):
     true_cfg_scale: Annotated[float, Field(strict=True, ge=0.0, le=defaults.MAX_GUIDANCE_SCALE)] | None = None
     mask_type: Literal[defaults.MASK_TYPES] = defaults.MASK_TYPE  # type: ignore[valid-type]
     cover_alpha: Unit = defaults.COVER_ALPHA
-    tile_size: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] = defaults.TILE_SIZE
+    tile_size: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] | None = None  # the model's
     tile_stride: Annotated[StrictInt, Field(ge=1, le=defaults.MAX_SIZE)] | None = None
     tile_weighting: Literal[defaults.TILE_WEIGHTINGS] = defaults.TILE_WEIGHTING  # type: ignore[valid-type]
     circular: StrictBool = False
@@ -626,7 +626,7 @@ def _check_consistency(sf: SceneFile) -> list[SceneError]:
             problems.append(sf.error(("layers", i, "name"), f"duplicate layer name '{layer.name}' (also "
                                                             f"layers[{seen[layer.name]}]); names must be unique"))
         seen.setdefault(layer.name, i)
-    if s.tile_stride is not None and s.tile_stride > s.tile_size:
+    if s.tile_stride is not None and s.tile_size is not None and s.tile_stride > s.tile_size:
         problems.append(sf.error(("tile_stride",), f"{s.tile_stride} is larger than tile_size {s.tile_size}: "
                                                    "views would leave gaps"))
     for key in ("model", "lcm_lora", "vae", "output"):

@@ -63,7 +63,7 @@ class StreamMultiDiffusion:
                  bootstrap_centre: bool = defaults.BOOTSTRAP_CENTRE,
                  cover_alpha: float = defaults.COVER_ALPHA, seed: int = defaults.STREAM_SEED,
                  num_inference_steps: int | None = None, timesteps: Sequence[int] | None = None,
-                 tile_size: int = defaults.TILE_SIZE,
+                 tile_size: int | None = None,
                  dtype: Any = None, lcm_lora: str | None = None, vae: str | None = None,
                  pipeline: StableMultiDiffusionPipeline | None = None, overlap_decode: bool = False,
                  compile: bool = False, loras: Any = None, controlnets: Any = None, negative_auto: bool = False,
@@ -108,7 +108,7 @@ class StreamMultiDiffusion:
         self.cover_alpha = cover_alpha
         if pipe.family.name in FLOW_FAMILIES and num_inference_steps is None and timesteps is None:
             num_inference_steps = defaults.STEPS["lcm"]  # a stream's depth, not a flow model's 28 steps
-        window, stride = view_sizes(tile_size, None, f)
+        window, stride = view_sizes(tile_size or pipe.family.tile_size, None, f)
         self.schedule = pipe.schedule(num_inference_steps, timesteps,
                                       window=(min(window, height // f), min(window, width // f)))
         self.shape = (1, pipe.family.channels, height // f, width // f)
