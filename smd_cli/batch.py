@@ -547,11 +547,11 @@ MANY_IMAGES = 1000
 
 def _check_views(sf: SceneFile, width: int, height: int, factor: int | None) -> None:
     """Warn, with the count, when a scene's tiling makes absurdly many views."""
-    from smd_cli.views import starts, view_sizes
+    from smd_cli.views import default_tile, starts, view_sizes
 
     s = sf.scene
     f = factor or defaults.MODEL_VAE_FACTOR
-    tile = s.tile_size or min(defaults.NATIVE_SIZES.values())  # the model's is not known yet: the most views
+    tile = s.tile_size or default_tile(min(defaults.NATIVE_SIZES.values()), height, width)  # the most views
     window, stride = view_sizes(tile, s.tile_stride, f)
     count = len(starts(height // f, window, stride)) * len(starts(width // f, window, stride, s.circular))
     if count > MANY_VIEWS:

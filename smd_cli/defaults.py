@@ -57,9 +57,8 @@ BOOTSTRAP_CENTRE = True  # the reference's choice: SD models draw objects best n
 # Canvas and views (SPEC 5).
 SIZE = 512  # pixels, when neither the scene nor a mask image gives one
 MIN_SIZE, MAX_SIZE = 8, 16384  # pixels, either side
-# A view is, unless a scene says otherwise, the picture size the model family was trained at (or the
-# model's own where its config says larger, as SD 2.x's 768): benchmarks.views measured that native
-# tiles take far fewer denoiser rows or attention pairs than 768 px ones at a stride of half a tile.
+# The picture size each family was trained at: the default views are chosen from it (or from the
+# model's own where its config says larger, as SD 2.x's 768) by views.default_tile.
 NATIVE_SIZES = {"sd": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 TILE_WEIGHTINGS = ("triangular", "uniform")
 TILE_WEIGHTING = "triangular"

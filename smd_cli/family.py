@@ -45,6 +45,7 @@ from smd_cli.loras import LoraAdapters, LoraSet
 from smd_cli.references import Reference, References
 from smd_cli.models import Components, family_of, guidance_distilled, vae_factor
 from smd_cli.sampler import Schedule, make_schedule
+from smd_cli.views import default_tile
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -188,10 +189,14 @@ class StableDiffusion:
         return int(self.unet.config.sample_size) * self.factor
 
     @property
-    def tile_size(self) -> int:
-        """The default view, in pixels: the family's native size (defaults.NATIVE_SIZES), or the
-        model's own where its config says larger (SD 2.x's 768)."""
+    def tile_native(self) -> int:
+        """The size views are chosen from, in pixels: the family's native size
+        (defaults.NATIVE_SIZES), or the model's own where its config says larger (SD 2.x's 768)."""
         return max(defaults.NATIVE_SIZES[self.name], self.native_size)
+
+    def tile_size(self, height: int, width: int) -> int:
+        """The default view for a canvas (`views.default_tile`)."""
+        return default_tile(self.tile_native, height, width, self.factor * self.granularity)
 
     @property
     def granularity(self) -> int:

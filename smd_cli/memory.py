@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Mapping
 from smd_cli import defaults
 from smd_cli.files import is_dir, is_file
 from smd_cli.models import config_json, denoiser_config, family_of, model_family
+from smd_cli.views import default_tile
 
 if TYPE_CHECKING:
     import torch
@@ -183,7 +184,8 @@ def check_memory(sf: SceneFile, model: str | None, *, width: int, height: int, f
 
     batch = max_batch or (1 if device.type == "cuda" else AUTO_BATCH_CPU)
     cfg = runs_unconditional(sf.scene.guidance_scale, denoiser_config(model) or {})
-    tile = sf.scene.tile_size or defaults.NATIVE_SIZES.get(model_family(model) or "sd", 512)
+    tile = sf.scene.tile_size or default_tile(defaults.NATIVE_SIZES.get(model_family(model) or "sd", 512), height,
+                                              width)
     est = estimate_memory(model, width=width, height=height, factor=factor, tile_size=tile,
                           max_batch=batch, cfg=cfg, dtype_bytes=torch.finfo(dtype).bits // 8, vae=vae,
                           offload=offload)

@@ -391,7 +391,7 @@ class StableMultiDiffusionPipeline:
         if self.family.name in FLOW_FAMILIES and ((height // f) % g or (width // f) % g):
             raise SmdError(f"a {defaults.FAMILY_NAMES[self.family.name]} canvas is a multiple of {f * g} pixels "
                            f"on each side, got {width}x{height}")
-        tile = request.tile_size or self.family.tile_size
+        tile = request.tile_size or self.family.tile_size(height, width)
         if request.tile_stride is not None and request.tile_stride > tile:
             raise SmdError(f"tile_stride {request.tile_stride} is larger than the tile ({tile} pixels"
                            + ("" if request.tile_size else ", the model's default") + "): views would leave gaps")

@@ -185,7 +185,7 @@ def image_record(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, seed: int
     return make_record(sf, seed=seed, width=width, height=height, model=c.source, lcm_lora=c.lcm_lora,
                        vae=c.vae_source, config=c.config, device=str(pipe.device), steps=step_count(sf.scene),
                        dtype=dtype_name(pipe.dtype), timings=timings, files=files, family=pipe.family.name,
-                       tile_size=pipe.family.tile_size)
+                       tile_size=pipe.family.tile_size(height, width))
 
 
 def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type: str = defaults.STREAM_CFG_TYPE,

@@ -108,7 +108,7 @@ class StreamMultiDiffusion:
         self.cover_alpha = cover_alpha
         if pipe.family.name in FLOW_FAMILIES and num_inference_steps is None and timesteps is None:
             num_inference_steps = defaults.STEPS["lcm"]  # a stream's depth, not a flow model's 28 steps
-        window, stride = view_sizes(tile_size or pipe.family.tile_size, None, f)
+        window, stride = view_sizes(tile_size or pipe.family.tile_size(height, width), None, f)
         self.schedule = pipe.schedule(num_inference_steps, timesteps,
                                       window=(min(window, height // f), min(window, width // f)))
         self.shape = (1, pipe.family.channels, height // f, width // f)

@@ -112,6 +112,17 @@ def layout(height: int, width: int, window: tuple[int, int], stride: tuple[int, 
     return views
 
 
+def default_tile(native: int, height: int, width: int, multiple: int = 1) -> int:
+    """The view a canvas gets unless the scene sets `tile_size`, in pixels (SPEC 5): one view where
+    the canvas fits within 1.5 times the model's native size; else views as tall (or wide) as the
+    canvas's shorter side, kept between the native size and 1.5 times it, so that a strip is
+    covered by one row of views and a square by few large ones (benchmarks/views.py measured the
+    choice). A multiple of `multiple` (the latent grid a denoiser input must fit)."""
+    large = native * 3 // 2
+    tile = max(height, width) if max(height, width) <= large else min(max(min(height, width), native), large)
+    return max(multiple, tile - tile % multiple)
+
+
 def view_sizes(tile_size: int, tile_stride: int | None, factor: int) -> tuple[int, int]:
     """Window and stride in latent pixels from pixel sizes; the stride defaults to half the window."""
     window = max(tile_size // factor, 1)
