@@ -1,9 +1,10 @@
 """Panorama: smd's sampler against diffusers' MultiDiffusion (`StableDiffusionPanoramaPipeline`).
 
 Both load the same local folder, so UNet, VAE and text encoder weights are identical and only the
-samplers differ: smd's 5 LCM steps over its default views (tile 768 px, stride half a tile),
-batched, against MultiDiffusion's 50 DDIM steps with guidance 7.5 over 64-latent windows every 8
-latents. `--size cpu` shrinks the canvas, smd's tile and MultiDiffusion's window and stride by 8.
+samplers differ: smd's 5 LCM steps over its default views (`views.default_tile`: 512 px on a
+512 px tall panorama, stride half a tile), batched, against MultiDiffusion's 50 DDIM steps with
+guidance 7.5 over 64-latent windows every 8 latents. `--size cpu` shrinks the canvas, smd's tile
+and MultiDiffusion's window and stride by 8; `--canvas WxH` sets another canvas (full size).
 """
 
 from __future__ import annotations
@@ -33,12 +34,20 @@ DIFFUSERS_FACTOR = 8  # `get_views` divides pixel sizes by SD's VAE factor, what
 class Size:
     height: int
     width: int
-    tile_size: int  # smd's views, in pixels
+    tile_size: int  # smd's views, in pixels: its default rule (views.default_tile) at this size
     window: int  # MultiDiffusion's views, in latents
     stride: int
 
 
-SIZES = {"cpu": Size(64, 384, 96, 8, 1), "full": Size(512, 3072, 768, 64, 8)}
+def sizes(name: str, canvas: str | None = None) -> Size:
+    """The canvas and views of `--size` (cpu divides every size by 8), or of `--canvas WxH`."""
+    from smd_cli.views import default_tile
+
+    shrink = 8 if name == "cpu" else 1
+    width, height = (int(side) for side in canvas.lower().split("x")) if canvas else (3072, 512)
+    width, height = width // shrink, height // shrink
+    return Size(height, width, default_tile(512 // shrink, height, width, 16 // (2 if shrink > 1 else 1)),
+                64 // shrink, 8 // shrink)
 
 
 def smd_run(args, size: Size):
@@ -96,8 +105,9 @@ def main(argv=None) -> str:
     parser.add_argument("--view-batch-size", type=int, default=8,
                         help="MultiDiffusion's views per UNet call (smd batches pairs by itself)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds after the untimed one (median kept)")
+    parser.add_argument("--canvas", default=None, help="WxH in pixels at full size (default 3072x512)")
     args = finish_args(parser.parse_args(argv))
-    size = SIZES[args.size]
+    size = sizes(args.size, args.canvas)
     with quiet():
         smd, baseline = interleaved([smd_run(args, size), multidiffusion_run(args, size)], args.repeats, args.device)
     rows = comparison_rows((f"smd: LCM 5 steps, guidance 1, tile {size.tile_size} px", smd),
