@@ -46,8 +46,8 @@ def sizes(name: str, canvas: str | None = None) -> Size:
     shrink = 8 if name == "cpu" else 1
     width, height = (int(side) for side in canvas.lower().split("x")) if canvas else (3072, 512)
     width, height = width // shrink, height // shrink
-    return Size(height, width, default_tile(512 // shrink, height, width, 16 // (2 if shrink > 1 else 1)),
-                64 // shrink, 8 // shrink)
+    # Views fit SD's grid: the VAE's factor 8 times the UNet's downsampling, 16 pixels.
+    return Size(height, width, default_tile(512 // shrink, height, width, 16), 64 // shrink, 8 // shrink)
 
 
 def smd_run(args, size: Size):

@@ -199,24 +199,26 @@ class StableMultiDiffusionPipeline:
         own = layers.references or [None] * len(layers.prompts)
         if canvas is None and not any(own):
             return cond, uncond
-        if self.family.name == "sd3":
-            raise SmdError("reference images run on SD 1.x, SDXL and FLUX.1 here, not on SD3")
+        self._not_on_sd3("reference images")
         refs = [None if spec is None else self.family.references.add(spec)
                 for spec in (mine if mine is not None else canvas for mine in own)]
         blank = [None if r is None else self.family.references.negative(r.scale) for r in refs]
         return cond.with_references(refs), uncond and uncond.with_references(blank)
 
+    def _not_on_sd3(self, what: str) -> None:
+        """ControlNets and reference images are wired for the families diffusers has them for here."""
+        if self.family.name == "sd3":
+            raise SmdError(f"{what} run on SD 1.x, SDXL and FLUX.1 here, not on SD3")
+
     def load_ip_adapter(self, adapter: str | None = None) -> str:
         """Load an IP-Adapter (a weights file with `image_encoder/` beside it, or
         `owner/name/sub/file.safetensors`; default: the family's) for reference images."""
-        if self.family.name == "sd3":
-            raise SmdError("reference images run on SD 1.x, SDXL and FLUX.1 here, not on SD3")
+        self._not_on_sd3("reference images")
         return self.family.references.load(adapter)
 
     def load_controlnet(self, source: str) -> None:
         """Load a ControlNet (a folder or hub id) once; one for another model family is refused."""
-        if self.family.name == "sd3":
-            raise SmdError("ControlNets run on SD 1.x, SDXL and FLUX.1 here, not on SD3")
+        self._not_on_sd3("ControlNets")
         self.family.controlnets.load(source)
 
     def row_controls(self, canvas: Sequence[ControlSpec], layers: Layers, width: int, height: int,
@@ -226,8 +228,7 @@ class StableMultiDiffusionPipeline:
         own = layers.controlnets or [[] for _ in layers.prompts]
         if not canvas and not any(own):
             return [() for _ in layers.prompts]
-        if self.family.name == "sd3":
-            raise SmdError("ControlNets run on SD 1.x, SDXL and FLUX.1 here, not on SD3")
+        self._not_on_sd3("ControlNets")
         nets = self.family.controlnets
         shared = tuple(nets.add(spec, width, height, timesteps) for spec in canvas)
         return [shared + tuple(nets.add(spec, width, height, timesteps) for spec in mine) for mine in own]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ import numpy as np
 from smd_cli import defaults
 from smd_cli.defaults import prefixed
 from smd_cli.canvas import FileChangedWarning, SceneMasks, checked_canvas, scene_masks
-from smd_cli.errors import ModelError, SmdError
+from smd_cli.errors import SmdError
 from smd_cli.controls import ControlSpec
 from smd_cli.loras import Lora, LoraSet
 from smd_cli.references import ReferenceSpec
@@ -105,40 +106,43 @@ def scene_lora_set(sf: SceneFile, specs) -> LoraSet:
 
 
 def load_scene_models(pipe: StableMultiDiffusionPipeline, sf: SceneFile) -> None:
-    """Load every LoRA, ControlNet and embedding the scene names; one that cannot load is an error
-    at its key and line, and a file that changed since its sha256 was recorded is a warning."""
+    """Load every LoRA, ControlNet, IP-Adapter and embedding the scene names; one that cannot load
+    is an error at its key and line, and a file that changed since its sha256 was recorded is a
+    warning."""
+    for key, spec in scene_loras(sf):
+        _warn_if_changed(sf, key, spec.path, spec.sha256)
+        with _located(sf, key):
+            pipe.load_loras([Lora(sf.source(spec.path), spec.scale)])
+    for key, spec in scene_controlnets(sf):
+        with _located(sf, key + ("model",)):
+            pipe.load_controlnet(sf.source(spec.model))
+    for key, spec in scene_references(sf):
+        with _located(sf, key + (("adapter",) if spec.adapter else ())):
+            pipe.load_ip_adapter(sf.source(spec.adapter) if spec.adapter else None)
+    for i, spec in enumerate(sf.scene.embeddings):
+        _warn_if_changed(sf, ("embeddings", i), spec.path, spec.sha256)
+        with _located(sf, ("embeddings", i)):
+            pipe.load_embedding(sf.resolve(spec.path), spec.token)
+
+
+@contextmanager
+def _located(sf: SceneFile, key: tuple):
+    """An `SmdError` raised inside, as an error at the scene's `key` and its line."""
+    try:
+        yield
+    except SmdError as exc:
+        raise sf.error(key, str(exc)) from None
+
+
+def _warn_if_changed(sf: SceneFile, key: tuple, relative: str, recorded: str | None) -> None:
+    """Warn when a weights file differs from the sha256 a record gave it."""
     from smd_cli.files import MAX_MODEL_BYTES, is_file, sha256
 
-    for key, spec in scene_loras(sf):
-        path = sf.resolve(spec.path)
-        if spec.sha256 and is_file(path) and sha256(path, MAX_MODEL_BYTES) != spec.sha256:
-            warnings.warn(str(sf.error(key, f"{path} has changed since its sha256 was recorded; the result will "
-                                            "differ from the image it was recorded for")), FileChangedWarning,
-                          stacklevel=2)
-        try:
-            pipe.load_loras([Lora(sf.source(spec.path), spec.scale)])
-        except ModelError as exc:
-            raise sf.error(key, str(exc)) from None
-    for key, spec in scene_controlnets(sf):
-        try:
-            pipe.load_controlnet(sf.source(spec.model))
-        except SmdError as exc:
-            raise sf.error(key + ("model",), str(exc)) from None
-    for key, spec in scene_references(sf):
-        try:
-            pipe.load_ip_adapter(sf.source(spec.adapter) if spec.adapter else None)
-        except SmdError as exc:
-            raise sf.error(key + (("adapter",) if spec.adapter else ()), str(exc)) from None
-    for i, spec in enumerate(sf.scene.embeddings):
-        path = sf.resolve(spec.path)
-        if spec.sha256 and is_file(path) and sha256(path, MAX_MODEL_BYTES) != spec.sha256:
-            warnings.warn(str(sf.error(("embeddings", i), f"{path} has changed since its sha256 was recorded; the "
-                                                          "result will differ from the image it was recorded for")),
-                          FileChangedWarning, stacklevel=2)
-        try:
-            pipe.load_embedding(path, spec.token)
-        except SmdError as exc:
-            raise sf.error(("embeddings", i), str(exc)) from None
+    path = sf.resolve(relative)
+    if recorded and is_file(path) and sha256(path, MAX_MODEL_BYTES) != recorded:
+        warnings.warn(str(sf.error(key, f"{path} has changed since its sha256 was recorded; the result will "
+                                        "differ from the image it was recorded for")), FileChangedWarning,
+                      stacklevel=3)
 
 
 def needs_picture(sf: SceneFile) -> None:
