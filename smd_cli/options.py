@@ -66,7 +66,7 @@ OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
     "region_crop": (bool, O(False, "--region-crop", help="Denoise each layer only around its mask (close to, not "
                                                          "equal to, the default).")),
     "compile_": (bool, O(False, "--compile", help="torch.compile the UNet (CUDA graphs in smd stream).")),
-    "channels_last": (bool, O(False, "--channels-last", help="Channels-last memory for the UNet and VAE.")),
+    "channels_last": (bool, O(False, "--channels-last", help="Channels-last memory for the UNet (the VAE uses it on a CPU).")),
     "threads": (Optional[int], O(None, "--threads", min=1, help="CPU threads for torch (fewer than the cores when "
                                                                 "the machine is busy).")),
     "offload": (bool, O(False, "--offload", help="Keep the weights in CPU memory and move each model to the GPU "

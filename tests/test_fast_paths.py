@@ -1,5 +1,6 @@
 """Fast paths: region cropping, channels-last, torch.compile and decoding beside the UNet in a
-stream. Each is off by default and must keep results equal (or, for cropping, close)."""
+stream. Each is off by default (but channels-last memory for the VAE on a CPU) and must keep
+results equal (or, for cropping, close)."""
 
 from __future__ import annotations
 
@@ -91,6 +92,30 @@ def test_channels_last_gives_the_same_image(tiny_model):
     a = plain(["a", "b", "c"], generator=torch.Generator().manual_seed(2), **kwargs)
     b = fast(["a", "b", "c"], generator=torch.Generator().manual_seed(2), **kwargs)
     np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_the_vae_is_channels_last_on_a_cpu_and_decodes_as_contiguous_memory_does(pipe, reference_pipe):
+    """On a CPU every pipeline keeps its autoencoder in channels-last memory (it decodes faster
+    there: see benchmarks/decode.py), whether it loaded the model or wrapped a diffusers pipeline;
+    the UNet only with the option. The pixels are those of contiguous memory up to float rounding."""
+    from smd_cli import StableMultiDiffusionPipeline
+
+    def channels_last(module) -> bool:
+        convs = [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+        return all(w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
+
+    wrapped = StableMultiDiffusionPipeline.from_pipe(reference_pipe, device="cpu")
+    assert channels_last(pipe.vae) and channels_last(wrapped.vae)
+    assert not channels_last(pipe.unet)
+    latent = torch.randn(1, 4, 16, 24, generator=torch.Generator().manual_seed(0))
+    fast = pipe.decode(latent)
+    pipe.vae.to(memory_format=torch.contiguous_format)
+    try:
+        plain = pipe.decode(latent)
+    finally:
+        pipe.vae.to(memory_format=torch.channels_last)
+    assert fast.shape == plain.shape == (1, 3, 32, 48)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
 
 
 def test_compiled_unet_traces_one_graph_per_batch_shape(tiny_model):
