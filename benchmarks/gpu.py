@@ -9,7 +9,9 @@ transformer at full width with 4 + 8 of its 19 + 38 blocks, 2.6B; T5-XXL at full
 its 24 layers). `benchmarks.run_all` runs on SD 1.5's and `benchmarks.families` (a 1024 x 1024
 regional scene and the stream) on the others, with `--device cuda --size full --dtype float16`
 (`--compile` adds torch.compile to SD 1.5's fast paths: over 100 s of compiling on an H100);
-each table is appended to BENCHMARKS.md as soon as it is measured. Random weights cost the same
+each table is appended to BENCHMARKS.md as soon as it is measured. `--suite views` runs instead
+the view-layout sweep (`benchmarks.views`) on every family's weights and SD 1.5's panorama
+against MultiDiffusion (`benchmarks.panorama`, 3072 x 512 and 1024 x 512). Random weights cost the same
 time as trained ones (for the scaled-down FLUX, per block); the images are noise. `--dry-run`
 builds the configs on the meta device (no memory for weights), counts parameters, checks the
 tokenizer and prints the plan.
@@ -190,9 +192,23 @@ def run_argv(family: str, model: Path, taesd: Path, device: str, compile: bool =
 
 BENCHMARKS = {"sd": "benchmarks.run_all", "sdxl": "benchmarks.families", "sd3": "benchmarks.families",
               "flux": "benchmarks.families"}
+VIEW_REPEATS = "2"  # timed runs of each layout: four families' sweeps fit in minutes on one GPU
 
 
-def print_plan(folder: Path, device: str, families: tuple[str, ...], compile: bool) -> None:
+def suite(name: str, family: str, model: Path, taesd: Path, device: str, compile: bool) -> list[tuple[str, list[str]]]:
+    """(module, arguments) of each benchmark the suite runs on a family's folder."""
+    argv = run_argv(family, model, taesd, device, compile)
+    if name == "all":
+        return [(BENCHMARKS[family], argv)]
+    full = ["--device", device, "--size", "full", "--dtype", "float16", "--model", str(model)]
+    runs = [("benchmarks.views", [*full, "--family", family, "--repeats", VIEW_REPEATS])]
+    if family == "sd":
+        runs += [("benchmarks.panorama", [*full, "--repeats", VIEW_REPEATS]),
+                 ("benchmarks.panorama", [*full, "--repeats", VIEW_REPEATS, "--canvas", "1024x512"])]
+    return runs
+
+
+def print_plan(folder: Path, device: str, families: tuple[str, ...], compile: bool, name: str) -> None:
     """Parameter counts from the meta device, the tokenizer check and the commands that would run."""
     for family in families:
         print(f"{family}:")
@@ -203,8 +219,8 @@ def print_plan(folder: Path, device: str, families: tuple[str, ...], compile: bo
     print(f"tokenizer         {check_tokenizer(write_tokenizer(scratch_dir()))}")
     print(f"\nplan: save the models under {folder}, then from {REPO}:")
     for family in families:
-        argv = run_argv(family, folder / FOLDERS[family], folder / TAESDS[family], device, compile)
-        print(f"  python -m {BENCHMARKS[family]} {' '.join(argv)}")
+        for module, argv in suite(name, family, folder / FOLDERS[family], folder / TAESDS[family], device, compile):
+            print(f"  python -m {module} {' '.join(argv)}")
 
 
 def main(argv=None) -> None:
@@ -217,12 +233,14 @@ def main(argv=None) -> None:
                         help="where the random models are saved and reused (default: a temporary folder)")
     parser.add_argument("--compile", action="store_true",
                         help="also time SD 1.5's fast paths under torch.compile (minutes of compiling on an H100)")
+    parser.add_argument("--suite", choices=("all", "views"), default="all",
+                        help="all: every benchmark (default); views: the view-layout sweep and SD 1.5's panoramas")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cuda:N; cpu only with --build-only")
     args = parser.parse_args(argv)
     folder = args.folder or scratch_dir()
     families = FAMILIES if args.family == "all" else (args.family,)
     if args.dry_run:
-        print_plan(folder, args.device, families, args.compile)
+        print_plan(folder, args.device, families, args.compile, args.suite)
         return
     import importlib
 
@@ -235,7 +253,8 @@ def main(argv=None) -> None:
         if args.build_only:
             print(f"saved {model} and {taesd}")
             continue
-        importlib.import_module(BENCHMARKS[family]).main(run_argv(family, model, taesd, args.device, args.compile))
+        for module, argv in suite(args.suite, family, model, taesd, args.device, args.compile):
+            importlib.import_module(module).main(argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.2.0"  # also the package version (pyproject.toml reads it)
+__version__ = "0.3.0"  # also the package version (pyproject.toml reads it)
 
 __all__ = [
     "StableMultiDiffusionPipeline",

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from smd_cli import __version__
+from smd_cli import __version__, defaults
 from smd_cli.defaults import prefixed
 from smd_cli.errors import SmdError, printable
 from smd_cli.files import (MAX_IMAGE_BYTES, MAX_MODEL_BYTES, UnreadableFile, exists, is_file, open_image,
@@ -59,6 +59,10 @@ class Record:
         if isinstance(scene.get("bootstrap"), dict) and "centre" not in scene["bootstrap"]:
             # Recorded before bootstrap.centre existed, when layers were never centred.
             scene["bootstrap"] = {**scene["bootstrap"], "centre": False}
+        if scene.get("tile_stride") is None and scene.get("tile_size") and _release(self.version) <= \
+                defaults.HALF_STRIDE_UNTIL:
+            # Recorded before the stride was, when views stepped by half a tile.
+            scene["tile_stride"] = scene["tile_size"] // 2
         sf = validate_scene(scene)
         sf.label = self.name
         return sf
@@ -118,7 +122,15 @@ def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: 
         data["steps"] = steps
     if data.get("tile_size") is None and tile_size:  # the model's native size, as it was then
         data["tile_size"] = tile_size
+    if data.get("tile_stride") is None and data.get("tile_size"):  # the default stride, as it was then
+        data["tile_stride"] = defaults.tile_stride(data["tile_size"])
     return {k: v for k, v in data.items() if v is not None}
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of an smd version such as 0.2.0; (0, 0) where a record's text says something else."""
+    parts = version.split(".")[:2]
+    return tuple(int(p) for p in parts) if len(parts) == 2 and all(p.isdigit() for p in parts) else (0, 0)
 
 
 def _absolute(source: str) -> str:

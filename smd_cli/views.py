@@ -62,13 +62,14 @@ def full_view(height: int, width: int) -> View:
 def starts(size: int, window: int, stride: int, circular: bool = False) -> list[int]:
     """Window starts along one axis: every `stride`, the last shifted back to end at the edge.
 
-    Circular axes wrap instead: windows start every `stride` around the whole circle.
+    Circular axes wrap instead: as many windows as `stride` needs around the whole circle, spread
+    evenly (a stride that does not divide the circle is shortened), so no join is special.
     """
     if size <= window:
         return [0]
     if circular:
-        count = -(-size // stride)  # ceil: windows every stride all the way round
-        return [i * stride for i in range(count)]
+        count = -(-size // stride)  # ceil: windows every stride (or less) all the way round
+        return [i * size // count for i in range(count)]
     out = list(range(0, size - window + 1, stride))
     if out[-1] + window < size:
         out.append(size - window)  # full coverage: the reference truncates, diffusers leaves zeros
@@ -124,7 +125,8 @@ def default_tile(native: int, height: int, width: int, multiple: int = 1) -> int
 
 
 def view_sizes(tile_size: int, tile_stride: int | None, factor: int) -> tuple[int, int]:
-    """Window and stride in latent pixels from pixel sizes; the stride defaults to half the window."""
+    """Window and stride in latent pixels from pixel sizes; the stride defaults to 3/4 of the tile
+    (`defaults.tile_stride`)."""
     window = max(tile_size // factor, 1)
-    stride = max((tile_stride // factor) if tile_stride else window // 2, 1)
+    stride = max((tile_stride or defaults.tile_stride(tile_size)) // factor, 1)
     return window, stride

@@ -330,6 +330,23 @@ def test_records_made_before_centring_existed_reproduce_without_it(pipe, scene_d
     np.testing.assert_array_equal(np.asarray(again.image), np.asarray(plain.image))
 
 
+def test_records_keep_the_stride_and_those_of_smd_0_2_reproduce_half_a_tile_apart(pipe, scene_dir, tmp_path):
+    from smd_cli.metadata import read_record
+    from smd_cli.scene import load_scene
+
+    half = generate(pipe, load_scene(scene_dir / "scene.yaml", ["tile_size=32", "tile_stride=16"]))
+    default = generate(pipe, load_scene(scene_dir / "scene.yaml", ["tile_size=32"]))  # views 24 px apart
+    assert np.abs(np.asarray(half.image, int) - np.asarray(default.image, int)).mean() > 0.5
+    assert read_record(default.save(tmp_path / "new.png")).scene["tile_stride"] == 24  # the default, written down
+    record = read_record(half.save(tmp_path / "old.png"))
+    del record.scene["tile_stride"]  # as smd 0.2.0 wrote it, when views were half a tile apart
+    record.version = "0.2.0"
+    again = generate(pipe, record.scene_file())
+    np.testing.assert_array_equal(np.asarray(again.image), np.asarray(half.image))
+    record.version = "0.3.0"  # a record of this version without the key takes today's default
+    assert record.scene_file().scene.tile_stride is None
+
+
 def test_a_scene_with_recorded_hashes_warns_when_a_file_changed(run_cli, tmp_path):
     from smd_cli.metadata import sha256
 

@@ -18,7 +18,7 @@ from conftest import DATA
 from PIL import Image
 
 GOLDEN = DATA / "golden" / "step-latent.npy"
-WIDTH, HEIGHT = 96, 64  # latent 48 x 32 with the tiny VAE; tiles of 48 px give 3 x 2 views
+WIDTH, HEIGHT = 96, 64  # latent 48 x 32 with the tiny VAE; tiles of 48 px every 24 give 3 x 2 views
 
 
 def golden_latent(pipe) -> np.ndarray:
@@ -32,7 +32,7 @@ def golden_latent(pipe) -> np.ndarray:
     keep[:4, :] = 0  # the top rows are left to the picture
     latent = pipe(["a cat", "the sun", "blue lake"], ["", "a tree", ""], masks=masks * keep,
                   mask_stds=[0.0, 2.0, 0.0], prompt_strengths=[1.0, 0.7, 1.0], background=picture,
-                  background_prompt="a photo of the sky", height=HEIGHT, width=WIDTH, tile_size=48,
+                  background_prompt="a photo of the sky", height=HEIGHT, width=WIDTH, tile_size=48, tile_stride=24,
                   bootstrap_steps=2, bootstrap_mix_steps=1.5, bootstrap_leak_sensitivity=0.2,
                   latents=torch.randn(1, 4, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(3)),
                   generator=torch.Generator().manual_seed(4), output_type="latent")

@@ -110,9 +110,10 @@ def test_circular_panorama_joins_its_edges(pipe):
 
 
 def test_circular_panorama_has_no_seam_anywhere(pipe):
-    """On a circle every column is alike: rolling the start latents by a view stride rolls the result."""
+    """On a circle every column is alike: rolling the start latents by a view stride rolls the result
+    (a stride that divides the circle, so the views are evenly spaced all the way round)."""
     latents = torch.randn(1, 4, 32, 128, generator=torch.Generator().manual_seed(3))
-    kwargs = dict(height=64, width=256, tile_size=64, scheduler="ddim", num_inference_steps=4, circular=True,
+    kwargs = dict(height=64, width=256, tile_size=64, tile_stride=32, scheduler="ddim", num_inference_steps=4, circular=True,
                   output_type="latent")
     plain = pipe.sample_panorama("a photo of the sun", latents=latents, **kwargs)
     rolled = pipe.sample_panorama("a photo of the sun", latents=latents.roll(48, dims=-1), **kwargs)

@@ -37,6 +37,12 @@ def test_circular_views_wrap_around():
     np.testing.assert_allclose(weight_sum(views, 64, 256).numpy(), 1.0, atol=1e-6)
 
 
+def test_circular_views_are_spread_evenly_when_the_stride_does_not_divide_the_circle():
+    assert starts(128, 32, 24, circular=True) == [0, 21, 42, 64, 85, 106]  # 6 windows, 21 or 22 apart
+    views = layout(16, 128, (32, 32), (24, 24), circular=True)
+    np.testing.assert_allclose(weight_sum(views, 16, 128).numpy(), 1.0, atol=1e-6)
+
+
 def test_triangular_weights_favour_view_centres():
     views = layout(64, 128, (64, 64), (32, 32))
     middle = views[1]  # columns 32..95
@@ -112,14 +118,14 @@ def _bands(layers: int, width: int) -> np.ndarray:
 
 
 def test_unet_calls_per_step_follow_the_batching(pipe):
-    # 64 x 256 px canvas = 32 x 128 latents; tile 64 px = 32 latents, stride 16: 7 views.
+    # 64 x 256 px canvas = 32 x 128 latents; tile 64 px = 32 latents, stride 24 (3/4): 5 views.
     masks = np.ones((3, SIZE, 256), np.float32)  # no occlusion (cover_alpha 1): every pair is active
     kwargs = dict(height=SIZE, width=256, tile_size=64, bootstrap_steps=0, masks=masks, cover_alpha=1.0,
                   output_type="latent")
     with UNetCalls(pipe.unet) as calls:
         pipe(["a cat", "blue sky", "the sun"], max_batch=8, **kwargs)
-    pairs = 3 * 7
-    assert calls.sizes == [8, 8, 5] * 5  # 21 pairs in ceil(21 / 8) calls, every one of the 5 steps
+    pairs = 3 * 5
+    assert calls.sizes == [8, 7] * 5  # 15 pairs in ceil(15 / 8) calls, every one of the 5 steps
     with UNetCalls(pipe.unet) as calls:
         pipe(["a cat", "blue sky", "the sun"], max_batch=64, **kwargs)
     assert calls.sizes == [pairs] * 5
@@ -134,9 +140,44 @@ def test_empty_pairs_are_skipped_and_change_no_pixel(pipe):
                   latents=_latents(32, 128), output_type="np")
     with UNetCalls(pipe.unet) as calls:
         skipped = pipe(["a cat", "blue sky", "the sun"], generator=torch.Generator().manual_seed(0), **kwargs)
-    assert 0 < len(calls.sizes) < 3 * 7 * 5
+    assert 0 < len(calls.sizes) < 3 * 5 * 5
     with UNetCalls(pipe.unet) as calls:
         full = pipe(["a cat", "blue sky", "the sun"], generator=torch.Generator().manual_seed(0),
                     skip_empty=False, **kwargs)
-    assert len(calls.sizes) == 3 * 7 * 5
+    assert len(calls.sizes) == 3 * 5 * 5
     np.testing.assert_array_equal(skipped, full)  # one pair per call: the same arithmetic, bit for bit
+
+
+def _seam_statistics(pipe, seed: int, **layout) -> tuple[float, float]:
+    """A 128 x 1024 px panorama's clean latent in 128 px views (64 latents, as SD 1.5's 512 px
+    window): the column-to-column change at view edges (where a view's weight starts or ends), its
+    largest and its mean, each over the median change at every other column. The start latent is
+    smooth (a wave across the canvas) and DDIM deterministic, so the views' disagreement (each sees
+    its own window: borders, group norms) is what a seam shows."""
+    from smd_cli.views import view_sizes
+
+    factor = pipe.vae_scale_factor
+    h, w = 128 // factor, 1024 // factor
+    wave = 2 * torch.sin(torch.linspace(0, 6 * torch.pi, w))
+    level = 0.3 * torch.randn(1, 4, 1, 1, generator=torch.Generator().manual_seed(seed))
+    x = pipe.sample_panorama("a photo of the alps", height=128, width=1024, tile_size=128, scheduler="ddim",
+                             num_inference_steps=4, latents=(level + wave).expand(1, 4, h, w).contiguous(),
+                             output_type="latent", **layout)[0].double()
+    change = (x[..., 1:] - x[..., :-1]).abs().mean(dim=(0, 1)).numpy()  # change[c - 1]: columns c - 1 to c
+    window, stride = view_sizes(128, layout.get("tile_stride"), factor)
+    lefts = starts(w, window, stride)
+    edges = np.array(sorted({c for c in lefts if c > 0} | {c + window for c in lefts if c + window < w})) - 1
+    typical = np.median(np.delete(change, edges))
+    return float(change[edges].max() / typical), float(change[edges].mean() / typical)
+
+
+def test_default_views_keep_panorama_seams_within_the_half_stride_bound(pipe):
+    """The default stride (3/4 of a view) with triangular weights: seams as clean as SPEC 5's half
+    stride, within the bound it keeps (largest edge change under 2x, mean under 1x the typical
+    column change); uniform weights at the same stride break it, so the statistic sees seams."""
+    for seed in range(3):
+        for layout in ({}, {"tile_stride": 64}):  # the default, and SPEC 5's half stride
+            largest, mean = _seam_statistics(pipe, seed, **layout)
+            assert largest < 2.0 and mean < 1.0, (seed, layout, largest, mean)
+        largest, mean = _seam_statistics(pipe, seed, tile_weighting="uniform")
+        assert largest > 2.5 and mean > 1.5, (seed, largest, mean)
