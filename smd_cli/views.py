@@ -62,14 +62,13 @@ def full_view(height: int, width: int) -> View:
 def starts(size: int, window: int, stride: int, circular: bool = False) -> list[int]:
     """Window starts along one axis: every `stride`, the last shifted back to end at the edge.
 
-    Circular axes wrap instead: as many windows as `stride` needs around the whole circle, spread
-    evenly (a stride that does not divide the circle is shortened), so no join is special.
+    Circular axes wrap instead: windows start every `stride` around the whole circle.
     """
     if size <= window:
         return [0]
     if circular:
-        count = -(-size // stride)  # ceil: windows every stride (or less) all the way round
-        return [i * size // count for i in range(count)]
+        count = -(-size // stride)  # ceil: windows every stride all the way round
+        return [i * stride for i in range(count)]
     out = list(range(0, size - window + 1, stride))
     if out[-1] + window < size:
         out.append(size - window)  # full coverage: the reference truncates, diffusers leaves zeros

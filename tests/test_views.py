@@ -37,8 +37,8 @@ def test_circular_views_wrap_around():
     np.testing.assert_allclose(weight_sum(views, 64, 256).numpy(), 1.0, atol=1e-6)
 
 
-def test_circular_views_are_spread_evenly_when_the_stride_does_not_divide_the_circle():
-    assert starts(128, 32, 24, circular=True) == [0, 21, 42, 64, 85, 106]  # 6 windows, 21 or 22 apart
+def test_circular_views_cover_the_circle_when_the_stride_does_not_divide_it():
+    assert starts(128, 32, 24, circular=True) == [0, 24, 48, 72, 96, 120]  # the last overlaps the first more
     views = layout(16, 128, (32, 32), (24, 24), circular=True)
     np.testing.assert_allclose(weight_sum(views, 16, 128).numpy(), 1.0, atol=1e-6)
 
