@@ -67,6 +67,7 @@ class Options:
     overwrite: bool = False
     compile: bool = False
     channels_last: bool = False
+    contiguous_vae: bool = False  # as smd 0.2 decoded on a CPU: to reproduce its images bit for bit
     threads: Optional[int] = None  # torch's CPU threads (default: torch's own choice)
     offload: bool = False  # weights in CPU memory, each model on the GPU while it runs
 
@@ -245,7 +246,7 @@ def reproducing(record: Record, source: Path, output: str | None = None, *, mode
     output = output if output is not None else str(source.with_name(f"{source.stem}-reproduced.png"))
     chosen = Options(model=model, config=config or record.config, output=output,
                      device=device or (record.device or "auto").split(":")[0], dtype=dtype or record.dtype or "auto",
-                     **options)
+                     contiguous_vae=record.before_0_3, **options)
     if Job(0, sf, record.seed, output_template(sf, output), sources_of(sf, chosen)).path().resolve() == \
             Path(source).resolve():
         raise SmdError(f"--out {output} is the image being reproduced; the new image must go elsewhere")
@@ -603,6 +604,8 @@ class ModelCache:
         return self.loaded[key]
 
     def _load(self, model: str | None, lcm_lora: str, vae: str | None) -> Any:
+        import torch
+
         from smd_cli.models import dtype_name
         from smd_cli.pipeline import StableMultiDiffusionPipeline
 
@@ -612,6 +615,8 @@ class ModelCache:
             pipe = StableMultiDiffusionPipeline(self.device, hf_key=model, dtype=self.dtype, lcm_lora=lcm_lora,
                                                 config=self.options.config, vae=vae, offload=self.options.offload)
             pipe.optimize(channels_last=self.options.channels_last, compile=self.options.compile)
+            if self.options.contiguous_vae:
+                pipe.vae.to(memory_format=torch.contiguous_format)
         except SmdError as exc:
             self._loaded(started, None)
             return exc

@@ -64,7 +64,6 @@ NATIVE_SIZES = {"sd": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 # the next, 27% fewer denoiser rows than SPEC 5's half (benchmarks/views.py measured it fastest at
 # the native tile on every family); seams stay as clean with triangular weights (tests/test_views.py).
 TILE_STRIDE = (3, 4)
-HALF_STRIDE_UNTIL = (0, 2)  # records of smd 0.2 and before: views stepped by half a tile
 TILE_WEIGHTINGS = ("triangular", "uniform")
 TILE_WEIGHTING = "triangular"
 PANORAMA_WIDTH, PANORAMA_HEIGHT = 3072, 512  # the original project's panorama example

@@ -59,13 +59,20 @@ class Record:
         if isinstance(scene.get("bootstrap"), dict) and "centre" not in scene["bootstrap"]:
             # Recorded before bootstrap.centre existed, when layers were never centred.
             scene["bootstrap"] = {**scene["bootstrap"], "centre": False}
-        if scene.get("tile_stride") is None and scene.get("tile_size") and _release(self.version) <= \
-                defaults.HALF_STRIDE_UNTIL:
+        if scene.get("tile_stride") is None and scene.get("tile_size") and self.before_0_3:
             # Recorded before the stride was, when views stepped by half a tile.
             scene["tile_stride"] = scene["tile_size"] // 2
         sf = validate_scene(scene)
         sf.label = self.name
         return sf
+
+    @property
+    def before_0_3(self) -> bool:
+        """Made by smd 0.2 or before (or a version this cannot read): views half a tile apart, and on
+        a CPU the VAE in contiguous memory."""
+        parts = self.version.split(".")[:2]
+        release = tuple(int(p) for p in parts) if len(parts) == 2 and all(p.isdigit() for p in parts) else (0, 0)
+        return release < (0, 3)
 
     def check_files(self) -> list[tuple[str, str]]:
         """(path, 'matches' | 'changed' | 'missing' | why it cannot be read) for every recorded file."""
@@ -125,12 +132,6 @@ def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: 
     if data.get("tile_stride") is None and data.get("tile_size"):  # the default stride, as it was then
         data["tile_stride"] = defaults.tile_stride(data["tile_size"])
     return {k: v for k, v in data.items() if v is not None}
-
-
-def _release(version: str) -> tuple[int, ...]:
-    """(major, minor) of an smd version such as 0.2.0; (0, 0) where a record's text says something else."""
-    parts = version.split(".")[:2]
-    return tuple(int(p) for p in parts) if len(parts) == 2 and all(p.isdigit() for p in parts) else (0, 0)
 
 
 def _absolute(source: str) -> str:
