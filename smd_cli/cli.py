@@ -488,7 +488,24 @@ def _run_shard(items: list, options: batch.Options, opts: SimpleNamespace, check
 
 
 def main() -> None:
-    app(prog_name="smd")
+    from smd_cli.distributed import launched_distributed
+
+    if not launched_distributed():
+        app(prog_name="smd")
+        return
+    # A process of a shared batch (its process group already left) ends at once with its code:
+    # the interpreter's teardown can meet the process group's C++ threads and abort the process
+    # (SIGABRT, "terminate called without an active exception") after its work is done.
+    try:
+        app(prog_name="smd")
+        code = 0
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

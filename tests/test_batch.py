@@ -460,6 +460,27 @@ def _smd(*args: str, cwd: Path) -> "subprocess.CompletedProcess":
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def test_a_process_of_a_shared_batch_exits_with_its_code_and_its_output(tmp_path):
+    """A process started as one of several (WORLD_SIZE above 1) ends with os._exit after its
+    command, skipping the interpreter's teardown: its exit code, stdout and stderr still come out."""
+    import os
+    import subprocess
+    import sys
+
+    write(tmp_path / "ok.yaml", "layers: [{prompt: a}]\n")
+    env = dict(os.environ, WORLD_SIZE="2", RANK="1")
+
+    def smd(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "smd_cli", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    fine = smd("validate", "ok.yaml")
+    assert fine.returncode == 0 and "ok.yaml" in fine.stdout + fine.stderr
+    missing = smd("validate", "missing.yaml")
+    assert missing.returncode == 2 and "missing.yaml" in missing.stderr
+    assert smd("--version").stdout.strip().startswith("smd ")
+
+
 def test_distributed_shards_the_batch_across_two_processes(tiny_model, tmp_path):
     for name in "abc":
         small_scene(tmp_path, name)
