@@ -324,6 +324,7 @@ def stream(
       smd stream scenes/village.yaml --frames 50 --out village.gif
     """
     with user_errors():
+        from smd_cli.access import describe, is_loopback
         from smd_cli.live import StreamRun, open_session
         from smd_cli.report import Reporter, stream_status
         from smd_cli.scene import merge_overrides
@@ -337,6 +338,9 @@ def stream(
             reporter.close()
         if session.server is not None:
             reporter.info(f"preview at {session.server.url}")
+            if not is_loopback(session.server.address[0]):
+                reporter.info(f"anyone who can reach this machine can watch the frames; accepting pages from "
+                              f"{describe(session.server.access)}")
         run, interrupted = StreamRun(), False
         try:
             with stream_status(opts.quiet) as show:
@@ -402,6 +406,7 @@ def paint(
       smd paint --width 768 --height 512 --save-dir my-paintings
     """
     with user_errors():
+        from smd_cli.access import describe, is_loopback
         from smd_cli.paint import Server, check_host, listen, open_paint
         from smd_cli.report import Reporter
         from smd_cli.scene import merge_overrides
@@ -418,8 +423,10 @@ def paint(
             raise
         finally:
             reporter.close()
-        server = Server(session, sock)
+        server = Server(session, sock, host)
         reporter.info(f"painting at {server.url} (Ctrl-C to stop); saves go to {session.save_dir}")
+        if not is_loopback(host):
+            reporter.info(f"accepting pages from {describe(server.access)}")
         put(server.url)
         if open_browser:
             import webbrowser

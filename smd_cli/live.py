@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from smd_cli import defaults
+from smd_cli.access import Access, access_for
 from smd_cli.errors import OutputError, SmdError, unexpected
 from smd_cli.render import apply_scene, restart_needed, scene_stream
 from smd_cli.scene import SceneFile, load_scene, scene_files
@@ -230,18 +231,21 @@ class PreviewServer:
 
     The address is bound when the server is made (so that a busy port fails before a model
     loads) and served from `start`. At most `max_clients` connections are served at once, and a
-    connection idle for `timeout` seconds is closed.
+    connection idle for `timeout` seconds is closed. Only requests that name this server, from no
+    other site's page, are answered (`smd_cli.access`).
     """
 
     def __init__(self, state: LiveState, host: str = "127.0.0.1", port: int = 8000, *, max_clients: int = 16,
                  timeout: float = 10.0):
+        self.access = Access(frozenset(), 0)  # known once the port is bound, before anything is served
         try:
-            self.httpd = _Server((host, port), self._handler(state, timeout), max_clients)
+            self.httpd = _Server((host, port), self._handler(state, timeout, lambda: self.access), max_clients)
         except OSError as exc:
             where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             reason = "the port is in use; give another, or 0 for any free one" if exc.errno == errno.EADDRINUSE \
                 else exc.strerror or str(exc)
             raise SmdError(f"--preview {where}: cannot listen there: {reason}") from None
+        self.access = access_for(host, self.address[1])
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
@@ -263,7 +267,7 @@ class PreviewServer:
         self.httpd.server_close()
 
     @staticmethod
-    def _handler(state: LiveState, idle: float):
+    def _handler(state: LiveState, idle: float, access: Callable[[], Access]):
         class Handler(http.server.BaseHTTPRequestHandler):
             timeout = idle  # seconds a connection may sit idle
 
@@ -280,7 +284,11 @@ class PreviewServer:
 
             def do_GET(self):  # noqa: N802 - the http.server API
                 route = self.path.split("?")[0]
-                if route == "/":
+                if not access().host_ok(self.headers.get("Host")):
+                    self._send(b"this server answers only to the names it was started for", "text/plain", 400)
+                elif not access().origin_ok(self.headers.get("Origin")):
+                    self._send(b"another site may not use this preview", "text/plain", 403)
+                elif route == "/":
                     self._send(PAGE.encode(), "text/html; charset=utf-8")
                 elif route == "/frame.jpg":
                     with state.lock:

@@ -6,11 +6,15 @@ Three parts, each with one job:
   the model. Edits change the painting under a lock and return at once; before each frame the
   thread hands the stream whatever changed since the last one (`render.apply_scene`, as `smd
   stream --watch` does for file edits), so a stroke is in the next frame's input. Full images
-  ("one image", "batch") run on the same thread between frames. The thread never waits on the
-  network: it leaves each frame in a slot that the page's connections read when they can.
+  ("one image", "batch") run on the same thread between frames, pause the stream, and are held
+  until play is pressed again, so that a person can look at them and keep one. The thread never
+  waits on the network: it leaves each image in a slot that the page's connections read when
+  they can.
 - `make_app` is the web layer (Starlette): the page, a WebSocket per tab that carries edits in
-  and state, masks and frames out (stale frames are dropped, never queued), and an upload route
-  for the background picture. It holds no state of its own.
+  and state, masks and images out, and an upload route for the background picture. What a page
+  may send is `Edit` below and nothing else; who may send it is `smd_cli.access`. Every queue is
+  bounded: a tab's pending state and masks are flags that newer ones overwrite, stale frames are
+  dropped, and a tab that stops reading only stalls its own connection.
 - `serve` binds the socket (127.0.0.1 unless told otherwise) and runs uvicorn.
 
 Why this stack: the page needs frames pushed as soon as they exist and strokes sent as they are
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import io
 import json
 import queue
@@ -33,24 +38,142 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal, Union
 
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from smd_cli.access import Access, access_for, is_loopback
 from smd_cli.errors import SmdError
-from smd_cli.painting import Painting
+from smd_cli.painting import MAX_STROKE_POINTS, BrushFields, Finite, Painting, Text, first_problem
 
 PAGE = Path(__file__).parent / "web" / "paint.html"
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # a background picture sent from the page
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # one edit (a long stroke is a few hundred kilobytes)
+MAX_CLIENTS = 16  # tabs connected at once
+RECENT = 8  # frames and images kept for "save image" besides the held ones
 FRAME_QUALITY = 90  # JPEG quality of the frames sent to the page
 BATCH_SIZE = 4  # images of "batch"
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+# ---------------------------------------------------------------------------------------------
+# What a page may send: one JSON object per WebSocket message, its "op" saying which edit.
+
+
+class _Edit(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Stroke(_Edit):
+    op: Literal["stroke"]
+    brush: int
+    points: Annotated[list[Annotated[list[Finite], Field(min_length=2, max_length=2)]],  # [[x, y], ...]
+                      Field(min_length=1, max_length=MAX_STROKE_POINTS)]
+    size: Finite = 16.0
+    erase: bool = False
+
+
+class Undo(_Edit):
+    op: Literal["undo"]
+
+
+class AddBrush(_Edit):
+    op: Literal["add_brush"]
+    fields: BrushFields = BrushFields()
+
+
+class RemoveBrush(_Edit):
+    op: Literal["remove_brush"]
+    brush: int
+
+
+class MoveBrush(_Edit):
+    op: Literal["move_brush"]
+    brush: int
+    to: int
+
+
+class UpdateBrush(_Edit):
+    op: Literal["update_brush"]
+    brush: int
+    fields: BrushFields
+
+
+class Background(_Edit):
+    op: Literal["background"]
+    prompt: Text | None = None
+    negative_prompt: Text | None = None
+
+
+class RemovePicture(_Edit):
+    op: Literal["remove_picture"]
+
+
+class Seed(_Edit):
+    op: Literal["seed"]
+    seed: int | None = None
+
+
+class Play(_Edit):
+    op: Literal["play"]
+    on: bool = True
+
+
+class Images(_Edit):
+    op: Literal["one_image", "batch"]
+
+
+class Save(_Edit):
+    op: Literal["save"]
+
+
+class SaveImage(_Edit):
+    op: Literal["save_image"]
+    number: int | None = None  # the image the page shows; None: the newest
+
+
+Edit = Annotated[Union[Stroke, Undo, AddBrush, RemoveBrush, MoveBrush, UpdateBrush, Background, RemovePicture,
+                       Seed, Play, Images, Save, SaveImage], Field(discriminator="op")]
+_EDITS = TypeAdapter(Edit)
+OPS = ("stroke", "undo", "add_brush", "remove_brush", "move_brush", "update_brush", "background",
+       "remove_picture", "seed", "play", "one_image", "batch", "save", "save_image")
+
+
+def parse_edit(message: str | bytes | dict) -> Any:
+    """An edit from its JSON text (or a dict), or an SmdError saying what is wrong with it."""
+    if isinstance(message, (str, bytes)) and len(message) > MAX_MESSAGE_BYTES:
+        raise SmdError(f"an edit of {len(message)} bytes is too large; at most {MAX_MESSAGE_BYTES}")
+    try:
+        data = json.loads(message) if isinstance(message, (str, bytes)) else message
+    except (ValueError, RecursionError):
+        raise SmdError("an edit is one JSON object, and this is not JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("op"), str):
+        raise SmdError('an edit is a JSON object with an "op"')
+    if data["op"] not in OPS:
+        raise SmdError(f"unknown edit {data['op'][:40]!r}; the edits are {', '.join(OPS)}")
+    try:
+        return _EDITS.validate_python(data)
+    except ValidationError as exc:
+        return _refused(data["op"], exc)
+
+
+def _refused(op: str, exc: ValidationError):
+    problem = exc.errors(include_url=False)[0]
+    where = [str(p) for p in problem["loc"][1:]]  # past the union's tag
+    if problem["type"] == "extra_forbidden" and where[:1] == ["fields"]:
+        raise SmdError(f"{op}: a brush has no setting {where[-1][:40]!r} the page may set; it has "
+                       f"{', '.join(BrushFields.model_fields)} (models and files come from the scene file)")
+    key = ".".join(where)
+    raise SmdError(f"{op}: {key + ': ' if key else ''}{problem['msg']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The session
 
 
 @dataclass
 class Shown:
-    """The image the display shows: a stream frame or a full image, numbered from 1."""
+    """An image for the display: a stream frame or a full image, numbered from 1."""
 
     number: int
     kind: str  # "frame" or "image"
@@ -59,6 +182,13 @@ class Shown:
     seed: int | None = None
     record: Any = None
     version: int = 0  # the painting's edits (`Painting.version`) this image was made with
+    run: int = 0  # full images: which "one image" or "batch" made it, and its place there
+    index: int = 0
+    count: int = 0
+
+    def message(self, frames: int) -> dict:
+        return {"type": "shown", "number": self.number, "kind": self.kind, "seed": self.seed, "frames": frames,
+                "version": self.version, "run": self.run, "index": self.index, "count": self.count}
 
 
 class PaintSession:
@@ -76,14 +206,19 @@ class PaintSession:
         # whole depth of calls on every stroke.)
         self.stream.autoflush = False
         self.applied = painting.version
-        self.playing = True
-        self.shown: Shown | None = None
+        self.playing = False  # as in the original app: set up the painting, then press play
+        self.shown: Shown | None = None  # the newest image made
+        self.held: list[Shown] = []  # the last "one image" or "batch", kept until the next
+        self.recent: collections.deque[Shown] = collections.deque(maxlen=RECENT)
+        self.runs = 0
+        self.making = False  # a "one image" or "batch" is asked for or under way
         self.frames = 0  # stream frames made
+        self.error: tuple[int, str] | None = None  # the model thread's last error, numbered
         self.on_shown: list[Callable[[], None]] = []  # called from the model thread after each new image
-        self.errors: list[str] = []
-        self._jobs: queue.Queue = queue.Queue()
+        self._jobs: queue.Queue = queue.Queue(maxsize=1)
         self._wake = threading.Event()
         self._closed = False
+        self._picture_png: tuple[int, bytes] | None = None
         self._thread = threading.Thread(target=self._run, name="smd-paint-model", daemon=True)
 
     def start(self) -> "PaintSession":
@@ -99,42 +234,48 @@ class PaintSession:
 
     # Edits, from any thread.
 
-    def edit(self, op: str, message: dict) -> Any:
-        """Apply one edit from the page; raises SmdError with what is wrong."""
+    def edit(self, message: Any) -> Any:
+        """Apply one edit from the page (an `Edit`, or its JSON text or dict); raises SmdError with
+        what is wrong. Returns the new brush's index for add_brush, the path written for saves."""
+        m = message if isinstance(message, BaseModel) else parse_edit(message)
+        if m.op == "save":
+            return self.save()
+        if m.op == "save_image":
+            return self.save_image(m.number)
         p = self.painting
+        result = None
         with self.lock:
-            if op == "stroke":
-                p.stroke(_int(message, "brush"), message.get("points") or [], message.get("size", 16),
-                         bool(message.get("erase")))
-            elif op == "undo":
-                return p.undo()
-            elif op == "add_brush":
-                return p.add_brush(**_fields(message))
-            elif op == "remove_brush":
-                p.remove_brush(_int(message, "brush"))
-            elif op == "move_brush":
-                p.move_brush(_int(message, "brush"), _int(message, "to"))
-            elif op == "update_brush":
-                p.update_brush(_int(message, "brush"), **_fields(message))
-            elif op == "background":
-                p.update_background(message.get("prompt"), message.get("negative_prompt"))
-            elif op == "remove_picture":
+            if m.op == "stroke":
+                p.stroke(m.brush, m.points, m.size, m.erase)
+            elif m.op == "undo":
+                result = p.undo()
+            elif m.op == "add_brush":
+                result = p.add_brush(**m.fields.model_dump(exclude_none=True))
+            elif m.op == "remove_brush":
+                p.remove_brush(m.brush)
+            elif m.op == "move_brush":
+                p.move_brush(m.brush, m.to)
+            elif m.op == "update_brush":
+                p.update_brush(m.brush, **m.fields.model_dump(exclude_none=True))
+            elif m.op == "background":
+                p.update_background(m.prompt, m.negative_prompt)
+            elif m.op == "remove_picture":
                 p.set_picture(None)
-            elif op == "seed":
-                seed = message.get("seed")
-                p.set_seed(None if seed in (None, "") else _int(message, "seed"))
-            elif op == "play":
-                self.playing = bool(message.get("on", True))
-            elif op in ("one_image", "batch"):
-                self._jobs.put(1 if op == "one_image" else BATCH_SIZE)
-            elif op == "save":
-                return str(p.save(self.save_dir, self.stem))
-            elif op == "save_image":
-                return str(self.save_image())
-            else:
-                raise SmdError(f"unknown edit {op!r}")
+            elif m.op == "seed":
+                p.set_seed(m.seed)
+            elif m.op == "play":
+                self.playing = m.on
+            elif m.op in ("one_image", "batch"):
+                if self.making:
+                    raise SmdError("images are being made: wait for them, then ask again")
+                self.making, self.playing = True, False  # the display holds them until play is pressed
+                self._jobs.put_nowait(1 if m.op == "one_image" else BATCH_SIZE)
         self._wake.set()
-        return None
+        return result
+
+    def save(self) -> str:
+        with self.lock:
+            return str(self.painting.save(self.save_dir, self.stem))
 
     def set_picture(self, data: bytes) -> None:
         """The background picture from uploaded bytes, decoded with the limits of scene images."""
@@ -152,35 +293,69 @@ class PaintSession:
             self.painting.set_picture(image)
         self._wake.set()
 
-    def save_image(self) -> Path:
-        """The image on display, with its record, beside the saved scenes (never over a file)."""
-        from smd_cli.render import Result
+    def picture_png(self) -> bytes | None:
+        """The background picture as PNG, encoded once per picture."""
+        with self.lock:
+            picture, version = self.painting.picture, self.painting.picture_version
+        if picture is None:
+            return None
+        cached = self._picture_png
+        if cached is None or cached[0] != version:
+            cached = self._picture_png = (version, _png(picture))
+        return cached[1]
 
-        from smd_cli.render import image_record
-
+    def find(self, number: int | None) -> Shown:
+        """The image numbered `number` if it is still kept (None: the newest)."""
         shown = self.shown
         if shown is None:
-            raise SmdError("no image yet: wait for the first frame")
+            raise SmdError("no image yet: press play, or one image")
+        if number is None:
+            return shown
+        for kept in (*self.held, *self.recent):
+            if kept.number == number:
+                return kept
+        raise SmdError(f"image {number} is no longer kept: save the image on display sooner after it appears")
+
+    def save_image(self, number: int | None = None) -> str:
+        """Image `number` (the one on the page's display), with its record, beside the saved scenes
+        (never over a file)."""
+        from smd_cli.render import Result, image_record
+
+        shown = self.find(number)
         seed = shown.seed if shown.seed is not None else self.painting.scene.seed
         record = shown.record
         if record is None:  # a stream frame: the record of the painting as it is now
-            sf = self.painting.scene_file()
+            with self.lock:
+                sf = self.painting.scene_file()
             record = image_record(self.pipe, sf, seed=seed if seed is not None else 0, width=self.painting.width,
                                   height=self.painting.height, timings={}, files={})
         name = f"{self.stem}-{shown.kind}-{seed if seed is not None else shown.number}.png"
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        return Result(shown.image, seed, record=record).save(self.save_dir / name)
+        return str(Result(shown.image, seed, record=record).save(self.save_dir / name))
 
     def state(self) -> dict:
         with self.lock:
             state = self.painting.state()
-        return {**state, "playing": self.playing, "frames": self.frames, "save_dir": str(self.save_dir)}
+        return {**state, "playing": self.playing, "making": self.making, "frames": self.frames,
+                "save_dir": str(self.save_dir)}
 
-    def masks(self, which: list[int] | None = None) -> list[dict]:
+    def masks(self, which: Any = None) -> list[dict]:
+        """Brushes' masks as PNG for the page: all, or the indices in `which`."""
         with self.lock:
-            indices = range(len(self.painting.brushes)) if which is None else which
-            return [{"brush": i, "png": base64.b64encode(self.painting.mask_png(i)).decode("ascii")}
-                    for i in indices if 0 <= i < len(self.painting.brushes)]
+            count = len(self.painting.brushes)
+            indices = range(count) if which is None else sorted(i for i in which if 0 <= i < count)
+            arrays = [(i, self.painting.brushes[i].mask) for i in indices]
+        return [{"brush": i, "png": base64.b64encode(_png(Image.fromarray(mask, "L"))).decode("ascii")}
+                for i, mask in arrays]
+
+    def unsent(self, after: int) -> list[Shown]:
+        """What a tab that has seen up to image `after` should get: every held image it has not
+        seen, in order, and the newest frame if it is newer still (older frames are dropped)."""
+        out = [s for s in self.held if s.number > after]
+        shown = self.shown
+        if shown is not None and shown.kind == "frame" and shown.number > max([after] + [s.number for s in out]):
+            out.append(shown)
+        return out
 
     # The model thread.
 
@@ -191,7 +366,8 @@ class PaintSession:
                     self._images(self._jobs.get())
                 elif self.playing:
                     self._apply()
-                    self._show("frame", self.stream())
+                    version = self.applied
+                    self._show("frame", self.stream(), version=version)
                     self.frames += 1
                 else:
                     self._wake.wait(0.5)
@@ -199,8 +375,8 @@ class PaintSession:
             except Exception as exc:  # shown on the page; the app goes on
                 from smd_cli.errors import unexpected
 
-                self.errors.append(str(exc) if isinstance(exc, SmdError) else unexpected(exc))
-                self.playing = False
+                self.making = self.playing = False
+                self.error = ((self.error or (0, ""))[0] + 1, str(exc) if isinstance(exc, SmdError) else unexpected(exc))
                 self._notify()
 
     def _apply(self) -> None:
@@ -220,20 +396,36 @@ class PaintSession:
         from smd_cli.render import generate
         from smd_cli.scene import SceneFile, random_seed
 
-        self._apply()  # the stream too, so that what the display says it shows is so
-        with self.lock:
-            sf, masks = self.painting.scene_file(), self.painting.scene_masks()
-        first = sf.scene.seed if sf.scene.seed is not None else random_seed()
-        for seed in range(first, first + count):
-            one = SceneFile(sf.scene.model_copy(update={"seed": seed}), sf.path, label=sf.label)
-            result = generate(self.pipe, one, masks=masks)
-            self._show("image", result.image, seed=seed, record=result.record)
+        try:
+            self._apply()  # the stream too, so that what the display says it shows is so
+            with self.lock:
+                sf, masks, version = self.painting.scene_file(), self.painting.scene_masks(), self.painting.version
+            first = sf.scene.seed if sf.scene.seed is not None else random_seed()
+            self.runs += 1
+            self.held = []
+            for index, seed in enumerate(range(first, first + count)):
+                one = SceneFile(sf.scene.model_copy(update={"seed": seed}), sf.path, label=sf.label)
+                result = generate(self.pipe, one, masks=masks)
+                shown = self._shown("image", result.image, version=version, seed=seed, record=result.record,
+                                    run=self.runs, index=index, count=count)
+                self.held = [*self.held, shown]
+                self._publish(shown)
+        finally:
+            self.making = False
+            self._notify()
 
-    def _show(self, kind: str, image: Image.Image, *, seed: int | None = None, record: Any = None) -> None:
+    def _show(self, kind: str, image: Image.Image, **details: Any) -> None:
+        self._publish(self._shown(kind, image, **details))
+
+    def _shown(self, kind: str, image: Image.Image, **details: Any) -> Shown:
         out = io.BytesIO()
         image.convert("RGB").save(out, format="JPEG", quality=FRAME_QUALITY)
         number = self.shown.number + 1 if self.shown else 1
-        self.shown = Shown(number, kind, out.getvalue(), image, seed, record, self.applied)
+        return Shown(number, kind, out.getvalue(), image, **details)
+
+    def _publish(self, shown: Shown) -> None:
+        self.shown = shown
+        self.recent.append(shown)
         self._notify()
 
     def _notify(self) -> None:
@@ -241,65 +433,97 @@ class PaintSession:
             callback()
 
 
-def _int(message: dict, key: str) -> int:
-    value = message.get(key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SmdError(f"{key} must be a whole number, got {value!r}")
-    return value
-
-
-def _fields(message: dict) -> dict:
-    fields = message.get("fields") or {}
-    if not isinstance(fields, dict):
-        raise SmdError("fields must be a mapping of brush settings")
-    return fields
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
 # The web layer
 
 
-def make_app(session: PaintSession, *, allowed_origins: set[str] | None = None):
-    """The Starlette app: `/` the page, `/ws` a tab's connection, `/picture` the upload,
-    `/frame.jpg` the image on display."""
+class Guard:
+    """ASGI middleware: a request or WebSocket whose Host or Origin is not this server's is refused
+    before any route sees it (`smd_cli.access`)."""
+
+    def __init__(self, app, access: Access):
+        self.app, self.access = app, access
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            from starlette.datastructures import Headers
+            from starlette.responses import JSONResponse
+            from starlette.websockets import WebSocketClose
+
+            headers = Headers(scope=scope)
+            problem = None
+            if not self.access.host_ok(headers.get("host")):
+                problem = 400, "this server answers only to the names it was started for (see smd paint --host)"
+            elif not self.access.origin_ok(headers.get("origin")):
+                problem = 403, "another site may not use this app"
+            if problem is not None:
+                if scope["type"] == "websocket":
+                    await WebSocketClose(code=1008, reason=problem[1])(scope, receive, send)
+                else:
+                    await JSONResponse({"error": problem[1]}, status_code=problem[0])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _Tab:
+    """One connected page. What it still has to be sent is a few flags and a short list, which
+    newer news overwrites: nothing piles up for a tab that reads slowly or not at all."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.wake = asyncio.Event()
+        self.state = True
+        self.masks: set[int] | None = None  # None: every brush's
+        self.all_masks = True
+        self.notes: collections.deque[dict] = collections.deque(maxlen=8)  # replies to this tab's edits
+
+    def tell(self, *, state: bool = False, masks: Any = (), all_masks: bool = False, note: dict | None = None):
+        self.state |= state
+        if all_masks:
+            self.all_masks = True
+        elif masks:
+            self.masks = (self.masks or set()) | set(masks)
+        if note is not None:
+            self.notes.append(note)
+        self.wake.set()
+
+
+def make_app(session: PaintSession, *, access: Access | None = None):
+    """The Starlette app: `/` the page, `/ws` a tab's connection, `/picture` the upload (POST) and
+    the picture (GET), `/frame.jpg` the newest image. With `access`, only pages of this server."""
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route, WebSocketRoute
     from starlette.websockets import WebSocket, WebSocketDisconnect
 
     page = PAGE.read_text(encoding="utf-8")
-    clients: set["Client"] = set()
-
-    class Client:
-        def __init__(self, ws: WebSocket):
-            self.ws = ws
-            self.messages: asyncio.Queue = asyncio.Queue()
-            self.new_image = asyncio.Event()
-
+    tabs: set[_Tab] = set()
+    uploading = asyncio.Semaphore(1)
     loop_holder: dict[str, asyncio.AbstractEventLoop] = {}
 
     def shown_from_thread() -> None:  # the model thread: wake every tab, never wait
         loop = loop_holder.get("loop")
         if loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(lambda: [c.new_image.set() for c in list(clients)])
+                loop.call_soon_threadsafe(lambda: [tab.tell(state=True) for tab in list(tabs)])
             except RuntimeError:  # the server stopped meanwhile
                 pass
 
     session.on_shown.append(shown_from_thread)
 
-    def broadcast(message: dict) -> None:
-        for client in list(clients):
-            client.messages.put_nowait(message)
-
-    def origin_ok(headers) -> bool:
-        origin = headers.get("origin")
-        if origin is None or allowed_origins is None:
-            return True
-        return origin in allowed_origins or origin == f"http://{headers.get('host')}"
+    def tell_all(**news) -> None:
+        for tab in list(tabs):
+            tab.tell(**news)
 
     async def index(request):
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     async def frame(request):
         shown = session.shown
@@ -308,108 +532,113 @@ def make_app(session: PaintSession, *, allowed_origins: set[str] | None = None):
         return Response(shown.jpeg, media_type="image/jpeg", headers={"X-Frame-Number": str(shown.number)})
 
     async def picture_file(request):
-        with session.lock:
-            picture = session.painting.picture
-        if picture is None:
+        png = await asyncio.to_thread(session.picture_png)
+        if png is None:
             return Response(status_code=404)
-        out = io.BytesIO()
-        picture.save(out, format="PNG")
-        return Response(out.getvalue(), media_type="image/png", headers={"Cache-Control": "no-store"})
+        return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     async def picture(request):
-        if not origin_ok(request.headers):
-            return JSONResponse({"error": "another site may not change this painting"}, status_code=403)
-        length = int(request.headers.get("content-length") or 0)
-        if length > MAX_UPLOAD_BYTES:
-            return JSONResponse({"error": f"the picture is larger than {MAX_UPLOAD_BYTES // 2**20} MiB"},
-                                status_code=413)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_UPLOAD_BYTES:
-                return JSONResponse({"error": f"the picture is larger than {MAX_UPLOAD_BYTES // 2**20} MiB"},
-                                    status_code=413)
-        try:
-            await asyncio.to_thread(session.set_picture, bytes(body))
-        except SmdError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=400)
-        broadcast({"type": "state", **session.state()})
+        too_large = JSONResponse({"error": f"the picture is larger than {MAX_UPLOAD_BYTES // 2**20} MiB"},
+                                 status_code=413)
+        length = request.headers.get("content-length", "0").strip()
+        if not length.isdigit():
+            return JSONResponse({"error": "Content-Length is not a number"}, status_code=400)
+        if int(length) > MAX_UPLOAD_BYTES:
+            return too_large
+        if uploading.locked():
+            return JSONResponse({"error": "another picture is being uploaded; try again when it is done"},
+                                status_code=429)
+        async with uploading:
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_UPLOAD_BYTES:
+                    return too_large
+            try:
+                await asyncio.to_thread(session.set_picture, bytes(body))
+            except SmdError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+        tell_all(state=True)
         return JSONResponse({"ok": True})
 
-    async def sender(client: Client) -> None:
-        sent = 0
+    async def sender(tab: _Tab) -> None:
+        sent, error_seen = 0, session.error[0] if session.error else 0
         while True:
-            wait_message = asyncio.ensure_future(client.messages.get())
-            wait_image = asyncio.ensure_future(client.new_image.wait())
-            done, pending = await asyncio.wait({wait_message, wait_image}, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
-                task.cancel()
-            if wait_message in done:
-                await client.ws.send_text(json.dumps(wait_message.result()))
-            if wait_image in done:
-                client.new_image.clear()
-                shown = session.shown
-                if session.errors:
-                    await client.ws.send_text(json.dumps({"type": "error", "message": session.errors.pop()}))
-                if shown is not None and shown.number != sent:  # only the newest: older ones are dropped
-                    sent = shown.number
-                    await client.ws.send_text(json.dumps({"type": "shown", "number": shown.number, "kind": shown.kind,
-                                                          "seed": shown.seed, "frames": session.frames,
-                                                          "version": shown.version}))
-                    await client.ws.send_bytes(shown.jpeg)
+            await tab.wake.wait()
+            tab.wake.clear()
+            while tab.notes:
+                await tab.ws.send_text(json.dumps(tab.notes.popleft()))
+            if session.error and session.error[0] > error_seen:
+                error_seen = session.error[0]
+                await tab.ws.send_text(json.dumps({"type": "error", "message": session.error[1]}))
+            if tab.state:
+                tab.state = False
+                await tab.ws.send_text(json.dumps({"type": "state", **session.state()}))
+            if tab.all_masks or tab.masks:
+                which, tab.all_masks, tab.masks = (None if tab.all_masks else tab.masks), False, None
+                for mask in await asyncio.to_thread(session.masks, which):
+                    await tab.ws.send_text(json.dumps({"type": "mask", **mask}))
+            for shown in session.unsent(sent):
+                sent = shown.number
+                await tab.ws.send_text(json.dumps(shown.message(session.frames)))
+                await tab.ws.send_bytes(shown.jpeg)
 
     async def connection(ws: WebSocket) -> None:
-        if not origin_ok(ws.headers):
-            await ws.close(code=1008)
+        if len(tabs) >= MAX_CLIENTS:
+            await ws.close(code=1013, reason=f"{MAX_CLIENTS} tabs are open already")
             return
         loop_holder["loop"] = asyncio.get_running_loop()
         await ws.accept()
-        client = Client(ws)
-        clients.add(client)
-        client.messages.put_nowait({"type": "state", **session.state()})
-        for mask in session.masks():
-            client.messages.put_nowait({"type": "mask", **mask})
-        client.new_image.set()
-        task = asyncio.create_task(sender(client))
+        tab = _Tab(ws)
+        tabs.add(tab)
+        tab.wake.set()
+        task = asyncio.create_task(sender(tab))
         try:
             while True:
-                text = await ws.receive_text()
-                await handle(client, text)
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                if text is None:
+                    tab.tell(note={"type": "error", "message": "an edit is a JSON text message, not binary"})
+                    continue
+                await handle(tab, text)
         except WebSocketDisconnect:
             pass
         finally:
-            clients.discard(client)
+            tabs.discard(tab)
             task.cancel()
 
-    async def handle(client: Client, text: str) -> None:
+    async def handle(tab: _Tab, text: str) -> None:
         try:
-            if len(text) > MAX_MESSAGE_BYTES:
-                raise SmdError(f"an edit of {len(text)} bytes is too large")
-            message = json.loads(text)
-            if not isinstance(message, dict) or not isinstance(message.get("op"), str):
-                raise SmdError("an edit is a JSON object with an op")
-            op = message["op"]
-            result = await asyncio.to_thread(session.edit, op, message) if op in ("save", "save_image") \
-                else session.edit(op, message)
-        except (SmdError, ValueError) as exc:
-            client.messages.put_nowait({"type": "error", "message": str(exc)})
+            edit = parse_edit(text)
+            result = await asyncio.to_thread(session.edit, edit)
+        except SmdError as exc:
+            tab.tell(note={"type": "error", "message": str(exc)})
             return
-        if op in ("save", "save_image"):
-            client.messages.put_nowait({"type": "saved", "what": op, "path": result})
-            return
-        broadcast({"type": "state", **session.state()})
-        changed = {"stroke": [message.get("brush")], "undo": [result], "add_brush": [result],
-                   "update_brush": [message.get("brush")]}.get(op)  # (a new colour recolours the mask)
-        if op in ("remove_brush", "move_brush"):
-            changed = None
-            for mask in session.masks():
-                broadcast({"type": "mask", **mask})
-        for mask in session.masks([i for i in changed or [] if isinstance(i, int)]):
-            broadcast({"type": "mask", **mask})
+        except Exception as exc:  # a bug in smd: said on the page, the app goes on
+            from smd_cli.errors import unexpected
 
-    return Starlette(routes=[Route("/", index), Route("/frame.jpg", frame),
-                             Route("/picture", picture, methods=["POST"]), Route("/picture", picture_file),
-                             WebSocketRoute("/ws", connection)])
+            tab.tell(note={"type": "error", "message": f"unexpected error: {unexpected(exc)}"})
+            return
+        op = edit.op
+        if op in ("save", "save_image"):
+            tab.tell(note={"type": "saved", "what": op, "path": result})
+            return
+        if op == "stroke":
+            tell_all(state=True, masks=[edit.brush])
+        elif op == "update_brush":  # a new colour recolours the mask
+            tell_all(state=True, masks=[edit.brush])
+        elif op in ("undo", "add_brush", "remove_brush", "move_brush"):
+            tell_all(state=True, all_masks=True)
+        else:
+            tell_all(state=True)
+
+    app = Starlette(routes=[Route("/", index), Route("/frame.jpg", frame),
+                            Route("/picture", picture, methods=["POST"]), Route("/picture", picture_file),
+                            WebSocketRoute("/ws", connection)],
+                    middleware=[Middleware(Guard, access=access)] if access is not None else [])
+    return app
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -417,29 +646,30 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.create_server((host, port), family=family)
-    except OSError as exc:
-        raise SmdError(f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-                       + ("; pick another --port" if exc.errno in (98, 48) else "")) from None
+    except (OSError, UnicodeError, OverflowError) as exc:
+        raise SmdError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}"
+                       + ("; pick another --port" if getattr(exc, "errno", None) in (98, 48) else "")) from None
     return sock
 
 
-def url_of(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+def url_of(sock: socket.socket, host: str | None = None) -> str:
+    """The app's address: under the name it was started with, unless that is a wildcard."""
+    bound, port = sock.getsockname()[:2]
+    name = bound if not host or host in ("0.0.0.0", "::") else host
+    return f"http://{'[' + name + ']' if ':' in name else name}:{port}/"
 
 
 class Server:
     """uvicorn serving the app on an already bound socket, in this thread (`run`) or another (`start`)."""
 
-    def __init__(self, session: PaintSession, sock: socket.socket):
+    def __init__(self, session: PaintSession, sock: socket.socket, host: str | None = None):
         import uvicorn
 
-        self.sock, self.url = sock, url_of(sock)
-        origins = {self.url.rstrip("/")}
-        if self.url.startswith("http://127.0.0.1:"):
-            origins.add(self.url.rstrip("/").replace("127.0.0.1", "localhost"))
-        config = uvicorn.Config(make_app(session, allowed_origins=origins), log_level="warning",
-                                ws_max_size=MAX_MESSAGE_BYTES, lifespan="off")
+        self.sock, self.url = sock, url_of(sock, host)
+        self.access = access_for(host or sock.getsockname()[0], sock.getsockname()[1])
+        config = uvicorn.Config(make_app(session, access=self.access), log_level="warning",
+                                ws_max_size=MAX_MESSAGE_BYTES, lifespan="off", limit_concurrency=4 * MAX_CLIENTS,
+                                timeout_keep_alive=5)
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -463,7 +693,7 @@ class Server:
 
 def check_host(host: str) -> None:
     """Binding anywhere but this machine lets others paint and save files here: say so."""
-    if host not in LOCAL_HOSTS:
+    if not is_loopback(host):
         warnings.warn(f"--host {host}: anyone who can reach this machine can use the app and save files into "
                       "the save folder", stacklevel=2)
 

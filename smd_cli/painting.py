@@ -10,15 +10,16 @@ that it is tested without a browser. No torch at import.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from smd_cli import defaults
 from smd_cli.canvas import SceneMasks, scene_masks
@@ -28,12 +29,33 @@ from smd_cli.scene import Layer, PaletteMask, Scene, SceneFile, validate_scene
 # Colours of brushes whose masks name none (a palette mask's colour is kept).
 BRUSH_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
                  "#fabed4", "#469990", "#dcbeff", "#9a6324")
-UNDO_DEPTH = 32  # strokes that can be taken back
+UNDO_DEPTH = 32  # edits that can be taken back
 MAX_BRUSHES = 64
 MAX_STROKE_POINTS = 10_000
-# Brush fields the page may edit, as the scene's layers name them.
-BRUSH_FIELDS = ("name", "prompt", "negative_prompt", "mask_strength", "mask_std", "prompt_strength")
+MAX_TEXT = 4000  # characters of a prompt or a name typed on the page
 _SLUG = re.compile(r"[^a-z0-9]+")
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
+class BrushFields(BaseModel):
+    """What the page may set of a brush: what it shows. Whatever names a file or a model (LoRAs,
+    ControlNets, reference images) comes from the scene file or the command line, never from a page.
+    Ranges are a scene layer's (`_layer` checks them)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Annotated[str, Field(max_length=200)] | None = None
+    prompt: Text | None = None
+    negative_prompt: Text | None = None
+    mask_strength: Finite | None = None
+    mask_std: Finite | None = None
+    prompt_strength: Finite | None = None
+    colour: Annotated[str, Field(pattern=r"^#[0-9a-fA-F]{6}$")] | None = None
+
+
+# Brush fields of a scene's layer that the page shows and edits (the colour is the page's own).
+BRUSH_FIELDS = tuple(name for name in BrushFields.model_fields if name != "colour")
 
 
 @dataclass
@@ -53,8 +75,9 @@ class Painting:
         self.scene, self.brushes, self.picture = scene, brushes, picture
         self.width, self.height = width, height
         self.source = source  # the scene file it was opened from, for its relative paths
-        self._undo: list[tuple[int, np.ndarray]] = []
+        self._undo: list[_Snapshot] = []  # the painting before each of the last UNDO_DEPTH edits
         self.version = 0  # counts edits, so that a stream applies each once
+        self.picture_version = 0  # counts changes of the picture, so that the page fetches it once each
 
     # Opening.
 
@@ -85,7 +108,7 @@ class Painting:
                                "picture": self.picture is not None},
                 "brushes": [{**{k: getattr(b.layer, k) for k in BRUSH_FIELDS}, "colour": b.colour}
                             for b in self.brushes],
-                "undo": len(self._undo), "version": self.version}
+                "undo": len(self._undo), "version": self.version, "picture_version": self.picture_version}
 
     def mask_png(self, i: int) -> bytes:
         """Brush `i`'s mask as a grayscale PNG."""
@@ -103,9 +126,12 @@ class Painting:
         if len(self.brushes) >= MAX_BRUSHES:
             raise SmdError(f"a palette holds at most {MAX_BRUSHES} brushes")
         n = len(self.brushes)
+        fields = page_fields(fields)
+        colour = fields.pop("colour", None) or next(
+            (c for c in BRUSH_COLOURS if c not in {b.colour for b in self.brushes}), BRUSH_COLOURS[n % 12])
         layer = _layer({"name": f"brush {n + 1}", "prompt": "", **fields}, n)
-        colour = next((c for c in BRUSH_COLOURS if c not in {b.colour for b in self.brushes}), BRUSH_COLOURS[n % 12])
-        self.brushes.append(Brush(layer, np.zeros((self.height, self.width), np.uint8), colour))
+        self._remember()
+        self.brushes.append(Brush(layer, np.zeros((self.height, self.width), np.uint8), colour.lower()))
         self._changed()
         return n
 
@@ -113,33 +139,29 @@ class Painting:
         self.brush(i)
         if len(self.brushes) == 1:
             raise SmdError("a painting keeps at least one brush")
+        self._remember()
         del self.brushes[i]
-        self._undo = [(j - (j > i), m) for j, m in self._undo if j != i]
         self._changed()
 
     def move_brush(self, i: int, to: int) -> None:
         """Move brush `i` to place `to`: later brushes cover earlier ones."""
         brush = self.brush(i)
         self.brush(to)
-        order = [j for j in range(len(self.brushes)) if j != i]
-        order.insert(to, i)
-        self.brushes = [self.brushes[j] for j in order]
-        self._undo = [(order.index(j), m) for j, m in self._undo]
-        assert self.brushes[to] is brush
+        if i == to:
+            return
+        self._remember()
+        del self.brushes[i]
+        self.brushes.insert(to, brush)
         self._changed()
 
     def update_brush(self, i: int, **fields: Any) -> None:
-        """Change brush `i`'s prompt, name or strengths, checked as a scene's layer is."""
+        """Change brush `i`'s prompt, name, strengths or colour, checked as a scene's layer is."""
         brush = self.brush(i)
-        unknown = set(fields) - set(BRUSH_FIELDS) - {"colour"}
-        if unknown:
-            raise SmdError(f"a brush has no setting {', '.join(sorted(unknown))}; it has {', '.join(BRUSH_FIELDS)}")
+        fields = page_fields(fields)
         colour = fields.pop("colour", None)
-        if colour is not None:
-            if not re.fullmatch(r"#[0-9a-fA-F]{6}", str(colour)):
-                raise SmdError(f"a brush colour is #rrggbb, got {colour!r}")
-            brush.colour = str(colour).lower()
-        brush.layer = _layer({**brush.layer.model_dump(exclude_unset=True), **fields}, i)
+        layer = _layer({**brush.layer.model_dump(exclude_unset=True), **fields}, i)
+        self._remember()
+        self.brushes[i] = Brush(layer, brush.mask, colour.lower() if colour else brush.colour)
         self._changed()
 
     def update_background(self, prompt: str | None = None, negative_prompt: str | None = None) -> None:
@@ -148,11 +170,15 @@ class Painting:
 
     def set_picture(self, picture: Image.Image | None) -> None:
         """The picture the layers are painted over (None: the background prompt fills the rest)."""
+        if picture is None and self.picture is None:
+            return
         if picture is not None and picture.size != (self.width, self.height):
             from smd_cli.masks import fit_picture
 
             picture = fit_picture(picture, self.width, self.height)
+        self._remember()
         self.picture = None if picture is None else picture.convert("RGB")
+        self.picture_version += 1
         self._changed()
 
     def set_seed(self, seed: int | None) -> None:
@@ -162,33 +188,48 @@ class Painting:
         """Paint (or erase) a round brush of diameter `size` pixels along `points` [(x, y), ...] in
         canvas pixels, into brush `i`'s mask only."""
         brush = self.brush(i)
-        if not points or len(points) > MAX_STROKE_POINTS:
-            raise SmdError(f"a stroke has 1 to {MAX_STROKE_POINTS} points, got {len(points)}")
         try:
+            count = len(points)
             xy = [(float(x), float(y)) for x, y in points]
             size = float(size)
         except (TypeError, ValueError):
             raise SmdError("a stroke's points are [x, y] pairs of numbers and its size a number") from None
-        if not all(np.isfinite(v) for p in xy for v in p) or not 1 <= size <= 4 * max(self.width, self.height):
-            raise SmdError("a stroke's points must be finite and its size between 1 and the canvas's")
-        self._undo = (self._undo + [(i, brush.mask.copy())])[-UNDO_DEPTH:]
-        image = Image.fromarray(brush.mask, "L")
+        if not 1 <= count <= MAX_STROKE_POINTS:
+            raise SmdError(f"a stroke has 1 to {MAX_STROKE_POINTS} points, got {count}")
+        limit = 4 * max(self.width, self.height)  # far outside the canvas paints nothing anyway
+        if not all(np.isfinite(v) and abs(v) <= limit for p in xy for v in p) or not 1 <= size <= limit:
+            raise SmdError("a stroke's points must be finite and near the canvas, and its size between 1 and "
+                           f"{limit} pixels")
+        image = Image.fromarray(brush.mask.copy(), "L")
         draw, value, r = ImageDraw.Draw(image), 0 if erase else 255, size / 2
         if len(xy) > 1:
             draw.line(xy, fill=value, width=max(1, round(size)), joint="curve")
         for x, y in (xy[0], xy[-1]) if len(xy) > 1 else xy:  # round ends
             draw.ellipse((x - r, y - r, x + r, y + r), fill=value)
-        brush.mask = np.asarray(image, np.uint8).copy()
+        mask = np.asarray(image, np.uint8).copy()
+        if np.array_equal(mask, brush.mask):
+            return  # nothing changed (a stroke outside the canvas, an eraser on nothing): nothing to undo
+        self._remember()
+        self.brushes[i] = dataclasses.replace(brush, mask=mask)
         self._changed()
 
-    def undo(self) -> int | None:
-        """Take back the last stroke; returns the brush it changed (None: nothing to take back)."""
+    def undo(self) -> bool:
+        """Take back the last edit (a stroke, a brush added, removed, moved or changed, the
+        background, the picture or the seed); False when there is nothing to take back."""
         if not self._undo:
-            return None
-        i, mask = self._undo.pop()
-        self.brushes[i].mask = mask
+            return False
+        snapshot = self._undo.pop()
+        self.scene, self.brushes = snapshot.scene, list(snapshot.brushes)
+        if snapshot.picture is not self.picture:
+            self.picture, self.picture_version = snapshot.picture, self.picture_version + 1
         self._changed()
-        return i
+        return True
+
+    def _remember(self) -> None:
+        """Keep the painting as it is before an edit. Brushes are replaced, never changed in place,
+        and masks are never written into, so a snapshot shares them instead of copying."""
+        snapshot = _Snapshot(self.scene, tuple(self.brushes), self.picture)
+        self._undo = (self._undo + [snapshot])[-UNDO_DEPTH:]
 
     # For the engine.
 
@@ -262,13 +303,47 @@ class Painting:
     def _replace(self, **update: Any) -> None:
         data = {**self.scene.model_dump(exclude_unset=True), **update}
         try:
-            self.scene = validate_scene(data).scene
+            scene = validate_scene(data).scene
         except SmdError as exc:
             raise SmdError(str(exc).removeprefix("error: ")) from None
+        self._remember()
+        self.scene = scene
         self._changed()
 
     def _changed(self) -> None:
         self.version += 1
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """A painting as it was before an edit, for `Painting.undo`."""
+
+    scene: Scene
+    brushes: tuple[Brush, ...]
+    picture: Image.Image | None
+
+
+def page_fields(fields: Any) -> dict[str, Any]:
+    """Brush settings from the page, checked against what the page may set (`BrushFields`)."""
+    if isinstance(fields, BrushFields):
+        return fields.model_dump(exclude_none=True)
+    if not isinstance(fields, dict):
+        raise SmdError("a brush's settings are a mapping of " + ", ".join(BrushFields.model_fields))
+    unknown = sorted(set(fields) - set(BrushFields.model_fields), key=str)
+    if unknown:
+        raise SmdError(f"a brush has no setting {', '.join(map(str, unknown))} the page may set; it has "
+                       f"{', '.join(BrushFields.model_fields)} (models and files come from the scene file)")
+    try:
+        return BrushFields.model_validate(fields).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        raise SmdError(f"brush settings: {first_problem(exc)}") from None
+
+
+def first_problem(exc: ValidationError) -> str:
+    """pydantic's first complaint as `key: message`, short enough for one line on the page."""
+    problem = exc.errors(include_url=False)[0]
+    key = ".".join(str(p) for p in problem["loc"])
+    return f"{key}: {problem['msg']}" if key else problem["msg"]
 
 
 def _layer(data: dict, i: int) -> Layer:

@@ -275,6 +275,8 @@ class StreamMultiDiffusion:
     def _predict(self, batches, noises: list[torch.Tensor]) -> torch.Tensor:
         """The one UNet call of a stream step, with the guidance of `cfg_type` (SPEC 6)."""
         pipe, g = self.pipe, self.guidance_scale
+        if not any(b.pairs for b in batches):  # nothing painted over a picture: every stage keeps it
+            return torch.empty((0, *self.shape[1:]), device=pipe.device)
         x = torch.cat([x for b in batches for x in b.inputs])
         t = torch.tensor([self.schedule.timesteps[b.k] for b in batches for _ in b.pairs], device=pipe.device)
         layers = torch.tensor([p for b in batches for p, _ in b.pairs], device=pipe.device)
