@@ -151,8 +151,11 @@ def model_canvas(sf: SceneFile, model: str | None) -> tuple[SceneMasks, int | No
     return scene_masks(sf, *checked_canvas(sf, factor)), factor
 
 
-def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = None) -> SceneMasks:
-    """Every layer's mask at canvas size, raising located `SceneError`s for bad mask inputs."""
+def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = None, *,
+                painted: bool = True) -> SceneMasks:
+    """Every layer's mask at canvas size, raising located `SceneError`s for bad mask inputs; with
+    `painted`, also when no layer paints anything (surely a mistake in a scene made to generate,
+    not in a painting still to be painted)."""
     images = _Images(sf)
     if width is None or height is None:
         width, height = canvas_size(sf, images)
@@ -204,7 +207,7 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
             problems.append(exc)
     if problems:
         raise SceneError.gather(problems)
-    if not any(box.values.any() for box in boxes):  # stops at the first layer that paints anything
+    if painted and not any(box.values.any() for box in boxes):  # stops at the first layer that paints
         raise sf.error(("layers",), "every layer's mask is empty: nothing would be painted; "
                                     "check the mask images, colours and rectangles")
     return SceneMasks(boxes, width, height, [layer.name or default_layer_name(i) for i, layer in enumerate(layers)],

@@ -301,6 +301,52 @@ def test_the_server_refuses_strangers_and_bad_pictures(served):
         assert Image.open(response).getpixel((5, 5)) == (0, 0, 255)
 
 
+def wait_until(condition, timeout: float = 120.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _blank_with_picture(p):
+    p.set_picture(Image.new("RGB", (64, 64), (0, 0, 255)))
+
+
+PAGE_STATES = {  # states of a painting the page can reach, each a scene that streams
+    "blank": lambda p: None,
+    "a picture, nothing painted": _blank_with_picture,
+    "a picture and empty brushes": lambda p: (_blank_with_picture(p), p.add_brush(prompt="a cat"),
+                                              p.add_brush(prompt="a dog")),
+    "all erased": lambda p: (p.stroke(0, [[10, 10], [50, 50]], 10), p.stroke(0, [[10, 10], [50, 50]], 30, True)),
+    "a picture removed again": lambda p: (_blank_with_picture(p), p.stroke(0, [[20, 20]], 8), p.set_picture(None)),
+    "everything undone": lambda p: (_blank_with_picture(p), p.stroke(0, [[20, 20]], 8), p.undo(), p.undo()),
+}
+
+
+@pytest.mark.parametrize("state", PAGE_STATES)
+def test_every_state_the_page_can_reach_streams_and_makes_images(served, state):
+    from smd_cli.painting import Painting
+    from smd_cli.scene import load_scene
+
+    session, server = served
+    with session.lock:
+        PAGE_STATES[state](session.painting)
+    session.edit({"op": "play"})
+    wait_until(lambda: session.frames >= 3 or session.error)
+    session.edit({"op": "one_image"})
+    wait_until(lambda: not session.making)
+    assert session.error is None, session.error
+    assert [s.kind for s in session.held] == ["image"] and session.playing is False
+    if session.painting.picture is not None and not any(b.mask.any() for b in session.painting.brushes):
+        for shown in (session.held[0], session.recent[-2]):  # the image, and the last frame
+            assert np.abs(np.asarray(shown.image, np.int32) - [0, 0, 255]).max() <= 2  # the picture, kept
+    saved = session.painting.save(session.save_dir, "state")
+    reopened = Painting.from_scene(load_scene(saved))  # a painting saved as it was opens again
+    assert [b.mask.tobytes() for b in reopened.brushes] == [b.mask.tobytes() for b in session.painting.brushes]
+
+
 def test_the_picture_is_encoded_once_per_change(served, monkeypatch):
     from smd_cli import paint
 
