@@ -115,6 +115,26 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).sum() / np.abs(a).sum())
 
 
+# How far two float32 results of the same math may lie apart when they are not made by the same
+# kernels on the same data (another batch shape, code path, thread count or CPU: AVX2 or AVX-512,
+# MKL or oneDNN picking other blockings), relative to the magnitude of the values. Each sum or
+# dot product of n terms then rounds in another order: up to n·u of its magnitude (u = 2^-24 ≈ 6e-8),
+# about sqrt(n)·u in practice, and a model (CLIP/T5 over 77..512 tokens; a UNet or transformer and a
+# VAE, a few sampling steps) chains dozens of them: 1e-7..1e-5 of the values' scale, where a real bug
+# (a wrong token, weight, mask, timestep or formula) moves them by 1e-2..1. Exact equality only
+# where the same kernels run on the same data in the same order.
+FLOAT32_REORDERED = 1e-4
+
+
+def assert_near(actual, expected, rel: float = FLOAT32_REORDERED) -> None:
+    """Every element of `actual` within `rel` times the largest magnitude in `expected` (arrays
+    or tensors of the same shape): a bound relative to the values' scale, as rounding errors are."""
+    import torch
+
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=rel * float(expected.abs().max()))
+
+
 def wide_scene(folder: Path, model: Path, settings: str) -> Path:
     """A 128 x 64 scene in 64-pixel views: a tree painted on the left 48 pixels over a lake."""
     from PIL import Image

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import write
+from conftest import assert_near, write
 from PIL import Image
 
 from smd_cli.sampler import RegionCrop
@@ -91,7 +91,7 @@ def test_channels_last_gives_the_same_image(tiny_model):
     kwargs = dict(masks=_small_regions(64, 64), height=64, width=64, output_type="np")
     a = plain(["a", "b", "c"], generator=torch.Generator().manual_seed(2), **kwargs)
     b = fast(["a", "b", "c"], generator=torch.Generator().manual_seed(2), **kwargs)
-    np.testing.assert_allclose(b, a, atol=1e-5)
+    assert_near(b, a)  # other convolution kernels: the same sums in another order
 
 
 def test_the_vae_is_channels_last_on_a_cpu_and_decodes_as_contiguous_memory_does(pipe, reference_pipe):
@@ -115,7 +115,7 @@ def test_the_vae_is_channels_last_on_a_cpu_and_decodes_as_contiguous_memory_does
     finally:
         pipe.vae.to(memory_format=torch.channels_last)
     assert fast.shape == plain.shape == (1, 3, 32, 48)
-    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+    assert_near(fast, plain)
 
 
 def test_compiled_unet_traces_one_graph_per_batch_shape(tiny_model):
@@ -149,7 +149,7 @@ def test_compiled_unet_traces_one_graph_per_batch_shape(tiny_model):
     images = []
     sizes = batch_sizes(pipe.unet._orig_mod, lambda: images.append(
         pipe(["a", "b", "c"], generator=torch.Generator().manual_seed(0), **kwargs)))
-    np.testing.assert_allclose(images[0], expected, atol=1e-5)
+    assert_near(images[0], expected)
     assert sizes == {4} and counters["stats"]["unique_graphs"] == 1  # 3 layers + background: 4 pairs
     assert batch_sizes(pipe.unet._orig_mod, lambda: pipe(["a", "b", "c"], **late)) == {4}  # 3 padded to 4
     assert counters["stats"]["unique_graphs"] == 1

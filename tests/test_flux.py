@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err, wide_scene, write
+from conftest import assert_near, rel_err, wide_scene, write
 from PIL import Image
 
 SIZE = 64  # pixels: 32 x 32 latents with the tiny VAE's factor 2, 16 x 16 tokens
@@ -221,7 +221,7 @@ def test_a_flux_lora_equals_diffusers_and_acts_on_its_layer_alone(flux, tiny_flu
     assert rel_err(expected, got) < 1e-4 and rel_err(expected, plain) > 1e-3
     whole = flux("a photo of the sun", masks=np.ones((1, SIZE, SIZE), np.float32), layer_loras=[[(str(file), 0.8)]],
                  bootstrap_steps=0, **options)
-    np.testing.assert_allclose(whole, got, atol=1e-6)
+    assert_near(whole, got)  # the layer's path runs the same math in other calls: rounding apart, not bits
 
 
 def test_a_flux_controlnet_equals_diffusers_and_acts_per_layer(tiny_flux, tmp_path):

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import assert_near
 
 from smd_cli.errors import SmdError
 from smd_cli.pipeline import PromptTruncatedWarning
@@ -48,7 +49,7 @@ def test_prompt_strength_zero_paints_the_background_prompt(pipe):
     masks[0, :, : SIZE // 2] = 1
     plain = run(pipe, ["blue sky"])
     mixed = run(pipe, ["a cat"], masks=masks, prompt_strengths=0.0, background_prompt="blue sky")
-    np.testing.assert_allclose(plain, mixed, atol=1e-5)
+    assert_near(plain, mixed)  # the same prompt in other batches (the layer's rows and the background's)
     unmixed = run(pipe, ["a cat"], masks=masks, prompt_strengths=1.0, background_prompt="blue sky")
     assert np.abs(unmixed - plain).mean() > 1e-4  # the tiny random text encoder differs little per prompt
 
