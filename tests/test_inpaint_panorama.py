@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE, load_mask, write
+from conftest import REFERENCE, assert_near, load_mask, write
 from PIL import Image
 
 from smd_cli import generate
@@ -117,7 +117,7 @@ def test_circular_panorama_has_no_seam_anywhere(pipe):
                   output_type="latent")
     plain = pipe.sample_panorama("a photo of the sun", latents=latents, **kwargs)
     rolled = pipe.sample_panorama("a photo of the sun", latents=latents.roll(48, dims=-1), **kwargs)
-    torch.testing.assert_close(rolled, plain.roll(48, dims=-1), rtol=1e-4, atol=1e-4)
+    assert_near(rolled, plain.roll(48, dims=-1))  # the same views in another order: rounding alone
     flat = pipe.sample_panorama("a photo of the sun", latents=latents.roll(48, dims=-1),
                                 **{**kwargs, "circular": False})
     assert (flat - plain.roll(48, dims=-1)).abs().max() > 1e-2  # without wrapping the edges differ
