@@ -4,7 +4,6 @@ page in headless Chromium (skipped where no Chromium is installed)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import SCENES
+from conftest import SCENES, Page, decoded
 from PIL import Image
 
 from smd_cli.errors import SmdError
@@ -170,54 +169,6 @@ def test_a_blank_painting_saves_a_scene_that_generates(tiny_model, tmp_path, run
 
 
 # --- the server ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def served(tiny_model, tmp_path):
-    """`smd paint` on a blank 64 x 64 painting with the tiny model, on a free port."""
-    from smd_cli.paint import PaintSession, Server, listen
-    from smd_cli.painting import Painting
-    from smd_cli.pipeline import StableMultiDiffusionPipeline
-
-    pipe = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_model))
-    session = PaintSession(Painting.blank(64, 64), pipe, save_dir=tmp_path / "saved", stem="painting").start()
-    server = Server(session, listen("127.0.0.1", 0)).start()
-    yield session, server
-    server.stop()
-    session.close()
-
-
-def decoded(png: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png))))
-
-
-class Page:
-    """A tab's connection, as the page makes it."""
-
-    def __init__(self, ws):
-        self.ws, self.state, self.masks, self.shown, self.history = ws, None, {}, None, []
-
-    async def send(self, **message):
-        await self.ws.send(json.dumps(message))
-
-    async def until(self, condition, timeout: float = 60.0):
-        async def loop():
-            while not condition(self):
-                message = await self.ws.recv()
-                if isinstance(message, bytes):
-                    self.image = message
-                    continue
-                m = json.loads(message)
-                if m["type"] == "state":
-                    self.state = m
-                elif m["type"] == "mask":
-                    self.masks[m["brush"]] = m["png"]
-                elif m["type"] == "shown":
-                    self.shown = m
-                    self.history.append(m)
-                elif m["type"] in ("saved", "error"):
-                    self.last = m
-        await asyncio.wait_for(loop(), timeout)
 
 
 def test_edits_reach_the_stream_and_every_tab(served):

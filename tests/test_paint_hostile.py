@@ -9,7 +9,6 @@ import asyncio
 import http.client
 import io
 import json
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -17,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import Page
 from PIL import Image
-from test_paint import Page, served  # noqa: F401 - the fixture, shared with the app's other tests
 
 from smd_cli.errors import SmdError
 
