@@ -71,6 +71,15 @@ def access_for(host: str, port: int) -> Access:
     return Access(frozenset(names), port)
 
 
+def url_for(host: str, port: int) -> str:
+    """The address to give a person for a server bound to `host`: a wildcard as this machine's
+    loopback address, so that the address printed is one the server answers to."""
+    name = host.strip().strip("[]")
+    if name in WILDCARD_HOSTS:
+        name = "::1" if name == "::" else "127.0.0.1"
+    return f"http://{_bracketed(name)}:{port}/"
+
+
 def is_loopback(host: str) -> bool:
     return host.strip().strip("[]").lower() in LOOPBACK_NAMES
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from smd_cli import defaults
-from smd_cli.access import Access, access_for
+from smd_cli.access import Access, access_for, url_for
 from smd_cli.errors import OutputError, SmdError, unexpected
 from smd_cli.render import apply_scene, restart_needed, scene_stream
 from smd_cli.scene import SceneFile, load_scene, scene_files
@@ -254,8 +254,7 @@ class PreviewServer:
 
     @property
     def url(self) -> str:
-        host, port = self.address
-        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+        return url_for(*self.address)
 
     def start(self) -> "PreviewServer":
         self.thread.start()

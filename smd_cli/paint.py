@@ -43,7 +43,7 @@ from typing import Annotated, Any, Callable, Literal, Union
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from smd_cli.access import Access, access_for, is_loopback
+from smd_cli.access import Access, access_for, is_loopback, url_for
 from smd_cli.errors import SmdError
 from smd_cli.painting import MAX_STROKE_POINTS, BrushFields, Finite, Painting, Text, first_problem
 
@@ -653,10 +653,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def url_of(sock: socket.socket, host: str | None = None) -> str:
-    """The app's address: under the name it was started with, unless that is a wildcard."""
+    """The app's address: under the name it was started with (`access.url_for`)."""
     bound, port = sock.getsockname()[:2]
-    name = bound if not host or host in ("0.0.0.0", "::") else host
-    return f"http://{'[' + name + ']' if ':' in name else name}:{port}/"
+    return url_for(host or bound, port)
 
 
 class Server:

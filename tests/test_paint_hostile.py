@@ -146,6 +146,12 @@ def test_the_preview_answers_only_to_its_own_names():
             assert get(path, Host=f"localhost:{port}", Origin=f"http://localhost:{port}") == 200
     finally:
         server.stop()
+    everywhere = PreviewServer(state, "0.0.0.0", 0)
+    try:  # the address said for a wildcard is one it answers to
+        assert everywhere.url.startswith("http://127.0.0.1:")
+        assert everywhere.access.host_ok(everywhere.url.split("/")[2])
+    finally:
+        everywhere.stop()
 
 
 def test_the_names_a_server_answers_to():
@@ -187,6 +193,12 @@ def test_listening_beyond_this_machine_says_which_pages_it_accepts(monkeypatch, 
     result = run_cli("paint", "--host", "0.0.0.0", "--port", "0")
     assert result.exit_code == 0, result.stderr
     assert "anyone who can reach this machine can use the app" in result.stderr
+    from urllib.parse import urlsplit
+
+    from smd_cli.access import access_for
+
+    url = urlsplit(result.stdout.strip())  # the address it prints is one it answers to
+    assert url.hostname == "127.0.0.1" and access_for("0.0.0.0", url.port).host_ok(url.netloc)
     accepted = next(line for line in result.stderr.splitlines() if "accepting pages from" in line)
     assert "http://127.0.0.1:" in accepted and "http://localhost:" in accepted
     assert f"http://{socket.gethostname().lower()}:" in accepted or "more" in accepted
