@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from smd_cli import defaults
 from smd_cli.canvas import SceneMasks, scene_masks
 from smd_cli.errors import OutputError, SmdError
+from smd_cli.files import expand_user
 from smd_cli.scene import Layer, PaletteMask, Scene, SceneFile, validate_scene
 
 # Colours of brushes whose masks name none (a palette mask's colour is kept).
@@ -295,7 +296,7 @@ class Painting:
 
     def _from_source(self, key: str, value: str) -> str:
         if key == "output":
-            p = Path(value).expanduser()
+            p = expand_user(value)
             return value if p.is_absolute() else str(self.source.base_dir.absolute() / p)
         found = self.source.source(value)
         return str(Path(found).absolute()) if found != value else value
