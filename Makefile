@@ -17,6 +17,7 @@ test:
 
 bench:
 	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/python -m benchmarks.report
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: models, measurements, machine facts and the report.
+"""Shared helpers of the benchmark scripts: models, measurements, machine facts and the records.
 
 Benchmarks report, they never assert. Every script runs on random weights saved as a real local
 diffusers folder, so smd and diffusers load exactly the same UNet, VAE and text encoder, and only
@@ -14,8 +14,10 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -31,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # keep the tables readable
 
 REPO = Path(__file__).resolve().parents[1]
-REPORT = REPO / "BENCHMARKS.md"
+RESULTS = REPO / "benchmarks" / "results"  # one JSON Lines file of records per device
 TESTS = REPO / "tests"
 REFERENCE = REPO.parent / "shared" / "reference-scenes"
 SIZES = ("cpu", "full")
@@ -48,13 +50,6 @@ SHAPES: list[tuple[str, tuple[float, float, float, float]]] = [
     ("ellipse", (0.08, 0.60, 0.07, 0.30)),
     ("ellipse", (0.92, 0.60, 0.07, 0.30)),
 ]
-
-INTRO = """# Benchmarks
-
-Results appended by `make bench` and the scripts in `benchmarks/` (see `benchmarks/README.md`),
-newest last. Every run uses random weights: rows made with `--size cpu` use tiny models and small
-canvases, so they show how the UNet work compares between samplers, not real-world speed.
-"""
 
 
 # -----------------------------------------------------------------------------------------------
@@ -74,18 +69,23 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: 1 for --size cpu on the CPU, else torch's own)")
     parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--no-report", action="store_true",
-                        help=f"print the table only; do not append to {REPORT.name}")
+    parser.add_argument("--no-report", action="store_true", help="print the table only; write no record")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder of the records (default benchmarks/results)")
+    parser.add_argument("--beside", default=None,
+                        help="what else ran on the machine, kept in the records (default: the CPU use just before)")
     return parser
 
 
 def finish_args(args: argparse.Namespace, build: Callable[[Path], Path] | None = None) -> argparse.Namespace:
     """Fill the defaults that depend on the device, and build the tiny model (`build`, default the
     tiny SD model) when none is given."""
+    import psutil
     import torch
 
     from smd_cli.models import resolve_device, resolve_dtype
 
+    args.busy = psutil.cpu_percent(interval=0.5)  # other processes' load, before this one starts working
     args.device = resolve_device(args.device)
     args.dtype = resolve_dtype(args.dtype, args.device)
     if args.size is None:
@@ -105,20 +105,29 @@ def finish_args(args: argparse.Namespace, build: Callable[[Path], Path] | None =
 # Random models
 
 
+def _config(folder: Path, part: str) -> dict:
+    return json.loads((folder / part / "config.json").read_text())
+
+
+def model_family(folder: str | Path) -> str:
+    """sd, sdxl, sd3 or flux, read from the model's configs."""
+    folder = Path(folder)
+    if (folder / "transformer").is_dir():
+        return "sd3" if "caption_projection_dim" in _config(folder, "transformer") else "flux"
+    return "sdxl" if _config(folder, "unet").get("addition_embed_type") == "text_time" else "sd"
+
+
 def model_summary(folder: str | Path) -> str:
     """The model's shape in a few words, read from its configs: which random model a row used."""
-    folder = Path(folder)
-    vae = json.loads((folder / "vae" / "config.json").read_text())
-    factor = 2 ** (len(vae["block_out_channels"]) - 1)
-    if (folder / "transformer").is_dir():
-        t = json.loads((folder / "transformer" / "config.json").read_text())
-        kind = "SD3" if "caption_projection_dim" in t else "FLUX.1"
+    folder, family = Path(folder), model_family(folder)
+    factor = 2 ** (len(_config(folder, "vae")["block_out_channels"]) - 1)
+    if family in ("sd3", "flux"):
+        t = _config(folder, "transformer")
         blocks = t["num_layers"] + t.get("num_single_layers", 0)
-        return (f"random {kind}-shaped transformer, {blocks} blocks of width "
+        return (f"random {'SD3' if family == 'sd3' else 'FLUX.1'}-shaped transformer, {blocks} blocks of width "
                 f"{t['num_attention_heads'] * t['attention_head_dim']}, VAE factor {factor}")
-    unet = json.loads((folder / "unet" / "config.json").read_text())
-    family = "SDXL-shaped " if unet.get("addition_embed_type") == "text_time" else ""
-    return (f"random {family}UNet with channels {tuple(unet['block_out_channels'])} and cross-attention "
+    unet, kind = _config(folder, "unet"), "SDXL-shaped " if family == "sdxl" else ""
+    return (f"random {kind}UNet with channels {tuple(unet['block_out_channels'])} and cross-attention "
             f"{unet['cross_attention_dim']}, VAE factor {factor}")
 
 
@@ -396,7 +405,7 @@ def spread(times: Sequence[float]) -> dict:
 
 
 # -----------------------------------------------------------------------------------------------
-# Machine facts and the report
+# Machine facts and the records
 
 
 def cpu_model() -> str:
@@ -409,25 +418,44 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine(device=None) -> dict[str, str]:
-    """Where the numbers come from."""
+def device_name(device) -> str:
+    """The GPU's name, or the CPU's in a few words with its cores ("2-core Intel Xeon")."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    name = re.split(r"\s+(?:Processor\b|CPU\b|@)", re.sub(r"\((?:R|TM)\)", "", cpu_model()))[0]
+    return f"{os.cpu_count()}-core {' '.join(name.split())}"
+
+
+def commit() -> str | None:
+    """The checked-out commit, `-dirty` when tracked files differ from it; None outside a clone."""
+    try:
+        done = subprocess.run(["git", "--no-optional-locks", "describe", "--always", "--dirty", "--exclude=*"],
+                              cwd=REPO, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def machine(device) -> dict:
+    """Where and with what the numbers were measured."""
     import diffusers
     import torch
 
     import smd_cli
 
-    device_name = "cpu"
-    if device is not None and device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device_name(device),
+        "device_type": device.type,
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.platform()}",
-        "device": device_name,
-        "threads": str(torch.get_num_threads()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
         "smd": smd_cli.__version__,
+        "commit": commit(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
     }
 
 
@@ -439,20 +467,37 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def append_report(title: str, rows: Sequence[dict], notes: Sequence[str] = (), *, device=None,
-                  write: bool = True) -> str:
-    """Print a titled markdown table and append it to BENCHMARKS.md (created with an intro)."""
-    facts = machine(device)
-    header = (f"_{facts['date']} · smd {facts['smd']} · device: {facts['device']} · {facts['machine']} · "
-              f"torch {facts['torch']} ({facts['threads']} threads), diffusers {facts['diffusers']}, "
-              f"Python {facts['python']}_")
-    section = f"## {title}\n\n{header}\n\n{markdown_table(rows)}\n"
-    if notes:
-        section += "\n" + "\n".join(f"- {note}" for note in notes) + "\n"
+def typed(cell):
+    """A table cell as JSON keeps it: numbers as numbers, the rest ("44.4x", "13%") as printed."""
+    if isinstance(cell, str) and re.fullmatch(r"-?\d+(\.\d+)?", cell):
+        return float(cell) if "." in cell else int(cell)
+    return cell
+
+
+def record(args, benchmark: str, title: str, rows: Sequence[dict], notes: Sequence[str] = (), **setting) -> str:
+    """Print a titled table and, unless --no-report, append it as a record to its device's file in --results;
+    `setting` says what was measured (canvas, tile, ...) beside the size, model and dtype of `args`."""
+    from smd_cli.defaults import TILE_STRIDE
+
+    facts = machine(args.device)
+    header = (f"_{facts['date']} · smd {facts['smd']} ({facts['commit']}) · device: {facts['device']} · "
+              f"{facts['machine']} · torch {facts['torch']} ({facts['threads']} threads), diffusers "
+              f"{facts['diffusers']}, Python {facts['python']}_")
+    section = f"## {title}\n\n{header}\n\n{markdown_table(rows)}\n" + "".join(f"\n- {note}" for note in notes)
     print(section, flush=True)
-    if write:
-        if not REPORT.exists():
-            REPORT.write_text(INTRO)
-        with REPORT.open("a") as out:
-            out.write("\n" + section)
+    if args.no_report:
+        return section
+    model = {"family": model_family(args.model), "model": model_summary(args.model)} if args.model else {}
+    if "tile" in setting:
+        setting["stride"] = "{}/{}".format(*TILE_STRIDE)  # smd's default stride between views, of the tile
+    setting = {"size": args.size, **model, **setting, "dtype": str(args.dtype).removeprefix("torch.")}
+    entry = {**facts, "benchmark": benchmark, "title": title,
+             "setting": {key: value for key, value in setting.items() if value is not None},
+             "rows": [{key: typed(cell) for key, cell in row.items()} for row in rows], "notes": list(notes),
+             "beside": args.beside or f"not said; other processes used {args.busy:.0f}% of the CPUs just before",
+             "note": None}
+    path = Path(args.results) / (re.sub(r"[^a-z0-9]+", "-", facts["device"].lower()).strip("-") + ".jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as out:
+        out.write(json.dumps(entry, ensure_ascii=False) + "\n")
     return section

@@ -20,12 +20,12 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import (
-    append_report,
     base_parser,
     finish_args,
     fresh_pipeline,
     model_summary,
     quiet,
+    record,
     scratch_dir,
     shape_masks,
     synchronize,
@@ -138,9 +138,9 @@ def main(argv=None) -> str:
              f"median of {args.repeats} interleaved runs after one untimed run of each; encoding rows: a fresh "
              "pipeline each time (no remembered prompts), median of the runs after the first; the last column "
              "of an encoding row is the token length of its conditioning"]
-    return append_report(f"Region controls ({args.size}): per-layer LoRAs, ControlNets, references, weighted prompts",
-                         rows + encode_rows,
-                         notes, device=args.device, write=not args.no_report)
+    return record(args, "controls", f"Region controls ({args.size}): per-layer LoRAs, ControlNets, references, "
+                  "weighted prompts", rows + encode_rows, notes, canvas=f"{size.width}x{size.height}",
+                  tile=size.tile_size)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.common import append_report, base_parser, finish_args, model_summary, quiet, synchronize
+from benchmarks.common import base_parser, finish_args, model_summary, quiet, record, synchronize
 
 PANORAMA = (512, 3072)  # pixels: the model's VAE decodes this panorama's latent
 SQUARE = {"cpu": 256, "full": 512}  # pixels: the SD- and TAESD-shaped autoencoders decode this
@@ -76,8 +76,9 @@ def main(argv=None) -> str:
                          "largest difference": f"{float(difference):.1e}"})
     notes = [f"random weights, {args.dtype}, seed {args.seed}; median of {args.repeats} interleaved decodes after "
              "one untimed decode of each layout"]
-    return append_report(f"Decoding ({args.size}): VAE convolutions contiguous against channels-last", rows, notes,
-                         device=args.device, write=not args.no_report)
+    side = SQUARE[args.size]
+    return record(args, "decode", f"Decoding ({args.size}): VAE convolutions contiguous against channels-last", rows,
+                  notes, canvas=f"{side}x{side}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from benchmarks import regional, stream
 from benchmarks.common import (
-    append_report,
     base_parser,
     comparison_notes,
     comparison_rows,
@@ -21,6 +20,7 @@ from benchmarks.common import (
     fresh_pipeline,
     model_summary,
     quiet,
+    record,
     scratch_dir,
     shape_masks,
     tiny_flux,
@@ -83,8 +83,9 @@ def main(argv=None) -> list[str]:
              f"layout as shapes); bootstrap {regional.BOOTSTRAP_STEPS} steps in both; seed {args.seed}, {args.dtype}",
              f"{summary}; decoding to pixels is inside the timed run", *comparison_notes(args.device)]
     name = pipe.family.name.upper().replace("FLUX", "FLUX.1")
-    reports = [append_report(f"{name} regional ({args.size}): smd vs the naive region-based loop", rows,
-                             notes, device=args.device, write=not args.no_report)]
+    canvas = f"{size}x{size}"
+    reports = [record(args, "regional", f"{name} regional ({args.size}): smd vs the naive region-based loop", rows,
+                      notes, canvas=canvas)]
     vae = load_vae(args.vae or str(tiny_taesd(scratch_dir() / "taesd")), dtype=pipe.dtype, family=family)
     pipe = fresh_pipeline(pipe, vae=vae.to(pipe.device))  # the same weights, with the tiny VAE
     rows = []
@@ -95,8 +96,8 @@ def main(argv=None) -> list[str]:
     notes = [f"{size}x{size} in one view, {len(frames.schedule)} stages, cfg none, {args.frames} frames after a "
              f"flush, {args.dtype}; {summary}; tiny VAE: random {type(pipe.vae).__name__}",
              "latency is one `stream()` call: the step, decoding and the PIL image"]
-    reports.append(append_report(f"{name} stream ({args.size}): StreamMultiDiffusion frame rate", rows, notes,
-                                 device=args.device, write=not args.no_report))
+    reports.append(record(args, "stream", f"{name} stream ({args.size}): StreamMultiDiffusion frame rate", rows, notes,
+                          canvas=canvas))
     return reports
 
 

@@ -16,17 +16,18 @@ import time
 import numpy as np
 
 from benchmarks.common import (
-    append_report,
     base_parser,
     finish_args,
     fresh_pipeline,
     measure,
     model_summary,
     quiet,
+    record,
     warm_up,
 )
 from benchmarks.regional import SIZES as REGIONAL_SIZES
 from benchmarks.regional import scene_inputs
+from benchmarks.stream import SIZES as STREAM_SIZES
 from benchmarks.stream import make_stream, measure_stream
 
 
@@ -89,7 +90,7 @@ class LatentPixels:
 def stream_rows(args, pipe) -> list[dict]:
     """Frames per second with the stream's decoding in sequence and beside the UNet (and, with
     --compile, with the UNet compiled: CUDA graphs on a GPU)."""
-    size = 256 if args.size == "cpu" else 512
+    size = STREAM_SIZES[args.size]
     cases = [("default", pipe, False), ("--overlap-decode", pipe, True)]
     if args.compile:
         mode = "reduce-overhead" if args.device.type == "cuda" else None
@@ -114,16 +115,17 @@ def main(argv=None) -> str:
     with quiet():
         regional = regional_rows(args, pipe)
         streaming = stream_rows(args, pipe)
-    notes = [f"regional scene at {REGIONAL_SIZES['full'].width}x{REGIONAL_SIZES['full'].height}, LCM 5 steps, "
+    scene, side = REGIONAL_SIZES["full"], STREAM_SIZES[args.size]
+    notes = [f"regional scene at {scene.width}x{scene.height}, LCM 5 steps, "
              f"seed {args.seed}, {args.dtype}; {model_summary(args.model)}",
              "UNet latent pixels: batch x height x width summed over every UNet call; the pixel difference is to "
              "the default image, in 8-bit steps",
              "stream: the model's own VAE (not the tiny one), 3 layers + background; with --overlap-decode each "
              "call returns the frame the previous call denoised, decoded in a second thread while the UNet runs"]
-    append_report(f"Fast paths ({args.device.type}): regional scene", regional, notes[:2], device=args.device,
-                  write=not args.no_report)
-    return append_report(f"Fast paths ({args.device.type}): stream decoding", streaming, notes[2:],
-                         device=args.device, write=not args.no_report)
+    record(args, "fast_paths.regional", f"Fast paths ({args.device.type}): regional scene", regional, notes[:2],
+           canvas=f"{scene.width}x{scene.height}", tile=scene.tile_size)
+    return record(args, "fast_paths.stream", f"Fast paths ({args.device.type}): stream decoding", streaming, notes[2:],
+                  canvas=f"{side}x{side}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ transformer at full width with 4 + 8 of its 19 + 38 blocks, 2.6B; T5-XXL at full
 its 24 layers). `benchmarks.run_all` runs on SD 1.5's and `benchmarks.families` (a 1024 x 1024
 regional scene and the stream) on the others, with `--device cuda --size full --dtype float16`
 (`--compile` adds torch.compile to SD 1.5's fast paths: over 100 s of compiling on an H100);
-each table is appended to BENCHMARKS.md as soon as it is measured. `--suite views` runs instead
+each table is written as a record to benchmarks/results/ (a file named after the GPU) as soon as it
+is measured, and `python -m benchmarks.report` puts them in BENCHMARKS.md; options this script
+does not take (`--beside`, `--results`) go to every benchmark. `--suite views` runs instead
 the view-layout sweep (`benchmarks.views`) on every family's weights and SD 1.5's panorama
 against MultiDiffusion (`benchmarks.panorama`, 3072 x 512 and 1024 x 512). Random weights cost the same
 time as trained ones (for the scaled-down FLUX, per block); the images are noise. `--dry-run`
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from benchmarks.common import REPO, quiet, scratch_dir, tests_on_path
@@ -208,19 +211,20 @@ def suite(name: str, family: str, model: Path, taesd: Path, device: str, compile
     return runs
 
 
-def print_plan(folder: Path, device: str, families: tuple[str, ...], compile: bool, name: str) -> None:
+def print_plan(folder: Path, device: str, families: tuple[str, ...], compile: bool, name: str,
+               passed: list[str]) -> None:
     """Parameter counts from the meta device, the tokenizer check and the commands that would run."""
     for family in families:
         print(f"{family}:")
-        for name, module in build_modules(family, empty=True).items():
+        for part, module in build_modules(family, empty=True).items():
             count = sum(p.numel() for p in module.parameters())
-            print(f"  {name:15s} {type(module).__name__:28s} {count / 1e6:8.1f} M parameters, "
+            print(f"  {part:15s} {type(module).__name__:28s} {count / 1e6:8.1f} M parameters, "
                   f"{2 * count / 2**30:.2f} GiB in float16")
     print(f"tokenizer         {check_tokenizer(write_tokenizer(scratch_dir()))}")
     print(f"\nplan: save the models under {folder}, then from {REPO}:")
     for family in families:
         for module, argv in suite(name, family, folder / FOLDERS[family], folder / TAESDS[family], device, compile):
-            print(f"  python -m {module} {' '.join(argv)}")
+            print(f"  python -m {module} {shlex.join(argv + passed)}")
 
 
 def main(argv=None) -> None:
@@ -236,11 +240,11 @@ def main(argv=None) -> None:
     parser.add_argument("--suite", choices=("all", "views"), default="all",
                         help="all: every benchmark (default); views: the view-layout sweep and SD 1.5's panoramas")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cuda:N; cpu only with --build-only")
-    args = parser.parse_args(argv)
+    args, passed = parser.parse_known_args(argv)
     folder = args.folder or scratch_dir()
     families = FAMILIES if args.family == "all" else (args.family,)
     if args.dry_run:
-        print_plan(folder, args.device, families, args.compile, args.suite)
+        print_plan(folder, args.device, families, args.compile, args.suite, passed)
         return
     import importlib
 
@@ -254,7 +258,7 @@ def main(argv=None) -> None:
             print(f"saved {model} and {taesd}")
             continue
         for module, argv in suite(args.suite, family, model, taesd, args.device, args.compile):
-            importlib.import_module(module).main(argv)
+            importlib.import_module(module).main(argv + passed)
 
 
 if __name__ == "__main__":

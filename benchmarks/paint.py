@@ -1,9 +1,9 @@
 """Painting latency: from a stroke sent by the page to the first frame made with it, through `smd paint`'s server.
 
 The app runs as `smd paint` runs it (the stream on its own thread, uvicorn on a local port) on a
-blank canvas with 3 brushes; a client connects over the WebSocket as the page does, lets the
-stream run, then sends strokes one at a time. For each it measures the milliseconds until the
-first frame made after the stroke reached the stream (the frame message carries the painting
+blank canvas with 3 brushes; a client connects over the WebSocket as the page does, presses play,
+lets the stream run, then sends strokes one at a time. For each it measures the milliseconds until
+the first frame made after the stroke reached the stream (the frame message carries the painting
 version it was made with) and how many frames came out in between, which were already in the
 UNet when the stroke arrived. `--size cpu` paints 256 x 256 on the tiny model, `full` 512 x 512.
 """
@@ -15,7 +15,7 @@ import json
 import statistics
 import time
 
-from benchmarks.common import append_report, base_parser, finish_args, model_summary, scratch_dir, tiny_taesd
+from benchmarks.common import base_parser, finish_args, model_summary, record, scratch_dir, tiny_taesd
 
 SIZES = {"cpu": 256, "full": 512}
 BRUSHES = ("summer mountains", "a giant waterfall", "a large tree")
@@ -51,6 +51,7 @@ async def measure(url: str, size: int, strokes: int) -> tuple[list[float], list[
             if i:
                 await ws.send(json.dumps({"op": "add_brush"}))
             await ws.send(json.dumps({"op": "update_brush", "brush": i, "fields": {"prompt": prompt}}))
+        await ws.send(json.dumps({"op": "play"}))  # the stream waits for play, as in the original app
         while frames < WARM_FRAMES:
             await next_message()
         for k in range(strokes):
@@ -99,8 +100,8 @@ def main(argv=None) -> str:
     notes = [f"{size}x{size}, 3 brushes over the background, {len(session.stream.schedule)} stages, "
              f"{args.strokes} strokes, {args.dtype}; {model_summary(args.model)}; tiny VAE",
              "through the real server: the client is a WebSocket on 127.0.0.1, the stream runs on its own thread"]
-    return append_report(f"Paint ({args.size}): stroke-to-frame latency of smd paint", rows, notes,
-                         device=args.device, write=not args.no_report)
+    return record(args, "paint", f"Paint ({args.size}): stroke-to-frame latency of smd paint", rows, notes,
+                  canvas=f"{size}x{size}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import functools
 from dataclasses import dataclass
 
 from benchmarks.common import (
-    append_report,
     base_parser,
     comparison_notes,
     comparison_rows,
@@ -21,6 +20,7 @@ from benchmarks.common import (
     measure,
     model_summary,
     quiet,
+    record,
     warm_up,
 )
 
@@ -118,8 +118,8 @@ def main(argv=None) -> str:
              "inside the timed run",
              f"each run once untimed, then {args.repeats} timed rounds taking turns; the median kept",
              *comparison_notes(args.device)]
-    return append_report(f"Panorama ({args.size}): smd vs diffusers StableDiffusionPanoramaPipeline", rows, notes,
-                         device=args.device, write=not args.no_report)
+    return record(args, "panorama", f"Panorama ({args.size}): smd vs diffusers StableDiffusionPanoramaPipeline", rows,
+                  notes, canvas=f"{size.width}x{size.height}", tile=size.tile_size)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REFERENCE, append_report, base_parser, finish_args, model_summary, quiet, shape_masks, synchronize
+from benchmarks.common import REFERENCE, base_parser, finish_args, model_summary, quiet, record, shape_masks, synchronize
 from benchmarks.regional import BACKGROUND, PROMPTS
 
 PROMPT = "a photo of the dolomites"
@@ -154,8 +154,8 @@ def main(argv=None) -> str | None:
              "size)",
              f"regional masks: {source}; median of {args.repeats} interleaved runs after one untimed run of each; "
              "decoding included"]
-    return append_report(f"Reference implementation ({args.size}): smd against ironjr/StreamMultiDiffusion", rows,
-                         notes, device=args.device, write=not args.no_report)
+    return record(args, "reference", f"Reference implementation ({args.size}): smd against ironjr/StreamMultiDiffusion",
+                  rows, notes, canvas=f"{pw}x{ph} + {sw}x{sh}", tile=f"{smd_tile(ph, pw)} + {smd_tile(sh, sw)}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from benchmarks.common import (
     REFERENCE,
     REPO,
     SHAPES,
-    append_report,
     base_parser,
     comparison_notes,
     comparison_rows,
@@ -26,6 +25,7 @@ from benchmarks.common import (
     measure,
     model_summary,
     quiet,
+    record,
     scratch_dir,
     warm_up,
 )
@@ -118,8 +118,8 @@ def main(argv=None) -> str:
              f"{source}; bootstrap {BOOTSTRAP_STEPS} steps in both; seed {args.seed}, {args.dtype}",
              f"{model_summary(args.model)}; decoding to pixels is inside the timed run",
              *comparison_notes(args.device)]
-    return append_report(f"Regional ({args.size}): smd vs the MultiDiffusion region-based baseline", rows, notes,
-                         device=args.device, write=not args.no_report)
+    return record(args, "regional", f"Regional ({args.size}): smd vs the MultiDiffusion region-based baseline", rows,
+                  notes, canvas=f"{size.width}x{size.height}", tile=size.tile_size)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Run the panorama, regional, controls, stream, startup, fast-path, paint and family benchmarks in turn (`make bench`).
+"""Run every benchmark but the reference implementation's, one after another (`make bench`).
 
 Options other than `--model`, `--vae` and `--compile` go to every benchmark, e.g. `--device cuda
---size full`. Without `--model`/`--vae`, one tiny random model and one tiny autoencoder are built
-and shared, and the SDXL, SD3 and FLUX.1 benchmark runs on each family's tiny random model; `--model` (an SD 1.x folder)
-leaves it out (`benchmarks.gpu` runs it on SDXL-shaped weights). `--compile` adds torch.compile to
-the fast paths (minutes of compiling on a CPU).
+--size full` or `--beside "nothing else running"`. Without `--model`/`--vae`, one tiny random model
+and one tiny autoencoder are built and shared, and the view sweep and the SDXL, SD3 and FLUX.1
+benchmark run on each family's tiny random model; `--model` (an SD 1.x folder) leaves those out
+(`benchmarks.gpu` runs them on family-shaped weights). `--compile` adds torch.compile to the fast
+paths (minutes of compiling on a CPU). Each benchmark appends its records to benchmarks/results/;
+`python -m benchmarks.report` writes BENCHMARKS.md from them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks import controls, families, fast_paths, paint, panorama, regional, startup, stream
+from benchmarks import controls, decode, families, fast_paths, paint, panorama, regional, startup, stream, views
 from benchmarks.common import scratch_dir, tiny_model, tiny_taesd
 
 
@@ -36,7 +38,9 @@ def main(argv=None) -> None:
     startup.main(shared)
     fast_paths.main(shared + (["--compile"] if args.compile else []))
     paint.main(shared + ["--vae", vae])
+    decode.main(shared)
     if args.model is None:
+        views.main(options)
         for family in families.BUILDERS:
             families.main(options + ["--vae", vae, "--family", family])
     print(f"all benchmarks: {time.perf_counter() - started:.0f} s")

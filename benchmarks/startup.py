@@ -15,11 +15,11 @@ from pathlib import Path
 
 from benchmarks.common import (
     REPO,
-    append_report,
     base_parser,
     finish_args,
     model_summary,
     quiet,
+    record,
     scratch_dir,
     spread,
     synchronize,
@@ -81,8 +81,7 @@ def main(argv=None) -> str:
     notes = [f"commands run as subprocesses from the repository root: `{command} ...`",
              f"model: {model_summary(args.model)}, {args.dtype}, "
              f"`StableMultiDiffusionPipeline({str(args.device)!r}, hf_key=folder)`"]
-    return append_report("Startup: CLI and model loading", rows, notes, device=args.device,
-                         write=not args.no_report)
+    return record(args, "startup", "Startup: CLI and model loading", rows, notes)
 
 
 if __name__ == "__main__":

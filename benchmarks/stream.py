@@ -13,11 +13,11 @@ import time
 
 from benchmarks.common import (
     UNetProbe,
-    append_report,
     base_parser,
     finish_args,
     model_summary,
     quiet,
+    record,
     scratch_dir,
     shape_masks,
     synchronize,
@@ -84,8 +84,8 @@ def main(argv=None) -> str:
              f"encoder channels {tuple(pipe.vae.config.encoder_block_out_channels)}",
              "latency is one `stream()` call: the step, decoding and the PIL image; UNet time is measured by "
              "forward pre/post hooks that synchronize the device"]
-    return append_report(f"Stream ({args.size}): StreamMultiDiffusion frame rate", rows, notes, device=args.device,
-                         write=not args.no_report)
+    return record(args, "stream", f"Stream ({args.size}): StreamMultiDiffusion frame rate", rows, notes,
+                  canvas=f"{size}x{size}")
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ import statistics
 import time
 
 from benchmarks.common import (
-    append_report,
     base_parser,
     finish_args,
     model_summary,
     quiet,
+    record,
     scratch_dir,
     synchronize,
     tiny_flux,
@@ -140,8 +140,10 @@ def main(argv=None) -> str:
         del pipe
     notes = [*summaries, f"median of {args.repeats} interleaved runs after one untimed run of each; "
                          f"seed {args.seed}, {args.dtype}; latents only (no decoding)"]
-    return append_report(f"View layouts ({args.size}): tile size and stride per family", rows, notes,
-                         device=args.device, write=not args.no_report)
+    one = len(families) == 1
+    return record(args, "views", f"View layouts ({args.size}): tile size and stride per family", rows, notes,
+                  family=args.family, canvas=f"{width}x{height}" if one else None,
+                  model=model_summary(model) if one else None)
 
 
 if __name__ == "__main__":
