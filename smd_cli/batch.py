@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from smd_cli.metadata import Record
     from smd_cli.pipeline import StableMultiDiffusionPipeline
     from smd_cli.scene import SceneFile
+    from smd_cli.views import Tiling
 
 MAX_SEEDS = 100_000
 
@@ -70,6 +71,7 @@ class Options:
     contiguous_vae: bool = False  # as smd 0.2 decoded on a CPU: to reproduce its images bit for bit
     threads: Optional[int] = None  # torch's CPU threads (default: torch's own choice)
     offload: bool = False  # weights in CPU memory, each model on the GPU while it runs
+    allow_large: bool = False  # run work past defaults.LARGE_WORK denoiser passes an image (never past MAX_WORK)
 
     def __post_init__(self):
         from smd_cli.settings import user_default
@@ -256,15 +258,16 @@ def reproducing(record: Record, source: Path, output: str | None = None, *, mode
 def reads(sf: SceneFile, options: Options) -> list[str]:
     """Every file on this machine that making `sf` would read: its masks, background image and LoRAs, and
     the model, LCM LoRA, autoencoder and config where they are local paths."""
-    from smd_cli.files import exists
+    from smd_cli.files import exists, expand_user
     from smd_cli.scene import control_files, lora_files, scene_controlnets, scene_files, scene_references
 
     sources = sources_of(sf, options)
     local = [x for x in (sources.model, sources.lcm_lora, sources.vae, options.config) if x and exists(x)]
     local += [sf.source(spec.model) for _, spec in scene_controlnets(sf) if exists(sf.source(spec.model))]
-    local += [sf.source(spec.adapter) for _, spec in scene_references(sf) if spec.adapter and exists(sf.source(spec.adapter))]
+    local += [sf.source(spec.adapter) for _, spec in scene_references(sf)
+              if spec.adapter and exists(sf.source(spec.adapter))]
     return ([str(path) for path in (*scene_files(sf).values(), *lora_files(sf).values(), *control_files(sf).values())]
-            + [str(Path(x).expanduser().absolute()) for x in local])
+            + [str(expand_user(x).absolute()) for x in local])
 
 
 @dataclass(frozen=True)
@@ -432,16 +435,19 @@ def _plan_scene(item, options: Options, check, device, dtype, free: int | None, 
 
 def _scene_masks(sf: SceneFile, options: Options, sources: Sources, device, dtype, free: int | None,
                  emit: OnEvent) -> SceneMasks:
-    """The canvas (against the model's downscale factor), the masks, the views and the memory needed."""
-    from smd_cli.canvas import model_canvas
+    """The canvas and its views (against the model's family), the work they ask for, the masks and the
+    memory needed."""
+    from smd_cli.canvas import canvas_views, model_canvas
     from smd_cli.memory import check_memory
+    from smd_cli.models import model_grid
 
-    masks, factor = model_canvas(sf, sources.model)
+    masks, factor = model_canvas(sf, sources.model, options.config, allow_large=options.allow_large)
     width, height = masks.width, masks.height
-    _check_views(sf, width, height, factor)
+    views = canvas_views(sf, model_grid(sources.model, options.config), width, height)
+    _check_views(sf, views)
     emit(Message("detail", check_memory(sf, sources.model, width=width, height=height, factor=factor,
                                         device=device, dtype=dtype, free=free, max_batch=options.max_batch,
-                                        vae=sources.vae, offload=options.offload)))
+                                        vae=sources.vae, offload=options.offload, views=views)))
     return masks
 
 
@@ -459,8 +465,8 @@ def _scene_jobs(sf: SceneFile, options: Options, sources: Sources, masks: SceneM
 
 
 def check_controls(sf: SceneFile) -> tuple[list[str], list[SmdError]]:
-    """Whether each LoRA, ControlNet, embedding and IP-Adapter the scene names can be had (a local path that exists, a hub
-    id cached when offline): notes on what is checked when it loads, and the errors, each at its key."""
+    """Whether each LoRA, ControlNet, embedding and IP-Adapter the scene names can be had (a local path that exists,
+    a hub id cached when offline): notes on what is checked when it loads, and the errors, each at its key."""
     from smd_cli.models import _looks_like_path, check_available, hub_file
     from smd_cli.scene import scene_controlnets, scene_loras, scene_references
 
@@ -540,21 +546,18 @@ def _available(name: str, what: str) -> bool:
     return True
 
 
-# Past this many views per layer and step (a tiny tile_stride), a scene is surely a mistake.
+# Past this many views per layer and step (a tiny tile_stride), a scene is surely a mistake; past
+# defaults.LARGE_WORK denoiser passes in all it is refused (`canvas.check_work`).
 MANY_VIEWS = 256
-# Past this many images, a batch (a --repeat or --seeds range) is surely a mistake.
+# Past this many images, a batch (a --repeat or --seeds range) is surely a mistake. Each image's
+# work is bounded (`canvas.check_work`); their number is the command line's, never a scene file's.
 MANY_IMAGES = 1000
 
 
-def _check_views(sf: SceneFile, width: int, height: int, factor: int | None) -> None:
+def _check_views(sf: SceneFile, views: Tiling) -> None:
     """Warn, with the count, when a scene's tiling makes absurdly many views."""
-    from smd_cli.views import default_tile, starts, view_sizes
-
     s = sf.scene
-    f = factor or defaults.MODEL_VAE_FACTOR
-    tile = s.tile_size or default_tile(min(defaults.NATIVE_SIZES.values()), height, width)  # the most views
-    window, stride = view_sizes(tile, s.tile_stride, f)
-    count = len(starts(height // f, window, stride)) * len(starts(width // f, window, stride, s.circular))
+    count = views.count
     if count > MANY_VIEWS:
         warnings.warn(f"{sf.name}: {count} views per layer and step (tile_size {s.tile_size}, tile_stride "
                       f"{s.tile_stride}): this takes {count} times as long as one view", stacklevel=2)
@@ -656,7 +659,7 @@ def run(plan: Plan, options: Options, *, on_event: OnEvent | None = None,
     for n, job in enumerate(mine):
         started, loading = time.perf_counter(), cache.seconds
 
-        def spent() -> float:  # an image's seconds leave out loading a model
+        def spent(started: float = started, loading: float = loading) -> float:  # less loading a model
             return time.perf_counter() - started - (cache.seconds - loading)
 
         position = (n + 1, len(mine))
@@ -714,7 +717,7 @@ def _make(job: Job, options: Options, cache: ModelCache, emit: OnEvent, position
         return job.outcome(INVALID, error=str(exc))
     steps = step_count(sf.scene)  # what the schedule, checked just now, will take
     emit(Progress(job, 0, steps, *position))
-    return generate(pipe, sf, masks=job.masks, max_batch=options.max_batch,
+    return generate(pipe, sf, masks=job.masks, max_batch=options.max_batch, allow_large=options.allow_large,
                     callback=lambda k, n, x0: emit(Progress(job, k + 1, steps, *position)))
 
 

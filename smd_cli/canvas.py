@@ -1,7 +1,7 @@
 """A scene's canvas and masks, read from its files: the canvas size, each layer's mask (image,
 palette colour, rectangle or ellipse) as a box on the canvas, the inpainting picture, and how much
 of the canvas the layers cover. Every failure is a scene error located at the key that names the
-file. The mask arithmetic itself (SPEC 2.2) is in `smd_cli.masks`, which knows nothing of scenes.
+file. The mask arithmetic itself (docs/method.md §2.2) is in `smd_cli.masks`, which knows nothing of scenes.
 """
 
 from __future__ import annotations
@@ -20,10 +20,31 @@ from PIL import Image, UnidentifiedImageError
 from smd_cli import defaults
 from smd_cli.errors import SceneError, SmdError
 from smd_cli.files import MAX_IMAGE_BYTES, UnreadableFile, decode_image, image_size, read_bytes
-from smd_cli.masks import (PALETTE_TOLERANCE, LayerMask, aspect_mismatch, check_divisible, ellipse_box, image_mask,
-                           main_colors, palette_labels, rect_box, resize)
-from smd_cli.scene import (EllipseMask, PaletteMask, RectMask, SceneFile, default_layer_name, mask_file,
-                           scene_controlnets, scene_files, scene_references)
+from smd_cli.masks import (
+    PALETTE_TOLERANCE,
+    LayerMask,
+    aspect_mismatch,
+    check_divisible,
+    ellipse_box,
+    image_mask,
+    main_colors,
+    palette_labels,
+    rect_box,
+    resize,
+)
+from smd_cli.scene import (
+    EllipseMask,
+    PaletteMask,
+    RectMask,
+    SceneFile,
+    default_layer_name,
+    mask_file,
+    scene_controlnets,
+    scene_files,
+    scene_references,
+    step_count,
+)
+from smd_cli.views import CanvasError, Grid, Tiling, tiling, work_problem
 
 MAX_MASK_BYTES = 4 * 2**30  # the layers' masks at canvas size, as float32
 
@@ -142,13 +163,64 @@ def checked_canvas(sf: SceneFile, factor: int | None) -> tuple[int, int]:
     return width, height
 
 
-def model_canvas(sf: SceneFile, model: str | None) -> tuple[SceneMasks, int | None]:
+def model_canvas(sf: SceneFile, model: str | None, config: str | None = None, *, allow_large: bool = False,
+                 stream: bool = False) -> tuple[SceneMasks, int | None]:
     """The scene's masks on the canvas `model` needs, and the model's downscale factor, read from
-    its config without loading anything (None when not known before the model loads)."""
-    from smd_cli.models import vae_downscale_factor
+    its config without loading anything (None when not known before the model loads). Before any
+    mask is read, the canvas and its views are checked against the model (`canvas_views`) and the
+    work they ask for (`check_work`: of an image, or with `stream` of a stream's frame)."""
+    from smd_cli.models import model_grid, vae_downscale_factor
 
     factor = vae_downscale_factor(model)
-    return scene_masks(sf, *checked_canvas(sf, factor)), factor
+    width, height = checked_canvas(sf, factor)
+    views = canvas_views(sf, model_grid(model, config), width, height, stream=stream)
+    check_work(sf, views, allow_large=allow_large, stream=stream)
+    return scene_masks(sf, width, height), factor
+
+
+def canvas_views(sf: SceneFile, grid: Grid | None, width: int, height: int, *, stream: bool = False) -> Tiling:
+    """The scene's views on a model of `grid` (`views.tiling`: the canvas checked against the model's
+    family, errors located at the key that sets what is wrong). With the grid unknown (a model not
+    downloaded yet) the canvas is checked when the model loads, and the views counted are the
+    default model's, whose native size is the smallest: the most views a canvas could get. A stream
+    lays its views out at the default stride and never wraps around."""
+    s = sf.scene
+    stride = None if stream else s.tile_stride
+    if grid is None:
+        grid = Grid()
+        width, height = max(width - width % grid.factor, grid.factor), max(height - height % grid.factor, grid.factor)
+        if stride is not None and s.tile_size is None:  # the model's own default tile may be larger
+            stride = min(stride, grid.tile(height, width))
+    try:
+        return tiling(grid, width, height, tile_size=s.tile_size, tile_stride=stride,
+                      circular=s.circular and not stream)
+    except CanvasError as exc:
+        raise sf.error((exc.key,), str(exc)) from None
+
+
+def check_work(sf: SceneFile, views: Tiling, *, allow_large: bool = False, stream: bool = False) -> None:
+    """Refuse a scene whose views, layers and steps (a stream's stages, with `stream`) ask for more
+    denoiser passes than smd runs without --allow-large, or at all (`views.work_problem`); the error
+    is at the key that multiplies most."""
+    s = sf.scene
+    steps = stream_steps(s) if stream else step_count(s)
+    problem = work_problem(views.count, len(s.layers), steps, allow_large=allow_large, allow="--allow-large",
+                           per="frame" if stream else "image")
+    if problem is None:
+        return
+    if views.count >= max(len(s.layers), steps):
+        key = "tile_stride" if s.tile_stride is not None and not stream else "tile_size" if s.tile_size else "width"
+    else:
+        key = "layers" if len(s.layers) >= steps else "timesteps" if s.timesteps else "steps"
+    raise sf.error((key,), problem)
+
+
+def stream_steps(scene) -> int:
+    """The stages of a stream of `scene`: its timesteps, its LCM steps, else LCM's default (a stream
+    samples with LCM whatever the scene's scheduler)."""
+    if scene.timesteps is not None:
+        return len(scene.timesteps)
+    return scene.steps if scene.steps and scene.scheduler == "lcm" else defaults.STEPS["lcm"]
 
 
 def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = None, *,
@@ -216,7 +288,7 @@ def scene_masks(sf: SceneFile, width: int | None = None, height: int | None = No
 
 def _layer_mask(sf: SceneFile, images: _Images, i: int, spec, width: int, height: int,
                 palette_colors: dict[Path, list[str]], labels: dict[Path, tuple]) -> LayerMask:
-    """One layer's mask at canvas size (SPEC 2.2: read, resize, threshold)."""
+    """One layer's mask at canvas size (docs/method.md §2.2: read, resize, threshold)."""
     key = ("layers", i, "mask")
     if spec is None:
         return LayerMask(slice(0, height), slice(0, width), np.ones((height, width), np.float32))
@@ -233,10 +305,11 @@ def _layer_mask(sf: SceneFile, images: _Images, i: int, spec, width: int, height
         if spec.color == spec.background_color:
             raise sf.error(key + ("color",), f"colour {spec.color} is also the background colour of {path.name}; "
                                              "give the layer its own colour")
-        if path not in labels:
-            labels[path] = palette_labels(image, palette_colors[path])
-        found, present = labels[path]
-        index = palette_colors[path].index(spec.color)
+        if path not in labels:  # once per palette, with each colour's place: no layer searches the list
+            labels[path] = (*palette_labels(image, palette_colors[path]),
+                            {color: n for n, color in enumerate(palette_colors[path])})
+        found, present, places = labels[path]
+        index = places[spec.color]
         if not present[index]:
             colours = ", ".join(main_colors(image)) or "none (fully transparent)"
             raise sf.error(key + ("color",), f"colour {spec.color} matches no pixel of {path.name} (none within "
@@ -250,35 +323,56 @@ def _layer_mask(sf: SceneFile, images: _Images, i: int, spec, width: int, height
     return LayerMask.of(m)
 
 
+# Overlaps are named pair by pair where the layers are few enough to pair up (PAIRED_LAYERS) and the
+# areas where their boxes meet small enough to compare (PAIRED_PIXELS); past either, each layer gets
+# the share of the canvas it has in common with any other, which costs the layers' areas, not their pairs.
+PAIRED_LAYERS = 256
+PAIRED_PIXELS = 2**26
+
+
 @dataclass
 class Coverage:
     name: str
     coverage: float  # % of the canvas
-    overlaps: dict[str, float]  # other layer -> % of the canvas shared
+    overlaps: dict[str, float]  # other layer -> % of the canvas shared (empty where not paired up)
+    shared: float = 0.0  # % of the canvas this layer shares with any other
 
 
 def coverage_report(masks: SceneMasks) -> tuple[list[Coverage], float]:
-    """Per-layer coverage and pairwise overlaps in % of the canvas, and the uncovered %.
-
-    Only layers whose boxes meet are compared, and only where they meet, so a scene of many small
-    layers costs their areas, not every pair of layers over the whole canvas.
-    """
+    """Per-layer coverage and overlaps in % of the canvas, and the uncovered %: linear in the
+    layers' areas, however many layers there are (pairwise overlaps only within `_pairwise`'s bounds)."""
     boxes, names = masks.layers, masks.names
     percent = 100.0 / (masks.width * masks.height)
     top = np.zeros((masks.height, masks.width), np.float32)  # the most any layer covers each pixel
+    depth = np.zeros((masks.height, masks.width), np.uint8)  # layers covering each pixel (over half): 0, 1, 2 or more
     for box in boxes:
         np.maximum(top[box.rows, box.cols], box.values, out=top[box.rows, box.cols])
-    edges = np.array([[b.rows.start, b.rows.stop, b.cols.start, b.cols.stop] for b in boxes]).reshape(-1, 4)
-    meet = ((np.maximum.outer(edges[:, 0], edges[:, 0]) < np.minimum.outer(edges[:, 1], edges[:, 1]))
-            & (np.maximum.outer(edges[:, 2], edges[:, 2]) < np.minimum.outer(edges[:, 3], edges[:, 3])))
+        covered = depth[box.rows, box.cols]
+        covered += (box.values > 0.5) & (covered < 2)
+    shared = [np.count_nonzero((box.values > 0.5) & (depth[box.rows, box.cols] > 1)) * percent for box in boxes]
+    overlaps = _pairwise(boxes, names, percent) or [{} for _ in boxes]
+    rows = [Coverage(name, float(box.values.sum() * percent), overlap, float(common))
+            for name, box, overlap, common in zip(names, boxes, overlaps, shared)]
+    return rows, float((1.0 - top).clip(0.0, 1.0).sum() * percent)
+
+
+def _pairwise(boxes: list[LayerMask], names: list[str], percent: float) -> list[dict[str, float]] | None:
+    """Each layer's overlap with each other, in layer order; None past PAIRED_LAYERS layers or
+    PAIRED_PIXELS pixels where their boxes meet. Only boxes that meet are compared, only where they meet."""
+    if len(boxes) > PAIRED_LAYERS:
+        return None
+    edges = np.array([[b.rows.start, b.rows.stop, b.cols.start, b.cols.stop] for b in boxes], np.int64).reshape(-1, 4)
+    tall = np.minimum.outer(edges[:, 1], edges[:, 1]) - np.maximum.outer(edges[:, 0], edges[:, 0])
+    wide = np.minimum.outer(edges[:, 3], edges[:, 3]) - np.maximum.outer(edges[:, 2], edges[:, 2])
+    meet = np.triu(tall.clip(0) * wide.clip(0), 1)  # pixels where each pair's boxes meet
+    if meet.sum() > PAIRED_PIXELS:
+        return None
     overlaps: list[dict[str, float]] = [{} for _ in boxes]  # filled in layer order, as pairs come
-    for i, j in zip(*np.nonzero(np.triu(meet, 1))):
+    for i, j in zip(*np.nonzero(meet)):
         a, b = boxes[i], boxes[j]
         rows = slice(max(a.rows.start, b.rows.start), min(a.rows.stop, b.rows.stop))
         cols = slice(max(a.cols.start, b.cols.start), min(a.cols.stop, b.cols.stop))
         shared = np.count_nonzero((a.within(rows, cols) > 0.5) & (b.within(rows, cols) > 0.5))
         if shared:
             overlaps[i][names[j]] = overlaps[j][names[i]] = shared * percent
-    rows = [Coverage(name, float(box.values.sum() * percent), overlap)
-            for name, box, overlap in zip(names, boxes, overlaps)]
-    return rows, float((1.0 - top).clip(0.0, 1.0).sum() * percent)
+    return overlaps

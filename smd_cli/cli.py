@@ -20,10 +20,18 @@ from typing import TYPE_CHECKING, Iterator, List, Optional
 import typer
 
 from smd_cli import __version__, defaults
-from smd_cli.errors import SmdError, interrupt_on_signals, interrupted_code, was_interrupted
+from smd_cli.errors import SmdError, end_on_signals, exit_now, interrupt_on_signals, interrupted_code, was_interrupted
 from smd_cli.files import UnreadableFile, check_regular, is_file
-from smd_cli.options import (GENERATING, MODEL_OPTIONS, OPTIONS, REPORTING, batch_options, check_reporting,
-                             library_options, shared)
+from smd_cli.options import (
+    GENERATING,
+    MODEL_OPTIONS,
+    OPTIONS,
+    REPORTING,
+    batch_options,
+    check_reporting,
+    library_options,
+    shared,
+)
 from smd_cli.report import error, out, put, say, show_warning
 
 if TYPE_CHECKING:
@@ -93,9 +101,10 @@ def validate(
     model: Optional[str] = typer.Option(None, "--model", help="Model whose downscale factor the canvas must fit "
                                         "(read from its config only; nothing is loaded)."),
     set_: List[str] = OPTIONS["set_"][1],
+    allow_large: bool = OPTIONS["allow_large"][1],
 ) -> None:
     """Check scene files without loading any model: keys, values, mask, control image and LoRA
-    files, ControlNet folders, coverage.
+    files, ControlNet folders, the work they ask for, coverage.
 
     \b
     Examples:
@@ -114,9 +123,12 @@ def validate(
                 sf = load_scene(path, set_)
                 for problem in check_controls(sf)[1][:1]:
                     raise problem
-                masks, factor = model_canvas(sf, sources_of(sf, Options(model=model, device="cpu", dtype="auto")).model)
+                masks, factor = model_canvas(sf, sources_of(sf, Options(model=model, device="cpu", dtype="auto")).model,
+                                             allow_large=allow_large)
                 report.coverage(sf, masks, str(path), factor is not None)
         except typer.Exit:
+            if was_interrupted():  # Ctrl-C stops the whole command, not one scene
+                raise
             failed += 1
     if failed:
         raise typer.Exit(2)
@@ -256,7 +268,7 @@ def show(
 
 
 @app.command()
-@shared("config", "max_batch", "overwrite", *REPORTING)
+@shared("config", "max_batch", "overwrite", "allow_large", *REPORTING)
 def reproduce(
     image: Path = typer.Argument(..., help="An image (PNG, JPEG or WebP) made by smd.", show_default=False),
     output: Optional[str] = typer.Option(None, "--out", "-o", help="Where to write the new image "
@@ -287,7 +299,8 @@ def reproduce(
         record = read_record(image)
         reporter = report.Reporter(opts.quiet, opts.verbose, opts.json, results=False)  # printed with the comparison
         sf, options = reproducing(record, image, output, model=model, config=opts.config, device=device,
-                                  dtype=dtype, max_batch=opts.max_batch, overwrite=opts.overwrite)
+                                  dtype=dtype, max_batch=opts.max_batch, overwrite=opts.overwrite,
+                                  allow_large=opts.allow_large)
         report.record(image, record, reads(sf, options), reporter)
         outcomes, code = _run([sf], options, opts, reporter=reporter)
         done = [o for o in outcomes if o.path]
@@ -297,7 +310,7 @@ def reproduce(
 
 
 @app.command()
-@shared(*MODEL_OPTIONS, "set_", "overwrite", "quiet", "compile_", "channels_last", "threads")
+@shared(*MODEL_OPTIONS, "set_", "overwrite", "quiet", "compile_", "channels_last", "threads", "allow_large")
 def stream(
     scene: Path = typer.Argument(..., help="Scene file (YAML) to stream.", show_default=False, metavar="SCENE"),
     frames: Optional[int] = typer.Option(None, "--frames", min=1, help="Stop after N frames."),
@@ -498,13 +511,13 @@ def main() -> None:
     from smd_cli.distributed import launched_distributed
 
     if not launched_distributed():
-        app(prog_name="smd")
+        _app()
         return
     # A process of a shared batch (its process group already left) ends at once with its code:
     # the interpreter's teardown can meet the process group's C++ threads and abort the process
     # (SIGABRT, "terminate called without an active exception") after its work is done.
     try:
-        app(prog_name="smd")
+        _app()
         code = 0
     except SystemExit as exc:
         if isinstance(exc.code, str):
@@ -513,6 +526,32 @@ def main() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _app() -> None:
+    """Run the app as the process: a signal outside a command's work, or a second one while the first
+    is handled, ends it at once (`end_on_signals`), and an interrupted command ends it at once too;
+    what fails outside the commands' `user_errors` (typer's own options) is one line too, and a home
+    folder missing there says so."""
+    end_on_signals()
+    try:
+        app(prog_name="smd")
+    except SystemExit as exc:
+        if was_interrupted():  # nothing is left to finish, and the teardown would let a second Ctrl-C kill smd
+            exit_now(exc.code if isinstance(exc.code, int) else int(exc.code is not None))
+        raise
+    except Exception as exc:
+        if os.environ.get("SMD_TRACEBACK"):
+            raise
+        from smd_cli.settings import no_home
+
+        missing = no_home()
+        if missing and isinstance(exc, (RuntimeError, KeyError)):  # what pathlib and pwd raise for it
+            error(f"this needs a home folder, and there is none ({missing}); set HOME to one")
+            raise SystemExit(2) from None
+        error(f"unexpected {type(exc).__name__}: {exc} (a bug in smd: please report it; set SMD_TRACEBACK=1 for "
+              "the traceback)")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -108,10 +107,10 @@ class ControlNets:
             return self.models[source]
         from diffusers import ControlNetModel, FluxControlNetModel
 
-        from smd_cli.files import is_dir
+        from smd_cli.files import expand_user, is_dir
         from smd_cli.models import _loading, _looks_like_path, _offline
 
-        path = Path(source).expanduser()
+        path = expand_user(source)
         if _looks_like_path(source) and not is_dir(path):
             raise ModelError(f"ControlNet folder not found: {path}")
         cls = FluxControlNetModel if self.encode is not None else ControlNetModel

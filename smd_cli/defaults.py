@@ -1,4 +1,4 @@
-"""SPEC section 7 in code: every default and every set of choices, in one place, and the one rule
+"""docs/method.md §7 in code: every default and every set of choices, in one place, and the one rule
 for the negative prefix.
 
 Scenes (pydantic), the Python API, the stream and the CLI all take their defaults from here, so a
@@ -10,7 +10,7 @@ from __future__ import annotations
 # Models.
 MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 MODEL_VAE_FACTOR = 8  # the default model's VAE downscale factor, known before the model is downloaded
-# Model families: SD 1.x/2.x, and SDXL (told apart by the UNet's config, never by a name).
+# Model families: SD 1.x/2.x, SDXL, SD3 and FLUX.1 (told apart by the denoiser's config, never by a name).
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
 FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1"}
 LCM_LORAS = {"sd": "latent-consistency/lcm-lora-sdv1-5", "sdxl": "latent-consistency/lcm-lora-sdxl"}
@@ -23,7 +23,7 @@ FLUX_IP_ADAPTER_ENCODER = "openai/clip-vit-large-patch14"  # the image encoder X
 TINY_VAES = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl", "sd3": "madebyollin/taesd3",
              "flux": "madebyollin/taef1"}
 
-# Schedules (SPEC 1): LCM's default 5 steps are these indices of its 50-step grid.
+# Schedules (docs/method.md §1): LCM's default 5 steps are these indices of its 50-step grid.
 SCHEDULERS = ("lcm", "ddim", "euler", "renoise")  # renoise: flow-matching models only
 SCHEDULER = "lcm"
 LCM_ORIGINAL_STEPS = 50
@@ -39,7 +39,7 @@ GUIDANCE_SCALE = 1.0
 MAX_GUIDANCE_SCALE = 100.0
 NEGATIVE_PREFIX = "worst quality, bad quality, normal quality, cropped, framed"  # the examples' prefix
 
-# Masks (SPEC 2.2).
+# Masks (docs/method.md §2.2).
 MASK_TYPES = ("discrete", "semi-continuous", "continuous")
 MASK_TYPE = "discrete"
 STREAM_MASK_TYPE = "continuous"
@@ -48,22 +48,32 @@ MASK_STD = 0.0
 PROMPT_STRENGTH = 1.0
 COVER_ALPHA = 0.3
 
-# Bootstrapping (SPEC 3.2, 3.5).
+# Bootstrapping (docs/method.md §3.2, 3.5).
 BOOTSTRAP_STEPS = 1
 BOOTSTRAP_MIX_STEPS = 1.0
 LEAK_SENSITIVITY = 0.2
 BOOTSTRAP_CENTRE = True  # the reference's choice: SD models draw objects best near the middle
 
-# Canvas and views (SPEC 5).
+# Canvas and views (docs/method.md §5).
 SIZE = 512  # pixels, when neither the scene nor a mask image gives one
 MIN_SIZE, MAX_SIZE = 8, 16384  # pixels, either side
 # The picture size each family was trained at: the default views are chosen from it (or from the
 # model's own where its config says larger, as SD 2.x's 768) by views.default_tile.
 NATIVE_SIZES = {"sd": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 # Views step by 3/4 of their size unless the scene sets tile_stride: a quarter of each view overlaps
-# the next, 27% fewer denoiser rows than SPEC 5's half (benchmarks/views.py measured it fastest at
+# the next, 27% fewer denoiser rows than docs/method.md §5's half (benchmarks/views.py measured it fastest at
 # the native tile on every family); seams stay as clean with triangular weights (tests/test_views.py).
 TILE_STRIDE = (3, 4)
+# Denoisers that take whole patches of latent pixels (SD3's patches, FLUX.1's 2x2 packing): a canvas
+# of these families is a whole number of patches too (views.Grid.multiple). A UNet pads its input.
+PATCHED_FAMILIES = ("sd3", "flux")
+# Work: views x layers x steps, the denoiser passes of one image (or of one stream frame). Past
+# LARGE_WORK (hours on a CPU, many minutes on a GPU) a plan needs --allow-large; past MAX_WORK
+# (about a day on a fast GPU), or past MAX_VIEWS views per layer and step (whose weights alone fill
+# memory), smd refuses even with it.
+LARGE_WORK = 100_000
+MAX_WORK = 10_000_000
+MAX_VIEWS = 16_384
 TILE_WEIGHTINGS = ("triangular", "uniform")
 TILE_WEIGHTING = "triangular"
 PANORAMA_WIDTH, PANORAMA_HEIGHT = 3072, 512  # the original project's panorama example
@@ -72,7 +82,7 @@ PANORAMA_WIDTH, PANORAMA_HEIGHT = 3072, 512  # the original project's panorama e
 SEED_LIMIT = 2**63
 RANDOM_SEEDS = 2**32
 
-# Streaming (SPEC 6).
+# Streaming (docs/method.md §6).
 STREAM_CFG_TYPES = ("none", "full", "self", "initialize")
 STREAM_CFG_TYPE = "none"
 STREAM_GUIDANCE_SCALE = 1.2
@@ -83,7 +93,7 @@ STREAM_FPS = 8.0  # frames per second of a stream's GIF or MP4
 
 
 def prefixed(prefix: str | None, negative: str) -> str:
-    """A negative prompt with the negative prefix in front (SPEC 2.1)."""
+    """A negative prompt with the negative prefix in front (docs/method.md §2.1)."""
     if not prefix:
         return negative
     return f"{prefix}, {negative}" if negative else prefix

@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import signal
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
 MAX_REPORTED = 20  # problems of one scene reported at once
 
 
-def printable(text: str) -> str:
-    """`text` with control characters escaped (a newline becomes `\\n`), safe to print on one line."""
-    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+def printable(text: str, keep_bytes: bool = False) -> str:
+    """`text` with control characters escaped (a newline becomes `\\n`), safe to print on one line.
+    A byte of a file name that is not UTF-8 (Python's surrogate escape, `'\\udce8'`) shows as the
+    byte (`\\xe8`), or with `keep_bytes` stays, for a writer that writes it back as that byte."""
+    return "".join(c if c.isprintable() or c == " " else _escape(c, keep_bytes) for c in text)
+
+
+def _escape(c: str, keep_bytes: bool) -> str:
+    if "\udc80" <= c <= "\udcff":
+        return c if keep_bytes else f"\\x{ord(c) - 0xdc00:02x}"
+    return c.encode("unicode_escape").decode("ascii")
+
+
+def unicode_text(text: str) -> str:
+    """`text` that UTF-8 can encode: a byte of a file name that is not UTF-8, or any other lone
+    surrogate, becomes U+FFFD (for texts that people read, where the byte itself cannot go)."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)
 
 
 def unexpected(exc: BaseException) -> str:
@@ -85,20 +102,68 @@ class Terminated(KeyboardInterrupt):
 
 INTERRUPTING = ("SIGTERM", "SIGHUP")  # handled as Ctrl-C is
 _received: list[int] = []  # the signals that interrupted this process's work
+_unfinished: set[str] = set()  # temporary files being written (`outputs.temporary_beside`), until named or removed
+
+
+def unfinished(path: str | Path, done: bool = False) -> None:
+    """Register a temporary file being written (before it is created), or unregister it once it
+    has its name or is gone (`done`): a second signal removes the registered ones (`end_now`)."""
+    (_unfinished.discard if done else _unfinished.add)(os.fspath(path))
+
+
+def end_now(signum: int) -> None:
+    """End the process at once for a signal that came while an earlier one was being handled (or
+    outside any work, `end_on_signals`), with 128 + its number, unwinding nothing: the temporary
+    files being written are removed, so that an output is either whole under its name or not there."""
+    for path in list(_unfinished):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.write(2, f"\nstopped at once by {signal.Signals(signum).name}\n".encode())
+    exit_now(128 + signum)
+
+
+def exit_now(code: int) -> None:
+    """End the process with `code` at once, without the interpreter's teardown (which first sets
+    the signals back to their default, so that a Ctrl-C during it would kill the process)."""
+    for stream in (sys.stdout, sys.stderr):  # the paths already printed reach a pipe too
+        with contextlib.suppress(Exception):  # a signal inside a write makes flushing reentrant
+            stream.flush()
+    os._exit(code)
+
+
+def end_on_signals() -> None:
+    """For a process that ends when its command does (`smd`): from now on, outside the work that
+    `interrupt_on_signals` wraps, where there is nothing to finish, Ctrl-C, SIGTERM and SIGHUP end
+    it at once (`end_now`), also a second one while it exits after the first. Main thread only."""
+    for name in ("SIGINT", *INTERRUPTING):
+        if _handled(name):
+            signal.signal(getattr(signal, name), lambda signum, frame: end_now(signum))
+
+
+def _handled(name: str) -> bool:
+    """Whether smd may take signal `name`: it exists here, and nobody set it ignored (`nohup`)."""
+    return hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN
+
+
+def _interrupt(signum, frame) -> None:
+    """The first signal raises where the work is; one while it is being handled ends smd at once."""
+    if _received:
+        end_now(signum)
+    _received.append(signum)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 @contextlib.contextmanager
 def interrupt_on_signals() -> Iterator[None]:
-    """Within it, SIGTERM and SIGHUP raise `Terminated` (a KeyboardInterrupt) wherever the work is,
-    so that they end it as Ctrl-C does (`smd` runs every command so; from Python, wrap `batch.run`)."""
-    def interrupt(signum, frame):
-        _received.append(signum)
-        raise Terminated(signum)
-
+    """Within it, Ctrl-C raises KeyboardInterrupt and SIGTERM and SIGHUP raise `Terminated` (a
+    KeyboardInterrupt) wherever the work is, so that they end it as Ctrl-C does, and a second
+    signal while the first is being handled ends the process at once (`end_now`). `smd` runs
+    every command so; from Python, wrap `batch.run`. A signal set to be ignored stays ignored."""
     _received.clear()
-    names = [name for name in INTERRUPTING if hasattr(signal, name)]
+    names = [name for name in ("SIGINT", *INTERRUPTING) if _handled(name)]
     try:
-        previous = {name: signal.signal(getattr(signal, name), interrupt) for name in names}
+        previous = {name: signal.signal(getattr(signal, name), _interrupt) for name in names}
     except ValueError:  # not the main thread: leave the signals alone
         previous = {}
     try:
@@ -110,12 +175,13 @@ def interrupt_on_signals() -> Iterator[None]:
 
 class SignalsHeld:
     """Within it, Ctrl-C, SIGTERM and SIGHUP wait: `signum` is the first that came, for the caller
-    to act on after the block, so that a finished image is written and reported whole."""
+    to act on after the block, so that a finished image is written and reported whole. A second
+    one ends the process at once (`end_now`), leaving the image whole or not there at all."""
 
     signum: int | None = None
 
     def __enter__(self) -> "SignalsHeld":
-        names = [name for name in ("SIGINT", *INTERRUPTING) if hasattr(signal, name)]
+        names = [name for name in ("SIGINT", *INTERRUPTING) if _handled(name)]
         try:
             self._previous = {name: signal.signal(getattr(signal, name), self._hold) for name in names}
         except ValueError:  # not the main thread: leave the signals alone
@@ -123,9 +189,10 @@ class SignalsHeld:
         return self
 
     def _hold(self, signum, frame) -> None:
-        if self.signum is None:
-            self.signum = signum
-            _received.append(signum)
+        if self.signum is not None:
+            end_now(signum)
+        self.signum = signum
+        _received.append(signum)
 
     def __exit__(self, *exc) -> None:
         for name, handler in self._previous.items():

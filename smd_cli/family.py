@@ -1,11 +1,11 @@
 """Model families: what the region sampler needs to know of a model, and nothing more.
 
-The step (SPEC 3) never looks inside a model, and neither do the input preparation (SPEC 2) or
-the stream (SPEC 6). A family is one small adapter that answers five questions:
+The step (docs/method.md §3) never looks inside a model, and neither do the input preparation (docs/method.md §2) or
+the stream (docs/method.md §6). A family is one small adapter that answers five questions:
 
 1. Prompts. `encode(texts) -> Conditioning`: the text conditioning of each prompt, as rows
    that can be selected (`cond[index]`), concatenated (`Conditioning.cat`) and mixed toward the
-   background prompt's by prompt strength (`cond.mix(background, w)`, SPEC 2.1); `empty_negative`
+   background prompt's by prompt strength (`cond.mix(background, w)`, docs/method.md §2.1); `empty_negative`
    is what an empty negative prompt means (None: the encoding of "").
 2. The denoiser. `predict(x, t, cond, guidance_scale, placement) -> eps`: the noise in latents `x`
    [B, C, h, w] at timestep(s) `t`, row i under conditioning row i, as a noise prediction in the
@@ -13,12 +13,12 @@ the stream (SPEC 6). A family is one small adapter that answers five questions:
    row's window lies on the canvas, for families that condition on it. `guidance_distilled` says
    whether the denoiser takes the guidance scale as an input, in which case classifier-free
    guidance never runs an unconditional pass (`runs_unconditional`, the one rule for every caller).
-3. The latent layout. `channels`, `factor` (the VAE's downscale factor, SPEC 1), `native_size`
-   (pixels: the window of one view, SPEC 5) and `granularity` (latent pixels a denoiser input must
+3. The latent layout. `channels`, `factor` (the VAE's downscale factor, docs/method.md §1), `native_size`
+   (pixels: the window of one view, docs/method.md §5) and `granularity` (latent pixels a denoiser input must
    be a multiple of).
 4. The noising. `schedule(scheduler, steps, timesteps, spacing) -> Schedule`: t_k, alpha_k and
    sigma_k such that x_k = alpha_k x0 + sigma_k eps, and the transition after each step.
-5. Pictures. `encode_image(pixels) -> latent` (the distribution's mode, scaled, SPEC 2.3) and
+5. Pictures. `encode_image(pixels) -> latent` (the distribution's mode, scaled, docs/method.md §2.3) and
    `decode(latent) -> pixels`, both in [-1, 1].
 
 `StableDiffusion` is SD 1.x and 2.x. `StableDiffusionXL` adds a second text encoder (a pooled row
@@ -39,13 +39,13 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from smd_cli import defaults, prompts
-from smd_cli.errors import ModelError, SmdError
 from smd_cli.controls import ControlNets, ControlSet
+from smd_cli.errors import ModelError, SmdError
 from smd_cli.loras import LoraAdapters, LoraSet
-from smd_cli.references import Reference, References
 from smd_cli.models import Components, family_of, guidance_distilled, vae_factor
+from smd_cli.references import Reference, References
 from smd_cli.sampler import Schedule, make_schedule
-from smd_cli.views import default_tile
+from smd_cli.views import Grid
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -54,7 +54,7 @@ class PromptTruncatedWarning(UserWarning):
 
 def runs_unconditional(guidance_scale: float, unet_config: Mapping) -> bool:
     """Whether classifier-free guidance runs an unconditional pass: only above 1, and never for a
-    guidance-distilled denoiser, which takes the scale as an embedding (SPEC 3.3)."""
+    guidance-distilled denoiser, which takes the scale as an embedding (docs/method.md §3.3)."""
     return guidance_scale > 1.0 and not guidance_distilled(unet_config)
 
 
@@ -113,7 +113,7 @@ class Conditioning:
                        filler=filler)
 
     def mix(self, background: "Conditioning", w: Sequence[float]) -> "Conditioning":
-        """E_p = E_bg + w_p (E_p - E_bg) for each row p (SPEC 2.1), the token states and the pooled
+        """E_p = E_bg + w_p (E_p - E_bg) for each row p (docs/method.md §2.1), the token states and the pooled
         embedding alike; `background` is one row (`cond[i]` or `cond[i:i + 1]`)."""
         if background.states.dim() == 2:
             background = background[None]
@@ -194,9 +194,14 @@ class StableDiffusion:
         (defaults.NATIVE_SIZES), or the model's own where its config says larger (SD 2.x's 768)."""
         return max(defaults.NATIVE_SIZES[self.name], self.native_size)
 
+    @property
+    def grid(self) -> Grid:
+        """What this model asks of a canvas (`views.tiling` decides a canvas and its views from it)."""
+        return Grid(self.name, self.factor, self.granularity, self.tile_native)
+
     def tile_size(self, height: int, width: int) -> int:
         """The default view for a canvas (`views.default_tile`)."""
-        return default_tile(self.tile_native, height, width, self.factor * self.granularity)
+        return self.grid.tile(height, width)
 
     @property
     def granularity(self) -> int:
@@ -339,7 +344,7 @@ class StableDiffusion:
     def _predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
                  guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
         """The UNet's noise prediction (float32). Guidance-distilled UNets get `guidance_scale` as
-        an embedding (SPEC 3.3); v-prediction is converted to noise with eps = sigma * x + alpha * v."""
+        an embedding (docs/method.md §3.3); v-prediction is converted to noise with eps = sigma * x + alpha * v."""
         cfg = self.unet.config
         tc = None
         if self.guidance_distilled:
@@ -387,7 +392,7 @@ class StableDiffusion:
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """The VAE latent of pixels [B, 3, H, W] in [-1, 1]: the distribution's mode, shifted (SD3's
-        and FLUX's autoencoders have a shift factor) and scaled (SPEC 2.3)."""
+        and FLUX's autoencoders have a shift factor) and scaled (docs/method.md §2.3)."""
         encoded = self.vae.encode(pixels.to(self.device, self.vae.dtype))
         # AutoencoderKL gives a distribution (take its mode, never a sample); TAESD gives latents.
         latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
@@ -487,7 +492,7 @@ class StableDiffusion3(StableDiffusion):
 
     The noising is x_s = (1 - s) x0 + s e and the transformer predicts the velocity v = e - x0; this
     adapter returns v, and its schedules say so (`Schedule.prediction == "flow"`), so the clean
-    estimate of a (layer, view) pair is x0_p = x_p - s_k v_p and the rest of SPEC 3 is unchanged with
+    estimate of a (layer, view) pair is x0_p = x_p - s_k v_p and the rest of docs/method.md §3 is unchanged with
     alpha_k = 1 - s_k, sigma_k = s_k (the bootstrap background (1 - s_k) b + s_k e, mask quantization
     at s_k). Positions: the transformer crops its position embedding around the centre for the size
     it is given, so a view is denoised with the positions of a picture of its own size; the canvas
@@ -561,7 +566,8 @@ class StableDiffusion3(StableDiffusion):
                  guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
         """The transformer's velocity prediction (float32) at timestep t = 1000 s."""
         return self.unet(hidden_states=x.to(self.dtype), timestep=self._timesteps(t, len(x)),
-                         encoder_hidden_states=cond.states, pooled_projections=cond.pooled, return_dict=False)[0].float()
+                         encoder_hidden_states=cond.states, pooled_projections=cond.pooled,
+                         return_dict=False)[0].float()
 
     def _timesteps(self, t: float | torch.Tensor, batch: int) -> torch.Tensor:
         """One timestep per row, on the device: a transformer takes them as a [B] tensor."""

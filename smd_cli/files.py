@@ -29,6 +29,13 @@ class UnreadableFile(SmdError):
     """A file that is not a regular file, is too large, or is an image too large to decode."""
 
 
+def expand_user(path: str | Path) -> Path:
+    """`path` with a leading `~` or `~user` made that home folder, as a shell does; left as written
+    where there is none (no HOME and no password entry: a service account), where pathlib's
+    `expanduser` raises RuntimeError."""
+    return Path(os.path.expanduser(path))
+
+
 def _stat(path: str | Path) -> os.stat_result | None:
     try:
         return os.stat(path)

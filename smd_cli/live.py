@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import http.server
-import itertools
 import io
+import itertools
 import json
 import re
 import socket
@@ -433,7 +433,8 @@ def open_session(scene: Path, options: batch.Options, *, output: Path | None = N
     sf = with_preset(load_scene(scene, options.overrides), options)
     sources = sources_of(sf, options)
     check_source(sources.model)
-    model_canvas(sf, sources.model)  # every mask file read and checked before the model loads
+    # The canvas, its views and a frame's work checked, and every mask file read, before the model loads.
+    model_canvas(sf, sources.model, options.config, allow_large=options.allow_large, stream=True)
     sink = FrameSink(output, fps, options.overwrite)
     if output is None and not preview:
         warnings.warn("without --out or --preview the frames are shown nowhere and kept nowhere", stacklevel=2)
@@ -446,7 +447,7 @@ def open_session(scene: Path, options: batch.Options, *, output: Path | None = N
         cache = ModelCache(dataclasses.replace(options, compile=False), device, resolve_dtype(options.dtype, device),
                            on_event)
         stream = scene_stream(sf, cache.get(sources), cfg_type=cfg_type, overlap_decode=overlap_decode,
-                              compile=options.compile)
+                              compile=options.compile, allow_large=options.allow_large)
     except BaseException:
         if server is not None:
             server.stop()

@@ -1,5 +1,5 @@
 """Masks: made from images, palettes and shapes, fitted to a canvas, and prepared for the step
-loop (SPEC section 2.2). Scenes are not known here: `smd_cli.canvas` reads a scene's masks with
+loop (docs/method.md §2.2). Scenes are not known here: `smd_cli.canvas` reads a scene's masks with
 these functions.
 
 Everything here is numpy on the CPU: masks are prepared once per generation, and `smd validate`
@@ -29,7 +29,7 @@ BLUR_FLOOR = 1e-7
 
 
 def image_mask(image: Image.Image) -> np.ndarray:
-    """The alpha channel where the image has a non-trivial one, otherwise luminance (SPEC 2.2), in
+    """The alpha channel where the image has a non-trivial one, otherwise luminance (docs/method.md §2.2), in
     [0, 1]: 16-bit grayscale by its 16-bit range, 32-bit integers by theirs, floats as they are."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         alpha = np.asarray(image.convert("RGBA"))[..., 3]
@@ -189,22 +189,60 @@ def palette_labels(image: Image.Image, colors: list[str]) -> tuple[np.ndarray, n
     """Each pixel's nearest listed colour among those present in the image (index into `colors`;
     -1 for transparent pixels), and which colours are present: a colour is present where some
     opaque pixel lies within `PALETTE_TOLERANCE` of it. Anti-aliased edges thus go to the colours
-    actually painted, never to one that was listed but not used (a typo)."""
+    actually painted, never to one that was listed but not used (a typo).
+
+    A listed colour found exactly needs no distances; the rest are measured in chunks, so that a
+    palette of thousands of colours costs its colours times the image's, in bounded memory."""
     rgba = np.asarray(image.convert("RGBA"))
     opaque = rgba[..., 3] >= 128
     packed = (rgba[..., 0].astype(np.int64) << 16) | (rgba[..., 1].astype(np.int64) << 8) | rgba[..., 2]
     values, inverse = np.unique(packed, return_inverse=True)  # distinct colours: few, even with edges
     inverse = inverse.reshape(packed.shape)
-    rgb = np.stack([(values >> 16) & 255, (values >> 8) & 255, values & 255], axis=-1)
-    palette = np.array([hex_to_rgb(c) for c in colors], dtype=np.int64)
-    dist = ((rgb[:, None, :] - palette[None]) ** 2).sum(-1)  # [distinct colours, listed colours]
     painted = np.zeros(len(values), dtype=bool)
     painted[inverse[opaque]] = True
-    present = (dist[painted] <= PALETTE_TOLERANCE**2).any(axis=0)
-    dist[:, ~present] = np.iinfo(np.int64).max
-    labels = dist.argmin(axis=1)[inverse]
-    labels[~opaque | ~present.any()] = -1
+    listed = np.array([(r << 16) | (g << 8) | b for r, g, b in map(hex_to_rgb, colors)], dtype=np.int64)
+    at = np.minimum(np.searchsorted(values, listed), len(values) - 1)
+    exact = values[at] == listed  # listed colour i is values[at[i]]
+    present = exact & painted[at]  # painted exactly
+    missing = np.nonzero(~present)[0]
+    if len(missing):  # or within the tolerance of a painted colour
+        near = _nearest_colours(_rgb(listed[missing]), _rgb(values[painted]))
+        present[missing] = near[1] <= PALETTE_TOLERANCE**2 if near is not None else False
+    label = np.full(len(values), -1, dtype=np.int64)  # each distinct colour's nearest present one
+    chosen = np.nonzero(present)[0]
+    if len(chosen):
+        mine = chosen[exact[chosen]]
+        label[at[mine]] = mine  # a present colour is its own nearest
+        rest = np.nonzero(painted & (label < 0))[0]  # transparent pixels stay -1 whatever their colour
+        near = _nearest_colours(_rgb(values[rest]), _rgb(listed[chosen]))
+        if near is not None:
+            label[rest] = chosen[near[0]]
+    labels = label[inverse]
+    labels[~opaque] = -1
     return labels, present
+
+
+def _rgb(packed: np.ndarray) -> np.ndarray:
+    return np.stack([(packed >> 16) & 255, (packed >> 8) & 255, packed & 255], axis=-1).astype(np.int32)
+
+
+def _nearest_colours(queries: np.ndarray, choices: np.ndarray,
+                     chunk: int = 2**22) -> tuple[np.ndarray, np.ndarray] | None:
+    """For each query colour, the index of its nearest choice (the first of equals) and the squared
+    distance to it; None without queries or choices. Measured `chunk` distances at a time."""
+    if len(queries) == 0 or len(choices) == 0:
+        return None
+    index = np.empty(len(queries), dtype=np.int64)
+    distance = np.empty(len(queries), dtype=np.int32)  # at most 3 * 255**2
+    rows = max(1, chunk // len(choices))
+    for start in range(0, len(queries), rows):
+        part = queries[start : start + rows]
+        dist = (part[:, None, 0] - choices[None, :, 0]) ** 2  # channel by channel: a third of the memory traffic
+        dist += (part[:, None, 1] - choices[None, :, 1]) ** 2
+        dist += (part[:, None, 2] - choices[None, :, 2]) ** 2
+        index[start : start + rows] = dist.argmin(axis=1)
+        distance[start : start + rows] = dist[np.arange(len(dist)), index[start : start + rows]]
+    return index, distance
 
 
 def main_colors(image: Image.Image, n: int = 5) -> list[str]:
@@ -230,7 +268,7 @@ def background_mask(masks: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Preparation for the step loop (SPEC 2.2)
+# Preparation for the step loop (docs/method.md §2.2)
 
 
 def occlude(masks: np.ndarray, cover_alpha: float) -> np.ndarray:
@@ -280,7 +318,7 @@ def blur(mask: np.ndarray, std: float) -> np.ndarray:
 
 def prepare(masks: np.ndarray, *, cover_alpha: float, stds: list[float], strengths: list[float],
             cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Occlusion, blur and strength (SPEC 2.2).
+    """Occlusion, blur and strength (docs/method.md §2.2).
 
     Returns the blurred masks (kept for the final pixel blend) and M_p, the blurred masks times
     their strengths, which the per-step quantization compares with the noise levels. A `cache`

@@ -9,18 +9,18 @@ No torch at import.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 from smd_cli import defaults
-from smd_cli.files import is_dir, is_file
-from smd_cli.models import config_json, denoiser_config, family_of, model_family
-from smd_cli.views import default_tile
+from smd_cli.files import expand_user, is_dir, is_file
+from smd_cli.models import config_json, denoiser_config, family_of, model_family, model_grid
+from smd_cli.views import Grid
 
 if TYPE_CHECKING:
     import torch
 
     from smd_cli.scene import SceneFile
+    from smd_cli.views import Tiling
 
 # (layer, view) pairs per UNet call where free memory cannot be asked for (the CPU, MPS).
 AUTO_BATCH_CPU = 8
@@ -57,7 +57,8 @@ GIB = 1024**3
 def unet_bytes_per_pair(window_pixels: int, *, unet_config: Mapping, dtype_bytes: int, cfg: bool) -> int:
     """Activations of one (layer, view) pair in a UNet call: a window of `window_pixels` latent
     pixels, twice that with an unconditional pass ({} for `unet_config` is SD 1.5's)."""
-    per_pixel = int(UNET_BYTES_PER_LATENT_PIXEL[family_of(unet_config)] * denoiser_scale(unet_config)) * dtype_bytes // 2
+    per_pixel = (int(UNET_BYTES_PER_LATENT_PIXEL[family_of(unet_config)] * denoiser_scale(unet_config))
+                 * dtype_bytes // 2)
     return window_pixels * per_pixel * (2 if cfg else 1)
 
 
@@ -134,7 +135,7 @@ def _decoder_config(model: str | None, vae: str | None) -> dict:
 def _weight_bytes(model: str | None, dtype_bytes: int, offload: bool = False) -> int:
     """The weights on the device: all of them, or with `offload` the denoiser's (the largest model,
     the one on the device while the loop runs)."""
-    path = Path(model or defaults.MODEL).expanduser()
+    path = expand_user(model or defaults.MODEL)
     if is_file(path):
         return path.stat().st_size * dtype_bytes // 4  # checkpoints are mostly float32
     if not is_dir(path):
@@ -172,11 +173,12 @@ def available_memory(device: torch.device) -> int | None:
 def check_memory(sf: SceneFile, model: str | None, *, width: int, height: int, factor: int | None,
                  device: torch.device,
                  dtype: torch.dtype, free: int | None, max_batch: int | None = None,
-                 vae: str | None = None, offload: bool = False) -> str:
+                 vae: str | None = None, offload: bool = False, views: Tiling | None = None) -> str:
     """Refuse, before loading anything, a canvas that clearly cannot fit on the device.
 
     Returns a one-line account of the estimate; raises a `SceneError` at the canvas size when the
     estimate exceeds `free`. The batch is `max_batch`, else what the automatic choice starts from.
+    The views are `views` (`canvas.canvas_views`), else the model's default ones (`model_grid`).
     """
     import torch
 
@@ -184,8 +186,10 @@ def check_memory(sf: SceneFile, model: str | None, *, width: int, height: int, f
 
     batch = max_batch or (1 if device.type == "cuda" else AUTO_BATCH_CPU)
     cfg = runs_unconditional(sf.scene.guidance_scale, denoiser_config(model) or {})
-    tile = sf.scene.tile_size or default_tile(defaults.NATIVE_SIZES.get(model_family(model) or "sd", 512), height,
-                                              width)
+    if views is None:
+        tile = sf.scene.tile_size or (model_grid(model) or Grid()).tile(height, width)
+    else:
+        tile = views.tile
     est = estimate_memory(model, width=width, height=height, factor=factor, tile_size=tile,
                           max_batch=batch, cfg=cfg, dtype_bytes=torch.finfo(dtype).bits // 8, vae=vae,
                           offload=offload)
@@ -199,7 +203,8 @@ def check_memory(sf: SceneFile, model: str | None, *, width: int, height: int, f
         elif est.unet > est.decode:
             hint = "lower --max-batch or tile_size"
         else:
-            hint = "use --vae tiny, whose decoder needs far less" if est.vae_is_full else "the decoder alone is too large"
+            hint = ("use --vae tiny, whose decoder needs far less" if est.vae_is_full
+                    else "the decoder alone is too large")
         raise sf.error(("width",), f"a {width}x{height} canvas needs about {est.total / GIB:.1f} GiB on {device} "
                                    f"({parts} GiB) but only {free / GIB:.1f} GiB is free; {hint}, or make the "
                                    "canvas smaller")

@@ -10,15 +10,20 @@ Chunks (all text):
   beside its path (`sha256`, `image_sha256`).
 - `smd-files`: YAML mapping each file the scene reads (masks, palettes, the inpainting picture)
   to its SHA-256.
-- `smd-name`, `smd-version`, `smd-seed`, `smd-model`, `smd-family` (`sd` or `sdxl`), `smd-device`,
+- `smd-name`, `smd-version`, `smd-seed`, `smd-model`, `smd-family` (`sd`, `sdxl`, `sd3` or `flux`), `smd-device`,
   `smd-dtype`: single values.
 - `smd-timings`: JSON, seconds per stage.
+
+Every chunk is UTF-8 text, also where a path or name has bytes that are not UTF-8 (a file name on
+Linux may): YAML and JSON escape them (`\uDCE8`, Python's surrogate escape), and read them back
+exactly; only `parameters`, for people, shows them as U+FFFD.
 
 Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -30,9 +35,18 @@ import yaml
 
 from smd_cli import __version__, defaults
 from smd_cli.defaults import prefixed
-from smd_cli.errors import SmdError, printable
-from smd_cli.files import (MAX_IMAGE_BYTES, MAX_MODEL_BYTES, UnreadableFile, exists, is_file, open_image,
-                           read_bytes, sha256)
+from smd_cli.errors import SmdError, printable, unicode_text
+from smd_cli.files import (
+    MAX_IMAGE_BYTES,
+    MAX_MODEL_BYTES,
+    UnreadableFile,
+    exists,
+    expand_user,
+    is_file,
+    open_image,
+    read_bytes,
+    sha256,
+)
 from smd_cli.outputs import JPEG_SUFFIXES
 from smd_cli.scene import SceneFile, control_files, lora_files, parse_mapping, scene_files, validate_scene
 
@@ -51,7 +65,7 @@ class Record:
     dtype: str = ""
     config: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    family: str = ""  # the model family, `sd` or `sdxl` ("" in records older than SDXL support)
+    family: str = ""  # the model family (`defaults.FAMILIES`; "" in records older than SDXL support)
 
     def scene_file(self) -> SceneFile:
         """The recorded scene, validated again; its paths are absolute, so it works from anywhere."""
@@ -136,7 +150,7 @@ def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: 
 
 def _absolute(source: str) -> str:
     """A local model path made absolute; a hub id or keyword as it is."""
-    p = Path(source).expanduser()
+    p = expand_user(source)
     return str(p.absolute()) if exists(p) else source
 
 
@@ -181,27 +195,43 @@ def parameters_text(record: Record) -> str:
              **({"Model family": record.family} if record.family else {}), "Layers": len(s["layers"]),
              "Version": f"smd {record.version}"}
     lines = [prompts] + ([f"Negative prompt: {'; '.join(negatives)}"] if negatives else [])
-    return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in pairs.items())])
+    # For people and other tools: a byte of a name that is not UTF-8 shows as U+FFFD.
+    return unicode_text("\n".join(lines + [", ".join(f"{k}: {v}" for k, v in pairs.items())]))
 
 
 def chunks(record: Record) -> dict[str, str]:
-    """The record as named texts: PNG text chunks, or the fields of the XMP document."""
+    """The record as named texts: PNG text chunks, or the fields of the XMP document. Each is text
+    that UTF-8 can hold, also where a path in it has bytes that are not UTF-8 (`_exact`)."""
     out = {
         "parameters": parameters_text(record),
-        "smd-scene": dump_yaml(record.scene),
+        "smd-scene": dump_yaml(record.scene),  # YAML escapes such a byte (`\uDCE8`) and reads it back
         "smd-files": dump_yaml(record.files) if record.files else "{}\n",
-        "smd-name": record.name,
+        "smd-name": _exact(record.name),
         "smd-version": record.version,
         "smd-seed": str(record.seed),
-        "smd-model": record.model,
+        "smd-model": _exact(record.model),
         "smd-family": record.family,
         "smd-device": record.device,
         "smd-dtype": record.dtype,
         "smd-timings": json.dumps(record.timings),
     }
     if record.config:
-        out["smd-config"] = record.config
+        out["smd-config"] = _exact(record.config)
     return out
+
+
+def _exact(value: str) -> str:
+    """A single-valued chunk as it is, or, where UTF-8 cannot hold it (a name with bytes that are
+    not UTF-8) or it starts with a quote, as a JSON string with escapes, which `_read_exact` undoes."""
+    return json.dumps(value) if value.startswith('"') or unicode_text(value) != value else value
+
+
+def _read_exact(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith('"'):
+        with contextlib.suppress(ValueError):
+            decoded = json.loads(value)
+            return decoded if isinstance(decoded, str) else value
+    return value
 
 
 def png_info(record: Record):
@@ -300,10 +330,10 @@ def read_record(path: str | Path) -> Record:
     problem = _record_problem(scene, recorded, timings, seed)
     if problem:
         raise SmdError(f"{path}: the smd metadata is damaged ({problem})")
-    return Record(scene=scene, name=text.get("smd-name", path.stem), seed=seed,
-                  model=text.get("smd-model", scene.get("model", "")), files=recorded,
+    return Record(scene=scene, name=_read_exact(text.get("smd-name", path.stem)), seed=seed,
+                  model=_read_exact(text.get("smd-model", scene.get("model", ""))), files=recorded,
                   version=text.get("smd-version", "?"), device=text.get("smd-device", ""),
-                  dtype=text.get("smd-dtype", ""), config=text.get("smd-config"), timings=timings,
+                  dtype=text.get("smd-dtype", ""), config=_read_exact(text.get("smd-config")), timings=timings,
                   family=text.get("smd-family", ""))
 
 

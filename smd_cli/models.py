@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smd_cli import defaults
-from smd_cli.errors import ModelError
-from smd_cli.files import exists, is_dir, is_file
+from smd_cli.errors import ModelError, printable, unicode_text
+from smd_cli.files import exists, expand_user, is_dir, is_file
 
 if TYPE_CHECKING:
     import torch
+
+    from smd_cli.views import Grid
 
 # diffusers and transformers log notes at import time (optional backends, deprecations) that mean
 # nothing to an smd user; these must be set before either library is first imported.
@@ -68,7 +70,8 @@ class Components:
 
 def family_of(unet_config) -> str:
     """The family of a denoiser's config: `sd3` for SD3's transformer (joint attention with a
-    caption projection), `flux` for FLUX.1's (with or without a guidance embedding), `sdxl` for a UNet that takes pooled text and sizes beside the token states
+    caption projection), `flux` for FLUX.1's (with or without a guidance embedding), `sdxl` for a UNet
+    that takes pooled text and sizes beside the token states
     (SDXL's `addition_embed_type: text_time`), else `sd` (SD 1.x and 2.x)."""
     if "caption_projection_dim" in unet_config:
         return "sd3"
@@ -94,7 +97,7 @@ def model_family(model: str | None, config: str | None = None) -> str | None:
     unet = denoiser_config(model, config)
     if unet is not None:
         return family_of(unet)
-    path = Path(model or defaults.MODEL).expanduser()
+    path = expand_user(model or defaults.MODEL)
     if is_file(path) and path.suffix == ".safetensors":
         try:
             from safetensors import safe_open
@@ -108,6 +111,36 @@ def model_family(model: str | None, config: str | None = None) -> str | None:
         if any(k.startswith("model.diffusion_model.") for k in keys):
             return "sd"
     return None
+
+
+def model_grid(model: str | None, config: str | None = None) -> Grid | None:
+    """What a model asks of a canvas (`views.Grid`: its family, VAE factor, the denoiser's granularity
+    and the size default views are chosen from), read from its configs as its family adapter reads
+    them, loading nothing. None where its factor is not known before it loads (a hub model not
+    downloaded yet, unless a preset names it)."""
+    from smd_cli.presets import PRESETS
+    from smd_cli.views import Grid
+
+    default = (model or defaults.MODEL) == defaults.MODEL
+    family = "sd" if default else model_family(model, config)
+    factor = vae_downscale_factor(model) or (vae_downscale_factor(config) if config else None)
+    if factor is None:
+        preset = next((p.family for p in PRESETS.values() if p.model == model), None)
+        if preset is None:
+            return None
+        family, factor = family or preset, defaults.MODEL_VAE_FACTOR  # every released family's VAE: 8
+    if family is None:
+        return None
+    unet = denoiser_config(model, config) or {}
+    if family == "flux":
+        granularity, native = 2, 128 * factor  # 2x2 packing; FluxPipeline's default of 128 latent pixels
+    else:
+        blocks = unet.get("block_out_channels")
+        granularity = int(unet.get("patch_size", 2)) if family == "sd3" else \
+            2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else {"sd": 8, "sdxl": 4}[family]
+        size = unet.get("sample_size")
+        native = size * factor if isinstance(size, int) else defaults.NATIVE_SIZES[family]
+    return Grid(family, factor, granularity, max(defaults.NATIVE_SIZES[family], native))
 
 
 def resolve_device(device: Any = None) -> torch.device:
@@ -179,7 +212,7 @@ def hub_file(name: str) -> tuple[str, str] | None:
     """`owner/name/file.safetensors`, one file of a hub repository (as LoRA repositories that hold
     several ship them), as (repository, file); None for anything else, a local file included."""
     m = re.fullmatch(r"([\w-][\w.-]*/[\w.-]+)/([\w./-]+\.safetensors)", name)
-    if m is None or exists(Path(name).expanduser()):
+    if m is None or exists(expand_user(name)):
         return None
     return m.group(1), m.group(2)
 
@@ -187,7 +220,7 @@ def hub_file(name: str) -> tuple[str, str] | None:
 def config_json(model: str | None, name: str) -> dict | None:
     """A component's config (`vae/config.json`) from a local folder or the hub cache, loading nothing."""
     model = model or defaults.MODEL
-    path = Path(model).expanduser()
+    path = expand_user(model)
     config: Path | None = None
     if is_dir(path):
         config = path / name
@@ -221,7 +254,7 @@ def vae_downscale_factor(model: str | None) -> int | None:
 
 
 def vae_factor(config) -> int:
-    """2 ** (number of blocks - 1): 8 for SD's VAE and for TAESD (SPEC 1; never hard-coded)."""
+    """2 ** (number of blocks - 1): 8 for SD's VAE and for TAESD (docs/method.md §1; never hard-coded)."""
     blocks = config.get("block_out_channels") or config.get("encoder_block_out_channels")
     return 2 ** (len(blocks) - 1)
 
@@ -294,13 +327,30 @@ NOT_FOUND = {"model": "model folder or file not found", "LCM LoRA": "LCM LoRA fi
              "IP-Adapter": "IP-Adapter file not found"}
 
 
+# Where the Hugging Face hub keeps what it downloads, when not in ~/.cache/huggingface.
+HUB_CACHE_VARIABLES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME")
+
+
+def check_hub_cache(name: str, what: str = "model") -> None:
+    """Refuse a hub id where there is no Hugging Face cache to keep it in: no home folder (a service
+    account) and no variable naming one, where the hub's libraries would make a folder `~` here."""
+    from smd_cli.settings import no_home
+
+    missing = None if any(os.environ.get(v) for v in HUB_CACHE_VARIABLES) else no_home()
+    if missing:
+        raise ModelError(f"{what} '{name}' comes from the Hugging Face hub, whose cache is in the home folder, and "
+                         f"there is none ({missing}); set HF_HOME to a folder for the cache, or use a local {what}")
+
+
 def check_available(name: str | None, what: str = "model") -> str | None:
     """Fail now for a model, LCM LoRA or VAE that cannot be had: a local path that is not there,
-    or a hub id not in the cache while offline. Returns a note when that cannot be known yet (a hub
-    id not downloaded, with the hub reachable)."""
+    or a hub id not in the cache while offline (or with no cache at all). Returns a note when that
+    cannot be known yet (a hub id not downloaded, with the hub reachable)."""
     if not name:
         return None
     hub = hub_file(name)
+    if hub is not None or not _looks_like_path(name):
+        check_hub_cache(name, what)
     if hub is not None:
         if in_cache(*hub):
             return None
@@ -311,8 +361,11 @@ def check_available(name: str | None, what: str = "model") -> str | None:
             raise error
         return f"{what} {name} is not downloaded yet: it is fetched when it loads"
     if _looks_like_path(name):
-        if not exists(Path(name).expanduser()):
-            raise ModelError(f"{NOT_FOUND[what]}: {Path(name).expanduser()}")
+        if not exists(expand_user(name)):
+            raise ModelError(f"{NOT_FOUND[what]}: {expand_user(name)}")
+        if unicode_text(name) != name:  # safetensors takes paths as UTF-8 text only
+            raise ModelError(f"{what} {printable(name)}: its path has bytes that are not UTF-8, which the "
+                             "safetensors library cannot open; rename it, or link to it from a UTF-8 path")
         return None
     if in_cache(name, KEY_FILES[what]):
         return None
@@ -329,6 +382,8 @@ def _loading(name: str, what: str, hint: str = "", offline: str | None = None):
 
     `offline` replaces the message for a hub that cannot be reached.
     """
+    if hub_file(name) is not None or not (_looks_like_path(name) or exists(expand_user(name))):
+        check_hub_cache(name, what)
     try:
         yield
     except ModelError:
@@ -375,10 +430,10 @@ def _unreachable(exc: BaseException) -> bool:
 
 
 def load_pipeline(model: str, *, dtype: torch.dtype, config: str | None = None):
-    """A diffusers `StableDiffusionPipeline` or `StableDiffusionXLPipeline` (the family the UNet's
-    config says) from a hub id, a local folder or a single file."""
+    """The diffusers pipeline of the model's family (SD, SDXL, SD3 or FLUX.1, as the denoiser's
+    config says) from a hub id, a local folder or, for SD and SDXL, a single file."""
     _quiet_hub()
-    path = Path(model).expanduser()
+    path = expand_user(model)
     if is_file(path) or model.endswith(SINGLE_FILE_SUFFIXES):
         if not is_file(path):
             raise ModelError(f"model file not found: {path}")
@@ -438,7 +493,8 @@ VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 
 
 def vae_source(vae: str, family: str = "sd") -> str:
-    """The hub id or folder a `--vae` value names: `tiny` is the family's TAESD (TAESDXL for SDXL)."""
+    """The hub id or folder a `--vae` value names: `tiny` is the family's TAESD (taesd, taesdxl,
+    taesd3 or taef1)."""
     return defaults.TINY_VAES[family] if vae == "tiny" else vae
 
 
@@ -448,7 +504,7 @@ def load_vae(vae: str, *, dtype: torch.dtype, family: str = "sd"):
     import diffusers
 
     name = vae_source(vae, family)
-    path = Path(name).expanduser()
+    path = expand_user(name)
     local = is_dir(path)
     if not local and _looks_like_path(name):
         raise ModelError(f"VAE folder not found: {path}")
@@ -516,7 +572,7 @@ def load_lora(pipe, source: str, what: str, *, adapter_name: str | None = None, 
     pipeline as an adapter; one that does not fit the model, or matches none of its layers (which
     diffusers loads silently), is a `ModelError` that says `what` it is and what to do `instead`."""
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    path = Path(source).expanduser()
+    path = expand_user(source)
     name = defaults.FAMILY_NAMES[family_of(denoiser.config)]
     before = set(getattr(denoiser, "peft_config", {}))
     options = {"adapter_name": adapter_name} if adapter_name else {}

@@ -20,7 +20,7 @@ from smd_cli.errors import SmdError
 if TYPE_CHECKING:
     from smd_cli import batch
 
-O = typer.Option
+O = typer.Option  # noqa: E741 - short, so that each option's line reads as one
 OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
     "model": (Optional[str], O(None, "--model", "-m", help="Hub id, local diffusers folder or .safetensors file "
                                                            "(default: the scene's, else SMD_MODEL or the config "
@@ -49,8 +49,9 @@ OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
     "dtype": (Optional[str], O(None, "--dtype", help="auto, float32, float16 or bfloat16 (default: SMD_DTYPE, the "
                                                      "config file's, else auto).")),
     "lcm_lora": (Optional[str], O(None, "--lcm-lora", help="LCM LoRA (hub id, file or folder) or 'none' "
-                                                           "(default: the SD1.5 one where it fits).")),
-    "vae": (Optional[str], O(None, "--vae", help="'tiny' (TAESD), or a hub id or folder of an autoencoder.")),
+                                                           "(default: the model family's, where it has one).")),
+    "vae": (Optional[str], O(None, "--vae", help="'tiny' (the family's TAESD), or a hub id or folder of an "
+                                                 "autoencoder.")),
     "max_batch": (Optional[int], O(None, "--max-batch", min=1, help="(layer, view) pairs per UNet call (default: "
                                                                     "from free memory on CUDA, 8 on the CPU).")),
     "set_": (List[str], O([], "--set", show_default=False, help="Override a scene key, e.g. --set "
@@ -66,18 +67,22 @@ OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
     "region_crop": (bool, O(False, "--region-crop", help="Denoise each layer only around its mask (close to, not "
                                                          "equal to, the default).")),
     "compile_": (bool, O(False, "--compile", help="torch.compile the UNet (CUDA graphs in smd stream).")),
-    "channels_last": (bool, O(False, "--channels-last", help="Channels-last memory for the UNet (the VAE uses it on a CPU).")),
+    "channels_last": (bool, O(False, "--channels-last", help="Channels-last memory for the UNet (the VAE uses it "
+                                                            "on a CPU).")),
     "threads": (Optional[int], O(None, "--threads", min=1, help="CPU threads for torch (fewer than the cores when "
                                                                 "the machine is busy).")),
     "offload": (bool, O(False, "--offload", help="Keep the weights in CPU memory and move each model to the GPU "
                                                  "while it runs (for GPUs too small for the model).")),
+    "allow_large": (bool, O(False, "--allow-large", help=f"Run scenes past {defaults.LARGE_WORK:,} denoiser passes "
+                                                         "an image (views x layers x steps); past "
+                                                         f"{defaults.MAX_WORK:,} smd refuses even so.")),
 }
 MODEL_OPTIONS = ("model", "config", "device", "dtype", "lcm_lora", "vae", "offload")
 REPORTING = ("json_", "quiet", "verbose")
 GENERATING = ("model", "config", "output", "seed", "seeds", "repeat", "steps", "scheduler", "guidance_scale",
               "tile_size", "device", "dtype", "lcm_lora", "vae", "max_batch", "set_", "overwrite", "json_", "dry_run",
               "quiet", "verbose", "distributed", "processes", "region_crop", "compile_", "channels_last", "threads",
-              "offload")
+              "offload", "allow_large")
 
 
 def shared(*names: str):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import string
 import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from smd_cli.errors import OutputError, printable
-from smd_cli.files import exists, is_dir
+from smd_cli.errors import OutputError, printable, unfinished
+from smd_cli.files import exists, expand_user, is_dir
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -52,7 +53,7 @@ def check_template(template: str) -> None:
 
 def is_folder(template: str) -> bool:
     """A template names a folder when it ends with a slash or is an existing folder."""
-    return names_folder(template) or is_dir(Path(template).expanduser())
+    return names_folder(template) or is_dir(expand_user(template))
 
 
 def names_folder(template: str) -> bool:
@@ -70,8 +71,8 @@ def output_path(template: str, *, scene: str, seed: int, steps: int, index: int 
         template = str(Path(template) / DEFAULT_TEMPLATE)
     check_template(template)
     when = when or datetime.now()
-    return Path(template.format(scene=safe_name(scene), seed=seed, steps=steps, index=index,
-                                date=when.strftime("%Y-%m-%d"), time=when.strftime("%H%M%S"))).expanduser()
+    return expand_user(template.format(scene=safe_name(scene), seed=seed, steps=steps, index=index,
+                                       date=when.strftime("%Y-%m-%d"), time=when.strftime("%H%M%S")))
 
 
 def safe_name(name: str) -> str:
@@ -102,7 +103,11 @@ def check_writable(path: Path) -> None:
     """Fail now, before any generation, if `path` cannot be a file name, or its folder cannot be
     created or written to."""
     check_name(path)
-    folder = Path(path).expanduser().absolute().parent
+    first = expand_user(path).parts[:1]
+    if first and first[0].startswith("~") and not exists(first[0]):  # not expanded: no such home folder
+        raise OutputError(f"cannot write {path}: there is no home folder {first[0]} here, and smd does not make a "
+                          f"folder named {first[0]}; give the full path")
+    folder = expand_user(path).absolute().parent
     existing = folder
     while not exists(existing):
         if existing.parent == existing:
@@ -133,21 +138,35 @@ def save_image(image: Image.Image, path: Path, *, overwrite: bool = False, names
 
 
 def temporary_beside(path: Path) -> Path:
-    """A fresh, empty temporary file in `path`'s folder (created with it), for writers that need a name."""
+    """A fresh, empty temporary file `.STEM-XXXXXXXX.SUFFIX` in `path`'s folder (created with it),
+    for writers that need a name. It is registered before it exists (`errors.unfinished`), so that
+    a second signal, which ends smd at once, never leaves it behind."""
+    check_name(path)
+    stem = os.fsdecode(os.fsencode(path.stem)[:NAME_MAX - 32])  # a long name leaves room for the rest
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
+        for _ in range(100):
+            tmp = path.parent / f".{stem}-{secrets.token_hex(4)}{path.suffix}"
+            unfinished(tmp)
+            try:  # 0o666 less the umask: outputs get the usual permissions
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except FileExistsError:
+                unfinished(tmp, done=True)
+                continue
+            except BaseException:
+                unfinished(tmp, done=True)
+                raise
+            os.close(fd)
+            return tmp
+        raise FileExistsError(errno.EEXIST, "no free temporary name")
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; outputs get the usual permissions
-    return Path(tmp)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file that did not take its name (or did, and is gone), and forget it."""
+    Path(tmp).unlink(missing_ok=True)
+    unfinished(tmp, done=True)
 
 
 def finish(tmp: Path, path: Path, overwrite: bool = False, names: Iterable[Path] | None = None) -> Path:
@@ -165,7 +184,7 @@ def finish(tmp: Path, path: Path, overwrite: bool = False, names: Iterable[Path]
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        _discard(tmp)
 
 
 def write_atomic(path: Path, write, overwrite: bool = False, names: Iterable[Path] | None = None) -> Path:
@@ -179,10 +198,10 @@ def write_atomic(path: Path, write, overwrite: bool = False, names: Iterable[Pat
         with open(tmp, "wb") as fh:
             write(fh)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
     return finish(tmp, path, overwrite, names)
 

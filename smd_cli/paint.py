@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from smd_cli.access import Access, access_for, is_loopback, url_for
 from smd_cli.errors import SmdError
-from smd_cli.painting import MAX_STROKE_POINTS, BrushFields, Finite, Painting, Text, first_problem
+from smd_cli.painting import MAX_STROKE_POINTS, BrushFields, Finite, Painting, Text
 
 PAGE = Path(__file__).parent / "web" / "paint.html"
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # a background picture sent from the page
@@ -376,7 +376,8 @@ class PaintSession:
                 from smd_cli.errors import unexpected
 
                 self.making = self.playing = False
-                self.error = ((self.error or (0, ""))[0] + 1, str(exc) if isinstance(exc, SmdError) else unexpected(exc))
+                said = str(exc) if isinstance(exc, SmdError) else unexpected(exc)
+                self.error = ((self.error or (0, ""))[0] + 1, said)
                 self._notify()
 
     def _apply(self) -> None:
@@ -699,29 +700,43 @@ def check_host(host: str) -> None:
 
 def open_paint(scene: Path | None, options, *, width: int | None = None, height: int | None = None,
                save_dir: Path | None = None, cfg_type: str = "none", on_event=None) -> PaintSession:
-    """Check all that can fail before a model loads (the scene and its masks, the save folder), then
-    load the model (`options`) and start the stream on the painting."""
+    """Check all that can fail before a model loads (the canvas and its views against the model, the
+    work of a frame and of an image, the scene and its masks, the save folder), then load the model
+    (`options`) and start the stream on the painting. An interactive canvas takes no --allow-large:
+    past `defaults.LARGE_WORK` denoiser passes it is refused."""
     import dataclasses
 
     from smd_cli import defaults
     from smd_cli.batch import ModelCache, sources_of, with_preset
+    from smd_cli.canvas import canvas_size, canvas_views, check_work
     from smd_cli.live import check_cfg_type
-    from smd_cli.models import check_source, resolve_device, resolve_dtype, set_threads
+    from smd_cli.models import check_source, model_grid, resolve_device, resolve_dtype, set_threads
     from smd_cli.outputs import check_writable
     from smd_cli.scene import load_scene, validate_scene
 
     check_cfg_type(cfg_type)
+    for option, side in (("--width", width), ("--height", height)):
+        if side is not None and not defaults.MIN_SIZE <= side <= defaults.MAX_SIZE:
+            raise SmdError(f"{option} {side}: each side of a canvas must be {defaults.MIN_SIZE} to "
+                           f"{defaults.MAX_SIZE} pixels")
     if scene is not None:
         sf = with_preset(load_scene(scene, options.overrides), options)
+        size = (width, height) if width is not None and height is not None else canvas_size(sf)
+    else:
+        size = (width or defaults.SIZE, height or defaults.SIZE)
+        sf = validate_scene({"width": size[0], "height": size[1], "layers": [{"prompt": ""}]}, overridden=set())
+    sources = sources_of(sf, options)
+    check_source(sources.model)
+    grid = model_grid(sources.model, options.config)
+    for stream in (True, False):  # the live frames, and the images the page asks for
+        check_work(sf, canvas_views(sf, grid, *size, stream=stream), stream=stream)
+    if scene is not None:
         painting = Painting.from_scene(sf, width, height)
         stem, folder = sf.name, save_dir or sf.base_dir
     else:
-        sf = validate_scene({"layers": [{"prompt": ""}]}, overridden=set())
-        painting = Painting.blank(width or defaults.SIZE, height or defaults.SIZE)
+        painting = Painting.blank(*size)
         stem, folder = "painting", save_dir or Path.cwd()
     check_writable(Path(folder) / f"{stem}.yaml")
-    sources = sources_of(sf, options)
-    check_source(sources.model)
     if options.threads:
         set_threads(options.threads)
     device = resolve_device(options.device)

@@ -24,18 +24,24 @@ from PIL import Image
 
 from smd_cli import defaults
 from smd_cli import masks as mask_ops
+from smd_cli.controls import ControlSet, ControlSpec, as_specs
+from smd_cli.defaults import prefixed
 from smd_cli.errors import ModelError, SmdError
-from smd_cli.family import (FLOW_FAMILIES, Conditioning, Placement, PromptTruncatedWarning, make_family,
-                            runs_unconditional)
+from smd_cli.family import (
+    FLOW_FAMILIES,
+    Conditioning,
+    Placement,
+    PromptTruncatedWarning,
+    make_family,
+    runs_unconditional,
+)
+from smd_cli.loras import Lora, LoraSet, as_loras
 from smd_cli.memory import auto_max_batch, available_memory
 from smd_cli.models import Components, load_components, resolve_device, resolve_dtype, warn_if_slow
-from smd_cli.defaults import prefixed
-from smd_cli.controls import ControlSet, ControlSpec, as_specs
-from smd_cli.loras import Lora, LoraSet, as_loras
-from smd_cli.references import Reference, ReferenceSpec, as_reference
 from smd_cli.prepare import Layers, Request, auto_negatives, prepare_layers, prepare_text, row_loras
+from smd_cli.references import ReferenceSpec, as_reference
 from smd_cli.sampler import RegionCrop, Schedule, StepCallback, randn, sample
-from smd_cli.views import layout, view_sizes
+from smd_cli.views import layout, tiling, work_problem
 
 TEXT_CACHE_SIZE = 256  # remembered prompt encodings
 CIRCULAR_DECODE_PAD = 8  # latent columns wrapped around each side before decoding a 360-degree canvas
@@ -80,7 +86,7 @@ def _as_list(value: Any, count: int, name: str) -> list[str]:
 
 
 class StableMultiDiffusionPipeline:
-    """Region-based multi-prompt text-to-image generation (StreamMultiDiffusion, SPEC section 3).
+    """Region-based multi-prompt text-to-image generation (StreamMultiDiffusion, docs/method.md §3).
 
     `StableMultiDiffusionPipeline(device, hf_key=..., sd_version='1.5')` loads a model (a hub id,
     a local diffusers folder or a .safetensors file) of SD 1.x, 2.x or XL, the family told by its
@@ -174,7 +180,7 @@ class StableMultiDiffusionPipeline:
     def schedule(self, steps: int | None = None, timesteps: Sequence[int] | None = None,
                  scheduler: str = defaults.SCHEDULER, spacing: str | None = None,
                  window: tuple[int, int] | None = None) -> Schedule:
-        """The step schedule (SPEC 1, 3) for `scheduler`: lcm (default 5 steps), ddim or euler (50
+        """The step schedule (docs/method.md §1, 3) for `scheduler`: lcm (default 5 steps), ddim or euler (50
         steps, spaced as the model's config says or as `spacing` says); flow-matching Euler on SD3
         and FLUX, whose shift may depend on `window`, one view's size in latent pixels."""
         return self.family.schedule(scheduler, steps, timesteps, spacing, window)
@@ -247,12 +253,12 @@ class StableMultiDiffusionPipeline:
             self._text_lora_set = loras
 
     def runs_unconditional(self, guidance_scale: float) -> bool:
-        """Whether guidance at this scale runs an unconditional pass on this model (SPEC 3.3)."""
+        """Whether guidance at this scale runs an unconditional pass on this model (docs/method.md §3.3)."""
         return runs_unconditional(guidance_scale, self.unet.config)
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """The conditioning of each prompt; each distinct prompt is encoded once and remembered, so
-        repeated prompts (and unchanged prompts in a stream) cost nothing (SPEC 2.1, 6)."""
+        repeated prompts (and unchanged prompts in a stream) cost nothing (docs/method.md §2.1, 6)."""
         wanted = dict.fromkeys(prompts)
         missing = {p: i for i, p in enumerate(p for p in wanted if p not in self._text_cache)}
         encoded = self.family.encode(list(missing)) if missing else None
@@ -265,12 +271,12 @@ class StableMultiDiffusionPipeline:
 
     def predict(self, x: torch.Tensor, t: float | torch.Tensor, cond: Conditioning,
                 guidance_scale: float = 1.0, placement: Placement | None = None) -> torch.Tensor:
-        """The model's noise prediction (float32) for latents x at timestep(s) t (SPEC 3.3), each row
+        """The model's noise prediction (float32) for latents x at timestep(s) t (docs/method.md §3.3), each row
         placed on the canvas as `placement` says (default: x is the whole canvas)."""
         return self.family.predict(x, t, cond, guidance_scale, placement)
 
     def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """The latent of a picture (SPEC 2.3), at the picture's own size."""
+        """The latent of a picture (docs/method.md §2.3), at the picture's own size."""
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
         return self.family.encode_image(pixels.permute(2, 0, 1)[None])
 
@@ -301,7 +307,8 @@ class StableMultiDiffusionPipeline:
 
     def pixels(self, x0: torch.Tensor, circular: bool = False, *, blurred: np.ndarray | None = None,
                picture: Image.Image | None = None) -> np.ndarray:
-        """[H, W, 3] floats in [0, 1]; with a picture, its pixels are kept outside every blurred mask (SPEC 3)."""
+        """[H, W, 3] floats in [0, 1]; with a picture, its pixels are kept outside every blurred mask
+        (docs/method.md §3.8)."""
         image = self.decode(x0, circular)[0].permute(1, 2, 0).cpu().numpy()
         if picture is not None:
             keep = np.clip(blurred.sum(0), 0.0, 1.0)[..., None]
@@ -336,7 +343,7 @@ class StableMultiDiffusionPipeline:
     def _predictor(self, cond: Conditioning, uncond: Conditioning | None, guidance_scale: float,
                    canvas: tuple[int, int], pad: int | None = None, cfg_scale: float | None = None):
         """`predict(x, t, layers, corners)` for the sampler: the noise with classifier-free guidance
-        (SPEC 3.3), each row placed on the latent `canvas` at its window's corner. `cfg_scale`, where
+        (docs/method.md §3.3), each row placed on the latent `canvas` at its window's corner. `cfg_scale`, where
         given, weighs the unconditional pass instead of `guidance_scale`, which a guidance-distilled
         model then takes as its embedding (FLUX.1 dev's true CFG).
 
@@ -386,32 +393,30 @@ class StableMultiDiffusionPipeline:
     @torch.no_grad()
     def run(self, request: Request, *, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
             noises: Sequence[torch.Tensor] | None = None, max_batch: int | None = None, skip_empty: bool = True,
-            callback: StepCallback | None = None, output_type: str = "pil"):
+            callback: StepCallback | None = None, output_type: str = "pil", allow_large: bool = False):
         """Make the image a request describes; returns a PIL image by default (see `__call__`)."""
         # 1. Check the request.
         f = self.vae_scale_factor
         request.check(f)
         height, width = request.height, request.width
-        g = self.family.granularity  # patches (SD3) and 2x2 tokens (FLUX) must be whole; UNets pad
-        if self.family.name in FLOW_FAMILIES and ((height // f) % g or (width // f) % g):
-            raise SmdError(f"a {defaults.FAMILY_NAMES[self.family.name]} canvas is a multiple of {f * g} pixels "
-                           f"on each side, got {width}x{height}")
-        tile = request.tile_size or self.family.tile_size(height, width)
-        if request.tile_stride is not None and request.tile_stride > tile:
-            raise SmdError(f"tile_stride {request.tile_stride} is larger than the tile ({tile} pixels"
-                           + ("" if request.tile_size else ", the model's default") + "): views would leave gaps")
-        window, stride = view_sizes(tile, request.tile_stride, f)
+        tiles = tiling(self.family.grid, width, height, tile_size=request.tile_size, tile_stride=request.tile_stride,
+                       circular=request.circular)  # patches (SD3) and 2x2 tokens (FLUX) must be whole
+        window, stride = tiles.window, tiles.stride
         schedule = self.schedule(request.steps, request.timesteps, request.scheduler, request.timestep_spacing,
                                  (min(window, height // f), min(window, width // f)))
+        too_much = work_problem(tiles.count, len(request.layers.prompts), len(schedule), allow_large=allow_large,
+                                allow="allow_large=True")
+        if too_much:
+            raise SmdError(too_much)
 
-        # 2. Prepare masks (SPEC 2.2): the uncovered area becomes a background layer at the bottom.
+        # 2. Prepare masks (docs/method.md §2.2): the uncovered area becomes a background layer at the bottom.
         own = len(request.layers.prompts)
         layers = prepare_layers(
             request.layers, schedule, factor=f, device=self.device, cover_alpha=request.cover_alpha,
             mask_type=request.mask_type, picture=request.picture is not None,
             background_prompt=request.background_prompt, background_negative_prompt=request.background_negative_prompt)
 
-        # 3. Encode prompts (SPEC 2.1), mixing toward the background prompt by prompt strength.
+        # 3. Encode prompts (docs/method.md §2.1), mixing toward the background prompt by prompt strength.
         true_cfg = request.true_cfg_scale if (request.true_cfg_scale or 0) > 1 else None
         if true_cfg is not None and not self.family.guidance_distilled:
             raise SmdError("true_cfg_scale is for guidance-distilled models (FLUX.1 dev); on this model "
@@ -431,7 +436,7 @@ class StableMultiDiffusionPipeline:
         cond, uncond = self.with_references(cond, uncond, request.reference, layers)
         self._check_negatives(request, uncond is not None)
 
-        # 4. Prepare latents: initial noise, and the flat images for bootstrapping (SPEC 2.3).
+        # 4. Prepare latents: initial noise, and the flat images for bootstrapping (docs/method.md §2.3).
         shape = (1, self.family.channels, height // f, width // f)
         if latents is None:
             latents = randn(shape, generator, self.device, torch.float32)
@@ -441,7 +446,7 @@ class StableMultiDiffusionPipeline:
         bg_latent = self.encode_image(request.picture) if request.picture is not None else None
         white = self.white_latent(height, width) if request.bootstrap_steps > 0 else None
 
-        # 5. Denoise: the shared step loop, over views for canvases larger than a tile (SPEC 5).
+        # 5. Denoise: the shared step loop, over views for canvases larger than a tile (docs/method.md §5).
         views = layout(shape[2], shape[3], (window, window), (stride, stride), weighting=request.tile_weighting,
                        circular=request.circular, device=self.device)
         max_batch = max_batch or self.auto_max_batch((min(window, shape[2]), min(window, shape[3])),
@@ -514,6 +519,7 @@ class StableMultiDiffusionPipeline:
         negative_auto: bool = False,
         reference: Any = None,
         layer_references: Sequence[Any] | None = None,
+        allow_large: bool = False,
     ):
         """Generate one image from prompts painted through masks; returns a PIL image by default.
 
@@ -536,6 +542,8 @@ class StableMultiDiffusionPipeline:
         image, or a mapping with `image`, `scale`, `adapter`) goes through an IP-Adapter to every
         layer without its own in `layer_references` (one entry per prompt, None for none).
         `output_type` is pil, np ([H, W, 3] in [0, 1]), pt ([3, H, W]) or latent (the clean latent).
+        Work past `defaults.LARGE_WORK` denoiser passes (views x prompts x steps) is refused unless
+        `allow_large=True`; past `defaults.MAX_WORK`, or a canvas the model cannot take, always.
         """
         if prompts is None:
             raise SmdError("give at least one prompt")
@@ -548,6 +556,7 @@ class StableMultiDiffusionPipeline:
         if raw is not None:
             height, width = height or raw.shape[1], width or raw.shape[2]
         height, width = height or self.default_size, width or self.default_size
+        tiling(self.family.grid, width, height, tile_size=tile_size, tile_stride=tile_stride)  # before arrays that size
         raw = np.ones((count, height, width), np.float32) if raw is None else mask_ops.fit_masks(raw, height, width)
         layers = Layers(prompts, [prefixed(negative_prompt_prefix, n) for n in negatives], raw,
                         _per_layer(mask_strengths, count, defaults.MASK_STRENGTH, "mask_strengths"),
@@ -576,7 +585,7 @@ class StableMultiDiffusionPipeline:
             loras=as_loras(loras), controlnets=as_specs(controlnets), negative_auto=negative_auto,
             reference=as_reference(reference))
         return self.run(request, latents=latents, generator=generator, noises=noises, max_batch=max_batch,
-                        skip_empty=skip_empty, callback=callback, output_type=output_type)
+                        skip_empty=skip_empty, callback=callback, output_type=output_type, allow_large=allow_large)
 
     def sample(self, prompt: str, negative_prompt: str = "", **kwargs):
         """Plain single-prompt text-to-image sampling: one layer over the whole canvas."""
@@ -584,7 +593,7 @@ class StableMultiDiffusionPipeline:
 
     def sample_panorama(self, prompt: str, negative_prompt: str = "", height: int = defaults.PANORAMA_HEIGHT,
                         width: int = defaults.PANORAMA_WIDTH, circular: bool = False, **kwargs):
-        """A wide image from one prompt, denoised in overlapping views (SPEC 4, 5)."""
+        """A wide image from one prompt, denoised in overlapping views (docs/method.md §4, 5)."""
         return self(prompt, negative_prompt, height=height, width=width, circular=circular, **kwargs)
 
 

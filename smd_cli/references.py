@@ -55,6 +55,7 @@ def as_reference(value) -> ReferenceSpec | None:
 def split_source(source: str) -> tuple[str, str, str]:
     """An IP-Adapter as `load_ip_adapter` takes it: (repository or folder, subfolder, file) from a
     local weights file (its `image_encoder/` beside it) or `owner/name/sub/file.safetensors`."""
+    from smd_cli.files import expand_user
     from smd_cli.models import hub_file
 
     hub = hub_file(source)
@@ -62,7 +63,7 @@ def split_source(source: str) -> tuple[str, str, str]:
         repo, file = hub
         sub, _, name = file.rpartition("/")
         return repo, sub, name
-    path = Path(source).expanduser()
+    path = expand_user(source)
     return str(path.parent), "", path.name
 
 
@@ -77,7 +78,7 @@ class References:
 
     def load(self, adapter: str | None) -> str:
         """Load the IP-Adapter (default: the family's) once; a second, different one is refused."""
-        from smd_cli.files import is_file
+        from smd_cli.files import expand_user, is_file
         from smd_cli.models import _loading, _offline, _silenced, hub_file
 
         source = adapter or defaults.IP_ADAPTERS.get(self.family)
@@ -89,8 +90,8 @@ class References:
                 raise ModelError(f"IP-Adapter {source} asked for, but {self.adapter} is loaded: one IP-Adapter serves "
                                  "every reference image of a run")
             return source
-        if hub_file(source) is None and not is_file(Path(source).expanduser()):
-            raise ModelError(f"IP-Adapter file not found: {Path(source).expanduser()}")
+        if hub_file(source) is None and not is_file(expand_user(source)):
+            raise ModelError(f"IP-Adapter file not found: {expand_user(source)}")
         repo, sub, name = split_source(source)
         name_ = defaults.FAMILY_NAMES[self.family]
         loader = self.loader()

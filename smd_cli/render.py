@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from smd_cli import defaults
-from smd_cli.defaults import prefixed
 from smd_cli.canvas import FileChangedWarning, SceneMasks, checked_canvas, scene_masks
-from smd_cli.errors import SmdError
 from smd_cli.controls import ControlSpec
+from smd_cli.defaults import prefixed
+from smd_cli.errors import SmdError
 from smd_cli.loras import Lora, LoraSet
-from smd_cli.references import ReferenceSpec
 from smd_cli.masks import check_divisible, fit_picture
 from smd_cli.metadata import Record, make_record
 from smd_cli.models import dtype_name
 from smd_cli.prepare import Layers, Request
+from smd_cli.references import ReferenceSpec
 from smd_cli.scene import SceneFile, random_seed, scene_controlnets, scene_loras, scene_references, step_count
 
 if TYPE_CHECKING:
@@ -160,10 +160,12 @@ def one_layer(sf: SceneFile) -> None:
 
 
 def generate(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, masks: SceneMasks | None = None,
-             max_batch: int | None = None, callback: StepCallback | None = None) -> Result:
+             max_batch: int | None = None, callback: StepCallback | None = None,
+             allow_large: bool = False) -> Result:
     """One image of a validated scene, with its seed (random if unset) and its record.
 
     `masks` reuses masks read earlier (`scene_masks`), so that the record hashes the bytes used.
+    `allow_large` lets work past `defaults.LARGE_WORK` run (`pipe.run`).
     """
     import torch
 
@@ -176,7 +178,7 @@ def generate(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, masks: SceneM
     request = scene_request(sf, masks)
     prepared = time.perf_counter()
     image = pipe.run(request, generator=torch.Generator("cpu").manual_seed(seed), max_batch=max_batch,
-                     callback=callback)
+                     callback=callback, allow_large=allow_large)
     timings = {"prepare": prepared - started, "generate": time.perf_counter() - prepared}
     record = image_record(pipe, sf, seed=seed, width=width, height=height, timings=timings, files=masks.files)
     return Result(image=image, seed=seed, timings=timings, record=record)
@@ -194,7 +196,7 @@ def image_record(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, seed: int
 
 def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type: str = defaults.STREAM_CFG_TYPE,
                  overlap_decode: bool = False, compile: bool = False,
-                 masks: SceneMasks | None = None) -> StreamMultiDiffusion:
+                 masks: SceneMasks | None = None, allow_large: bool = False) -> StreamMultiDiffusion:
     """A stream set up from a scene: its canvas, settings, background and layers, flushed; `masks`
     given are used instead of reading the scene's files. The scene keys a stream has no use for
     (STREAM_IGNORED) are each named in a warning."""
@@ -214,7 +216,7 @@ def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type:
     if ignored:
         warnings.warn(f"{sf.name}: a stream samples with LCM over its own views; it ignores {', '.join(ignored)}",
                       stacklevel=2)
-    # Streams default to continuous masks (SPEC 7) unless the scene chose.
+    # Streams default to continuous masks (docs/method.md §7) unless the scene chose.
     mask_type = s.mask_type if "mask_type" in s.model_fields_set else defaults.STREAM_MASK_TYPE
     stream = StreamMultiDiffusion(
         pipeline=pipe, height=height, width=width, cfg_type=cfg_type, guidance_scale=s.guidance_scale,
@@ -224,7 +226,8 @@ def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type:
         seed=s.seed if s.seed is not None else defaults.STREAM_SEED, num_inference_steps=s.steps if lcm else None,
         timesteps=s.timesteps, tile_size=s.tile_size, overlap_decode=overlap_decode, compile=compile,
         loras=scene_lora_set(sf, s.loras), controlnets=control_specs(sf, masks, s.controlnet, ("controlnet",)),
-        negative_auto=s.negative_auto, reference=reference_spec(sf, masks, s.reference, ("reference",)))
+        negative_auto=s.negative_auto, reference=reference_spec(sf, masks, s.reference, ("reference",)),
+        allow_large=allow_large)
     apply_scene(stream, sf, masks)
     stream.flush()
     stream.autoflush = True
@@ -255,6 +258,7 @@ def apply_scene(stream: StreamMultiDiffusion, sf: SceneFile, masks: SceneMasks |
     """
     if masks is None:
         masks = scene_masks(sf, stream.width, stream.height)
+    stream.check_work(len(masks.names))  # before any change: a refused scene leaves the stream as it was
     load_scene_models(stream.pipe, sf)
     request = scene_request(sf, masks)
     layers = request.layers

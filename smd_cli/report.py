@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -20,8 +21,8 @@ from smd_cli.errors import printable
 
 if TYPE_CHECKING:
     from smd_cli import batch
+    from smd_cli.canvas import Coverage, SceneMasks
     from smd_cli.live import StreamRun
-    from smd_cli.canvas import SceneMasks
     from smd_cli.metadata import Comparison, Record
     from smd_cli.scene import SceneFile
 
@@ -50,7 +51,20 @@ def say(text: str) -> None:
 
 
 def put(text: str) -> None:
-    """A result line on standard output, escaped the same way."""
+    """A result line (a path) on standard output, escaped the same way. Into a pipe or a file, the
+    bytes of a name that are not UTF-8 go as those bytes, so that a script opens the file the line
+    names; on a terminal they are escaped (`\\xe8`), as for people."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is not None and not sys.stdout.isatty():
+        try:
+            line = os.fsencode(printable(text, keep_bytes=True)) + b"\n"
+        except UnicodeEncodeError:  # not a file name this system could have: escape it
+            line = None
+        if line is not None:
+            sys.stdout.flush()
+            buffer.write(line)
+            buffer.flush()
+            return
     out.print(printable(text))
 
 
@@ -227,8 +241,8 @@ def coverage(sf: SceneFile, masks: SceneMasks, title: str, factor_known: bool = 
     for column in ("#", "layer", "prompt", "mask", "coverage", "overlaps"):
         table.add_column(column, justify="right" if column in ("#", "coverage") else "left")
     for i, (row, layer) in enumerate(zip(rows, sf.scene.layers)):
-        overlaps = ", ".join(f"{k} {v:.1f}%" for k, v in row.overlaps.items()) or "-"
-        _row(table, i, row.name, short(layer.prompt), describe_mask(layer.mask), f"{row.coverage:.1f}%", overlaps)
+        _row(table, i, row.name, short(layer.prompt), describe_mask(layer.mask), f"{row.coverage:.1f}%",
+             overlaps(row))
     out.print(table)
     bg = sf.scene.background.prompt
     out.print(f"uncovered (background{': ' + repr(short(bg)) if bg else ''}): {uncovered:.1f}%")
@@ -236,6 +250,21 @@ def coverage(sf: SceneFile, masks: SceneMasks, title: str, factor_known: bool = 
         out.print("the model's downscale factor is unknown until it is downloaded; the canvas is checked against "
                   "it when it loads")
     out.print()
+
+
+# A row names at most this many overlaps (the largest), so that the table grows with the layers, not their pairs.
+OVERLAPS_SHOWN = 6
+
+
+def overlaps(row: Coverage) -> str:
+    """A layer's overlaps for `smd validate`'s table: the largest by name, else its share in all."""
+    named = list(row.overlaps.items())
+    if len(named) > OVERLAPS_SHOWN:
+        named = sorted(named, key=lambda item: -item[1])[:OVERLAPS_SHOWN]
+    text = ", ".join(f"{k} {v:.1f}%" for k, v in named)
+    if len(row.overlaps) > OVERLAPS_SHOWN:
+        return f"{text} and {len(row.overlaps) - OVERLAPS_SHOWN} more"
+    return text or (f"{row.shared:.1f}% with others" if row.shared else "-")
 
 
 def describe_mask(mask) -> str:

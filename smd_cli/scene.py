@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
-    BaseModel,
     AfterValidator,
+    BaseModel,
     BeforeValidator,
     ConfigDict,
     Discriminator,
@@ -226,7 +226,7 @@ EmbeddingEntry = Annotated[EmbeddingSpec, BeforeValidator(_embedding_from_path)]
 
 
 class Bootstrap(_Model):
-    """Bootstrapping (SPEC 3.2, 3.5): the first steps see each layer alone on a flat background."""
+    """Bootstrapping (docs/method.md §3.2, 3.5): the first steps see each layer alone on a flat background."""
 
     steps: Annotated[StrictInt, Field(ge=0, le=defaults.MAX_STEPS)] = defaults.BOOTSTRAP_STEPS
     mix_steps: NonNegative = defaults.BOOTSTRAP_MIX_STEPS
@@ -235,7 +235,7 @@ class Bootstrap(_Model):
 
 
 class Background(_Model):
-    """The area no layer covers, and the prompt layers are mixed toward (SPEC 1, 2.1).
+    """The area no layer covers, and the prompt layers are mixed toward (docs/method.md §1, 2.1).
 
     With an `image` (inpainting), the uncovered area keeps that picture instead.
     """
@@ -262,7 +262,7 @@ class Layer(_Model):
 
 
 class Scene(_Model):
-    """A whole generation request. Every default is SPEC section 7's."""
+    """A whole generation request. Every default is docs/method.md §7's."""
 
     model: str | None = None
     lcm_lora: str | None = None
@@ -332,7 +332,9 @@ class SceneFile:
 
     def resolve(self, relative: str) -> Path:
         """A path from the scene, relative to the scene file's folder."""
-        p = Path(relative).expanduser()
+        from smd_cli.files import expand_user
+
+        p = expand_user(relative)
         return p if p.is_absolute() else self.base_dir / p
 
     def error(self, key: KeyPath, message: str) -> SceneError:
@@ -595,12 +597,15 @@ def validate_scene(data: dict, *, path: Path | None = None, lines: dict[KeyPath,
 def _reported(errors: list[dict]) -> list[dict]:
     """Pydantic's errors without the echoes of a misspelt key: `promt` is unknown, and then
     `prompt` is also missing; only the first is worth saying ("did you mean 'prompt'?")."""
-    unknown = {(tuple(e["loc"][:-1]), str(e["loc"][-1])) for e in errors if e["type"] == "extra_forbidden"}
+    unknown: dict[tuple, list[str]] = {}  # by the mapping they are in: a missing key meets only its neighbours
+    for e in errors:
+        if e["type"] == "extra_forbidden":
+            unknown.setdefault(tuple(e["loc"][:-1]), []).append(str(e["loc"][-1]))
 
     def echo(e: dict) -> bool:
         parent, name = tuple(e["loc"][:-1]), str(e["loc"][-1])
         return e["type"] == "missing" and any(
-            p == parent and difflib.get_close_matches(name, [other], cutoff=0.6) for p, other in unknown)
+            difflib.get_close_matches(name, [other], cutoff=0.6) for other in unknown.get(parent, ()))
 
     return [e for e in errors if not echo(e)] or errors
 

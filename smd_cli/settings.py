@@ -24,13 +24,28 @@ KEYS = {"model": "SMD_MODEL", "lcm_lora": "SMD_LCM_LORA", "device": "SMD_DEVICE"
 CONFIG_ENV = "SMD_CONFIG"
 
 
-def config_path() -> Path:
-    """Where the user config file is: `SMD_CONFIG`, else config.yaml in the platform's config folder."""
+def config_path() -> Path | None:
+    """Where the user config file is: `SMD_CONFIG`, else config.yaml in the platform's config folder;
+    None where there is no such folder (no home folder and no `XDG_CONFIG_HOME`: a service account)."""
+    from smd_cli.files import expand_user
+
     if os.environ.get(CONFIG_ENV):
-        return Path(os.environ[CONFIG_ENV]).expanduser()
+        return expand_user(os.environ[CONFIG_ENV])
     from platformdirs import user_config_dir
 
-    return Path(user_config_dir("smd")) / "config.yaml"
+    try:
+        return Path(user_config_dir("smd")) / "config.yaml"
+    except (RuntimeError, KeyError, OSError):  # platformdirs found no home folder to put it in
+        return None
+
+
+def no_home() -> str | None:
+    """Why this process has no home folder (a service account: HOME unset and no entry in the
+    password database), or None where it has one."""
+    if os.path.expanduser("~") != "~":
+        return None
+    uid = os.getuid() if hasattr(os, "getuid") else "?"
+    return f"HOME is unset and user {uid} has no entry in the password database"
 
 
 def read_config(path: Path | None = None) -> dict[str, str]:
@@ -40,6 +55,8 @@ def read_config(path: Path | None = None) -> dict[str, str]:
 
     named = path is not None or bool(os.environ.get(CONFIG_ENV))
     path = path or config_path()
+    if path is None:  # no home folder: no config file, which is optional
+        return {}
     try:
         stat = path.stat()
         key = (str(path), stat.st_mtime_ns, stat.st_size)

@@ -1,6 +1,6 @@
 """`StreamMultiDiffusion`: an endless stream of frames from layers that can change between calls.
 
-The multi-prompt stream batch of SPEC section 6: T stages, one latent per stage at noise level t_k,
+The multi-prompt stream batch of docs/method.md §6: T stages, one latent per stage at noise level t_k,
 all stages and layers denoised in ONE UNet call per frame, with the step math of `smd_cli.sampler`
 (the same functions `generate` uses). A latent entering stage 0 leaves the last stage T calls later
 as a frame.
@@ -18,16 +18,15 @@ from PIL import Image
 
 from smd_cli import defaults
 from smd_cli import masks as mask_ops
-from smd_cli.errors import SmdError
-from smd_cli.family import FLOW_FAMILIES
-from smd_cli.family import Conditioning, Placement
-from smd_cli.pipeline import StableMultiDiffusionPipeline
 from smd_cli.controls import ControlSpec, as_specs
+from smd_cli.errors import SmdError
+from smd_cli.family import FLOW_FAMILIES, Conditioning, Placement
 from smd_cli.loras import LoraSet, as_loras
-from smd_cli.references import ReferenceSpec, as_reference
+from smd_cli.pipeline import StableMultiDiffusionPipeline
 from smd_cli.prepare import Layers, auto_negatives, prepare_layers, prepare_text, row_loras
+from smd_cli.references import ReferenceSpec, as_reference
 from smd_cli.sampler import active_pairs, randn, renoise, step_inputs, step_output
-from smd_cli.views import layout, view_sizes
+from smd_cli.views import layout, tiling, work_problem
 
 
 @dataclass
@@ -46,7 +45,7 @@ class StreamLayer:
 
 
 class StreamMultiDiffusion:
-    """Streaming region-based generation (SPEC 6), following the original project's API.
+    """Streaming region-based generation (docs/method.md §6), following the original project's API.
 
     Register a background and layers with `update_background` and `update_single_layer`, then call
     the object for the next frame (a PIL image). Updates re-encode only changed prompts and
@@ -67,13 +66,15 @@ class StreamMultiDiffusion:
                  dtype: Any = None, lcm_lora: str | None = None, vae: str | None = None,
                  pipeline: StableMultiDiffusionPipeline | None = None, overlap_decode: bool = False,
                  compile: bool = False, loras: Any = None, controlnets: Any = None, negative_auto: bool = False,
-                 reference: Any = None):
+                 reference: Any = None, allow_large: bool = False):
         """Load a model as `StableMultiDiffusionPipeline` does (the tiny autoencoder by default), or
         stream from a loaded `pipeline`, which then decides the model, device, dtype and autoencoder.
         The stream's stages are the LCM schedule's `num_inference_steps` steps, or `timesteps`.
         `loras` and `controlnets` act on the whole canvas (as the pipeline takes them); a layer's own
         are given with `update_single_layer(..., loras=..., controlnets=..., reference=...)`.
-        `negative_auto` and `reference` (for layers without their own) as the pipeline's."""
+        `negative_auto` and `reference` (for layers without their own) as the pipeline's. A frame's work
+        past `defaults.LARGE_WORK` denoiser passes (views x layers x stages) is refused unless
+        `allow_large`, as the pipeline refuses an image's."""
         if cfg_type not in defaults.STREAM_CFG_TYPES:
             raise SmdError(f"cfg_type must be one of {', '.join(defaults.STREAM_CFG_TYPES)}, got {cfg_type!r}")
         loading = dict(device=device, hf_key=hf_key, sd_version=sd_version, dtype=dtype, lcm_lora=lcm_lora, vae=vae,
@@ -95,7 +96,9 @@ class StreamMultiDiffusion:
         self.reference = as_reference(reference)
         f = pipe.vae_scale_factor
         mask_ops.check_divisible(width, height, f)
+        tiles = tiling(pipe.family.grid, width, height, tile_size=tile_size)  # FLUX packs whole 2x2 tokens
         self.height, self.width = height, width
+        self.allow_large = allow_large
         self.cfg_type = cfg_type
         self.guidance_scale = guidance_scale if cfg_type != "none" else 1.0
         self.delta = delta
@@ -108,14 +111,16 @@ class StreamMultiDiffusion:
         self.cover_alpha = cover_alpha
         if pipe.family.name in FLOW_FAMILIES and num_inference_steps is None and timesteps is None:
             num_inference_steps = defaults.STEPS["lcm"]  # a stream's depth, not a flow model's 28 steps
-        window, stride = view_sizes(tile_size or pipe.family.tile_size(height, width), None, f)
+        window, stride = tiles.window, tiles.stride
         self.schedule = pipe.schedule(num_inference_steps, timesteps,
                                       window=(min(window, height // f), min(window, width // f)))
+        self.view_count = tiles.count
+        self.check_work(1)
         self.shape = (1, pipe.family.channels, height // f, width // f)
         self.views = layout(self.shape[2], self.shape[3], (window, window), (stride, stride), device=pipe.device)
 
         # Every noise comes from the stream's own generator: stage 0's fresh latents and the fixed
-        # per-stage noises n_1 .. n_{T-1}, drawn once (SPEC 6.4), in this order.
+        # per-stage noises n_1 .. n_{T-1}, drawn once (docs/method.md §6.4), in this order.
         self.generator = torch.Generator("cpu").manual_seed(seed)
         stages = len(self.schedule)
         self.stage_noises = [randn(self.shape, self.generator, pipe.device, torch.float32) for _ in range(stages - 1)]
@@ -175,6 +180,7 @@ class StreamMultiDiffusion:
         if idx == len(self.layers):
             if prompt is None:
                 raise SmdError("a new layer needs a prompt")
+            self.check_work(idx + 1)
             self.layers.append(StreamLayer(prompt))
         layer = self.layers[idx]
         changes = {k: v for k, v in dict(prompt=prompt, negative_prompt=negative_prompt, mask_strength=mask_strength,
@@ -190,6 +196,13 @@ class StreamMultiDiffusion:
             changes["reference"] = as_reference(reference) if reference is not False else None
         self.layers[idx] = replace(layer, **changes)
         self._changed()
+
+    def check_work(self, layers: int) -> None:
+        """Refuse `layers` layers when a frame of them is more work than the stream takes (`allow_large`)."""
+        too_much = work_problem(self.view_count, layers, len(self.schedule), allow_large=self.allow_large,
+                                allow="allow_large=True", per="frame")
+        if too_much:
+            raise SmdError(too_much)
 
     def remove_single_layer(self, idx: int) -> None:
         """Remove layer `idx`; later layers move down one place."""
@@ -212,12 +225,12 @@ class StreamMultiDiffusion:
         if not self.layers:
             raise SmdError("the stream has no layers yet: add one with update_single_layer")
         full = np.ones((self.height, self.width), np.float32)
-        layers = Layers([l.prompt for l in self.layers], [l.negative_prompt for l in self.layers],
-                        np.stack([full if l.mask is None else l.mask for l in self.layers]),
-                        [l.mask_strength for l in self.layers], [l.mask_std for l in self.layers],
-                        [l.prompt_strength for l in self.layers], loras=[l.loras for l in self.layers],
-                        controlnets=[list(l.controlnets) for l in self.layers],
-                        references=[l.reference for l in self.layers])
+        layers = Layers([x.prompt for x in self.layers], [x.negative_prompt for x in self.layers],
+                        np.stack([full if x.mask is None else x.mask for x in self.layers]),
+                        [x.mask_strength for x in self.layers], [x.mask_std for x in self.layers],
+                        [x.prompt_strength for x in self.layers], loras=[x.loras for x in self.layers],
+                        controlnets=[list(x.controlnets) for x in self.layers],
+                        references=[x.reference for x in self.layers])
         self._prepared = prepare_layers(
             layers, self.schedule, factor=self.pipe.vae_scale_factor, device=self.pipe.device,
             cover_alpha=self.cover_alpha, mask_type=self.mask_type, picture=self.background_latent is not None,
@@ -249,7 +262,7 @@ class StreamMultiDiffusion:
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
-        """One stream call (SPEC 6): every stage and layer in one UNet call; returns the last stage's X0."""
+        """One stream call (docs/method.md §6): every stage and layer in one UNet call; returns the last stage's X0."""
         if self._prepared is None:
             self._prepare()
         pipe, schedule = self.pipe, self.schedule
@@ -273,7 +286,7 @@ class StreamMultiDiffusion:
         return x0s[-1]
 
     def _predict(self, batches, noises: list[torch.Tensor]) -> torch.Tensor:
-        """The one UNet call of a stream step, with the guidance of `cfg_type` (SPEC 6)."""
+        """The one UNet call of a stream step, with the guidance of `cfg_type` (docs/method.md §6)."""
         pipe, g = self.pipe, self.guidance_scale
         if not any(b.pairs for b in batches):  # nothing painted over a picture: every stage keeps it
             return torch.empty((0, *self.shape[1:]), device=pipe.device)
@@ -305,7 +318,7 @@ class StreamMultiDiffusion:
                 stock[0, p] = _paste(stock[0, p], batches[0].uncentred(i, eps_u0[i : i + 1], held)[0], window)
         else:
             eps_c = pipe.predict(x, t, cond, g, placed)
-        # A centred input holds its noise moved with it, the noise moved out wrapping round (SPEC 3.2).
+        # A centred input holds its noise moved with it, the noise moved out wrapping round (docs/method.md §3.2).
         eps_u = torch.cat([torch.roll(b.windows[i].crop(stock[b.k, p : p + 1]), b.shifts[i], dims=(-2, -1))
                            for b in batches for i, (p, _) in enumerate(b.pairs)])
         self._carry_stock(stock, noises)

@@ -109,7 +109,7 @@ def test_the_cli_on_a_flux_scene(run_cli, tiny_flux, tmp_path):
     assert panorama.exit_code == 0, panorama.stderr
     odd = run_cli("generate", "--prompt", "a cat", "--model", tiny_flux, "--width", "66", "--height", "64",
                   "--device", "cpu", "--out", tmp_path / "o.png")  # 33 latent pixels: no whole 2x2 tokens
-    assert odd.exit_code == 1 and "a FLUX.1 canvas is a multiple of 4 pixels on each side, got 66x64" in odd.stderr
+    assert odd.exit_code == 2 and "a FLUX.1 canvas is a multiple of 4 pixels on each side, got 66x64" in odd.stderr
     assert "Traceback" not in odd.stderr
 
 
