@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install test bench clean
+.PHONY: install test test-fast lint bench clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -12,8 +12,14 @@ install:
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[test,mp4]"
 
-test:
+test: lint
 	$(BIN)/python -m pytest -q
+
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint:
+	$(BIN)/ruff check smd_cli tests benchmarks
 
 bench:
 	$(BIN)/python -m benchmarks.run_all

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import (
+    UNetProbe,
     base_parser,
     finish_args,
     fresh_pipeline,
@@ -30,7 +31,6 @@ from benchmarks.common import (
     shape_masks,
     synchronize,
     tests_on_path,
-    UNetProbe,
 )
 from benchmarks.regional import BACKGROUND, PROMPTS, SIZES
 
@@ -131,7 +131,8 @@ def main(argv=None) -> str:
         encode_rows.append({"controls": f"encoding {name}", "UNet calls": "-", "UNet batch items": "-",
                             "wall s (median)": f"{statistics.median(spent[1:]):.3f}",
                             "vs none": f"{states.shape[1]} tokens"})
-    notes = [f"{size.width}x{size.height} canvas, tile {size.tile_size} px, 8 layers + background (shapes), LCM 5 steps, "
+    notes = [f"{size.width}x{size.height} canvas, tile {size.tile_size} px, "
+             "8 layers + background (shapes), LCM 5 steps, "
              f"bootstrap 2, seed {args.seed}, {args.dtype}, {model_summary(args.model)}; random LoRAs of rank 4 "
              "on the UNet's attention; a random ControlNet made from the UNet (`ControlNetModel.from_unet`) with a "
              "noise control image; a random IP-Adapter with a small random image encoder",

@@ -61,7 +61,8 @@ def main(argv=None) -> list[str]:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--family", choices=tuple(BUILDERS), default="sdxl",
                         help="the tiny random model built when --model is not given (default sdxl)")
-    parser.add_argument("--vae", default=None, help="AutoencoderTiny folder for the stream (default: a tiny random one)")
+    parser.add_argument("--vae", default=None,
+                        help="AutoencoderTiny folder for the stream (default: a tiny random one)")
     parser.add_argument("--frames", type=int, default=8, help="timed stream frames per layer count")
     args = parser.parse_args(argv)
     args = finish_args(args, build=BUILDERS[args.family])

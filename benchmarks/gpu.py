@@ -81,8 +81,13 @@ def build_modules(family: str, *, empty: bool):
     from contextlib import nullcontext
 
     from accelerate import init_empty_weights
-    from diffusers import (AutoencoderKL, AutoencoderTiny, FluxTransformer2DModel, SD3Transformer2DModel,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        AutoencoderTiny,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     with init_empty_weights() if empty else nullcontext():
@@ -136,8 +141,15 @@ def save_model(folder: Path, device: str, family: str = "sd") -> tuple[Path, Pat
     """Build the family's random weights on `device` (fast on a GPU) and save them in float16;
     returns the model and TAESD folders. An existing folder is reused."""
     import torch
-    from diffusers import (DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                           StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
+    from diffusers import (
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
     from transformers import CLIPTokenizer
 
     model, taesd = folder / FOLDERS[family], folder / TAESDS[family]

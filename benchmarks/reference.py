@@ -28,7 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REFERENCE, base_parser, finish_args, model_summary, quiet, record, shape_masks, synchronize
+from benchmarks.common import (
+    REFERENCE,
+    base_parser,
+    finish_args,
+    model_summary,
+    quiet,
+    record,
+    shape_masks,
+    synchronize,
+)
 from benchmarks.regional import BACKGROUND, PROMPTS
 
 PROMPT = "a photo of the dolomites"
@@ -125,7 +134,8 @@ def main(argv=None) -> str | None:
     runs = {
         ("panorama", "reference"): seeded(lambda: reference.sample_panorama(
             PROMPT, height=ph, width=pw, tile_size=NATIVE // shrink)),
-        ("panorama", "smd"): seeded(lambda: smd.sample_panorama(PROMPT, height=ph, width=pw, tile_size=smd_tile(ph, pw))),
+        ("panorama", "smd"): seeded(lambda: smd.sample_panorama(
+            PROMPT, height=ph, width=pw, tile_size=smd_tile(ph, pw))),
         ("regional", "reference"): seeded(lambda: reference(  # a negative prompt per layer, as its asserts want
             prompts, [""] * len(prompts), masks=reference_masks, height=sh, width=sw,
             tile_size=REFERENCE_TILE // shrink)),

@@ -1,6 +1,6 @@
 """View layouts: what tile size and stride cost a panorama, per model family.
 
-A large canvas is denoised in overlapping views (SPEC 5). Bigger views mean fewer denoiser rows
+A large canvas is denoised in overlapping views (docs/method.md §5). Bigger views mean fewer denoiser rows
 but more tokens in each, and self-attention grows with the square of a view's tokens; a smaller
 stride means more rows. For each family (the tests' tiny random models with VAE factor 8, or
 `--model`), one panorama is made with each candidate layout: tiles of 1/2, 3/4, 1 and 3/2 of the
@@ -109,7 +109,7 @@ def main(argv=None) -> str:
         candidates = layouts(native, (height, width), f * g)
         steps = 4 if family in ("sd3", "flux") else None
 
-        def run(tile: int, stride: int):
+        def run(tile: int, stride: int, pipe=pipe):
             return pipe.sample_panorama(PROMPT, height=height, width=width, tile_size=tile, tile_stride=stride,
                                         num_inference_steps=steps, output_type="latent",
                                         generator=torch.Generator("cpu").manual_seed(args.seed))
@@ -131,7 +131,8 @@ def main(argv=None) -> str:
         fastest = min(candidates, key=lambda layout: statistics.median(times[layout]))
         for layout in candidates:
             c, median = counts[layout], statistics.median(times[layout])
-            rows.append({"family": family, "canvas": f"{width}x{height}", "tile / stride px": f"{layout[0]} / {layout[1]}",
+            rows.append({"family": family, "canvas": f"{width}x{height}",
+                         "tile / stride px": f"{layout[0]} / {layout[1]}",
                          "calls": c.calls, "rows": c.rows, "latent Mpx": f"{c.pixels / 1e6:.3f}",
                          "attention pairs (M)": f"{c.pairs / 1e6:.2f}", "wall s": f"{median:.3f}",
                          "": "fastest" if layout == fastest else ""})

@@ -1,7 +1,7 @@
 """LoRAs over the whole canvas and over single layers, as named adapters on the loaded model.
 
 Region tools that steer attention cannot give one region its own LoRA; smd can, because each
-layer is denoised in rows of its own (SPEC 3): the rows of a layer with LoRAs run with those
+layer is denoised in rows of its own (docs/method.md §3): the rows of a layer with LoRAs run with those
 adapters active, the others without. diffusers' denoisers take one set of active adapters per
 forward call (peft's per-row adapter names reach transformers' models, not diffusers'), so
 `StableDiffusion.predict` groups a batch's rows by their set and makes one call per group;

@@ -84,7 +84,7 @@ class Painting:
 
     @classmethod
     def from_scene(cls, sf: SceneFile, width: int | None = None, height: int | None = None) -> "Painting":
-        """Every layer of a scene as a brush, its mask read at canvas size (SPEC 2.2)."""
+        """Every layer of a scene as a brush, its mask read at canvas size (docs/method.md §2.2)."""
         masks = scene_masks(sf, width, height, painted=False)  # a painting saved before anything was painted
         brushes = []
         for i, (layer, mask) in enumerate(zip(sf.scene.layers, masks.masks)):

@@ -1,11 +1,11 @@
-"""Inputs prepared once per generation (SPEC 2), by the pipeline and the stream alike.
+"""Inputs prepared once per generation (docs/method.md §2), by the pipeline and the stream alike.
 
 A `Request` is one image to make in the engine's terms: each layer's prompt, negative prompt,
 mask at canvas size and strengths, the background, and every setting of the method. The Python
 API (`StableMultiDiffusionPipeline.__call__`) and scenes (`smd_cli.render`) both arrive at one.
-From it, `prepare_layers` derives the per-step masks m_{p,k} at latent size (SPEC 2.2), with the
+From it, `prepare_layers` derives the per-step masks m_{p,k} at latent size (docs/method.md §2.2), with the
 uncovered area as a background layer, and `prepare_text` the conditioning of every layer, mixed
-toward the background prompt by prompt strength (SPEC 2.1). The model is reached only through
+toward the background prompt by prompt strength (docs/method.md §2.1). The model is reached only through
 the `encode` function passed in.
 """
 
@@ -21,8 +21,8 @@ from PIL import Image
 
 from smd_cli import defaults
 from smd_cli import masks as mask_ops
-from smd_cli.errors import SmdError
 from smd_cli.controls import ControlSpec
+from smd_cli.errors import SmdError
 from smd_cli.family import Conditioning
 from smd_cli.loras import LoraSet
 from smd_cli.references import ReferenceSpec
@@ -31,7 +31,7 @@ from smd_cli.sampler import Schedule
 
 @dataclass
 class Layers:
-    """Per-layer inputs in layer order, and what SPEC 2.2 makes of their masks."""
+    """Per-layer inputs in layer order, and what docs/method.md §2.2 makes of their masks."""
 
     prompts: list[str]
     negatives: list[str]
@@ -93,7 +93,7 @@ class Request:
 def prepare_layers(layers: Layers, schedule: Schedule, *, factor: int, device: torch.device, cover_alpha: float,
                    mask_type: str, picture: bool, background_prompt: str | None,
                    background_negative_prompt: str = "", blur_cache: dict | None = None) -> Layers:
-    """SPEC 2.2 for a set of layers: add the background layer over the uncovered area (unless a
+    """docs/method.md §2.2 for a set of layers: add the background layer over the uncovered area (unless a
     picture fills it), then occlusion, blur, strength and per-step quantization at latent size.
 
     `blur_cache` remembers blurs across calls, so that a stream blurs again only changed masks.
@@ -118,7 +118,7 @@ def prepare_layers(layers: Layers, schedule: Schedule, *, factor: int, device: t
 def prepare_text(encode: Callable[[Sequence[str]], Conditioning], layers: Layers, background_prompt: str | None,
                  background_negative_prompt: str, unconditional: bool,
                  empty_negative: Conditioning | None = None) -> tuple[Conditioning, Conditioning | None]:
-    """SPEC 2.1: the conditioning of every layer (and its unconditional one, when guidance runs an
+    """docs/method.md §2.1: the conditioning of every layer (and its unconditional one, when guidance runs an
     unconditional pass), mixed toward the background prompt's by each layer's prompt strength.
     An empty negative prompt conditions on `empty_negative` where the model gives one (SDXL's
     zeros), else on the encoding of ""."""

@@ -1,4 +1,4 @@
-"""The StreamMultiDiffusion step (SPEC section 3), written once and shared by every command.
+"""The StreamMultiDiffusion step (docs/method.md §3), written once and shared by every command.
 
 Small pure tensor functions carry the paper's formulas; `sample` runs the step loop over them.
 The loop knows nothing of prompts, models or guidance: it calls `predict(x, t, layers, corners)`
@@ -33,7 +33,7 @@ class Schedule:
 
     `alphas`/`sigmas` have K + 1 entries; the last is where the final transition lands: clean
     (1, 0) for LCM and Euler, diffusers' `final_alpha_cumprod` for DDIM. `kind` is "lcm" (fresh
-    noise after each step) or "ddim" (deterministic, SPEC 3). `prediction` is what the model's
+    noise after each step) or "ddim" (deterministic, docs/method.md §3). `prediction` is what the model's
     output is: "epsilon" (the noise; v-prediction is converted to it by the family) or "flow" (the
     velocity v = e - x0 of flow matching, where alpha_k = 1 - s_k and sigma_k = s_k).
     """
@@ -52,7 +52,7 @@ class Schedule:
 
     @property
     def mask_sigmas(self) -> list[float]:
-        """Noise levels for mask quantization (SPEC 2.2): sigma_0..sigma_{K-1} and sigma_K = 0. Under
+        """Noise levels for mask quantization (docs/method.md §2.2): sigma_0..sigma_{K-1} and sigma_K = 0. Under
         flow matching the level is s_k, with pure noise (s = 1, where flow schedules start) taken
         as FLOW_TOP_LEVEL: a full-strength mask is on from the first step, as it is on SD's
         variance-preserving schedules, whose sigma_0 is about 0.998."""
@@ -61,12 +61,13 @@ class Schedule:
 
 
 # ---------------------------------------------------------------------------------------------
-# Schedules: one function per scheduler, from a model's scheduler config (SPEC 1, 3).
+# Schedules: one function per scheduler, from a model's scheduler config (docs/method.md §1, 3).
 
 
 def lcm_schedule(config: Mapping, steps: int | None = None, timesteps: Sequence[int] | None = None) -> Schedule:
-    """LCM: SPEC's 5-step grid by default; other counts spaced as diffusers' `LCMScheduler` spaces them,
-    with its boundary scalings c_skip, c_out. Fresh noise after each step."""
+    """LCM: the method's 5-step grid (docs/method.md §1.3) by default; other counts spaced as
+    diffusers' `LCMScheduler` spaces them, with its boundary scalings c_skip, c_out. Fresh noise
+    after each step."""
     from diffusers import LCMScheduler
 
     lcm = LCMScheduler.from_config(config)
@@ -182,13 +183,13 @@ def _spaced(scheduler, steps: int, train: int, name: str, limit: int, hint: str 
 
 
 def _vp_levels(alphas_cumprod: torch.Tensor, timesteps: Sequence[int]) -> tuple[list[float], list[float]]:
-    """alpha_k = sqrt(abar(t_k)), sigma_k = sqrt(1 - abar(t_k)) (SPEC 1)."""
+    """alpha_k = sqrt(abar(t_k)), sigma_k = sqrt(1 - abar(t_k)) (docs/method.md §1)."""
     abar = [float(alphas_cumprod[t]) for t in timesteps]
     return [math.sqrt(a) for a in abar], [math.sqrt(1.0 - a) for a in abar]
 
 
 # ---------------------------------------------------------------------------------------------
-# The step's formulas (SPEC 3)
+# The step's formulas (docs/method.md §3)
 
 
 def randn(shape: Sequence[int], generator: Optional[torch.Generator], device: torch.device,
@@ -201,8 +202,8 @@ def randn(shape: Sequence[int], generator: Optional[torch.Generator], device: to
 
 
 def renoise(x0: torch.Tensor, alpha: float, sigma: float, noise: torch.Tensor) -> torch.Tensor:
-    """alpha * X0 + sigma * noise: the noised bootstrap background b~ (SPEC 3.2), the transition
-    into the next step with fresh noise (LCM) or the noise x_k held (DDIM), a stream's stages (SPEC 6)."""
+    """alpha * X0 + sigma * noise: the noised bootstrap background b~ (docs/method.md §3.2), the transition
+    into the next step with fresh noise (LCM) or the noise x_k held (DDIM), a stream's stages (docs/method.md §6)."""
     return alpha * x0 + sigma * noise
 
 
@@ -212,7 +213,7 @@ def bootstrap_mix(k: int, mix_steps: float) -> float:
 
 
 def bootstrap_blend(x_p: torch.Tensor, m: torch.Tensor, b_noisy: torch.Tensor) -> torch.Tensor:
-    """x_p = (1 - m) * b~ + m * x_p: the layer alone on a flat background (SPEC 3.2)."""
+    """x_p = (1 - m) * b~ + m * x_p: the layer alone on a flat background (docs/method.md §3.2)."""
     return (1 - m) * b_noisy + m * x_p
 
 
@@ -242,7 +243,7 @@ def shift(x: torch.Tensor, dy: int, dx: int, fill: torch.Tensor) -> torch.Tensor
 
 def clean_estimate(x: torch.Tensor, eps: torch.Tensor, alpha: float, sigma: float,
                    c_skip: float = 0.0, c_out: float = 1.0, prediction: str = "epsilon") -> torch.Tensor:
-    """x0 = c_out * (x - sigma * eps) / alpha + c_skip * x (SPEC 3.4; c_skip 0, c_out 1 off LCM);
+    """x0 = c_out * (x - sigma * eps) / alpha + c_skip * x (docs/method.md §3.4; c_skip 0, c_out 1 off LCM);
     for a flow model, whose output is the velocity v, x0 = x - s v (defined at s = 1 too)."""
     if prediction == "flow":
         return x - sigma * eps
@@ -250,13 +251,13 @@ def clean_estimate(x: torch.Tensor, eps: torch.Tensor, alpha: float, sigma: floa
 
 
 def suppress_leak(m: torch.Tensor, x0: torch.Tensor, b_noisy: torch.Tensor, sensitivity: float) -> torch.Tensor:
-    """m *= tanh(mean_c (x0 - b~)^2 / (2 s)) (SPEC 3.5)."""
+    """m *= tanh(mean_c (x0 - b~)^2 / (2 s)) (docs/method.md §3.5)."""
     leak = (x0 - b_noisy).pow(2).mean(dim=1, keepdim=True)
     return m * torch.tanh(leak / (2 * sensitivity))
 
 
 def aggregate(value: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """X0 = value / count where count > 0 (SPEC 3, after step 6)."""
+    """X0 = value / count where count > 0 (docs/method.md §3, after step 6)."""
     return torch.where(count > 0, value / count.clamp_min(1e-12), value)
 
 
@@ -267,13 +268,14 @@ def blend_background(x0: torch.Tensor, count: torch.Tensor, bg: torch.Tensor) ->
 
 
 def ddim_noise(x: torch.Tensor, x0: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
-    """eps* = (x - alpha_k X0) / sigma_k: the noise that x_k holds given the aggregated X0 (SPEC 3, DDIM)."""
+    """eps* = (x - alpha_k X0) / sigma_k: the noise that x_k holds given the aggregated X0
+    (docs/method.md §3.7, DDIM)."""
     return (x - alpha * x0) / sigma
 
 
 @dataclass
 class StepBatch:
-    """The UNet inputs of one step k (SPEC 3.1-3.2): one row per active (layer, view) pair."""
+    """The UNet inputs of one step k (docs/method.md §3.1-3.2): one row per active (layer, view) pair."""
 
     k: int
     pairs: list[tuple[int, int]]  # (layer, view)
@@ -281,7 +283,7 @@ class StepBatch:
     masks: list[torch.Tensor]  # m_{p,k} cut to the pair's window
     b_noisy: Optional[torch.Tensor]  # the noised flat background while bootstrapping, else None
     windows: list[View]  # where each pair is evaluated: its view, or a crop of it around the mask
-    shifts: list[tuple[int, int]]  # how each input was moved to centre its mask (SPEC 3.2); (0, 0) if not
+    shifts: list[tuple[int, int]]  # how each input was moved to centre its mask (docs/method.md §3.2); (0, 0) if not
     device: torch.device  # x's, where the step's X0 is made even when no pair is active
 
     def uncentred(self, i: int, t: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
@@ -302,7 +304,7 @@ def step_inputs(x: torch.Tensor, noise: torch.Tensor, k: int, schedule: Schedule
                 views: Sequence[View], active_k: torch.Tensor, *, bootstrap_steps: int = 0,
                 bootstrap_mix_steps: float = 1.0, centre: bool = False, white: torch.Tensor | None = None,
                 background: torch.Tensor | None = None, crop: RegionCrop | None = None) -> StepBatch:
-    """SPEC 3.1-3.2 for step k: cut x into views per layer, bootstrapping on the first steps.
+    """docs/method.md §3.1-3.2 for step k: cut x into views per layer, bootstrapping on the first steps.
 
     `noise` is the noise x holds; the flat bootstrap background is noised with it, so
     bootstrapping draws no random numbers of its own, and the composite of a layer on it is a
@@ -343,7 +345,7 @@ def step_inputs(x: torch.Tensor, noise: torch.Tensor, k: int, schedule: Schedule
 def step_output(batch: StepBatch, eps: Sequence[torch.Tensor] | torch.Tensor, schedule: Schedule,
                 shape: Sequence[int], *, leak_sensitivity: float | None = None,
                 background: torch.Tensor | None = None) -> torch.Tensor:
-    """SPEC 3.4-3.6 for step k: clean estimates, leak suppression, weighted aggregation into X0.
+    """docs/method.md §3.4-3.6 for step k: clean estimates, leak suppression, weighted aggregation into X0.
 
     `eps[i]` is the noise predicted for pair i (a batched tensor, or one tensor per pair when
     the pairs' windows differ in size).
@@ -471,7 +473,7 @@ def sample(
     crop: RegionCrop | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Region-based sampling (SPEC 3): average the (layer, view) clean estimates, then step from X0.
+    """Region-based sampling (docs/method.md §3): average the (layer, view) clean estimates, then step from X0.
 
     `latents` [1, C, h, w] is the initial noise; `masks` [K, P, 1, h, w] holds m_{p,k}. Returns
     the final latent. Pairs whose mask is empty in their view are not evaluated (they would add

@@ -73,7 +73,8 @@ CORPUS = [
      "layers[0].mask_std: input should be greater than or equal to 0, got -2", 2),
     ("negative seed", "generate", "seed: -1\n" + LAYER, {}, [], "seed: input should be greater than or equal to 0", 2),
     ("empty layer list", "generate", "layers: []\n", {}, [], "layers: list should have at least 1 item", 2),
-    ("layer without prompt", "generate", "layers:\n  - {name: x}\n", {}, [], "layers[0].prompt: this key is required", 2),
+    ("layer without prompt", "generate", "layers:\n  - {name: x}\n", {}, [],
+     "layers[0].prompt: this key is required", 2),
     ("canvas too wide", "generate", "width: 100000\n" + LAYER, {}, [], "less than or equal to 16384", 2),
     ("reversed rect", "generate", mask_scene("{rect: [5, 5, 1, 1]}"), {}, [], "needs x0 < x1 and y0 < y1", 2),
     ("timesteps rising", "generate", "timesteps: [500, 900]\n" + LAYER, {}, [], "strictly decreasing", 2),
@@ -110,7 +111,8 @@ CORPUS = [
      "is a file, not a folder", 2),
     ("one file for several scenes", "generate", SMALL + LAYER, {"t.yaml": SMALL + LAYER},
      ["{dir}/t.yaml", "--out", "{dir}/x.png"], "names one file for 2 scenes", 2),
-    ("missing model folder", "generate", LAYER, {}, ["--model", "{dir}/models/none"], "model folder or file not found", 2),
+    ("missing model folder", "generate", LAYER, {}, ["--model", "{dir}/models/none"],
+     "model folder or file not found", 2),
     ("uncached hub model offline", "generate", SMALL + LAYER, {}, ["--model", "nobody-has/this-model-xyz"],
      "is not in the Hugging Face cache", 2),
     ("too many lcm steps", "generate", SMALL + LAYER, {}, ["--steps", "60"], "lcm takes at most 50 steps", 2),
@@ -163,7 +165,8 @@ CORPUS = [
     ("busy preview port", "stream", SMALL + LAYER, {}, ["--preview", "127.0.0.1:{busy}"], "the port is in use", 2),
     ("unknown preview host", "stream", SMALL + LAYER, {}, ["--preview", "nohost.invalid:0"], "unknown host", 2),
     ("reproduce onto itself", "reproduce", None, {}, ["{made}", "--out", "{made}"], "is the image being reproduced", 2),
-    ("stream output kind", "stream", SMALL + LAYER, {}, ["--out", "{dir}/x.avi"], "give a folder, a .gif or an .mp4", 2),
+    ("stream output kind", "stream", SMALL + LAYER, {}, ["--out", "{dir}/x.avi"],
+     "give a folder, a .gif or an .mp4", 2),
 ]
 
 
@@ -213,7 +216,7 @@ def _check(result, tmp_path, fragment: str, code: int) -> None:
         assert not list(tmp_path.rglob("x.png"))  # nothing was written
 
 
-def _record(model) -> "PngInfo":
+def _record(model):
     """The text chunks of an image smd made from a one-layer scene with `model`."""
     from PIL.PngImagePlugin import PngInfo
 

@@ -451,7 +451,7 @@ def test_a_canvas_too_large_for_the_device_is_refused_before_loading(run_cli, ti
 # --- several processes --------------------------------------------------------------------------
 
 
-def _smd(*args: str, cwd: Path) -> "subprocess.CompletedProcess":
+def _smd(*args: str, cwd: Path):
     import os
     import subprocess
     import sys
@@ -542,7 +542,8 @@ def test_a_scene_output_folder_that_does_not_exist_yet(run_cli, tiny_model, tmp_
 
 
 def test_paths_print_as_they_are_on_disk(run_cli, tiny_model, tmp_path):
-    result = gen(run_cli, tiny_model, small_scene(tmp_path, "cat"), "--json", "--out", tmp_path / "x:{scene}:{seed}.png")
+    result = gen(run_cli, tiny_model, small_scene(tmp_path, "cat"), "--json",
+                 "--out", tmp_path / "x:{scene}:{seed}.png")
     assert result.exit_code == 0
     (row,) = json_lines(result.stdout)
     assert row["path"] == str(tmp_path / "x:cat:1.png") and Path(row["path"]).is_file()

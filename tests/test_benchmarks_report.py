@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import report
+from benchmarks import report  # noqa: E402 - after the path it needs
 
 
 def panorama(date: str, ratio: str, device: str, smd: str = "0.3.0") -> dict:

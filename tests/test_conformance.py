@@ -1,4 +1,4 @@
-"""Conformance with diffusers and the invariants of SPEC section 4, on tiny random models (CPU, float32)."""
+"""Conformance with diffusers and the invariants of docs/method.md §4, on tiny random models (CPU, float32)."""
 
 from __future__ import annotations
 

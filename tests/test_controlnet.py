@@ -86,7 +86,7 @@ def test_a_layer_controlnet_adds_residuals_to_its_rows_only(sd, net):
     for hook in hooks:
         hook.remove()
     assert len(unet_calls) == 4 and net_rows == [1] * 4  # one call of both rows; the net on one row
-    for x, t, kwargs in unet_calls:
+    for _, _, kwargs in unet_calls:
         down = kwargs["down_block_additional_residuals"]
         cat_row = int(torch.equal(kwargs["encoder_hidden_states"][1], sd.encode_prompts(["a cat"]).states[0]))
         assert all(float(r[cat_row].abs().max()) == 0 for r in down) and float(down[0][1 - cat_row].abs().max()) > 0

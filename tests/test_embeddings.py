@@ -74,7 +74,8 @@ def test_a_scene_names_embeddings_by_file_and_records_them(run_cli, tiny_model, 
     from smd_cli.metadata import read_record
 
     embedding(tiny_model, tmp_path / "emb" / "cat-toy.safetensors")
-    scene = write(tmp_path / "s.yaml", f"seed: 2\nwidth: {SIZE}\nheight: {SIZE}\nembeddings: [emb/cat-toy.safetensors]\n"
+    scene = write(tmp_path / "s.yaml", f"seed: 2\nwidth: {SIZE}\nheight: {SIZE}\n"
+                                       "embeddings: [emb/cat-toy.safetensors]\n"
                                        "layers:\n  - {prompt: 'a (cat-toy:1.2) on a table'}\n")
     out = tmp_path / "x.png"
     result = run_cli("generate", scene, "--model", tiny_model, "--lcm-lora", "none", "--device", "cpu", "--out", out)

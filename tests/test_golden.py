@@ -1,4 +1,4 @@
-"""A stored output pins the whole step (SPEC 2-3): a change to any formula shows up here.
+"""A stored output pins the whole step (docs/method.md §2-3): a change to any formula shows up here.
 
 The scene exercises everything at once on the tiny model: three layers (one blurred, one mixed
 toward the background prompt), a background picture blended in the clean domain, two

@@ -10,8 +10,8 @@ import torch
 from conftest import REFERENCE, assert_near, load_mask, write
 from PIL import Image
 
-from smd_cli import generate
 from smd_cli import canvas as C
+from smd_cli import generate
 from smd_cli import masks as M
 from smd_cli.scene import load_scene
 
@@ -113,8 +113,8 @@ def test_circular_panorama_has_no_seam_anywhere(pipe):
     """On a circle every column is alike: rolling the start latents by a view stride rolls the result
     (a stride that divides the circle, so the views are evenly spaced all the way round)."""
     latents = torch.randn(1, 4, 32, 128, generator=torch.Generator().manual_seed(3))
-    kwargs = dict(height=64, width=256, tile_size=64, tile_stride=32, scheduler="ddim", num_inference_steps=4, circular=True,
-                  output_type="latent")
+    kwargs = dict(height=64, width=256, tile_size=64, tile_stride=32, scheduler="ddim", num_inference_steps=4,
+                  circular=True, output_type="latent")
     plain = pipe.sample_panorama("a photo of the sun", latents=latents, **kwargs)
     rolled = pipe.sample_panorama("a photo of the sun", latents=latents.roll(48, dims=-1), **kwargs)
     assert_near(rolled, plain.roll(48, dims=-1))  # the same views in another order: rounding alone

@@ -101,7 +101,8 @@ def test_two_layers_with_their_own_loras_differ_from_none(sd, lora, lora_b):
     assert np.abs(own - plain).mean() > 1e-4
     left = sd(["a cat", "a lake"], masks=halves(), layer_loras=[[str(lora)], []], latents=latents(), **KW)
     # The right half changes with its own LoRA, and (through the shared latent) a little without it.
-    assert np.abs(own[:, SIZE // 2:] - plain[:, SIZE // 2:]).mean() > np.abs(left[:, SIZE // 2:] - plain[:, SIZE // 2:]).mean()
+    assert (np.abs(own[:, SIZE // 2:] - plain[:, SIZE // 2:]).mean()
+            > np.abs(left[:, SIZE // 2:] - plain[:, SIZE // 2:]).mean())
 
 
 def test_a_scene_with_loras_runs_from_the_cli_and_its_record_reproduces(run_cli, tiny_model, lora, lora_b, tmp_path):
@@ -142,7 +143,8 @@ layers:
     assert np.abs(np.asarray(Image.open(out), np.float32) - np.asarray(Image.open(plain), np.float32)).mean() > 0.1
     local.write_bytes(lora_b.read_bytes())  # the recorded file changed: reproducing says so
     changed = run_cli("reproduce", out, "--out", tmp_path / "changed.png")
-    assert changed.exit_code == 0 and "character.safetensors has changed since its sha256 was recorded" in changed.output
+    assert (changed.exit_code == 0
+            and "character.safetensors has changed since its sha256 was recorded" in changed.output)
 
 
 @pytest.mark.parametrize("text, message, where", [

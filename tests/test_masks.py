@@ -1,4 +1,4 @@
-"""Masks against hand-computed values: every form, palettes, occlusion, blur, quantization (SPEC 2.2)."""
+"""Masks against hand-computed values: every form, palettes, occlusion, blur, quantization (docs/method.md §2.2)."""
 
 from __future__ import annotations
 

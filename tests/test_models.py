@@ -113,7 +113,8 @@ def test_single_file_with_local_configs_equals_the_folder(run_cli, tiny_model, s
     result = run_cli("generate", *common, "--model", single_file, "--config", tiny_model, "--out", tmp_path / "f.png")
     assert result.exit_code == 0, result.stderr
     assert run_cli("generate", *common, "--model", tiny_model, "--out", tmp_path / "d.png").exit_code == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")), np.asarray(Image.open(tmp_path / "d.png")))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "f.png")),
+                                  np.asarray(Image.open(tmp_path / "d.png")))
 
 
 def test_single_file_without_configs_offline_explains_config(run_cli, single_file, tmp_path):

@@ -250,10 +250,14 @@ MALFORMED = [
     '{"op": "stroke", "brush": 0, "points": [[1, 2, 3]]}', '{"op": "stroke", "brush": 0, "points": [[1]]}',
     '{"op": "stroke", "brush": 0, "points": [{"x": 1, "y": 2}]}', '{"op": "stroke", "brush": 0, "points": []}',
     '{"op": "stroke", "brush": 0, "points": [[NaN, 1]]}', '{"op": "stroke", "brush": 0, "points": [[Infinity, 1]]}',
-    '{"op": "stroke", "brush": 0, "points": [[1e308, 1e308]]}', '{"op": "stroke", "brush": 0, "points": [[1, 2]], "size": 0}',
-    '{"op": "stroke", "brush": 0, "points": [[1, 2]], "size": -3}', '{"op": "stroke", "brush": 0, "points": [[1, 2]], "size": 1e9}',
-    '{"op": "stroke", "brush": 0, "points": [[1, 2]], "size": "big"}', '{"op": "stroke", "brush": 0, "points": [[1, 2]], "erase": "yes"}',
-    '{"op": "stroke", "brush": -1, "points": [[1, 2]]}', '{"op": "stroke", "brush": 99999999999999999999, "points": [[1, 2]]}',
+    '{"op": "stroke", "brush": 0, "points": [[1e308, 1e308]]}',
+    '{"op": "stroke", "brush": 0, "points": [[1, 2]], "size": 0}',
+    '{"op": "stroke", "brush": 0, "points": [[1, 2]], "size": -3}',
+    '{"op": "stroke", "brush": 0, "points": [[1, 2]], "size": 1e9}',
+    '{"op": "stroke", "brush": 0, "points": [[1, 2]], "size": "big"}',
+    '{"op": "stroke", "brush": 0, "points": [[1, 2]], "erase": "yes"}',
+    '{"op": "stroke", "brush": -1, "points": [[1, 2]]}',
+    '{"op": "stroke", "brush": 99999999999999999999, "points": [[1, 2]]}',
     '{"op": "stroke", "brush": 1.5, "points": [[1, 2]]}', '{"op": "stroke", "brush": true, "points": [[1, 2]]}',
     '{"op": "stroke", "brush": 0, "points": [[1, 2]], "extra": 1}',
     '{"op": "stroke", "brush": 1' + "0" * 5000 + ', "points": [[1, 2]]}',
@@ -268,7 +272,8 @@ MALFORMED = [
     '{"op": "update_brush", "brush": 0, "fields": {"prompt": "' + "x" * 10_000 + '"}}',
     '{"op": "update_brush", "brush": 0, "fields": {"colour": "red"}}',
     '{"op": "update_brush", "brush": 0, "fields": {"colour": "#12345g"}}',
-    '{"op": "update_brush", "brush": 5, "fields": {}}', '{"op": "update_brush", "brush": 0, "fields": {"__class__": 1}}',
+    '{"op": "update_brush", "brush": 5, "fields": {}}',
+    '{"op": "update_brush", "brush": 0, "fields": {"__class__": 1}}',
     '{"op": "background", "prompt": ["a"]}', '{"op": "background", "picture": "/etc/passwd"}',
     '{"op": "seed", "seed": -1}', '{"op": "seed", "seed": 1e30}', '{"op": "seed", "seed": "3"}',
     '{"op": "seed", "seed": 18446744073709551616}', '{"op": "play", "on": "yes"}',
@@ -353,6 +358,7 @@ def test_enormous_strokes_messages_and_floods(served, capfd, tmp_path):
     assert_clean(capfd, session, tmp_path)
 
 
+@pytest.mark.slow
 def test_many_and_silent_tabs(served, capfd, tmp_path):
     """Tabs past the limit are turned away; tabs that never read hold nothing that grows, and the
     others are served meanwhile."""
@@ -404,10 +410,12 @@ def test_many_and_silent_tabs(served, capfd, tmp_path):
 def huge_png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height pixels, with a few bytes of data."""
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        check = struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        return struct.pack(">I", len(data)) + kind + data + check
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    pixels = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 def test_hostile_uploads(served, capfd, tmp_path):

@@ -1,4 +1,4 @@
-"""The paper's published masks load through scene files at their published sizes (SPEC, reference-scenes)."""
+"""The paper's published masks load through scene files at their published sizes (docs/method.md §2.2)."""
 
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ def irworobongdo_scene(folder) -> str:
             "background: {prompt: 'clear deep blue sky'}\nlayers:\n" + layers)
 
 
+@pytest.mark.slow
 def test_irworobongdo_runs_end_to_end_at_full_size(run_cli, tiny_model_f8, tmp_path):
     """The 9-prompt 1920 x 768 scene, in views, with the tiny model (its VAE downscales by 8 like SD's)."""
     scene = write(tmp_path / "irworobongdo.yaml", irworobongdo_scene(REFERENCE / "irworobongdo"))

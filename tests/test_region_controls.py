@@ -11,8 +11,8 @@ SIZE = 64
 
 
 def test_a_scene_with_every_control_generates_records_and_reproduces(run_cli, tiny_model, tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     from smd_cli.metadata import read_record
 
@@ -21,8 +21,8 @@ def test_a_scene_with_every_control_generates_records_and_reproduces(run_cli, ti
         Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{name}.png")
     write_tiny_lora(tiny_model, tmp_path / "loras", seed=0, name="film-grain.safetensors")
     write_tiny_lora(tiny_model, tmp_path / "loras", seed=1, name="character.safetensors")
-    net = write_tiny_controlnet(tiny_model, tmp_path / "controlnet")
-    adapter = write_tiny_ip_adapter(tiny_model, tmp_path / "ip")
+    write_tiny_controlnet(tiny_model, tmp_path / "controlnet")
+    write_tiny_ip_adapter(tiny_model, tmp_path / "ip")
     width = 32  # the tiny text encoder's
     save_file({"emb_params": torch.randn(2, width, generator=torch.Generator().manual_seed(0))},
               str(tmp_path / "bad-hands.safetensors"))

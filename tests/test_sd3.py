@@ -121,8 +121,7 @@ def test_a_stream_frame_equals_generate_with_the_same_noises(sd3):
 
 
 def test_the_family_comes_from_the_transformer_config(sd3, tiny_sd3, tiny_model):
-    from smd_cli import ModelError, StableMultiDiffusionPipeline
-    from smd_cli import memory
+    from smd_cli import ModelError, StableMultiDiffusionPipeline, memory
     from smd_cli.models import model_family
 
     assert model_family(str(tiny_sd3)) == "sd3" and sd3.components.lcm_lora is None  # no LCM LoRA for SD3

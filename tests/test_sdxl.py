@@ -144,8 +144,13 @@ def test_a_stream_frame_equals_generate_with_the_same_noises(xl):
 
 
 def test_the_original_projects_sdxl_names_insist_on_sdxl(xl, pipe, tiny_model, tiny_sdxl):
-    from smd_cli import (ModelError, SmdError, StableMultiDiffusionPipeline, StableMultiDiffusionSDXLPipeline,
-                         StreamMultiDiffusionSDXL)
+    from smd_cli import (
+        ModelError,
+        SmdError,
+        StableMultiDiffusionPipeline,
+        StableMultiDiffusionSDXLPipeline,
+        StreamMultiDiffusionSDXL,
+    )
 
     assert StableMultiDiffusionSDXLPipeline("cpu", hf_key=str(tiny_sdxl)).family.name == "sdxl"
     with pytest.raises(ModelError, match="expects an SDXL model, but .* is SD 1.x/2.x"):
@@ -190,9 +195,9 @@ def test_a_lora_of_the_other_family_is_one_clean_error(tiny_model, tiny_sdxl, tm
     sd.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
     StableDiffusionPipeline.save_lora_weights(tmp_path / "sd-lora", unet_lora_layers=get_peft_model_state_dict(sd.unet))
     # A real process, so that whatever the libraries print to the terminal is seen.
-    result = subprocess.run([sys.executable, "-m", "smd_cli", "generate", "--prompt", "a cat", "--model", str(tiny_sdxl),
-                             "--lcm-lora", str(tmp_path / "sd-lora"), "--width", "32", "--height", "32", "--device",
-                             "cpu", "--quiet", "--out", str(tmp_path / "x.png")],
+    result = subprocess.run([sys.executable, "-m", "smd_cli", "generate", "--prompt", "a cat", "--model",
+                             str(tiny_sdxl), "--lcm-lora", str(tmp_path / "sd-lora"), "--width", "32", "--height",
+                             "32", "--device", "cpu", "--quiet", "--out", str(tmp_path / "x.png")],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -250,7 +255,7 @@ def test_the_memory_estimate_knows_sdxl(tiny_sdxl):
             < memory.auto_max_batch(free, 128 * 128, unet_config=sd, dtype_bytes=2, cfg=True))
 
 
-# The README's few-step recipes, with the timesteps their model cards sample at (on SDXL's scheduler
+# The few-step recipes of docs/families.md, with the timesteps their model cards sample at (on SDXL's scheduler
 # config: 1000 training steps, `leading` spacing with offset 1 unless the recipe says otherwise).
 RECIPES = [
     ("scheduler: euler\ntimestep_spacing: trailing\nsteps: 4\n", [999, 749, 499, 249]),  # SDXL-Lightning 4-step

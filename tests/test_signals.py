@@ -74,7 +74,8 @@ def test_a_signal_while_an_image_is_written_waits_until_it_is_reported(tiny_mode
     assert [e.outcome.path for e in events if isinstance(e, batch.Finished)] == [str(tmp_path / "o" / "1.png")]
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["1.png"]
     assert code == 128 + signum
-    assert events[-1].text == ("interrupted" if signum == signal.SIGINT else f"interrupted by {signal.Signals(signum).name}")
+    assert events[-1].text == ("interrupted" if signum == signal.SIGINT
+                               else f"interrupted by {signal.Signals(signum).name}")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])

@@ -1,4 +1,4 @@
-"""SPEC section 3, one formula at a time, against values worked out by hand.
+"""docs/method.md §3, one formula at a time, against values worked out by hand.
 
 Each function of the step is fed a few numbers small enough to check on paper; the expected
 values below are those hand computations, not the function's own output.

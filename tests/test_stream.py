@@ -1,4 +1,4 @@
-"""StreamMultiDiffusion (SPEC 6): conformance with generate, one UNet call per frame, updates, seeding."""
+"""StreamMultiDiffusion (docs/method.md §6): conformance with generate, one UNet call per frame, updates, seeding."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ def test_adding_and_removing_layers(pipe):
     stream.update_single_layer(3, prompt="a cat", mask=np.ones((32, 32), np.float32))  # resized to the canvas
     assert len(stream.layers) == 4 and stream.layers[3].mask.shape == (SIZE, SIZE)
     stream.remove_single_layer(1)
-    assert [l.prompt for l in stream.layers] == ["blue sky", "the sun", "a cat"]
+    assert [layer.prompt for layer in stream.layers] == ["blue sky", "the sun", "a cat"]
     assert stream().size == (SIZE, SIZE)
 
 
@@ -151,6 +151,7 @@ def test_only_changed_masks_are_blurred_again(pipe, monkeypatch):
     assert [s for s in blurs if s > 0] == [2]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference scenes not available on this machine")
 def test_zeus_streams_end_to_end(tiny_model_f8, tmp_path):
     """The original README's streaming example, with a tiny random TAESD standing in for madebyollin/taesd."""

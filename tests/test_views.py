@@ -1,4 +1,4 @@
-"""Views (SPEC 5) and the batching sampler: coverage, partition of unity, MultiDiffusion conformance,
+"""Views (docs/method.md §5) and the batching sampler: coverage, partition of unity, MultiDiffusion conformance,
 UNet call counts and exact skipping of empty (layer, view) pairs."""
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _latents(h, w, seed=1):
 
 
 def test_panorama_equals_diffusers_multidiffusion(tiny_model_f8):
-    """DDIM, uniform weights, window 64 and stride 8 latents: smd is MultiDiffusion (SPEC 3, 5)."""
+    """DDIM, uniform weights, window 64 and stride 8 latents: smd is MultiDiffusion (docs/method.md §3, 5)."""
     try:
         from diffusers import DDIMScheduler, StableDiffusionPanoramaPipeline
     except ImportError:  # pragma: no cover - diffusers has removed the deprecated pipeline
@@ -100,7 +100,8 @@ class UNetCalls:
 
     def __init__(self, unet):
         self.sizes: list[int] = []
-        self.handle = unet.register_forward_hook(lambda module, args, kwargs_or_out: self.sizes.append(args[0].shape[0]))
+        self.handle = unet.register_forward_hook(
+            lambda module, args, kwargs_or_out: self.sizes.append(args[0].shape[0]))
 
     def __enter__(self):
         return self
@@ -171,13 +172,14 @@ def _seam_statistics(pipe, seed: int, **layout) -> tuple[float, float]:
     return float(change[edges].max() / typical), float(change[edges].mean() / typical)
 
 
+@pytest.mark.slow
 def test_default_views_keep_panorama_seams_within_the_half_stride_bound(pipe):
-    """The default stride (3/4 of a view) with triangular weights: seams as clean as SPEC 5's half
+    """The default stride (3/4 of a view) with triangular weights: seams as clean as docs/method.md §5's half
     stride, within the bound it keeps (largest edge change under 2x, mean under 1x the typical
     column change); uniform weights at the same stride break it, so the statistic sees seams."""
     for seed in range(3):
-        for layout in ({}, {"tile_stride": 64}):  # the default, and SPEC 5's half stride
-            largest, mean = _seam_statistics(pipe, seed, **layout)
-            assert largest < 2.0 and mean < 1.0, (seed, layout, largest, mean)
+        for setting in ({}, {"tile_stride": 64}):  # the default, and docs/method.md §5's half stride
+            largest, mean = _seam_statistics(pipe, seed, **setting)
+            assert largest < 2.0 and mean < 1.0, (seed, setting, largest, mean)
         largest, mean = _seam_statistics(pipe, seed, tile_weighting="uniform")
         assert largest > 2.5 and mean > 1.5, (seed, largest, mean)

@@ -200,7 +200,8 @@ def tiny_t5_tokenizer():
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
-    pieces = ["\u2581" + w for w in T5_WORDS.split()] + ["\u2581"] + list(string.ascii_lowercase + string.digits + ",.!?'-")
+    pieces = (["\u2581" + w for w in T5_WORDS.split()] + ["\u2581"]
+              + list(string.ascii_lowercase + string.digits + ",.!?'-"))
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -float(i)) for i, p in enumerate(pieces, 1)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
     tok.normalizer = normalizers.Lowercase()
@@ -280,7 +281,8 @@ def build_tiny_flux(folder: Path, *, seed: int = 0, vae_blocks: int = 2, guidanc
     return folder
 
 
-def write_tiny_lora(model: Path, folder: Path, *, seed: int = 0, name: str = "pytorch_lora_weights.safetensors") -> Path:
+def write_tiny_lora(model: Path, folder: Path, *, seed: int = 0,
+                    name: str = "pytorch_lora_weights.safetensors") -> Path:
     """A LoRA with non-zero weights for a tiny model's denoiser attention (a UNet's, or SD3's and
     FLUX's transformer's), saved as diffusers saves LoRAs; returns the file."""
     import diffusers
@@ -329,7 +331,8 @@ def write_tiny_controlnet(model: Path, folder: Path, *, seed: int = 0) -> Path:
     unet = UNet2DConditionModel.from_pretrained(str(Path(model) / "unet"))
     vae = json.loads((Path(model) / "vae" / "config.json").read_text())
     steps = len(vae["block_out_channels"]) - 1  # the VAE's factor is 2 ** steps
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(4 * 2 ** i for i in range(steps + 1)))
+    net = ControlNetModel.from_unet(unet,
+                                    conditioning_embedding_out_channels=tuple(4 * 2 ** i for i in range(steps + 1)))
     torch.manual_seed(seed)
     zero = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
     with torch.no_grad():
