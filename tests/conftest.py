@@ -112,6 +112,14 @@ def run_cli():
     return invoke
 
 
+def latents(seed: int = 1, size: int = 32, *, width: int | None = None, channels: int = 4):
+    """Start latents [1, channels, size, width or size] from `seed`: 32 x 32 is a 64-pixel canvas
+    with the tiny models' VAE factor 2."""
+    import torch
+
+    return torch.randn(1, channels, size, width or size, generator=torch.Generator().manual_seed(seed))
+
+
 def rel_err(a, b) -> float:
     """Relative L1 error of `b` against `a` (arrays or tensors)."""
     import numpy as np
@@ -136,7 +144,7 @@ def assert_near(actual, expected, rel: float = FLOAT32_REORDERED) -> None:
     or tensors of the same shape): a bound relative to the values' scale, as rounding errors are."""
     import torch
 
-    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    actual, expected = torch.as_tensor(actual).detach(), torch.as_tensor(expected).detach()
     torch.testing.assert_close(actual, expected, rtol=0, atol=rel * float(expected.abs().max()))
 
 

@@ -5,17 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
+from conftest import latents, rel_err
 
 # diffusers' pipelines and smd run the same math in other batches and orders, so their images agree
 # to float32 rounding, not bit for bit: rel_err < 1e-4 (FLOAT32_REORDERED in conftest) where a wrong
 # step, weight or mask gives 1e-3 to 1. The same pipeline twice on the same inputs: exactly equal.
 DEFAULT_TIMESTEPS = [999, 919, 759, 499, 259]
 SIZE = 64  # pixels: 32 x 32 latents with the tiny VAE's factor 2
-
-
-def latents(seed: int = 1, size: int = SIZE // 2) -> torch.Tensor:
-    return torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def test_default_schedule_is_the_spec_one(pipe):

@@ -7,16 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err, write
+from conftest import latents, rel_err, write
 from PIL import Image
 
 SIZE = 64
 KW = dict(height=SIZE, width=SIZE, output_type="np", scheduler="ddim", num_inference_steps=3, guidance_scale=1.0,
           bootstrap_steps=0)
-
-
-def latents() -> torch.Tensor:
-    return torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(1))
 
 
 def embedding(model, path, *, vectors: int = 2, seed: int = 0, sdxl: bool = False):

@@ -8,15 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_near, rel_err, wide_scene, write
+from conftest import assert_near, latents, rel_err, wide_scene, write
 from PIL import Image
 
 SIZE = 64  # pixels: 32 x 32 latents with the tiny VAE's factor 2, 16 x 16 tokens
 
-
-
-def latents(seed: int = 1) -> torch.Tensor:
-    return torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")

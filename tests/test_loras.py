@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import family_reference, rel_err, stream_frame, write
+from conftest import family_reference, latents, rel_err, stream_frame, write
 from tinymodel import write_tiny_lora
 
 from smd_cli.loras import as_loras
@@ -13,10 +13,6 @@ from smd_cli.loras import as_loras
 SIZE = 64
 KW = dict(height=SIZE, width=SIZE, output_type="np", scheduler="ddim", num_inference_steps=3, guidance_scale=1.0,
           bootstrap_steps=0)
-
-
-def latents(channels: int = 4) -> torch.Tensor:
-    return torch.randn(1, channels, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import family_reference, rel_err, stream_frame, write
+from conftest import family_reference, latents, rel_err, stream_frame, write
 from PIL import Image
 from tinymodel import write_tiny_ip_adapter
 
 SIZE = 64
 KW = dict(height=SIZE, width=SIZE, output_type="np", scheduler="ddim", num_inference_steps=3, bootstrap_steps=0)
-
-
-def latents() -> torch.Tensor:
-    return torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(1))
 
 
 def picture(seed: int = 0) -> Image.Image:

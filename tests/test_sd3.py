@@ -6,14 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err, wide_scene
+from conftest import latents, rel_err, wide_scene
 
 SIZE = 64  # pixels: 32 x 32 latents with the tiny VAE's factor 2
 
-
-
-def latents(seed: int = 1) -> torch.Tensor:
-    return torch.randn(1, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err, wide_scene, write
+from conftest import latents, rel_err, wide_scene, write
 from PIL import Image
 
 SIZE = 64  # pixels: 32 x 32 latents with the tiny VAE's factor 2
 DEFAULT_TIMESTEPS = [999, 919, 759, 499, 259]
 
-
-
-def latents(seed: int = 1, size: int = SIZE // 2) -> torch.Tensor:
-    return torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")

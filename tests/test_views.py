@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import latents
 
 from smd_cli.views import View, layout, starts
 
@@ -53,10 +54,6 @@ def test_triangular_weights_favour_view_centres():
 SIZE = 64
 
 
-def _latents(h, w, seed=1):
-    return torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(seed))
-
-
 def test_panorama_equals_diffusers_multidiffusion(tiny_model_f8):
     """DDIM, uniform weights, window 64 and stride 8 latents: smd is MultiDiffusion (docs/method.md §3, 5)."""
     try:
@@ -71,10 +68,10 @@ def test_panorama_equals_diffusers_multidiffusion(tiny_model_f8):
     ref.set_progress_bar_config(disable=True)
     height, width, steps = 512, 640, 6  # 64 x 80 latents: 3 views of 64 at stride 8
     expected = ref("a photo of the sun", height=height, width=width, num_inference_steps=steps,
-                   guidance_scale=2.0, latents=_latents(64, 80), output_type="np").images[0]
+                   guidance_scale=2.0, latents=latents(size=64, width=80), output_type="np").images[0]
     smd = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_model_f8))
     got = smd("a photo of the sun", height=height, width=width, num_inference_steps=steps, scheduler="ddim",
-              guidance_scale=2.0, latents=_latents(64, 80), tile_size=512, tile_stride=64,
+              guidance_scale=2.0, latents=latents(size=64, width=80), tile_size=512, tile_stride=64,
               tile_weighting="uniform", output_type="np")
     assert float(np.abs(expected - got).sum() / np.abs(expected).sum()) < 1e-4
 
@@ -87,11 +84,11 @@ def test_euler_plain_sampling_equals_diffusers(tiny_model, reference_pipe, pipe)
     reference_pipe.scheduler = euler
     try:
         expected = reference_pipe("a cat", height=SIZE, width=SIZE, num_inference_steps=8, guidance_scale=1.0,
-                                  latents=_latents(32, 32), output_type="np").images[0]
+                                  latents=latents(size=32, width=32), output_type="np").images[0]
     finally:
         reference_pipe.scheduler = original
     got = pipe("a cat", height=SIZE, width=SIZE, num_inference_steps=8, scheduler="euler",
-               latents=_latents(32, 32), output_type="np")
+               latents=latents(size=32, width=32), output_type="np")
     assert float(np.abs(expected - got).sum() / np.abs(expected).sum()) < 1e-4
 
 
@@ -138,7 +135,7 @@ def test_unet_calls_per_step_follow_the_batching(pipe):
 def test_empty_pairs_are_skipped_and_change_no_pixel(pipe):
     masks = _bands(3, 256)  # each band touches only the views over it
     kwargs = dict(height=SIZE, width=256, tile_size=64, bootstrap_steps=2, masks=masks, max_batch=1,
-                  latents=_latents(32, 128), output_type="np")
+                  latents=latents(size=32, width=128), output_type="np")
     with UNetCalls(pipe.unet) as calls:
         skipped = pipe(["a cat", "blue sky", "the sun"], generator=torch.Generator().manual_seed(0), **kwargs)
     assert 0 < len(calls.sizes) < 3 * 5 * 5
