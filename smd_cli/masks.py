@@ -70,10 +70,11 @@ def fit_masks(masks: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack([resize(m, height, width) for m in masks])
 
 
-def fit_picture(image: Image.Image, width: int, height: int) -> Image.Image:
-    """A background picture as RGB at canvas size, with a warning when that changes its aspect ratio."""
+def fit_picture(image: Image.Image, width: int, height: int, warn: bool = True) -> Image.Image:
+    """A background picture as RGB at canvas size, with a warning (`warn`) when that changes its
+    aspect ratio."""
     image = image.convert("RGB")
-    if aspect_mismatch(image.size, width, height):
+    if warn and aspect_mismatch(image.size, width, height):
         warnings.warn(f"background image is {image.size[0]}x{image.size[1]}; resized to the {width}x{height} "
                       "canvas, which changes its aspect ratio", stacklevel=3)
     if image.size != (width, height):

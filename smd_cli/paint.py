@@ -277,9 +277,11 @@ class PaintSession:
         with self.lock:
             return str(self.painting.save(self.save_dir, self.stem))
 
-    def set_picture(self, data: bytes) -> None:
-        """The background picture from uploaded bytes, decoded with the limits of scene images."""
+    def set_picture(self, data: bytes) -> str:
+        """The background picture from uploaded bytes, decoded with the limits of scene images;
+        returns what the page should say of it."""
         from smd_cli.files import UnreadableFile, decode_image
+        from smd_cli.masks import aspect_mismatch
 
         if len(data) > MAX_UPLOAD_BYTES:
             raise SmdError(f"the picture is {len(data) / 2**20:.1f} MiB; at most {MAX_UPLOAD_BYTES // 2**20} MiB")
@@ -291,7 +293,12 @@ class PaintSession:
             raise SmdError("the picture cannot be used: not an image Pillow can read") from None
         with self.lock:
             self.painting.set_picture(image)
+            width, height = self.painting.width, self.painting.height
         self._wake.set()
+        if aspect_mismatch(image.size, width, height):
+            return (f"picture uploaded; it is {image.size[0]}x{image.size[1]}, stretched to the {width}x{height} "
+                    "canvas (crop it to the canvas's shape to keep its proportions)")
+        return "picture uploaded"
 
     def picture_png(self) -> bytes | None:
         """The background picture as PNG, encoded once per picture."""
@@ -556,11 +563,11 @@ def make_app(session: PaintSession, *, access: Access | None = None):
                 if len(body) > MAX_UPLOAD_BYTES:
                     return too_large
             try:
-                await asyncio.to_thread(session.set_picture, bytes(body))
+                said = await asyncio.to_thread(session.set_picture, bytes(body))
             except SmdError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=400)
         tell_all(state=True)
-        return JSONResponse({"ok": True})
+        return JSONResponse({"ok": True, "message": said})
 
     async def sender(tab: _Tab) -> None:
         sent, error_seen = 0, session.error[0] if session.error else 0

@@ -176,7 +176,7 @@ class Painting:
         if picture is not None and picture.size != (self.width, self.height):
             from smd_cli.masks import fit_picture
 
-            picture = fit_picture(picture, self.width, self.height)
+            picture = fit_picture(picture, self.width, self.height, warn=False)  # the app says so itself
         self._remember()
         self.picture = None if picture is None else picture.convert("RGB")
         self.picture_version += 1

@@ -246,7 +246,7 @@ def test_the_server_refuses_strangers_and_bad_pictures(served):
     picture = io.BytesIO()
     Image.new("RGB", (128, 128), (0, 0, 255)).save(picture, format="PNG")
     assert post(picture.getvalue(), origin="http://evil.example")[0] == 403
-    assert post(picture.getvalue()) == (200, {"ok": True})
+    assert post(picture.getvalue()) == (200, {"ok": True, "message": "picture uploaded"})
     assert session.painting.picture.size == (64, 64)  # fitted to the canvas
     with urllib.request.urlopen(server.url + "picture", timeout=30) as response:
         assert Image.open(response).getpixel((5, 5)) == (0, 0, 255)

@@ -438,11 +438,17 @@ def test_hostile_uploads(served, capfd, tmp_path):
     for name, (body, status) in cases.items():
         code, answer = request(server, "POST", "/picture", body=body)
         assert code == status, (name, answer)
-        assert "error" in json.loads(answer) if status != 200 else json.loads(answer) == {"ok": True}, name
+        reply = json.loads(answer)
+        assert "error" in reply if status != 200 else reply["ok"] is True, name
+        if name == "CMYK JPEG":  # 40 x 30 on a square canvas: the page says it was stretched
+            assert "it is 40x30, stretched to the 64x64 canvas" in reply["message"]
         if status == 200:
             assert session.painting.picture.size == (64, 64) and session.painting.picture.mode == "RGB", name
     for length in ("abc", "-1", "1e9", "99999999999999999999"):
-        code, answer = request(server, "POST", "/picture", body=b"x", headers={"Content-Length": length})
+        try:
+            code, answer = request(server, "POST", "/picture", body=b"x", headers={"Content-Length": length})
+        except (ConnectionResetError, BrokenPipeError):  # refused by the HTTP parser, the connection dropped
+            continue
         assert code in (400, 413), (length, code)
     big = b"\0" * (33 * 1024 * 1024)
     assert request(server, "POST", "/picture", body=big)[0] == 413
