@@ -27,8 +27,9 @@ def ws_url(server) -> str:
 
 
 def request(server, method: str, path: str, *, host: str | None = None, origin: str | None = None,
-            body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
-    """One HTTP request with the Host and Origin given (http.client would send its own Host)."""
+            body=None, headers: dict | None = None, chunked: bool = False) -> tuple[int, bytes]:
+    """One HTTP request with the Host and Origin given (http.client would send its own Host). A
+    server that answers before the whole body is sent may close the connection: its answer counts."""
     address, port = server.sock.getsockname()[:2]
     connection = http.client.HTTPConnection(address, port, timeout=30)
     try:
@@ -38,9 +39,14 @@ def request(server, method: str, path: str, *, host: str | None = None, origin: 
             connection.putheader("Origin", origin)
         for key, value in (headers or {}).items():
             connection.putheader(key, value)
-        if body is not None and "Content-Length" not in (headers or {}):
+        if chunked:
+            connection.putheader("Transfer-Encoding", "chunked")
+        elif body is not None and "Content-Length" not in (headers or {}):
             connection.putheader("Content-Length", str(len(body)))
-        connection.endheaders(body)
+        try:
+            connection.endheaders(body, encode_chunked=chunked)
+        except (BrokenPipeError, ConnectionResetError):  # answered and closed before the body was all sent
+            pass
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -452,6 +458,8 @@ def test_hostile_uploads(served, capfd, tmp_path):
         assert code in (400, 413), (length, code)
     big = b"\0" * (33 * 1024 * 1024)
     assert request(server, "POST", "/picture", body=big)[0] == 413
+    chunks = (b"\0" * 2**20 for _ in range(40))  # no length said: read up to the limit, then refused
+    assert request(server, "POST", "/picture", body=chunks, chunked=True)[0] == 413
     assert np.asarray(session.painting.picture)[0, 0].tolist() == [0, 255, 0]  # the last good one stays
     asyncio.run(alive(server, session))
     assert_clean(capfd, session, tmp_path)
