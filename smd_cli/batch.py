@@ -636,6 +636,19 @@ class ModelCache:
         self.emit(Loaded(description, seconds))
 
 
+def load_session_model(options: Options, sources: Sources, on_event: OnEvent | None = None) -> Any:
+    """The one pipeline a live session (smd stream, smd paint) keeps, on the options' device and
+    dtype; compiling is the stream's own business (its one fixed shape), not the loader's."""
+    from smd_cli.models import resolve_device, resolve_dtype, set_threads
+
+    if options.threads:
+        set_threads(options.threads)
+    device = resolve_device(options.device)
+    cache = ModelCache(dataclasses.replace(options, compile=False), device, resolve_dtype(options.dtype, device),
+                       on_event)
+    return cache.get(sources)
+
+
 def run(plan: Plan, options: Options, *, on_event: OnEvent | None = None,
         cache: ModelCache | None = None) -> list[Outcome]:
     """Make this process's share of the planned images, one after another; returns every outcome of

@@ -95,6 +95,16 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 # Commands
 
 
+def size_option(name: str, help: str, *short: str):
+    """A canvas side on the command line, with the bounds of a scene's width and height."""
+    return typer.Option(None, name, *short, min=defaults.MIN_SIZE, max=defaults.MAX_SIZE, help=help)
+
+
+# Guidance in a stream (smd stream and smd paint).
+CFG_OPTION = typer.Option(defaults.STREAM_CFG_TYPE, "--cfg",
+                          help=f"Guidance in the stream: {', '.join(defaults.STREAM_CFG_TYPES)}.")
+
+
 @app.command()
 def validate(
     scenes: List[Path] = typer.Argument(..., help="Scene files (YAML) to check.", show_default=False),
@@ -142,10 +152,8 @@ def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Plain text-to-image without a scene."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", "-n", help="With --prompt, its negative "
                                                   "prompt; with scenes, put before every layer's (negative_prefix)."),
-    width: Optional[int] = typer.Option(None, "--width", min=defaults.MIN_SIZE, max=defaults.MAX_SIZE,
-                                       help="Canvas width in pixels."),
-    height: Optional[int] = typer.Option(None, "--height", min=defaults.MIN_SIZE, max=defaults.MAX_SIZE,
-                                        help="Canvas height in pixels."),
+    width: Optional[int] = size_option("--width", "Canvas width in pixels."),
+    height: Optional[int] = size_option("--height", "Canvas height in pixels."),
     opts: SimpleNamespace = None,
 ) -> None:
     """Generate images from scenes (one per scene and seed), loading the model once for all of them.
@@ -212,10 +220,8 @@ def inpaint(
 def panorama(
     prompt: str = typer.Argument(..., help="The prompt, or a scene file with one layer and a wide canvas."),
     negative_prompt: str = typer.Option("", "--negative-prompt", "--negative", "-n", help="Negative prompt."),
-    width: Optional[int] = typer.Option(None, "--width", min=defaults.MIN_SIZE, max=defaults.MAX_SIZE,
-                                       help=f"Width in pixels (default {defaults.PANORAMA_WIDTH})."),
-    height: Optional[int] = typer.Option(None, "--height", min=defaults.MIN_SIZE, max=defaults.MAX_SIZE,
-                                        help=f"Height in pixels (default {defaults.PANORAMA_HEIGHT})."),
+    width: Optional[int] = size_option("--width", f"Width in pixels (default {defaults.PANORAMA_WIDTH})."),
+    height: Optional[int] = size_option("--height", f"Height in pixels (default {defaults.PANORAMA_HEIGHT})."),
     circular: bool = typer.Option(False, "--circular", help="A 360-degree panorama: the left and right "
                                   "edges join without a seam."),
     opts: SimpleNamespace = None,
@@ -321,7 +327,7 @@ def stream(
     watch: bool = typer.Option(False, "--watch", help="Apply edits of the scene file and its images live."),
     preview: Optional[str] = typer.Option(None, "--preview", help="Serve live frames over HTTP at [HOST:]PORT "
                                           "(default host 127.0.0.1)."),
-    cfg_type: str = typer.Option("none", "--cfg", help="Guidance in the stream: none, full, self or initialize."),
+    cfg_type: str = CFG_OPTION,
     overlap_decode: bool = typer.Option(False, "--overlap-decode", help="Decode each frame while the UNet "
                                         "works on the next (a GPU side stream; a thread elsewhere)."),
     opts: SimpleNamespace = None,
@@ -401,10 +407,10 @@ def paint(
     open_browser: bool = typer.Option(False, "--open", help="Open the app in the default browser."),
     save_dir: Optional[Path] = typer.Option(None, "--save-dir", help="Where Save writes scenes, masks and images "
                                             "(default: beside the opened scene, else here)."),
-    width: Optional[int] = typer.Option(None, "--width", "-W", min=8, help="Canvas width of a blank painting "
-                                        "(or the scene's masks resized to it)."),
-    height: Optional[int] = typer.Option(None, "--height", "-H", min=8, help="Canvas height, likewise."),
-    cfg_type: str = typer.Option("none", "--cfg", help="Guidance in the stream: none, full, self or initialize."),
+    width: Optional[int] = size_option("--width", "Canvas width of a blank painting (or the scene's masks resized "
+                                       "to it).", "-W"),
+    height: Optional[int] = size_option("--height", "Canvas height, likewise.", "-H"),
+    cfg_type: str = CFG_OPTION,
     opts: SimpleNamespace = None,
 ) -> None:
     """Paint with prompts in the browser: the semantic palette, live on the stream.

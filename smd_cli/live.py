@@ -5,7 +5,6 @@ Scenes become streams and live updates in `smd_cli.render` (`scene_stream`, `app
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import http.server
 import io
@@ -425,9 +424,9 @@ def open_session(scene: Path, options: batch.Options, *, output: Path | None = N
     """Check all that can fail before a model loads (the scene and its masks, the output, the preview
     address), then load the model (`options`, with `options.overrides` applied to the scene) and start
     streaming the scene. `options.compile` compiles for the stream's one fixed shape."""
-    from smd_cli.batch import ModelCache, sources_of, with_preset
+    from smd_cli.batch import load_session_model, sources_of, with_preset
     from smd_cli.canvas import model_canvas
-    from smd_cli.models import check_source, resolve_device, resolve_dtype, set_threads
+    from smd_cli.models import check_source
 
     check_cfg_type(cfg_type)
     sf = with_preset(load_scene(scene, options.overrides), options)
@@ -441,13 +440,8 @@ def open_session(scene: Path, options: batch.Options, *, output: Path | None = N
     state = LiveState()
     server = PreviewServer(state, *parse_address(preview)) if preview else None  # listens now, serves later
     try:
-        if options.threads:
-            set_threads(options.threads)
-        device = resolve_device(options.device)
-        cache = ModelCache(dataclasses.replace(options, compile=False), device, resolve_dtype(options.dtype, device),
-                           on_event)
-        stream = scene_stream(sf, cache.get(sources), cfg_type=cfg_type, overlap_decode=overlap_decode,
-                              compile=options.compile, allow_large=options.allow_large)
+        stream = scene_stream(sf, load_session_model(options, sources, on_event), cfg_type=cfg_type,
+                              overlap_decode=overlap_decode, compile=options.compile, allow_large=options.allow_large)
     except BaseException:
         if server is not None:
             server.stop()

@@ -711,13 +711,11 @@ def open_paint(scene: Path | None, options, *, width: int | None = None, height:
     work of a frame and of an image, the scene and its masks, the save folder), then load the model
     (`options`) and start the stream on the painting. An interactive canvas takes no --allow-large:
     past `defaults.LARGE_WORK` denoiser passes it is refused."""
-    import dataclasses
-
     from smd_cli import defaults
-    from smd_cli.batch import ModelCache, sources_of, with_preset
+    from smd_cli.batch import load_session_model, sources_of, with_preset
     from smd_cli.canvas import canvas_size, canvas_views, check_work
     from smd_cli.live import check_cfg_type
-    from smd_cli.models import check_source, model_grid, resolve_device, resolve_dtype, set_threads
+    from smd_cli.models import check_source, model_grid
     from smd_cli.outputs import check_writable
     from smd_cli.scene import load_scene, validate_scene
 
@@ -744,9 +742,5 @@ def open_paint(scene: Path | None, options, *, width: int | None = None, height:
         painting = Painting.blank(*size)
         stem, folder = "painting", save_dir or Path.cwd()
     check_writable(Path(folder) / f"{stem}.yaml")
-    if options.threads:
-        set_threads(options.threads)
-    device = resolve_device(options.device)
-    cache = ModelCache(dataclasses.replace(options, compile=False), device, resolve_dtype(options.dtype, device),
-                       on_event)
-    return PaintSession(painting, cache.get(sources), save_dir=Path(folder), stem=stem, cfg_type=cfg_type).start()
+    pipe = load_session_model(options, sources, on_event)
+    return PaintSession(painting, pipe, save_dir=Path(folder), stem=stem, cfg_type=cfg_type).start()

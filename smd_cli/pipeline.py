@@ -403,7 +403,7 @@ class StableMultiDiffusionPipeline:
                        circular=request.circular)  # patches (SD3) and 2x2 tokens (FLUX) must be whole
         window, stride = tiles.window, tiles.stride
         schedule = self.schedule(request.steps, request.timesteps, request.scheduler, request.timestep_spacing,
-                                 (min(window, height // f), min(window, width // f)))
+                                 tiles.view)
         too_much = work_problem(tiles.count, len(request.layers.prompts), len(schedule), allow_large=allow_large,
                                 allow="allow_large=True")
         if too_much:
@@ -449,8 +449,7 @@ class StableMultiDiffusionPipeline:
         # 5. Denoise: the shared step loop, over views for canvases larger than a tile (docs/method.md §5).
         views = layout(shape[2], shape[3], (window, window), (stride, stride), weighting=request.tile_weighting,
                        circular=request.circular, device=self.device)
-        max_batch = max_batch or self.auto_max_batch((min(window, shape[2]), min(window, shape[3])),
-                                                     uncond is not None)
+        max_batch = max_batch or self.auto_max_batch(tiles.view, uncond is not None)
         x0 = sample(
             self._predictor(cond, uncond, request.guidance_scale, shape[2:], pad=max_batch if self.compiled else None,
                             cfg_scale=true_cfg),

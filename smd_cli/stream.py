@@ -112,8 +112,7 @@ class StreamMultiDiffusion:
         if pipe.family.name in FLOW_FAMILIES and num_inference_steps is None and timesteps is None:
             num_inference_steps = defaults.STEPS["lcm"]  # a stream's depth, not a flow model's 28 steps
         window, stride = tiles.window, tiles.stride
-        self.schedule = pipe.schedule(num_inference_steps, timesteps,
-                                      window=(min(window, height // f), min(window, width // f)))
+        self.schedule = pipe.schedule(num_inference_steps, timesteps, window=tiles.view)
         self.view_count = tiles.count
         self.check_work(1)
         self.shape = (1, pipe.family.channels, height // f, width // f)

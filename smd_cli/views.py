@@ -175,13 +175,15 @@ class Grid:
 @dataclass(frozen=True)
 class Tiling:
     """A canvas's views: the tile in pixels, the window and stride in latent pixels (what `layout`
-    takes), and how many views lie down (`rows`) and across (`cols`) the canvas."""
+    takes), how many views lie down (`rows`) and across (`cols`) the canvas, and the latent size of
+    one view (`view`: the window, or the canvas's side where that is smaller)."""
 
     tile: int
     window: int
     stride: int
     rows: int
     cols: int
+    view: tuple[int, int]
 
     @property
     def count(self) -> int:
@@ -216,8 +218,9 @@ def tiling(grid: Grid, width: int, height: int, *, tile_size: int | None = None,
                           + ("" if tile_size else ", the model's default") + "): views would leave gaps", "tile_stride")
     window, stride = view_sizes(tile, tile_stride, grid.factor)
     rows, cols = height // grid.factor, width // grid.factor
-    return Tiling(tile, window, stride, len(starts(rows, min(window, rows), stride)),
-                  len(starts(cols, min(window, cols), stride, circular and cols > window)))
+    view = (min(window, rows), min(window, cols))
+    return Tiling(tile, window, stride, len(starts(rows, view[0], stride)),
+                  len(starts(cols, view[1], stride, circular and cols > window)), view)
 
 
 def _nearest(side: int, multiple: int) -> tuple[int, int]:
