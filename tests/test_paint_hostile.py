@@ -364,7 +364,6 @@ def test_enormous_strokes_messages_and_floods(served, capfd, tmp_path):
     assert_clean(capfd, session, tmp_path)
 
 
-@pytest.mark.slow
 def test_many_and_silent_tabs(served, capfd, tmp_path):
     """Tabs past the limit are turned away; tabs that never read hold nothing that grows, and the
     others are served meanwhile."""
@@ -379,7 +378,7 @@ def test_many_and_silent_tabs(served, capfd, tmp_path):
         refused = 0
         for _ in range(MAX_CLIENTS + 6):
             try:
-                ws = await websockets.connect(ws_url(server), max_queue=1, max_size=None)
+                ws = await websockets.connect(ws_url(server), max_queue=1, max_size=None, close_timeout=0.5)
             except websockets.exceptions.InvalidStatus:
                 refused += 1
                 continue
