@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from smd_cli.access import Access, access_for, is_loopback, url_for
 from smd_cli.errors import SmdError
-from smd_cli.painting import MAX_STROKE_POINTS, BrushFields, Finite, Painting, Text
+from smd_cli.painting import MAX_STROKE_POINTS, BrushFields, Finite, Painting, Text, not_a_page_setting
 
 PAGE = Path(__file__).parent / "web" / "paint.html"
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # a background picture sent from the page
@@ -154,17 +154,17 @@ def parse_edit(message: str | bytes | dict) -> Any:
     try:
         return _EDITS.validate_python(data)
     except ValidationError as exc:
-        return _refused(data["op"], exc)
+        raise _refused(data["op"], exc) from None
 
 
-def _refused(op: str, exc: ValidationError):
+def _refused(op: str, exc: ValidationError) -> SmdError:
+    """What is wrong with an edit, from pydantic's first complaint."""
     problem = exc.errors(include_url=False)[0]
     where = [str(p) for p in problem["loc"][1:]]  # past the union's tag
     if problem["type"] == "extra_forbidden" and where[:1] == ["fields"]:
-        raise SmdError(f"{op}: a brush has no setting {where[-1][:40]!r} the page may set; it has "
-                       f"{', '.join(BrushFields.model_fields)} (models and files come from the scene file)")
+        return SmdError(f"{op}: {not_a_page_setting(repr(where[-1][:40]))}")
     key = ".".join(where)
-    raise SmdError(f"{op}: {key + ': ' if key else ''}{problem['msg']}")
+    return SmdError(f"{op}: {key + ': ' if key else ''}{problem['msg']}")
 
 
 # ---------------------------------------------------------------------------------------------

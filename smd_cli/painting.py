@@ -326,18 +326,21 @@ class _Snapshot:
 
 def page_fields(fields: Any) -> dict[str, Any]:
     """Brush settings from the page, checked against what the page may set (`BrushFields`)."""
-    if isinstance(fields, BrushFields):
-        return fields.model_dump(exclude_none=True)
     if not isinstance(fields, dict):
         raise SmdError("a brush's settings are a mapping of " + ", ".join(BrushFields.model_fields))
     unknown = sorted(set(fields) - set(BrushFields.model_fields), key=str)
     if unknown:
-        raise SmdError(f"a brush has no setting {', '.join(map(str, unknown))} the page may set; it has "
-                       f"{', '.join(BrushFields.model_fields)} (models and files come from the scene file)")
+        raise not_a_page_setting(", ".join(map(str, unknown)))
     try:
         return BrushFields.model_validate(fields).model_dump(exclude_none=True)
     except ValidationError as exc:
         raise SmdError(f"brush settings: {first_problem(exc)}") from None
+
+
+def not_a_page_setting(names: str) -> SmdError:
+    """The refusal of brush settings a page may not set: whatever names a file or a model."""
+    return SmdError(f"a brush has no setting {names} the page may set; it has {', '.join(BrushFields.model_fields)} "
+                    "(models and files come from the scene file)")
 
 
 def first_problem(exc: ValidationError) -> str:
