@@ -83,7 +83,7 @@ def finish_args(args: argparse.Namespace, build: Callable[[Path], Path] | None =
     import psutil
     import torch
 
-    from smd_cli.models import resolve_device, resolve_dtype
+    from smd_cli.models.loading import resolve_device, resolve_dtype
 
     args.busy = psutil.cpu_percent(interval=0.5)  # other processes' load, before this one starts working
     args.device = resolve_device(args.device)
@@ -200,7 +200,7 @@ def shape_masks(count: int, height: int, width: int):
     """`count` of the SHAPES as [count, H, W] float masks, drawn by smd's own mask functions."""
     import numpy as np
 
-    from smd_cli.masks import ellipse_mask, rect_mask
+    from smd_cli.method.masks import ellipse_mask, rect_mask
 
     draw = {"rect": rect_mask, "ellipse": ellipse_mask}
     return np.stack([draw[kind](box, height, width) for kind, box in SHAPES[:count]])
@@ -477,7 +477,7 @@ def typed(cell):
 def record(args, benchmark: str, title: str, rows: Sequence[dict], notes: Sequence[str] = (), **setting) -> str:
     """Print a titled table and, unless --no-report, append it as a record to its device's file in --results;
     `setting` says what was measured (canvas, tile, ...) beside the size, model and dtype of `args`."""
-    from smd_cli.defaults import TILE_STRIDE
+    from smd_cli.core.defaults import TILE_STRIDE
 
     facts = machine(args.device)
     header = (f"_{facts['date']} · smd {facts['smd']} ({facts['commit']}) · device: {facts['device']} · "

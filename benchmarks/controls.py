@@ -4,9 +4,9 @@ The regional scene's 8 layers over a background (`benchmarks.regional`'s layout,
 steps, bootstrapping 2, on one model: with nothing, with one LoRA over the whole canvas, with its
 own LoRA on 1, 2 and 4 layers, and the same with a ControlNet (over the canvas, on 1 and 4
 layers), and a reference image through an IP-Adapter (over the canvas, on 1 layer). Rows of
-different LoRA sets or IP-Adapter scales go to the denoiser in separate calls (`smd_cli.loras`), so
+different LoRA sets or IP-Adapter scales go to the denoiser in separate calls (`smd_cli.models.loras`), so
 the call count grows with the sets; a ControlNet runs on the rows it acts on and leaves the UNet
-call whole (`smd_cli.controls`). Each run is timed `--repeats` times, interleaved, and the median
+call whole (`smd_cli.models.controls`). Each run is timed `--repeats` times, interleaved, and the median
 reported. Prompt encoding is timed apart: plain prompts, the
 same with `(word:1.3)` weights (compel's path), and prompts of 120 words (in chunks).
 """

@@ -27,7 +27,7 @@ def autoencoders(args):
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     from benchmarks.gpu import VAE
-    from smd_cli.models import load_vae
+    from smd_cli.models.loading import load_vae
 
     generator = torch.Generator("cpu").manual_seed(args.seed)
     square = SQUARE[args.size] // 8

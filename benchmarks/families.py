@@ -56,7 +56,7 @@ def regional_inputs(size: int) -> dict:
 
 def main(argv=None) -> list[str]:
     from smd_cli import StableMultiDiffusionPipeline
-    from smd_cli.models import load_vae
+    from smd_cli.models.loading import load_vae
 
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--family", choices=tuple(BUILDERS), default="sdxl",

@@ -72,9 +72,9 @@ async def measure(url: str, size: int, strokes: int) -> tuple[list[float], list[
 
 
 def main(argv=None) -> str:
-    from smd_cli.paint import PaintSession, Server, listen
-    from smd_cli.painting import Painting
-    from smd_cli.pipeline import StableMultiDiffusionPipeline
+    from smd_cli.app.painting import Painting
+    from smd_cli.app.web.paint import PaintSession, Server, listen
+    from smd_cli.engine.pipeline import StableMultiDiffusionPipeline
 
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--vae", default=None, help="AutoencoderTiny folder (default: a tiny random one)")

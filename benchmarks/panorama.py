@@ -41,7 +41,7 @@ class Size:
 
 def sizes(name: str, canvas: str | None = None) -> Size:
     """The canvas and views of `--size` (cpu divides every size by 8), or of `--canvas WxH`."""
-    from smd_cli.views import default_tile
+    from smd_cli.method.views import default_tile
 
     shrink = 8 if name == "cpu" else 1
     width, height = (int(side) for side in canvas.lower().split("x")) if canvas else (3072, 512)

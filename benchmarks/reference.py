@@ -85,7 +85,7 @@ def scene_masks(height: int, width: int):
         return shape_masks(len(PROMPTS), height, width), "8 rectangles and ellipses in its layout"
     from PIL import Image
 
-    from smd_cli.masks import image_mask, resize
+    from smd_cli.method.masks import image_mask, resize
 
     masks = [(resize(image_mask(Image.open(folder / f"irworobongdo_{i}.png")), height, width) > 0.5)
              for i in range(1, len(PROMPTS) + 1)]
@@ -107,7 +107,7 @@ def main(argv=None) -> str | None:
     import torch
 
     from smd_cli import StableMultiDiffusionPipeline
-    from smd_cli.views import default_tile
+    from smd_cli.method.views import default_tile
 
     shrink = 8 if args.size == "cpu" else 1
     (ph, pw), (sh, sw) = [(h // shrink, w // shrink) for h, w in (PANORAMA, SCENE)]

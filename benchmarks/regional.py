@@ -66,8 +66,8 @@ def scene_yaml() -> tuple[str, str]:
 
 def scene_inputs(size: Size) -> tuple[dict, str]:
     """`StableMultiDiffusionPipeline.__call__` arguments for the scene, masks loaded by smd's scene code."""
-    from smd_cli.canvas import scene_masks
-    from smd_cli.scene import load_scene
+    from smd_cli.scenes.canvas import scene_masks
+    from smd_cli.scenes.scene import load_scene
 
     text, source = scene_yaml()
     path = scratch_dir() / "irworobongdo.yaml"
@@ -85,7 +85,7 @@ def scene_inputs(size: Size) -> tuple[dict, str]:
 
 def layer_count(masks) -> str:
     """How many prompts the sampler sees: the layers, plus the background where they leave a gap."""
-    from smd_cli.masks import background_mask
+    from smd_cli.method.masks import background_mask
 
     return f"{len(masks)} layers" + (" + background" if background_mask(masks).max() > 0 else "")
 

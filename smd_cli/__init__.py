@@ -26,25 +26,25 @@ __all__ = [
 ]
 
 _LAZY = {
-    "StableMultiDiffusionPipeline": "smd_cli.pipeline",
-    "StableMultiDiffusionSDXLPipeline": "smd_cli.pipeline",
-    "StreamMultiDiffusion": "smd_cli.stream",
-    "StreamMultiDiffusionSDXL": "smd_cli.stream",
-    "seed_everything": "smd_cli.pipeline",
-    "load_scene": "smd_cli.scene",
-    "generate": "smd_cli.render",
-    "Result": "smd_cli.render",
-    "SmdError": "smd_cli.errors",
-    "SceneError": "smd_cli.errors",
-    "ModelError": "smd_cli.errors",
+    "StableMultiDiffusionPipeline": "smd_cli.engine.pipeline",
+    "StableMultiDiffusionSDXLPipeline": "smd_cli.engine.pipeline",
+    "StreamMultiDiffusion": "smd_cli.engine.stream",
+    "StreamMultiDiffusionSDXL": "smd_cli.engine.stream",
+    "seed_everything": "smd_cli.engine.pipeline",
+    "load_scene": "smd_cli.scenes.scene",
+    "generate": "smd_cli.app.requests",
+    "Result": "smd_cli.app.requests",
+    "SmdError": "smd_cli.core.errors",
+    "SceneError": "smd_cli.core.errors",
+    "ModelError": "smd_cli.core.errors",
 }
 
 if TYPE_CHECKING:
-    from smd_cli.errors import ModelError, SceneError, SmdError
-    from smd_cli.pipeline import StableMultiDiffusionPipeline, StableMultiDiffusionSDXLPipeline, seed_everything
-    from smd_cli.render import Result, generate
-    from smd_cli.scene import load_scene
-    from smd_cli.stream import StreamMultiDiffusion, StreamMultiDiffusionSDXL
+    from smd_cli.app.requests import Result, generate
+    from smd_cli.core.errors import ModelError, SceneError, SmdError
+    from smd_cli.engine.pipeline import StableMultiDiffusionPipeline, StableMultiDiffusionSDXLPipeline, seed_everything
+    from smd_cli.engine.stream import StreamMultiDiffusion, StreamMultiDiffusionSDXL
+    from smd_cli.scenes.scene import load_scene
 
 
 def __getattr__(name: str):

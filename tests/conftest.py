@@ -102,7 +102,7 @@ def run_cli():
     """Invoke `smd` in-process; returns the click Result (exit_code, stdout, stderr)."""
     from typer.testing import CliRunner
 
-    from smd_cli.cli import app
+    from smd_cli.app.cli import app
 
     runner = CliRunner()
 
@@ -215,9 +215,9 @@ def family_reference(model, family: str, options: dict, pipeline: str | None = N
 @pytest.fixture
 def served(tiny_model, tmp_path):
     """`smd paint` on a blank 64 x 64 painting with the tiny model, on a free port."""
-    from smd_cli.paint import PaintSession, Server, listen
-    from smd_cli.painting import Painting
-    from smd_cli.pipeline import StableMultiDiffusionPipeline
+    from smd_cli.app.painting import Painting
+    from smd_cli.app.web.paint import PaintSession, Server, listen
+    from smd_cli.engine.pipeline import StableMultiDiffusionPipeline
 
     pipe = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_model))
     session = PaintSession(Painting.blank(64, 64), pipe, save_dir=tmp_path / "saved", stem="painting").start()

@@ -176,7 +176,7 @@ def test_corpus_size():
 
 @pytest.mark.parametrize("name, command, scene, files, args, fragment, code", CORPUS, ids=[c[0] for c in CORPUS])
 def test_bad_input(run_cli, tiny_model, tmp_path, monkeypatch, name, command, scene, files, args, fragment, code):
-    from smd_cli import memory
+    from smd_cli.engine import memory
 
     # The same answer on every machine: this device has 4 GiB free.
     monkeypatch.setattr(memory, "available_memory", lambda device: 4 * 1024**3)

@@ -13,8 +13,8 @@ from conftest import write
 from PIL import Image
 
 from smd_cli import generate
-from smd_cli.batch import parse_seeds
-from smd_cli.errors import SmdError
+from smd_cli.app.batch import parse_seeds
+from smd_cli.core.errors import SmdError
 
 
 def small_scene(folder: Path, name: str, seed: int | None = 1, extra: str = "") -> Path:
@@ -65,7 +65,7 @@ def test_index_date_and_time_in_templates(run_cli, tiny_model, tmp_path):
 
 
 def test_unwritable_output_is_refused_before_any_model_loads(run_cli, tmp_path, monkeypatch):
-    from smd_cli import pipeline
+    from smd_cli.engine import pipeline
 
     monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     (tmp_path / "file").write_text("not a folder")
@@ -87,7 +87,7 @@ def test_seeds_parse():
 
 
 def test_seeds_make_one_image_each(run_cli, tiny_model, tmp_path, pipe):
-    from smd_cli.scene import load_scene
+    from smd_cli.scenes.scene import load_scene
 
     scene = small_scene(tmp_path, "a")
     result = gen(run_cli, tiny_model, scene, "--seeds", "3,5-6", "--out", tmp_path / "o" / "{scene}-{seed}.png",
@@ -129,7 +129,7 @@ def test_a_failing_scene_does_not_stop_the_batch(run_cli, tiny_model, tmp_path):
 
 
 def test_a_failure_during_generation_is_reported_and_the_rest_run(run_cli, tiny_model, tmp_path, monkeypatch):
-    from smd_cli import render
+    from smd_cli.app import requests as render
 
     original = render.generate
 
@@ -168,7 +168,7 @@ def test_json_keeps_stdout_machine_readable(run_cli, tiny_model, tmp_path):
 
 
 def test_dry_run_loads_nothing_and_writes_nothing(run_cli, tiny_model, tmp_path, monkeypatch):
-    from smd_cli import pipeline
+    from smd_cli.engine import pipeline
 
     monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     scenes = [small_scene(tmp_path, "a"), small_scene(tmp_path, "b", seed=None)]
@@ -203,7 +203,7 @@ def test_quiet_and_verbose(run_cli, tiny_model, tmp_path):
 
 
 def test_ctrl_c_in_a_batch_keeps_what_was_done_and_exits_130(run_cli, tiny_model, tmp_path, monkeypatch):
-    from smd_cli import render
+    from smd_cli.app import requests as render
 
     original, calls = render.generate, []
 
@@ -225,7 +225,7 @@ def test_ctrl_c_in_a_batch_keeps_what_was_done_and_exits_130(run_cli, tiny_model
 
 
 def test_ctrl_c_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
-    from smd_cli.outputs import save_image
+    from smd_cli.core.outputs import save_image
 
     image = Image.new("RGB", (64, 64), (200, 10, 10))
 
@@ -246,7 +246,7 @@ def test_png_records_the_resolved_scene(run_cli, tiny_model, scene_dir, tmp_path
     import yaml
 
     import smd_cli
-    from smd_cli.metadata import sha256
+    from smd_cli.app.records import sha256
 
     out = tmp_path / "x.png"
     result = gen(run_cli, tiny_model, scene_dir / "scene.yaml", "--out", out, "--steps", "3")
@@ -297,8 +297,8 @@ def test_reproduce_is_bit_identical_on_the_cpu(run_cli, tiny_model, scene_dir, t
 
 
 def test_python_api_saves_and_reads_records(pipe, scene_dir, tmp_path):
-    from smd_cli.metadata import read_record
-    from smd_cli.scene import load_scene
+    from smd_cli.app.records import read_record
+    from smd_cli.scenes.scene import load_scene
 
     result = generate(pipe, load_scene(scene_dir / "scene.yaml"))
     first = result.save(tmp_path / "a.png")
@@ -318,8 +318,8 @@ def test_python_api_saves_and_reads_records(pipe, scene_dir, tmp_path):
 
 
 def test_records_made_before_centring_existed_reproduce_without_it(pipe, scene_dir, tmp_path):
-    from smd_cli.metadata import read_record
-    from smd_cli.scene import load_scene
+    from smd_cli.app.records import read_record
+    from smd_cli.scenes.scene import load_scene
 
     plain = generate(pipe, load_scene(scene_dir / "scene.yaml", ["bootstrap.centre=false"]))
     centred = generate(pipe, load_scene(scene_dir / "scene.yaml"))
@@ -332,8 +332,8 @@ def test_records_made_before_centring_existed_reproduce_without_it(pipe, scene_d
 
 
 def test_records_keep_the_stride_and_those_of_smd_0_2_reproduce_half_a_tile_apart(pipe, scene_dir, tmp_path):
-    from smd_cli.metadata import read_record
-    from smd_cli.scene import load_scene
+    from smd_cli.app.records import read_record
+    from smd_cli.scenes.scene import load_scene
 
     half = generate(pipe, load_scene(scene_dir / "scene.yaml", ["tile_size=32", "tile_stride=16"]))
     default = generate(pipe, load_scene(scene_dir / "scene.yaml", ["tile_size=32"]))  # views 24 px apart
@@ -353,8 +353,8 @@ def test_images_of_smd_0_2_reproduce_bit_for_bit(run_cli, tiny_model, scene_dir,
     an image it made (here: made that way, its record rewritten as 0.2.0 wrote it) comes out again
     identical; with today's channels-last VAE it would not."""
     from smd_cli import StableMultiDiffusionPipeline
-    from smd_cli.metadata import png_info, read_record
-    from smd_cli.scene import load_scene
+    from smd_cli.app.records import png_info, read_record
+    from smd_cli.scenes.scene import load_scene
 
     old = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_model))
     old.vae.to(memory_format=torch.contiguous_format)
@@ -373,7 +373,7 @@ def test_images_of_smd_0_2_reproduce_bit_for_bit(run_cli, tiny_model, scene_dir,
 
 
 def test_a_scene_with_recorded_hashes_warns_when_a_file_changed(run_cli, tmp_path):
-    from smd_cli.metadata import sha256
+    from smd_cli.app.records import sha256
 
     Image.new("L", (32, 32), 255).save(tmp_path / "m.png")
     digest = sha256(tmp_path / "m.png")
@@ -408,7 +408,7 @@ def test_reproduce_a_prompt_only_image(run_cli, tiny_model, tmp_path):
 def test_out_of_memory_halves_the_batch_until_it_fits(pipe, monkeypatch):
     import torch
 
-    from smd_cli.pipeline import StableMultiDiffusionPipeline
+    from smd_cli.engine.pipeline import StableMultiDiffusionPipeline
 
     calls = []
     original = StableMultiDiffusionPipeline.predict
@@ -436,7 +436,7 @@ def test_out_of_memory_halves_the_batch_until_it_fits(pipe, monkeypatch):
 
 
 def test_a_canvas_too_large_for_the_device_is_refused_before_loading(run_cli, tiny_model, tmp_path, monkeypatch):
-    from smd_cli import memory, pipeline
+    from smd_cli.engine import memory, pipeline
 
     monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(memory, "available_memory", lambda device: 2 * 1024**3)
@@ -550,9 +550,9 @@ def test_paths_print_as_they_are_on_disk(run_cli, tiny_model, tmp_path):
 
 
 def test_the_hash_recorded_is_of_the_bytes_the_masks_were_made_from(pipe, tmp_path):
-    from smd_cli.canvas import scene_masks
-    from smd_cli.metadata import read_record
-    from smd_cli.scene import load_scene
+    from smd_cli.app.records import read_record
+    from smd_cli.scenes.canvas import scene_masks
+    from smd_cli.scenes.scene import load_scene
 
     Image.new("L", (32, 32), 255).save(tmp_path / "m.png")
     scene = load_scene(write(tmp_path / "s.yaml", "seed: 1\nlayers:\n  - {prompt: a, mask: m.png}\n"))
@@ -575,7 +575,7 @@ def test_a_record_that_expands_without_end_is_refused(run_cli, tmp_path):
 
 
 def test_memory_hint_follows_the_autoencoder(run_cli, tiny_model, tmp_path, monkeypatch):
-    from smd_cli import memory
+    from smd_cli.engine import memory
 
     monkeypatch.setattr(memory, "available_memory", lambda device: 2 * 1024**3)
     scene = write(tmp_path / "big.yaml", "width: 8192\nheight: 8192\nlayers: [{prompt: a}]\n")
@@ -600,7 +600,7 @@ def test_a_panorama_scene_that_is_not_there(run_cli):
 
 def test_the_batch_engine_from_python(tiny_model, tmp_path):
     """What `smd generate` runs, called from Python: every check before loading, events for everything."""
-    from smd_cli import batch
+    from smd_cli.app import batch
 
     scenes = [small_scene(tmp_path, "a"), write(tmp_path / "broken.yaml", "layers: [\n"), small_scene(tmp_path, "b")]
     options = batch.Options(model=str(tiny_model), device="cpu", seeds=[1, 2],

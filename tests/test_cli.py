@@ -24,7 +24,7 @@ def test_generate_a_scene_end_to_end(run_cli, tiny_model, scene_dir):
 
 def test_cli_output_equals_the_python_api(run_cli, tiny_model, scene_dir, pipe, tmp_path):
     from smd_cli import generate
-    from smd_cli.scene import load_scene
+    from smd_cli.scenes.scene import load_scene
 
     out = tmp_path / "cli.png"
     result = run_cli("generate", scene_dir / "scene.yaml", "--model", tiny_model, "--device", "cpu", "--out", out)
@@ -55,7 +55,7 @@ def test_prompt_without_a_scene_is_plain_sampling(run_cli, tiny_model, tmp_path,
 
 
 def test_several_scenes_load_the_model_once(run_cli, tiny_model, scene_dir, tmp_path, monkeypatch):
-    from smd_cli import pipeline
+    from smd_cli.engine import pipeline
 
     loads = []
     original = pipeline.load_components
@@ -154,9 +154,9 @@ def _imported_modules(code: str) -> set[str]:
 
 
 def test_help_and_validate_do_not_import_torch_or_diffusers():
-    help_run = ("from smd_cli.cli import app\n"
+    help_run = ("from smd_cli.app.cli import app\n"
                 "try:\n    app(['--help'], prog_name='smd')\nexcept SystemExit:\n    pass")
-    validate_run = (f"from smd_cli.cli import app\n"
+    validate_run = (f"from smd_cli.app.cli import app\n"
                     f"try:\n    app(['validate', {str(DATA / 'scene.yaml')!r}], prog_name='smd')\n"
                     "except SystemExit as e:\n    assert e.code in (0, None), e.code")
     for code in (help_run, validate_run):

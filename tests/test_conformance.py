@@ -113,7 +113,7 @@ def test_same_seed_same_pixels_other_seed_differs(pipe, tmp_path):
     from conftest import write
 
     from smd_cli import generate
-    from smd_cli.scene import load_scene
+    from smd_cli.scenes.scene import load_scene
 
     scene = write(tmp_path / "s.yaml", f"""
 width: {SIZE}

@@ -1,4 +1,4 @@
-"""ControlNets over the whole canvas and over one layer (`smd_cli.controls`)."""
+"""ControlNets over the whole canvas and over one layer (`smd_cli.models.controls`)."""
 
 from __future__ import annotations
 
@@ -89,14 +89,14 @@ def test_a_layer_controlnet_adds_residuals_to_its_rows_only(sd, net):
 
 
 def test_a_control_image_of_another_shape_is_refused(sd, net):
-    from smd_cli.errors import SmdError
+    from smd_cli.core.errors import SmdError
 
     with pytest.raises(SmdError, match="control image is 48x24 but the canvas is 64x64: the aspect ratios differ"):
         sd.sample("a cat", controlnets=dict(model=str(net), image=control_image().resize((48, 24))), **KW)
 
 
 def test_a_scene_with_controlnets_runs_from_the_cli_and_records_its_image(run_cli, tiny_model, net, tmp_path):
-    from smd_cli.metadata import read_record
+    from smd_cli.app.records import read_record
 
     control_image().save(tmp_path / "pose.png")
     control_image(seed=1).save(tmp_path / "depth.png")

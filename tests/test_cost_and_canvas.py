@@ -12,8 +12,9 @@ import pytest
 from conftest import write
 from PIL import Image, ImageFilter
 
-from smd_cli import defaults
-from smd_cli.errors import SceneError, SmdError
+from smd_cli.core import defaults
+from smd_cli.core.errors import SceneError, SmdError
+from smd_cli.families import named
 
 LAYER = "layers:\n  - {prompt: a cat}\n"
 
@@ -25,7 +26,7 @@ def layers(count: int, mask: str = "{rect: [0, 0, 1, 1]}") -> str:
 @pytest.fixture()
 def no_loading(monkeypatch):
     """Fail the test if any model starts loading."""
-    from smd_cli import batch
+    from smd_cli.app import batch
 
     def load(self, *args):
         raise AssertionError("a model was loaded")
@@ -43,15 +44,15 @@ def counting_unet(pipe):
 
 
 def test_the_rule_names_the_nearest_sizes_and_the_key():
-    from smd_cli.views import CanvasError, Grid, tiling
+    from smd_cli.method.views import CanvasError, Grid, tiling
 
-    flux = Grid("flux", 8, 2, 1024)
+    flux = Grid("flux", 8, 2, 1024, patched=True, label="FLUX.1")
     with pytest.raises(CanvasError, match=r"a FLUX.1 canvas is a multiple of 16 pixels on each side, got "
                                           r"1000x1000; use 992x992 or 1008x1008") as exc:
         tiling(flux, 1000, 1000)
     assert exc.value.key == "width"
     with pytest.raises(CanvasError, match="an SD3 canvas .* got 1024x1000; use 1024x992 or 1024x1008") as exc:
-        tiling(Grid("sd3", 8, 2, 1024), 1024, 1000)
+        tiling(Grid("sd3", 8, 2, 1024, patched=True, label="SD3"), 1024, 1000)
     assert exc.value.key == "height"
     # SD and SDXL UNets pad their input: their canvases follow the VAE's factor alone.
     assert tiling(Grid("sd", 8, 8, 512), 1000, 1000).count > 0
@@ -64,7 +65,7 @@ def test_the_rule_names_the_nearest_sizes_and_the_key():
 
 
 def test_the_views_counted_are_the_views_laid_out():
-    from smd_cli.views import Grid, layout, tiling
+    from smd_cli.method.views import Grid, layout, tiling
 
     grid = Grid("sd", 2, 2, 512)
     for width, height, tile, stride, circular in [(128, 64, 64, None, False), (1024, 64, 64, 2, False),
@@ -78,12 +79,12 @@ def test_the_views_counted_are_the_views_laid_out():
 
 def test_planning_reads_the_grid_each_family_adapter_has(tiny_model, tiny_flux, tiny_sd3):
     from smd_cli import StableMultiDiffusionPipeline
-    from smd_cli.models import model_grid
-    from smd_cli.views import Grid
+    from smd_cli.method.views import Grid
+    from smd_cli.scenes.presets import model_grid
 
     for folder in (tiny_model, tiny_flux, tiny_sd3):
         assert model_grid(str(folder)) == StableMultiDiffusionPipeline("cpu", hf_key=str(folder)).family.grid
-    assert model_grid(None) == Grid("sd", 8, 8, 512)  # the default model, before it is downloaded
+    assert model_grid(None) == Grid("sd", 8, 8, 512, label="SD 1.x/2.x")  # the default model, before it is downloaded
     assert model_grid("black-forest-labs/FLUX.1-dev").multiple == 16  # a preset's family, before downloading
     assert model_grid("nobody/not-downloaded") is None  # known when it loads
 
@@ -92,7 +93,7 @@ def test_planning_reads_the_grid_each_family_adapter_has(tiny_model, tiny_flux, 
 def test_a_flow_canvas_off_the_grid_is_a_plan_error_in_every_command(run_cli, family, tiny_flux, tiny_sd3,
                                                                       tmp_path, no_loading):
     model = tiny_flux if family == "flux" else tiny_sd3
-    name = defaults.FAMILY_NAMES[family]
+    name = named(family).label
     scene = write(tmp_path / "odd.yaml", f"seed: 1\nwidth: 66\nheight: 64\n{LAYER}")
     said = f"odd.yaml:2: width: a{'n' * (family == 'sd3')} {name} canvas is a multiple of 4 pixels on each side, " \
            "got 66x64; use 64x64 or 68x64"
@@ -108,8 +109,8 @@ def test_a_flow_canvas_off_the_grid_is_a_plan_error_in_every_command(run_cli, fa
 
 
 def test_a_paint_canvas_off_the_grid_is_refused_before_loading(tiny_flux, tmp_path, no_loading):
-    from smd_cli import batch
-    from smd_cli.paint import open_paint
+    from smd_cli.app import batch
+    from smd_cli.app.web.paint import open_paint
 
     options = batch.Options(model=str(tiny_flux), device="cpu")
     with pytest.raises(SceneError, match="a FLUX.1 canvas is a multiple of 4 pixels on each side, got 66x64; use "
@@ -150,9 +151,9 @@ def test_the_memory_estimate_takes_the_models_own_views(tmp_path, monkeypatch):
     """An SD 2.x folder (768 px native) gets 1024 px views on a 1024 px canvas, not SD 1.5's 768."""
     import torch
 
-    from smd_cli import memory
-    from smd_cli.models import model_grid
-    from smd_cli.scene import load_scene
+    from smd_cli.engine import memory
+    from smd_cli.models.loading import model_grid
+    from smd_cli.scenes.scene import load_scene
 
     folder = tmp_path / "sd2"
     write(folder / "unet" / "config.json", json.dumps({"sample_size": 96, "block_out_channels": [320, 640, 1280, 1280],
@@ -174,7 +175,7 @@ def test_the_memory_estimate_takes_the_models_own_views(tmp_path, monkeypatch):
 
 
 def test_the_estimate_and_its_limits():
-    from smd_cli.views import work_problem
+    from smd_cli.method.views import work_problem
 
     assert work_problem(20, 10, 50, allow_large=False, allow="--allow-large") is None
     large = work_problem(241, 100, 5, allow_large=False, allow="--allow-large")
@@ -218,8 +219,8 @@ def test_the_steps_and_the_layers_are_named_when_they_multiply_most(run_cli, tin
 
 
 def test_a_stream_and_a_painting_count_a_frames_work_before_loading(run_cli, tiny_model, tmp_path, no_loading):
-    from smd_cli import batch
-    from smd_cli.paint import open_paint
+    from smd_cli.app import batch
+    from smd_cli.app.web.paint import open_paint
 
     # 8 px views at a stream's default stride on 1024 x 64 px: 1,881 views x 60 layers x 5 stages a frame.
     scene = write(tmp_path / "s.yaml", f"width: 1024\nheight: 64\ntile_size: 8\n{layers(60)}")
@@ -259,9 +260,9 @@ def test_the_python_api_refuses_before_denoising(pipe):
 def test_validate_is_linear_in_the_layers(run_cli, tmp_path, monkeypatch):
     """5,000 layers that all overlap: no pair is compared (only their areas are counted), the table has
     a row a layer whatever the overlaps, and it all takes seconds (it took minutes pair by pair)."""
-    from smd_cli import canvas
-    from smd_cli.masks import LayerMask
-    from smd_cli.scene import load_scene
+    from smd_cli.method.masks import LayerMask
+    from smd_cli.scenes import canvas
+    from smd_cli.scenes.scene import load_scene
 
     compared = []
     real = LayerMask.within
@@ -279,14 +280,14 @@ def test_validate_is_linear_in_the_layers(run_cli, tmp_path, monkeypatch):
     few = load_scene(write(tmp_path / "f.yaml", f"width: 16\nheight: 16\n{layers(20)}"))
     rows, _ = canvas.coverage_report(canvas.scene_masks(few))
     assert len(rows[0].overlaps) == 19 and rows[0].shared == 100
-    from smd_cli.report import OVERLAPS_SHOWN, overlaps
+    from smd_cli.app.report import OVERLAPS_SHOWN, overlaps
 
     assert overlaps(rows[0]).endswith(f"and {19 - OVERLAPS_SHOWN} more")
 
 
 def test_thousands_of_palette_colours_read_the_palette_once(tmp_path, monkeypatch):
-    from smd_cli import canvas
-    from smd_cli.scene import load_scene
+    from smd_cli.scenes import canvas
+    from smd_cli.scenes.scene import load_scene
 
     colours = [f"#{(i * 2654435761) % 2**24 | 1:06x}" for i in range(1, 2001)]
     colours = list(dict.fromkeys(colours))
@@ -306,7 +307,7 @@ def test_thousands_of_palette_colours_read_the_palette_once(tmp_path, monkeypatc
 
 def _brute_force_labels(image: Image.Image, colors: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The nearest listed colour of every pixel, every distance measured: what `palette_labels` must equal."""
-    from smd_cli.masks import PALETTE_TOLERANCE, hex_to_rgb
+    from smd_cli.method.masks import PALETTE_TOLERANCE, hex_to_rgb
 
     rgba = np.asarray(image.convert("RGBA")).astype(np.int64)
     opaque = rgba[..., 3] >= 128
@@ -320,7 +321,7 @@ def _brute_force_labels(image: Image.Image, colors: list[str]) -> tuple[np.ndarr
 
 
 def test_palette_labels_are_those_of_every_distance_measured():
-    from smd_cli.masks import palette_labels
+    from smd_cli.method.masks import palette_labels
 
     rng = np.random.default_rng(0)
     for _ in range(200):

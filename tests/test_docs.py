@@ -19,10 +19,10 @@ import typer.main
 import yaml
 from pydantic import BaseModel
 
-from smd_cli import settings
-from smd_cli.cli import app
-from smd_cli.errors import SmdError
-from smd_cli.scene import Background, Bootstrap, Layer, Scene, validate_scene
+from smd_cli.app import user_config as settings
+from smd_cli.app.cli import app
+from smd_cli.core.errors import SmdError
+from smd_cli.scenes.scene import Background, Bootstrap, Layer, Scene, validate_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

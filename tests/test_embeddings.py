@@ -56,7 +56,7 @@ def test_an_embedding_reads_as_diffusers_reads_it(tiny_model, tmp_path):
 
 def test_sdxl_takes_both_encoders_vectors_and_refuses_an_sd_embedding(tiny_sdxl, tiny_model, tmp_path):
     from smd_cli import StableMultiDiffusionPipeline
-    from smd_cli.errors import ModelError
+    from smd_cli.core.errors import ModelError
 
     xl = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_sdxl))
     plain = xl.encode_prompts(["a photo of style"]).states
@@ -67,7 +67,7 @@ def test_sdxl_takes_both_encoders_vectors_and_refuses_an_sd_embedding(tiny_sdxl,
 
 
 def test_a_scene_names_embeddings_by_file_and_records_them(run_cli, tiny_model, tmp_path):
-    from smd_cli.metadata import read_record
+    from smd_cli.app.records import read_record
 
     embedding(tiny_model, tmp_path / "emb" / "cat-toy.safetensors")
     scene = write(tmp_path / "s.yaml", f"seed: 2\nwidth: {SIZE}\nheight: {SIZE}\n"

@@ -97,8 +97,8 @@ def shared_folder(tiny_model):
 
 
 def test_no_home_folder_means_no_config_file_and_a_tilde_left_as_written(monkeypatch):
-    from smd_cli.files import expand_user
-    from smd_cli.settings import config_path, no_home, read_config
+    from smd_cli.app.user_config import config_path, read_config
+    from smd_cli.core.files import expand_user, no_home
 
     for name in HOME_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -158,8 +158,8 @@ def fs(name: bytes) -> str:
 
 
 def test_undecodable_bytes_print_as_the_byte():
-    from smd_cli.errors import printable
-    from smd_cli.outputs import safe_name
+    from smd_cli.core.errors import printable
+    from smd_cli.core.outputs import safe_name
 
     assert printable(fs(b"sc\xe8ne\n.yaml")) == "sc\\xe8ne\\n.yaml"
     assert printable(fs(b"sc\xe8ne"), keep_bytes=True) == fs(b"sc\xe8ne")
@@ -168,7 +168,7 @@ def test_undecodable_bytes_print_as_the_byte():
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
 def test_a_record_keeps_names_that_are_not_utf8_exactly(tmp_path, suffix):
-    from smd_cli.metadata import Record, chunks, read_record, save_options
+    from smd_cli.app.records import Record, chunks, read_record, save_options
 
     mask = fs(b"/d\xe8/m\xe9.png")
     scene = {"layers": [{"name": "cat", "prompt": "a cat", "negative_prompt": "", "mask": {"image": mask}}],
@@ -302,7 +302,8 @@ def test_ctrl_c_again_while_the_first_is_handled_ends_at_once_and_cleanly(tiny_m
 # ends smd at once, halfway through the file's bytes or just after it took its name.
 WRITING = r"""
 import io, os, signal, sys
-from smd_cli import errors, outputs
+from smd_cli.core import errors
+from smd_cli.core import outputs
 
 def twice():
     os.kill(os.getpid(), signal.SIGINT)
@@ -331,7 +332,7 @@ else:
         return taken
     outputs._claim = named
 
-from smd_cli.cli import main
+from smd_cli.app.cli import main
 sys.argv = ["smd", *sys.argv[2:]]
 main()
 """
@@ -353,7 +354,7 @@ def test_a_signal_set_to_be_ignored_stays_ignored(tiny_model, tmp_path):
     worker = Worker("generate", "s.yaml", "--model", str(tiny_model), "--device", "cpu", "--seeds", "1-400",
                     "--out", "o/{seed}.png", cwd=tmp_path,
                     script="import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); sys.argv[0] = 'smd'; "
-                           "from smd_cli.cli import main; main()")
+                           "from smd_cli.app.cli import main; main()")
     worker.wait_for(lambda: folder.exists() and any(folder.glob("*.png")))
     worker.process.send_signal(signal.SIGHUP)  # as under nohup, with the terminal closed
     made = len(list(folder.glob("*.png")))

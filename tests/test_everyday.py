@@ -96,7 +96,7 @@ def test_shell_completion_can_be_installed(run_cli):
 
 
 def test_progress_counts_images_and_seconds_leave_loading_out(run_cli, tiny_model, tmp_path, monkeypatch):
-    from smd_cli import pipeline
+    from smd_cli.engine import pipeline
 
     original, clock = pipeline.StableMultiDiffusionPipeline.__init__, time.perf_counter
     late = [0.0]  # a fake clock: loading "takes" 1000 s more than it does, however busy the machine

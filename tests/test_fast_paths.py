@@ -12,8 +12,8 @@ import torch
 from conftest import assert_near, write
 from PIL import Image
 
-from smd_cli.sampler import RegionCrop
-from smd_cli.views import View, layout
+from smd_cli.method.sampler import RegionCrop
+from smd_cli.method.views import View, layout
 
 
 def test_crop_window_holds_the_mask_with_its_margin_on_the_grid():

@@ -140,9 +140,9 @@ def test_a_two_layer_scene_is_one_transformer_call_per_step(flux):
 
 
 def test_offload_is_suggested_when_the_weights_do_not_fit_and_refused_without_a_gpu(run_cli, tiny_flux, tmp_path):
-    from smd_cli.errors import SceneError
-    from smd_cli.memory import check_memory
-    from smd_cli.scene import load_scene
+    from smd_cli.core.errors import SceneError
+    from smd_cli.engine.memory import check_memory
+    from smd_cli.scenes.scene import load_scene
 
     sf = load_scene(write(tmp_path / "s.yaml", "width: 1024\nheight: 1024\nlayers: [{prompt: a}]\n"))
     sizes = dict(width=1024, height=1024, factor=8, device=torch.device("cuda"), dtype=torch.bfloat16,
@@ -170,7 +170,7 @@ def test_a_lora_of_another_family_is_refused_not_ignored(run_cli, tiny_model, ti
 
 def test_a_stream_frame_equals_generate_with_the_same_noises(flux):
     from smd_cli import StreamMultiDiffusion
-    from smd_cli.sampler import randn
+    from smd_cli.method.sampler import randn
 
     left = np.zeros((SIZE, SIZE), np.float32)
     left[:, :28] = 1

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from smd_cli.errors import SceneError, SmdError
+from smd_cli.core.errors import SceneError, SmdError
 
 MIB = 1024**2
 LAYER = "layers:\n  - {prompt: a cat}\n"
@@ -77,9 +77,9 @@ KINDS = {"fifo": "FIFO", "dev-zero": "character device", "folder": "a folder", "
 
 def watched(pipe, scene: Path):
     """A stream of `scene`, and a watcher on its files."""
-    from smd_cli.live import SceneWatcher
-    from smd_cli.render import scene_stream
-    from smd_cli.scene import load_scene
+    from smd_cli.app.live import SceneWatcher
+    from smd_cli.app.requests import scene_stream
+    from smd_cli.scenes.scene import load_scene
 
     watcher = SceneWatcher(scene)
     watcher.watch(load_scene(scene))
@@ -129,7 +129,7 @@ def test_a_canvas_from_an_image_obeys_the_size_limit(run_cli, tmp_path):
 
 
 def test_a_watched_stream_refuses_a_bomb_and_keeps_going(pipe, tmp_path):
-    from smd_cli.live import FrameSink, run_stream
+    from smd_cli.app.live import FrameSink, run_stream
 
     Image.new("L", (64, 64), 255).save(tmp_path / "m.png")
     live, watcher = watched(pipe, write(tmp_path / "s.yaml", "seed: 1\nwidth: 64\nheight: 64\nlayers:\n"
@@ -159,7 +159,7 @@ def nested(depth: int, form: str) -> str:
 @PROPERTIES
 @given(depth=st.integers(1, 5000), form=st.sampled_from(["list", "map", "aliases"]))
 def test_documents_of_any_depth_are_a_scene_or_an_smd_error(tmp_path, depth, form):
-    from smd_cli.scene import load_scene
+    from smd_cli.scenes.scene import load_scene
 
     body = nested(depth, form)
     text = f"{body}\n{LAYER}" if form == "aliases" else f"extra: {body}\n{LAYER}"
@@ -173,7 +173,7 @@ def test_documents_of_any_depth_are_a_scene_or_an_smd_error(tmp_path, depth, for
 @PROPERTIES
 @given(depth=st.integers(1, 5000), form=st.sampled_from(["list", "map"]))
 def test_set_values_of_any_depth(tmp_path, depth, form):
-    from smd_cli.scene import load_scene
+    from smd_cli.scenes.scene import load_scene
 
     scene = write(tmp_path / "s.yaml", LAYER)
     try:
@@ -200,7 +200,7 @@ def record_png(path: Path, **chunks: str) -> Path:
 @PROPERTIES
 @given(depth=st.integers(1, 5000))
 def test_deep_records_are_damaged_records(tmp_path, depth):
-    from smd_cli.metadata import read_record
+    from smd_cli.app.records import read_record
 
     for chunks in ({"smd_scene": f"a: {nested(depth, 'list')}\n" + LAYER},
                    {"smd_scene": LAYER, "smd_timings": "[" * depth + "]" * depth}):
@@ -217,7 +217,7 @@ texts = st.text(max_size=40) | st.sampled_from(["", "{}", "[]", "null", "1e999",
 @PROPERTIES
 @given(scene=texts | st.just(LAYER), files=texts, seed=texts, name=texts, timings=texts, model=texts)
 def test_any_record_fields_give_a_record_or_an_smd_error(tmp_path, scene, files, seed, name, timings, model):
-    from smd_cli.metadata import as_dict, read_record
+    from smd_cli.app.records import as_dict, read_record
 
     path = record_png(tmp_path / "r.png", smd_scene=scene, smd_files=files, smd_seed=seed, smd_name=name,
                       smd_timings=timings, smd_model=model)
@@ -234,7 +234,7 @@ def test_any_record_fields_give_a_record_or_an_smd_error(tmp_path, scene, files,
 
 
 def test_one_scene_failing_unexpectedly_does_not_stop_the_batch(run_cli, tiny_model, tmp_path, monkeypatch):
-    from smd_cli import canvas
+    from smd_cli.scenes import canvas
 
     original = canvas.scene_masks
 
@@ -254,7 +254,7 @@ def test_one_scene_failing_unexpectedly_does_not_stop_the_batch(run_cli, tiny_mo
 
 
 def test_an_unexpected_failure_in_a_reload_does_not_stop_the_stream(pipe, tmp_path, monkeypatch):
-    from smd_cli import live
+    from smd_cli.app import live
 
     stream, watcher = watched(pipe, write(tmp_path / "s.yaml", f"seed: 1\nwidth: 64\nheight: 64\n{LAYER}"))
     monkeypatch.setattr(watcher, "changed", lambda: True)
@@ -268,7 +268,7 @@ def test_an_unexpected_failure_in_a_reload_does_not_stop_the_stream(pipe, tmp_pa
 
 
 def test_two_streams_into_one_folder_never_overwrite(tmp_path):
-    from smd_cli.live import FrameSink
+    from smd_cli.app.live import FrameSink
 
     a, b = FrameSink(tmp_path / "frames", 8), FrameSink(tmp_path / "frames", 8)  # both start at frame 1
     colours = []
@@ -366,7 +366,7 @@ def test_reproduce_check_json_and_never_onto_its_source(run_cli, made, tmp_path)
 def test_a_busy_port_or_unknown_host_fails_before_the_model_loads(run_cli, tiny_model, tmp_path, monkeypatch):
     import socket
 
-    from smd_cli import pipeline
+    from smd_cli.engine import pipeline
 
     monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     scene = write(tmp_path / "s.yaml", f"width: 32\nheight: 32\n{LAYER}")
@@ -386,7 +386,7 @@ def test_the_preview_server_under_rude_and_idle_clients(capfd):
     import time
     import urllib.request
 
-    from smd_cli.live import LiveState, PreviewServer
+    from smd_cli.app.live import LiveState, PreviewServer
 
     state = LiveState(frame=Image.new("RGB", (8, 8)), frames=1)
     server = PreviewServer(state, "127.0.0.1", 0, max_clients=4, timeout=0.5).start()
@@ -419,7 +419,7 @@ def test_ipv6_preview_where_the_machine_has_it():
     import socket
     import urllib.request
 
-    from smd_cli.live import LiveState, PreviewServer, parse_address
+    from smd_cli.app.live import LiveState, PreviewServer, parse_address
 
     if not socket.has_ipv6:
         pytest.skip("no IPv6 here")
@@ -440,9 +440,9 @@ def test_ipv6_preview_where_the_machine_has_it():
 
 
 def test_16_bit_masks_are_read_at_their_range(tmp_path):
-    from smd_cli import canvas as C
-    from smd_cli import masks as M
-    from smd_cli.scene import load_scene
+    from smd_cli.method import masks as M
+    from smd_cli.scenes import canvas as C
+    from smd_cli.scenes.scene import load_scene
 
     ramp = (np.linspace(0, 65535, 64)[None, :] * np.ones((32, 1))).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "m16.png")
@@ -495,7 +495,7 @@ def test_validate_takes_a_thousand_layers(run_cli, tmp_path):
 
 
 def test_a_dry_run_checks_what_would_fail_after_the_work(run_cli, tiny_model, tmp_path, monkeypatch):
-    from smd_cli import pipeline
+    from smd_cli.engine import pipeline
 
     monkeypatch.setattr(pipeline, "load_components", lambda *a, **k: pytest.fail("a model was loaded"))
     scene = write(tmp_path / "s.yaml", f"seed: 1\nwidth: 32\nheight: 32\n{LAYER}")
@@ -554,9 +554,9 @@ def test_control_characters_are_escaped_wherever_they_are_printed(run_cli, tiny_
 
 
 def test_watch_says_what_needs_a_restart_and_finds_a_mask_that_appears(pipe, tmp_path):
-    from smd_cli.live import FrameSink, run_stream
-    from smd_cli.render import STREAM_FIXED
-    from smd_cli.scene import Scene
+    from smd_cli.app.live import FrameSink, run_stream
+    from smd_cli.app.requests import STREAM_FIXED
+    from smd_cli.scenes.scene import Scene
 
     live_keys = {"layers", "background", "negative_prefix", "output"}
     assert set(Scene.model_fields) == set(STREAM_FIXED) | live_keys  # a new scene key must be placed in one

@@ -10,10 +10,10 @@ import torch
 from conftest import REFERENCE, assert_near, load_mask, write
 from PIL import Image
 
-from smd_cli import canvas as C
 from smd_cli import generate
-from smd_cli import masks as M
-from smd_cli.scene import load_scene
+from smd_cli.method import masks as M
+from smd_cli.scenes import canvas as C
+from smd_cli.scenes.scene import load_scene
 
 
 @pytest.fixture()
@@ -242,7 +242,7 @@ def test_tiny_autoencoder(run_cli, tiny_model, tmp_path):
 
 
 def test_a_replacement_autoencoder_loads_as_the_class_its_config_names(tiny_model, tmp_path, run_cli):
-    from smd_cli.models import load_vae
+    from smd_cli.models.loading import load_vae
 
     assert type(load_vae(str(Path(tiny_model) / "vae"), dtype=torch.float32)).__name__ == "AutoencoderKL"
     result = run_cli("generate", "--prompt", "a cat", "--model", tiny_model, "--vae", Path(tiny_model) / "unet",

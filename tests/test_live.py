@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smd_cli.live import FrameSink, LiveState, PreviewServer, SceneWatcher, run_stream
-from smd_cli.render import scene_stream
-from smd_cli.scene import load_scene
+from smd_cli.app.live import FrameSink, LiveState, PreviewServer, SceneWatcher, run_stream
+from smd_cli.app.requests import scene_stream
+from smd_cli.scenes.scene import load_scene
 
 
 def test_gif_has_the_right_frame_count(run_cli, tiny_model, scene_dir, tmp_path):
@@ -81,7 +81,7 @@ def test_ctrl_c_finishes_the_gif_with_the_frames_so_far(pipe, scene_dir, tmp_pat
 
 
 def test_a_stream_takes_the_scenes_steps_and_names_what_it_ignores(pipe, scene_dir):
-    from smd_cli.scene import validate_scene
+    from smd_cli.scenes.scene import validate_scene
 
     sf = validate_scene({"width": 32, "height": 32, "steps": 3, "layers": [{"prompt": "a cat"}]})
     assert len(scene_stream(sf, pipe).schedule) == 3
@@ -95,7 +95,7 @@ def test_a_stream_takes_the_scenes_steps_and_names_what_it_ignores(pipe, scene_d
 
 
 def test_a_gif_keeps_a_bounded_number_of_frames_and_says_so(tmp_path, monkeypatch):
-    from smd_cli import live
+    from smd_cli.app import live
 
     monkeypatch.setattr(live, "MAX_GIF_BYTES", 3 * 8 * 8 * 3)  # three 8x8 frames
     sink = FrameSink(tmp_path / "long.gif", 8)

@@ -1,4 +1,4 @@
-"""LoRAs over the whole canvas and over one layer (`smd_cli.loras`), from the Python API, the CLI and streams."""
+"""LoRAs over the whole canvas and over one layer (`smd_cli.models.loras`), from the Python API, the CLI and streams."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from conftest import family_reference, latents, rel_err, stream_frame, write
 from tinymodel import write_tiny_lora
 
-from smd_cli.loras import as_loras
+from smd_cli.models.loras import as_loras
 
 SIZE = 64
 KW = dict(height=SIZE, width=SIZE, output_type="np", scheduler="ddim", num_inference_steps=3, guidance_scale=1.0,
@@ -104,7 +104,7 @@ def test_two_layers_with_their_own_loras_differ_from_none(sd, lora, lora_b):
 def test_a_scene_with_loras_runs_from_the_cli_and_its_record_reproduces(run_cli, tiny_model, lora, lora_b, tmp_path):
     from PIL import Image
 
-    from smd_cli.metadata import read_record
+    from smd_cli.app.records import read_record
 
     (tmp_path / "loras").mkdir()
     local = tmp_path / "loras" / "character.safetensors"

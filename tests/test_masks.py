@@ -9,10 +9,10 @@ import pytest
 from conftest import write
 from PIL import Image
 
-from smd_cli import canvas as C
-from smd_cli import masks as M
-from smd_cli.errors import SceneError
-from smd_cli.scene import load_scene
+from smd_cli.core.errors import SceneError
+from smd_cli.method import masks as M
+from smd_cli.scenes import canvas as C
+from smd_cli.scenes.scene import load_scene
 
 SIGMAS = [0.9977, 0.9942, 0.9735, 0.8499, 0.5840, 0.0]
 

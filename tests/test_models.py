@@ -10,8 +10,8 @@ import torch
 from conftest import DATA
 from PIL import Image
 
-from smd_cli.errors import ModelError
-from smd_cli.models import lcm_lora_fits, load_components, resolve_device, resolve_dtype
+from smd_cli.core.errors import ModelError
+from smd_cli.models.loading import lcm_lora_fits, load_components, resolve_device, resolve_dtype
 
 CPU = torch.device("cpu")
 
@@ -36,7 +36,7 @@ def tiny_lora(tiny_model, tmp_path_factory):
 
 
 def _unet_weight(components) -> torch.Tensor:
-    return components.unet.state_dict()["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
+    return components.denoiser.state_dict()["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
 
 
 def test_lora_from_a_folder_or_a_file_is_fused(tiny_model, tiny_lora):
@@ -47,7 +47,7 @@ def test_lora_from_a_folder_or_a_file_is_fused(tiny_model, tiny_lora):
     assert base.lcm_lora is None and from_folder.lcm_lora == str(tiny_lora)
     assert (_unet_weight(from_folder) - _unet_weight(base)).abs().max() > 1e-3
     torch.testing.assert_close(_unet_weight(from_folder), _unet_weight(from_file))
-    assert not any("lora" in name for name in from_folder.unet.state_dict())  # fused, not an adapter
+    assert not any("lora" in name for name in from_folder.denoiser.state_dict())  # fused, not an adapter
 
 
 def test_auto_lcm_lora_applies_only_where_it_fits(tiny_model, tiny_lcm_model):

@@ -19,7 +19,7 @@ import yaml
 from conftest import SCENES, Page, decoded
 from PIL import Image
 
-from smd_cli.errors import SmdError
+from smd_cli.core.errors import SmdError
 
 
 @pytest.fixture
@@ -29,8 +29,8 @@ def village(tmp_path) -> Path:
 
 
 def painting_of(path: Path):
-    from smd_cli.painting import Painting
-    from smd_cli.scene import load_scene
+    from smd_cli.app.painting import Painting
+    from smd_cli.scenes.scene import load_scene
 
     return Painting.from_scene(load_scene(path))
 
@@ -109,7 +109,7 @@ def test_brush_edits_are_checked_as_scene_layers_are(village):
 
 
 def test_undo_takes_back_every_edit_of_the_painting_in_a_bounded_history(village):
-    from smd_cli.painting import UNDO_DEPTH
+    from smd_cli.app.painting import UNDO_DEPTH
 
     painting = painting_of(village)
 
@@ -154,7 +154,7 @@ def test_undo_takes_back_every_edit_of_the_painting_in_a_bounded_history(village
 
 
 def test_a_blank_painting_saves_a_scene_that_generates(tiny_model, tmp_path, run_cli):
-    from smd_cli.painting import Painting
+    from smd_cli.app.painting import Painting
 
     painting = Painting.blank(64, 64)
     painting.update_brush(0, prompt="a red ball")
@@ -278,8 +278,8 @@ PAGE_STATES = {  # states of a painting the page can reach, each a scene that st
 
 @pytest.mark.parametrize("state", PAGE_STATES)
 def test_every_state_the_page_can_reach_streams_and_makes_images(served, state):
-    from smd_cli.painting import Painting
-    from smd_cli.scene import load_scene
+    from smd_cli.app.painting import Painting
+    from smd_cli.scenes.scene import load_scene
 
     session, server = served
     with session.lock:
@@ -299,7 +299,7 @@ def test_every_state_the_page_can_reach_streams_and_makes_images(served, state):
 
 
 def test_the_picture_is_encoded_once_per_change(served, monkeypatch):
-    from smd_cli import paint
+    from smd_cli.app.web import paint
 
     session, server = served
     encoded = []
@@ -326,7 +326,7 @@ def test_a_busy_port_fails_before_the_model_loads(run_cli, tmp_path):
 
 
 def test_listening_beyond_this_machine_is_said(run_cli, tmp_path):
-    from smd_cli.paint import check_host
+    from smd_cli.app.web.paint import check_host
 
     with pytest.warns(UserWarning, match="anyone who can reach this machine"):
         check_host("0.0.0.0")
@@ -459,7 +459,7 @@ def test_the_original_apps_four_steps_in_the_browser(served, tiny_model, tmp_pat
     if os.environ.get("SMD_SCREENSHOT"):
         Path(os.environ["SMD_SCREENSHOT"]).write_bytes(screenshot)
     assert pictures == ["POST", "GET"]  # uploaded once, fetched once, whatever was edited after
-    from smd_cli.metadata import read_record
+    from smd_cli.app.records import read_record
 
     image = session.save_dir / f"painting-image-{seeds[1]}.png"
     assert read_record(image).seed == seeds[1]
@@ -476,8 +476,8 @@ def test_the_original_apps_four_steps_in_the_browser(served, tiny_model, tmp_pat
 
 
 def test_a_scene_opens_for_painting_with_its_palette_as_brushes(village, tiny_model):
-    from smd_cli import batch
-    from smd_cli.paint import open_paint
+    from smd_cli.app import batch
+    from smd_cli.app.web.paint import open_paint
 
     options = batch.Options(model=str(tiny_model), device="cpu")
     session = open_paint(village, options, width=64, height=64)
@@ -494,7 +494,7 @@ def test_a_scene_opens_for_painting_with_its_palette_as_brushes(village, tiny_mo
 def test_one_image_a_batch_and_saving_the_image_on_display(served):
     import websockets
 
-    from smd_cli.metadata import read_record
+    from smd_cli.app.records import read_record
 
     session, server = served
 

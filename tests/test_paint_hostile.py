@@ -19,7 +19,7 @@ import yaml
 from conftest import Page
 from PIL import Image
 
-from smd_cli.errors import SmdError
+from smd_cli.core.errors import SmdError
 
 
 def ws_url(server) -> str:
@@ -129,7 +129,7 @@ def test_a_rebinding_host_is_refused_on_the_page_the_websocket_and_the_upload(se
 
 
 def test_the_preview_answers_only_to_its_own_names():
-    from smd_cli.live import LiveState, PreviewServer
+    from smd_cli.app.live import LiveState, PreviewServer
 
     state = LiveState(frame=Image.new("RGB", (8, 8)), frames=1)
     server = PreviewServer(state, "127.0.0.1", 0).start()
@@ -161,7 +161,7 @@ def test_the_preview_answers_only_to_its_own_names():
 
 
 def test_the_names_a_server_answers_to():
-    from smd_cli.access import access_for
+    from smd_cli.app.web.access import access_for
 
     local = access_for("127.0.0.1", 8000)
     assert local.host_ok("127.0.0.1:8000") and local.host_ok("localhost:8000") and local.host_ok("[::1]:8000")
@@ -185,7 +185,7 @@ def test_listening_beyond_this_machine_says_which_pages_it_accepts(monkeypatch, 
     """`smd paint --host` other than loopback warns, then prints the pages it will accept."""
     import socket
 
-    from smd_cli import paint
+    from smd_cli.app.web import paint
 
     class Session:  # what the server needs of a session, without a model
         on_shown: list = []
@@ -201,7 +201,7 @@ def test_listening_beyond_this_machine_says_which_pages_it_accepts(monkeypatch, 
     assert "anyone who can reach this machine can use the app" in result.stderr
     from urllib.parse import urlsplit
 
-    from smd_cli.access import access_for
+    from smd_cli.app.web.access import access_for
 
     url = urlsplit(result.stdout.strip())  # the address it prints is one it answers to
     assert url.hostname == "127.0.0.1" and access_for("0.0.0.0", url.port).host_ok(url.netloc)
@@ -329,8 +329,8 @@ def test_malformed_and_wrong_messages_are_each_answered_with_an_error(served, ca
 def test_enormous_strokes_messages_and_floods(served, capfd, tmp_path):
     import websockets
 
-    from smd_cli.paint import MAX_MESSAGE_BYTES
-    from smd_cli.painting import MAX_STROKE_POINTS, UNDO_DEPTH
+    from smd_cli.app.painting import MAX_STROKE_POINTS, UNDO_DEPTH
+    from smd_cli.app.web.paint import MAX_MESSAGE_BYTES
 
     session, server = served
     longest = [[float(i % 64), float(i * 7 % 64)] for i in range(MAX_STROKE_POINTS)]
@@ -369,7 +369,7 @@ def test_many_and_silent_tabs(served, capfd, tmp_path):
     others are served meanwhile."""
     import websockets
 
-    from smd_cli.paint import MAX_CLIENTS
+    from smd_cli.app.web.paint import MAX_CLIENTS
 
     session, server = served
 
@@ -407,6 +407,49 @@ def test_many_and_silent_tabs(served, capfd, tmp_path):
     assert refused >= 6 and opened <= MAX_CLIENTS  # (a closing tab may free a place early)
     asyncio.run(alive(server, session))
     assert_clean(capfd, session, tmp_path)
+
+
+def test_a_connection_that_sends_nothing_or_dribbles_is_closed(capfd):
+    """A client that connects and never sends a request, or sends one a byte at a time, is closed
+    once the server's timeout has passed; others are served meanwhile, and nothing is printed."""
+    import select
+    import socket
+    import time
+
+    from smd_cli.app.web.paint import Server, listen
+
+    class Session:  # what the app needs of a session to serve /frame.jpg, without a model
+        on_shown: list = []
+        shown = None
+
+    server = Server(Session(), listen("127.0.0.1", 0), timeout=0.3).start()
+    address = server.sock.getsockname()[:2]
+    try:
+        started = time.monotonic()
+        silent = socket.create_connection(address)
+        dribbling = socket.create_connection(address)
+        assert request(server, "GET", "/frame.jpg")[0] == 204  # served while those two hold connections
+        head = f"GET /frame.jpg HTTP/1.1\r\nHost: 127.0.0.1:{address[1]}\r\nX-Slow: {'a' * 1000}\r\n".encode()
+        closed = False
+        for byte in head:  # a byte every 20 ms: 20 s for the whole head, far past the timeout
+            try:
+                dribbling.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            if select.select([dribbling], [], [], 0.02)[0]:
+                closed = dribbling.recv(1) == b""
+                break
+        assert closed and time.monotonic() - started < 10  # closed mid-head: trickled bytes do not reset it
+        silent.settimeout(10)
+        assert silent.recv(1) == b""  # the silent one too, with nothing said
+        assert time.monotonic() - started < 10
+        silent.close()
+        dribbling.close()
+        assert request(server, "GET", "/frame.jpg")[0] == 204  # and the server goes on
+    finally:
+        server.stop()
+    assert capfd.readouterr().err == ""
 
 
 # --- uploads ------------------------------------------------------------------------------------

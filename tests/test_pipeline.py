@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import assert_near
 
-from smd_cli.errors import SmdError
-from smd_cli.pipeline import PromptTruncatedWarning
+from smd_cli.core.errors import SmdError
+from smd_cli.engine.pipeline import PromptTruncatedWarning
 
 SIZE = 64
 
@@ -75,10 +75,10 @@ def test_bootstrapping_changes_multi_layer_results_but_not_plain_sampling(pipe):
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
-    ({"masks": np.ones((2, SIZE, SIZE))}, "2 masks for 1 prompts"),
+    ({"masks": np.ones((2, SIZE, SIZE))}, "masks: 2 for 1 prompts; give one per prompt"),
     ({"masks": np.full((1, SIZE, SIZE), 255.0)}, "mask values must lie in [0, 1]"),
     ({"masks": np.ones((1, SIZE, 2 * SIZE))}, "the aspect ratios differ"),
-    ({"mask_strengths": [1, 1]}, "mask_strengths has 2 values for 1 prompts"),
+    ({"mask_strengths": [1, 1]}, "mask_strengths: 2 for 1 prompts"),
     ({"mask_type": "fuzzy"}, "mask_type must be"),
     ({"timesteps": [2000, 10]}, "timesteps must lie in [0, 999]"),
 ])

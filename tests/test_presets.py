@@ -19,8 +19,8 @@ def test_smd_models_lists_every_preset(run_cli):
 
 
 def test_a_preset_fills_what_the_scene_leaves_open(tmp_path):
-    from smd_cli.batch import Options, sources_of, with_preset
-    from smd_cli.scene import load_scene
+    from smd_cli.app.batch import Options, sources_of, with_preset
+    from smd_cli.scenes.scene import load_scene
 
     sf = load_scene(write(tmp_path / "s.yaml", "model: flux-dev\nsteps: 8\nlayers: [{prompt: a}]\n"))
     expanded = with_preset(sf, Options())
@@ -33,7 +33,7 @@ def test_a_preset_fills_what_the_scene_leaves_open(tmp_path):
 
 
 def test_a_preset_is_recorded_as_what_it_stands_for(run_cli, tiny_flux, tmp_path, monkeypatch):
-    from smd_cli import presets
+    from smd_cli.scenes import presets
 
     local = presets.Preset(str(tiny_flux), "flux", {"scheduler": "euler", "steps": 3, "guidance_scale": 2.5}, (),
                            "none")

@@ -1,4 +1,4 @@
-"""Weighted prompts in AUTOMATIC1111's syntax and prompts past CLIP's 77 tokens (`smd_cli.prompts`)."""
+"""Weighted prompts in AUTOMATIC1111's syntax and prompts past CLIP's 77 tokens (`smd_cli.method.prompts`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import pytest
 import torch
 from conftest import assert_near, rel_err
 
-from smd_cli.family import PromptTruncatedWarning
-from smd_cli.prompts import PromptSyntaxError, parse, plain
+from smd_cli.method.prompts import PromptSyntaxError, PromptTruncatedWarning, parse, plain
 
 LONG = ", ".join(f"a {word} house" for word in ["red", "blue", "tall", "small", "green", "old", "new", "wide"] * 3)
 
@@ -54,7 +53,7 @@ def test_a_weight_of_one_encodes_exactly_as_the_plain_prompt(pipe):
 
 def test_compels_reading_of_an_unweighted_prompt_equals_diffusers(pipe):
     """The weighted path, given weights of 1, makes the token states diffusers' pipeline makes."""
-    from smd_cli.prompts import WeightedEncoder
+    from smd_cli.method.prompts import WeightedEncoder
 
     encoder = WeightedEncoder(pipe.tokenizer, pipe.text_encoder, penultimate=False, device=pipe.device)
     with torch.no_grad():  # as the pipeline reads prompts: with autograd on, attention runs other kernels
@@ -135,7 +134,7 @@ def test_t5_families_weight_their_prompts_in_one_sequence(family, tiny_sd3, tiny
     assert weighted.states.shape == plain.states.shape and rel_err(plain.states, weighted.states) > 1e-4
     torch.testing.assert_close(smd.encode_prompts(["(a red fox:1.0)"]).states, plain.states, rtol=0, atol=0)
     f = smd.family
-    t5 = f._weighted(f.tokenizer_3 if family == "sd3" else f.tokenizer_2,
+    t5 = f.reader(f.tokenizer_3 if family == "sd3" else f.tokenizer_2,
                      f.text_encoder_3 if family == "sd3" else f.text_encoder_2, length=f.max_sequence_length)
     if family == "flux":  # T5 read by compel, as above for CLIP: the same math rounded another way
         with torch.no_grad():
@@ -146,7 +145,7 @@ def test_t5_families_weight_their_prompts_in_one_sequence(family, tiny_sd3, tiny
 
 
 def test_negative_auto_makes_each_layers_prompt_a_negative_of_the_others():
-    from smd_cli.prepare import Layers, auto_negatives
+    from smd_cli.engine.prepare import Layers, auto_negatives
 
     layers = Layers(["sky", "a cat", "a lake"], ["", "blurry", ""], np.ones((3, 4, 4), np.float32), [1.0] * 3,
                     [0.0] * 3, [1.0] * 3)
@@ -172,7 +171,7 @@ def test_negative_auto_equals_writing_the_negatives_out(pipe):
 def test_negative_auto_is_a_scene_key(run_cli, tiny_model, tmp_path):
     from conftest import write
 
-    from smd_cli.metadata import read_record
+    from smd_cli.app.records import read_record
 
     scene = write(tmp_path / "s.yaml", "seed: 1\nwidth: 64\nheight: 64\nguidance_scale: 2\nnegative_auto: true\n"
                                        "layers:\n  - {prompt: a cat, mask: {rect: [0, 0, 0.5, 1]}}\n"

@@ -7,9 +7,9 @@ import pytest
 from conftest import REFERENCE, write
 from PIL import Image
 
-from smd_cli.canvas import scene_masks
-from smd_cli.masks import image_mask
-from smd_cli.scene import load_scene
+from smd_cli.method.masks import image_mask
+from smd_cli.scenes.canvas import scene_masks
+from smd_cli.scenes.scene import load_scene
 
 pytestmark = pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference scenes not available on this machine")
 

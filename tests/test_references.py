@@ -1,4 +1,4 @@
-"""Reference images per layer through an IP-Adapter (`smd_cli.references`)."""
+"""Reference images per layer through an IP-Adapter (`smd_cli.models.references`)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def test_a_canvas_reference_and_a_layers_own(sd, adapter):
 
 
 def test_a_scene_with_references_runs_and_records_them(run_cli, tiny_model, adapter, tmp_path):
-    from smd_cli.metadata import read_record
+    from smd_cli.app.records import read_record
 
     picture().save(tmp_path / "girl-ref.png")
     scene = write(tmp_path / "s.yaml", f"""seed: 4
@@ -123,7 +123,7 @@ def test_reference_mistakes_are_located(run_cli, tmp_path, text, message, where)
 
 
 def test_an_ip_adapter_of_another_family_is_refused(sd, tiny_sdxl, tmp_path):
-    from smd_cli.errors import ModelError
+    from smd_cli.core.errors import ModelError
 
     with pytest.raises(ModelError, match="does not fit this SD 1.x/2.x model"):
         sd.load_ip_adapter(str(write_tiny_ip_adapter(tiny_sdxl, tmp_path / "xl")))

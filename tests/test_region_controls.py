@@ -14,7 +14,7 @@ def test_a_scene_with_every_control_generates_records_and_reproduces(run_cli, ti
     import torch
     from safetensors.torch import save_file
 
-    from smd_cli.metadata import read_record
+    from smd_cli.app.records import read_record
 
     rng = np.random.default_rng(0)
     for name in ("pose", "depth", "girl-ref"):

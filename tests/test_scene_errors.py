@@ -6,8 +6,8 @@ import pytest
 from conftest import write
 from PIL import Image
 
-from smd_cli.errors import SceneError
-from smd_cli.scene import load_scene
+from smd_cli.core.errors import SceneError
+from smd_cli.scenes.scene import load_scene
 
 GOOD_LAYER = "layers:\n  - {prompt: a cat}\n"
 

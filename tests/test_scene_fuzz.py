@@ -10,8 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smd_cli.errors import SceneError, SmdError
-from smd_cli.scene import Layer, Scene, SceneFile, load_scene
+from smd_cli.core.errors import SceneError, SmdError
+from smd_cli.scenes.scene import Layer, Scene, SceneFile, load_scene
 
 EXAMPLES = 300
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None,

@@ -87,7 +87,7 @@ def test_the_cli_on_an_sd3_scene(run_cli, tiny_sd3, tmp_path):
 
 def test_a_stream_frame_equals_generate_with_the_same_noises(sd3):
     from smd_cli import StreamMultiDiffusion
-    from smd_cli.sampler import randn
+    from smd_cli.method.sampler import randn
 
     left = np.zeros((SIZE, SIZE), np.float32)
     left[:, :28] = 1
@@ -117,8 +117,9 @@ def test_a_stream_frame_equals_generate_with_the_same_noises(sd3):
 
 
 def test_the_family_comes_from_the_transformer_config(sd3, tiny_sd3, tiny_model):
-    from smd_cli import ModelError, StableMultiDiffusionPipeline, memory
-    from smd_cli.models import model_family
+    from smd_cli import ModelError, StableMultiDiffusionPipeline
+    from smd_cli.engine import memory
+    from smd_cli.models.loading import model_family
 
     assert model_family(str(tiny_sd3)) == "sd3" and sd3.components.lcm_lora is None  # no LCM LoRA for SD3
     assert StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_sd3), sd_version="3").family.name == "sd3"

@@ -33,7 +33,7 @@ def reference(tiny_sdxl):
 
 
 def test_the_family_comes_from_the_unet_config(xl, pipe, tiny_sdxl):
-    from smd_cli.models import model_family
+    from smd_cli.models.loading import model_family
 
     assert xl.family.name == "sdxl" and pipe.family.name == "sd"
     assert model_family(str(tiny_sdxl)) == "sdxl"
@@ -80,7 +80,7 @@ def test_two_layers_of_one_prompt_equal_plain_sampling(xl):
 
 
 def test_prompt_strength_mixes_the_pooled_embedding_too(xl):
-    from smd_cli.prepare import Layers, prepare_text
+    from smd_cli.engine.prepare import Layers, prepare_text
 
     layers = Layers(["the sun"], [""], np.ones((1, 8, 8), np.float32), [1.0], [0.0], [0.25])
     cond, _ = prepare_text(xl.encode_prompts, layers, "a lake", "", False)
@@ -119,7 +119,7 @@ def test_inpainting_keeps_every_unmasked_pixel(xl):
 
 def test_a_stream_frame_equals_generate_with_the_same_noises(xl):
     from smd_cli import StreamMultiDiffusionSDXL
-    from smd_cli.sampler import randn
+    from smd_cli.method.sampler import randn
 
     left = np.zeros((SIZE, SIZE), np.float32)
     left[:, :28] = 1
@@ -205,7 +205,7 @@ def test_a_lora_of_the_other_family_is_one_clean_error(tiny_model, tiny_sdxl, tm
 def test_a_single_file_sdxl_checkpoint_equals_its_folder(run_cli, tiny_sdxl, tmp_path):
     from ldm import write_single_file
 
-    from smd_cli.models import model_family
+    from smd_cli.models.loading import model_family
 
     checkpoint = write_single_file(tiny_sdxl, tmp_path / "tiny-sdxl.safetensors")
     assert model_family(str(checkpoint), None) == "sdxl"  # from the original key layout, not the name
@@ -235,7 +235,7 @@ def test_the_tiny_autoencoder_of_sdxl_is_taesdxl(run_cli, tiny_sdxl, tmp_path, m
 
 
 def test_the_memory_estimate_knows_sdxl(tiny_sdxl):
-    from smd_cli import memory
+    from smd_cli.engine import memory
 
     files = [f for part in ("unet", "vae", "text_encoder", "text_encoder_2")
              for f in (tiny_sdxl / part).glob("*.safetensors")]
@@ -264,7 +264,7 @@ RECIPES = [
 
 @pytest.mark.parametrize("settings,expected", RECIPES)
 def test_the_readme_recipes_sample_at_the_model_cards_timesteps(xl, tmp_path, settings, expected):
-    from smd_cli.scene import load_scene
+    from smd_cli.scenes.scene import load_scene
 
     scene = load_scene(write(tmp_path / "r.yaml", settings + "layers: [{prompt: a}]\n")).scene
     schedule = xl.schedule(scene.steps, scene.timesteps, scene.scheduler, scene.timestep_spacing)

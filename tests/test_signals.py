@@ -54,8 +54,8 @@ def test_a_batch_ends_cleanly_on_a_signal(tiny_model, tmp_path, signum):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_an_image_is_written_waits_until_it_is_reported(tiny_model, tmp_path, signum):
-    from smd_cli import batch
-    from smd_cli.errors import interrupt_on_signals, interrupted_code
+    from smd_cli.app import batch
+    from smd_cli.core.errors import interrupt_on_signals, interrupted_code
 
     scene = write(tmp_path / "s.yaml", SCENE)
     options = batch.Options(model=str(tiny_model), device="cpu", seeds=[1, 2, 3],

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from smd_cli.sampler import (
+from smd_cli.method.sampler import (
     Schedule,
     StepBatch,
     aggregate,
@@ -27,7 +27,7 @@ from smd_cli.sampler import (
     step_output,
     suppress_leak,
 )
-from smd_cli.views import full_view
+from smd_cli.method.views import full_view
 
 
 def t(*values: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from conftest import REFERENCE, load_mask
 from PIL import Image
 
-from smd_cli.sampler import randn
+from smd_cli.method.sampler import randn
 
 SIZE = 64
 
@@ -134,7 +134,7 @@ def test_adding_and_removing_layers(pipe):
 
 
 def test_only_changed_masks_are_blurred_again(pipe, monkeypatch):
-    import smd_cli.masks as masks
+    import smd_cli.method.masks as masks
 
     stream = _stream(pipe)
     stream.step()

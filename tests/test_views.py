@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import latents
 
-from smd_cli.views import View, layout, starts
+from smd_cli.method.views import View, layout, starts
 
 
 def weight_sum(views: list[View], height: int, width: int) -> torch.Tensor:
@@ -152,7 +152,7 @@ def _seam_statistics(pipe, seed: int, **layout) -> tuple[float, float]:
     largest and its mean, each over the median change at every other column. The start latent is
     smooth (a wave across the canvas) and DDIM deterministic, so the views' disagreement (each sees
     its own window: borders, group norms) is what a seam shows."""
-    from smd_cli.views import view_sizes
+    from smd_cli.method.views import view_sizes
 
     factor = pipe.vae_scale_factor
     h, w = 128 // factor, 1024 // factor

@@ -1,0 +1,1 @@
+"""What a person runs: the CLI, batches and records, the live stream and the paint app."""

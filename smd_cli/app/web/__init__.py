@@ -1,0 +1,1 @@
+"""The web apps (`smd paint`, `smd stream --preview`) on one ASGI stack."""

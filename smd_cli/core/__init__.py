@@ -1,0 +1,1 @@
+"""What every layer uses: defaults, errors, reading files, writing outputs (docs/development.md#layout)."""

@@ -1,0 +1,192 @@
+"""Memory: what a generation needs and what the device has free.
+
+One memory model serves both uses: refusing, before anything loads, a canvas that clearly cannot
+fit (`check_memory`), and choosing how many (layer, view) pairs go through the UNet at once on a
+GPU (`auto_max_batch`). Estimates come from the model's configs and file sizes; nothing is loaded.
+No torch at import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+from smd_cli.core import defaults
+from smd_cli.core.files import expand_user, is_dir, is_file
+from smd_cli.families import default_grid, family_of, named, runs_unconditional
+from smd_cli.models.loading import config_json, denoiser_config, model_family
+
+if TYPE_CHECKING:
+    import torch
+
+    from smd_cli.method.views import Tiling
+    from smd_cli.scenes.scene import SceneFile
+
+# (layer, view) pairs per UNet call where free memory cannot be asked for (the CPU, MPS).
+AUTO_BATCH_CPU = 8
+# At most this many pairs per call, and at most this share of the free memory for one call.
+AUTO_BATCH_MAX = 64
+AUTO_BATCH_SHARE = 0.6
+# Each family's activation and weight figures are in its file (`Family.activation_bytes`, ...).
+# Where a model's configs cannot be read (a hub model not downloaded yet), the default model's
+# shapes (SD 1.5's) are assumed.
+SD_UNET_CHANNELS = 320
+SD_VAE_CHANNELS = 128
+# The VAE decoder holds a few full-resolution tensors of twice its first block's width at once.
+VAE_TENSORS_AT_FULL_SIZE = 8
+# The tiny autoencoder (TAESD) decodes with 64 channels and keeps about two such tensors at full size.
+TAESD_CONFIG = {"decoder_block_out_channels": [64, 64, 64, 64]}
+TAESD_TENSORS_AT_FULL_SIZE = 2
+GIB = 1024**3
+
+
+def unet_bytes_per_pair(window_pixels: int, *, unet_config: Mapping, dtype_bytes: int, cfg: bool) -> int:
+    """Activations of one (layer, view) pair in a UNet call: a window of `window_pixels` latent
+    pixels, twice that with an unconditional pass ({} for `unet_config` is SD 1.5's)."""
+    per_pixel = (int(named(family_of(unet_config)).activation_bytes * denoiser_scale(unet_config))
+                 * dtype_bytes // 2)
+    return window_pixels * per_pixel * (2 if cfg else 1)
+
+
+def auto_max_batch(free: int | None, window_pixels: int, *, unet_config: Mapping, dtype_bytes: int,
+                   cfg: bool) -> int:
+    """(layer, view) pairs per UNet call: as many as fit in a share of the free memory, where it is
+    known (a GPU); a modest fixed number elsewhere."""
+    if free is None:
+        return AUTO_BATCH_CPU
+    per_pair = unet_bytes_per_pair(window_pixels, unet_config=unet_config, dtype_bytes=dtype_bytes, cfg=cfg)
+    return int(max(1, min(AUTO_BATCH_MAX, AUTO_BATCH_SHARE * free // per_pair)))
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak memory of one generation, in bytes, by part; a deliberately rough, low estimate."""
+
+    weights: int
+    unet: int
+    decode: int
+    vae_is_full: bool = True  # the model's own (or another full) autoencoder, not the tiny one
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.unet + self.decode
+
+
+def estimate_memory(model: str | None, *, width: int, height: int, factor: int | None, tile_size: int,
+                    max_batch: int, cfg: bool, dtype_bytes: int, vae: str | None = None,
+                    offload: bool = False) -> MemoryEstimate:
+    """What generating a `width` x `height` canvas needs, from the model's configs and file sizes.
+
+    `vae` is a replacement autoencoder (`tiny`, a folder or a hub id), whose decoder counts instead.
+    `factor` is the model's VAE downscale factor, None where unknown.
+    """
+    factor = factor or defaults.MODEL_VAE_FACTOR
+    unet = denoiser_config(model) or {}
+    vae_config = _decoder_config(model, vae)
+    tiny = "decoder_block_out_channels" in vae_config  # AutoencoderTiny's key; AutoencoderKL has block_out_channels
+    vae_channels = (vae_config.get("block_out_channels") or vae_config.get("decoder_block_out_channels")
+                    or [SD_VAE_CHANNELS])[0]
+    window = min(tile_size, width) // factor * (min(tile_size, height) // factor)
+    return MemoryEstimate(
+        weights=_weight_bytes(model, dtype_bytes, offload),
+        unet=max_batch * unet_bytes_per_pair(window, unet_config=unet, dtype_bytes=dtype_bytes, cfg=cfg),
+        decode=width * height * vae_channels * (TAESD_TENSORS_AT_FULL_SIZE if tiny else VAE_TENSORS_AT_FULL_SIZE)
+        * dtype_bytes,
+        vae_is_full=not tiny,
+    )
+
+
+def denoiser_scale(config: Mapping) -> float:
+    """How wide a denoiser is against the model its family's activation figure is for: a UNet's first
+    block against SD's 320 channels, a transformer's width against SD3.5 Large's or FLUX.1's."""
+    if "num_attention_heads" in config and "block_out_channels" not in config:
+        width = int(config["num_attention_heads"]) * int(config.get("attention_head_dim", 64))
+        return width / named(family_of(config)).transformer_width
+    return unet_channels(config) / SD_UNET_CHANNELS
+
+
+def unet_channels(config: Mapping) -> int:
+    """The UNet's first block's width, which activations scale with (SD's 320 when unknown)."""
+    return (config.get("block_out_channels") or [SD_UNET_CHANNELS])[0]
+
+
+def _decoder_config(model: str | None, vae: str | None) -> dict:
+    """The config of the autoencoder that will decode: the replacement `vae`, else the model's own."""
+    if vae == "tiny":
+        return TAESD_CONFIG
+    found = config_json(vae, "config.json") if vae else config_json(model, "vae/config.json")
+    return found or {}
+
+
+def _weight_bytes(model: str | None, dtype_bytes: int, offload: bool = False) -> int:
+    """The weights on the device: all of them, or with `offload` the denoiser's (the largest model,
+    the one on the device while the loop runs)."""
+    path = expand_user(model or defaults.MODEL)
+    if is_file(path):
+        return path.stat().st_size * dtype_bytes // 4  # checkpoints are mostly float32
+    if not is_dir(path):
+        from smd_cli.scenes.presets import family_of_preset
+
+        family = named(model_family(model) or family_of_preset(model) or "sd")
+        return int(family.weight_bytes * (family.denoiser_share if offload else 1)) * dtype_bytes // 2
+    parts = {}
+    for part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        files = sorted((path / part).glob("*.safetensors")) or sorted((path / part).glob("*.bin"))
+        half = [f for f in files if "fp16" in f.name]
+        parts[part] = sum(f.stat().st_size * dtype_bytes // (2 if half else 4) for f in half or files)
+    return max(parts.values()) if offload else sum(parts.values())
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free memory on `device` in bytes: GPU memory for CUDA, RAM for the CPU; None where unknown."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    return None
+
+
+def check_memory(sf: SceneFile, model: str | None, *, width: int, height: int, factor: int | None,
+                 device: torch.device,
+                 dtype: torch.dtype, free: int | None, max_batch: int | None = None,
+                 vae: str | None = None, offload: bool = False, views: Tiling | None = None) -> str:
+    """Refuse, before loading anything, a canvas that clearly cannot fit on the device.
+
+    Returns a one-line account of the estimate; raises a `SceneError` at the canvas size when the
+    estimate exceeds `free`. The batch is `max_batch`, else what the automatic choice starts from.
+    The views are `views` (`canvas.canvas_views`), else the model's default ones (`model_grid`).
+    """
+    import torch
+
+    from smd_cli.scenes.presets import model_grid
+
+    batch = max_batch or (1 if device.type == "cuda" else AUTO_BATCH_CPU)
+    cfg = runs_unconditional(sf.scene.guidance_scale, denoiser_config(model) or {})
+    if views is None:
+        tile = sf.scene.tile_size or (model_grid(model) or default_grid()).tile(height, width)
+    else:
+        tile = views.tile
+    est = estimate_memory(model, width=width, height=height, factor=factor, tile_size=tile,
+                          max_batch=batch, cfg=cfg, dtype_bytes=torch.finfo(dtype).bits // 8, vae=vae,
+                          offload=offload)
+    parts = (f"weights {est.weights / GIB:.1f}, UNet batch of {batch} {est.unet / GIB:.1f}, "
+             f"decoding {est.decode / GIB:.1f}")
+    account = f"{sf.name}: needs about {est.total / GIB:.1f} GiB ({parts})" + (
+        f", {free / GIB:.1f} GiB free on {device}" if free is not None else "")
+    if free is not None and est.total > free:
+        if est.weights > est.unet + est.decode and not offload and device.type == "cuda":
+            hint = "use --offload (weights wait in CPU memory and each model moves to the GPU while it runs)"
+        elif est.unet > est.decode:
+            hint = "lower --max-batch or tile_size"
+        else:
+            hint = ("use --vae tiny, whose decoder needs far less" if est.vae_is_full
+                    else "the decoder alone is too large")
+        raise sf.error(("width",), f"a {width}x{height} canvas needs about {est.total / GIB:.1f} GiB on {device} "
+                                   f"({parts} GiB) but only {free / GIB:.1f} GiB is free; {hint}, or make the "
+                                   "canvas smaller")
+    return account

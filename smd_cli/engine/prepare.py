@@ -1,0 +1,164 @@
+"""Inputs prepared once per generation (docs/method.md §2), by the pipeline and the stream alike.
+
+A `Request` is one image to make in the engine's terms: each layer's prompt, negative prompt,
+mask at canvas size and strengths, the background, and every setting of the method. The Python
+API (`StableMultiDiffusionPipeline.__call__`) and scenes (`smd_cli.app.requests`) both arrive at one.
+From it, `prepare_layers` derives the per-step masks m_{p,k} at latent size (docs/method.md §2.2), with the
+uncovered area as a background layer, and `prepare_text` the conditioning of every layer, mixed
+toward the background prompt by prompt strength (docs/method.md §2.1). The model is reached only through
+the `encode` function passed in.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from smd_cli.core import defaults
+from smd_cli.core.errors import SmdError
+from smd_cli.families import Conditioning
+from smd_cli.method import masks as mask_ops
+from smd_cli.method.sampler import Schedule
+from smd_cli.models.controls import ControlSpec
+from smd_cli.models.loras import LoraSet
+from smd_cli.models.references import ReferenceSpec
+
+
+@dataclass
+class Layers:
+    """Per-layer inputs in layer order, and what docs/method.md §2.2 makes of their masks."""
+
+    prompts: list[str]
+    negatives: list[str]
+    masks: np.ndarray  # [P, H, W] raw masks at canvas size
+    strengths: list[float]
+    stds: list[float]
+    prompt_strengths: list[float]
+    blurred: np.ndarray | None = None  # [P, H, W], for the final pixel blend
+    step_masks: torch.Tensor | None = None  # [K, P, 1, h, w] m_{p,k}
+    loras: list[LoraSet] | None = None  # each layer's own LoRAs (None: no layer has any)
+    controlnets: list[list[ControlSpec]] | None = None  # each layer's own ControlNets
+    references: list[ReferenceSpec | None] | None = None  # each layer's own reference image
+
+
+@dataclass
+class Request:
+    """One image to make: the layers at canvas size, the background, and the method's settings."""
+
+    layers: Layers
+    width: int
+    height: int
+    background_prompt: str | None = None
+    background_negative_prompt: str = ""
+    picture: Image.Image | None = None  # inpainting: kept wherever no layer paints; at canvas size
+    steps: int | None = None
+    timesteps: Sequence[int] | None = None
+    scheduler: str = defaults.SCHEDULER
+    timestep_spacing: str | None = None  # ddim and euler: diffusers' spacing (None: the model's)
+    guidance_scale: float = defaults.GUIDANCE_SCALE
+    true_cfg_scale: float | None = None  # guidance-distilled flow models: an unconditional pass as well
+    mask_type: str = defaults.MASK_TYPE
+    cover_alpha: float = defaults.COVER_ALPHA
+    bootstrap_steps: int = defaults.BOOTSTRAP_STEPS
+    bootstrap_mix_steps: float = defaults.BOOTSTRAP_MIX_STEPS
+    leak_sensitivity: float | None = defaults.LEAK_SENSITIVITY
+    bootstrap_centre: bool = defaults.BOOTSTRAP_CENTRE
+    tile_size: int | None = None  # pixels; None: the model's native size
+    tile_stride: int | None = None
+    tile_weighting: str = defaults.TILE_WEIGHTING
+    circular: bool = False
+    region_crop: bool = False
+    loras: LoraSet = ()  # the whole canvas's LoRAs, text encoders included
+    negative_auto: bool = False  # each layer's prompt a negative prompt of the other layers' rows
+    reference: ReferenceSpec | None = None  # a reference image for every layer without its own
+    controlnets: list[ControlSpec] = field(default_factory=list)  # ControlNets over the whole canvas
+
+    def check(self, factor: int) -> None:
+        """Raise `SmdError` for settings no scene could have (the Python API takes anything)."""
+        mask_ops.check_divisible(self.width, self.height, factor)
+        for name, value, choices in (("mask_type", self.mask_type, defaults.MASK_TYPES),
+                                     ("tile_weighting", self.tile_weighting, defaults.TILE_WEIGHTINGS)):
+            if value not in choices:
+                raise SmdError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+        if self.layers.masks.shape[1:] != (self.height, self.width):
+            raise SmdError(f"masks are {self.layers.masks.shape[2]}x{self.layers.masks.shape[1]}, the canvas "
+                           f"{self.width}x{self.height}")
+
+
+def prepare_layers(layers: Layers, schedule: Schedule, *, factor: int, device: torch.device, cover_alpha: float,
+                   mask_type: str, picture: bool, background_prompt: str | None,
+                   background_negative_prompt: str = "", blur_cache: dict | None = None) -> Layers:
+    """docs/method.md §2.2 for a set of layers: add the background layer over the uncovered area (unless a
+    picture fills it), then occlusion, blur, strength and per-step quantization at latent size.
+
+    `blur_cache` remembers blurs across calls, so that a stream blurs again only changed masks.
+    """
+    if not picture:
+        uncovered = mask_ops.background_mask(layers.masks)
+        if uncovered.max() > 0:
+            layers = Layers([background_prompt or ""] + layers.prompts,
+                            [background_negative_prompt] + layers.negatives,
+                            np.concatenate([uncovered[None], layers.masks]), [1.0] + layers.strengths,
+                            [0.0] + layers.stds, [1.0] + layers.prompt_strengths,
+                            loras=None if layers.loras is None else [()] + list(layers.loras),
+                            controlnets=None if layers.controlnets is None else [[]] + list(layers.controlnets),
+                            references=None if layers.references is None else [None] + list(layers.references))
+    layers.blurred, strengthened = mask_ops.prepare(layers.masks, cover_alpha=cover_alpha, stds=layers.stds,
+                                                    strengths=layers.strengths, cache=blur_cache)
+    per_step = mask_ops.step_masks(strengthened, factor, schedule.mask_sigmas, mask_type)
+    layers.step_masks = torch.from_numpy(per_step).unsqueeze(2).to(device)
+    return layers
+
+
+def prepare_text(encode: Callable[[Sequence[str]], Conditioning], layers: Layers, background_prompt: str | None,
+                 background_negative_prompt: str, unconditional: bool,
+                 empty_negative: Conditioning | None = None) -> tuple[Conditioning, Conditioning | None]:
+    """docs/method.md §2.1: the conditioning of every layer (and its unconditional one, when guidance runs an
+    unconditional pass), mixed toward the background prompt's by each layer's prompt strength.
+    An empty negative prompt conditions on `empty_negative` where the model gives one (SDXL's
+    zeros), else on the encoding of ""."""
+    prompts, negatives, weights = layers.prompts, layers.negatives, layers.prompt_strengths
+    count = len(prompts)
+    texts = prompts + (negatives if unconditional else [])
+    strengths_below_one = any(w != 1.0 for w in weights)
+    mix = bool(background_prompt) and strengths_below_one
+    if not background_prompt and strengths_below_one:
+        warnings.warn("prompt strength below 1 mixes a layer toward the background prompt, and there is "
+                      "none; set a background prompt or leave prompt strength at 1", stacklevel=3)
+    if mix:
+        texts = texts + [background_prompt] + ([background_negative_prompt] if unconditional else [])
+    states = encode(texts)
+    if empty_negative is not None and unconditional:
+        negative = set(range(count, 2 * count)) | ({len(texts) - 1} if mix else set())
+        states = Conditioning.cat([empty_negative if i in negative and text == "" else states[i : i + 1]
+                                   for i, text in enumerate(texts)])
+    cond = states[:count]
+    uncond = states[count: 2 * count] if unconditional else None
+    if mix:
+        cond = cond.mix(states[len(texts) - (2 if unconditional else 1)], weights)
+        if uncond is not None:
+            uncond = uncond.mix(states[len(texts) - 1], weights)
+    return cond, uncond
+
+
+def row_loras(layers: Layers, canvas: LoraSet) -> list[LoraSet]:
+    """The LoRAs each layer's rows run with: the canvas's, then the layer's own."""
+    own = layers.loras or [()] * len(layers.prompts)
+    return [tuple(canvas) + tuple(mine) for mine in own]
+
+
+def auto_negatives(layers: Layers, own: int) -> list[str]:
+    """`negative_auto`: each row's negative prompt followed by the prompts of the other layers, so
+    that one layer's subject is steered out of the others' regions. `own` counts the scene's own
+    layers, the last of `layers` (a background layer before them takes all their prompts)."""
+    first = len(layers.prompts) - own
+    out = []
+    for i, negative in enumerate(layers.negatives):
+        others = [p for j, p in enumerate(layers.prompts[first:], first) if j != i and p and p != layers.prompts[i]]
+        out.append(", ".join([negative, *others] if negative else others))
+    return out

@@ -1,0 +1,1 @@
+"""The step math: the sampler and its schedules, views, masks, prompt parsing (docs/method.md)."""

@@ -1,0 +1,1 @@
+"""Loading a model, and what acts on its rows: LoRAs, ControlNets, IP-Adapters, embeddings."""

@@ -1,0 +1,1 @@
+"""What a user asks for: scene files, their canvas and masks, model presets."""
