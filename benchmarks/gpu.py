@@ -211,7 +211,10 @@ VIEW_REPEATS = "2"  # timed runs of each layout: four families' sweeps fit in mi
 
 
 def suite(name: str, family: str, model: Path, taesd: Path, device: str, compile: bool) -> list[tuple[str, list[str]]]:
-    """(module, arguments) of each benchmark the suite runs on a family's folder."""
+    """(module, arguments) of each benchmark the suite runs on a family's folder (`regions` runs
+    once over two families' folders, in `main`)."""
+    if name == "regions":
+        return []
     argv = run_argv(family, model, taesd, device, compile)
     if name == "all":
         return [(BENCHMARKS[family], argv)]
@@ -237,6 +240,10 @@ def print_plan(folder: Path, device: str, families: tuple[str, ...], compile: bo
     for family in families:
         for module, argv in suite(name, family, folder / FOLDERS[family], folder / TAESDS[family], device, compile):
             print(f"  python -m {module} {shlex.join(argv + passed)}")
+    if name == "regions":
+        argv = ["--device", device, "--size", "full", "--dtype", "float16", "--model", str(folder / FOLDERS["sd"]),
+                "--vae", str(folder / TAESDS["sd"]), "--flux", str(folder / FOLDERS["flux"])]
+        print(f"  python -m benchmarks.region_modes {shlex.join(argv + passed)}")
 
 
 def main(argv=None) -> None:
@@ -249,12 +256,15 @@ def main(argv=None) -> None:
                         help="where the random models are saved and reused (default: a temporary folder)")
     parser.add_argument("--compile", action="store_true",
                         help="also time SD 1.5's fast paths under torch.compile (minutes of compiling on an H100)")
-    parser.add_argument("--suite", choices=("all", "views"), default="all",
-                        help="all: every benchmark (default); views: the view-layout sweep and SD 1.5's panoramas")
+    parser.add_argument("--suite", choices=("all", "views", "regions"), default="all",
+                        help="all: every benchmark (default); views: the view-layout sweep and SD 1.5's panoramas; "
+                             "regions: attention against latent mode on SD 1.5 and FLUX.1 (builds both)")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cuda:N; cpu only with --build-only")
     args, passed = parser.parse_known_args(argv)
     folder = args.folder or scratch_dir()
     families = FAMILIES if args.family == "all" else (args.family,)
+    if args.suite == "regions":
+        families = ("sd", "flux")
     if args.dry_run:
         print_plan(folder, args.device, families, args.compile, args.suite, passed)
         return
@@ -264,13 +274,21 @@ def main(argv=None) -> None:
 
     if not args.build_only and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         raise SystemExit("benchmarks.gpu needs a CUDA GPU; use --dry-run (or --build-only) elsewhere")
+    saved = {}
     for family in families:
-        model, taesd = save_model(folder, args.device, family)
+        model, taesd = saved[family] = save_model(folder, args.device, family)
         if args.build_only:
             print(f"saved {model} and {taesd}")
             continue
+        if args.suite == "regions":
+            continue
         for module, argv in suite(args.suite, family, model, taesd, args.device, args.compile):
             importlib.import_module(module).main(argv + passed)
+    if args.suite == "regions" and not args.build_only:
+        (sd, taesd), (flux, _) = saved["sd"], saved["flux"]
+        importlib.import_module("benchmarks.region_modes").main(
+            ["--device", args.device, "--size", "full", "--dtype", "float16", "--model", str(sd), "--vae", str(taesd),
+             "--flux", str(flux), *passed])
 
 
 if __name__ == "__main__":

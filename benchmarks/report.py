@@ -15,10 +15,11 @@ from pathlib import Path
 
 from benchmarks.common import REPO, RESULTS, markdown_table
 
-ORDER = ("panorama", "regional", "reference", "stream", "paint", "startup", "controls", "fast_paths.regional",
-         "fast_paths.stream", "views", "decode")
+ORDER = ("panorama", "regional", "reference", "stream", "region_modes", "paint", "startup", "controls",
+         "fast_paths.regional", "fast_paths.stream", "views", "decode")
 LABELS = {"panorama": "panorama vs MultiDiffusion", "regional": "regional vs the naive loop",
-          "reference": "reference implementation", "stream": "stream", "paint": "smd paint",
+          "reference": "reference implementation", "stream": "stream", "region_modes": "attention vs latent mode",
+          "paint": "smd paint",
           "startup": "start-up", "controls": "region controls", "fast_paths.regional": "fast paths, regional scene",
           "fast_paths.stream": "fast paths, stream", "views": "view layouts", "decode": "decoding layouts"}
 FAMILIES = {"sd": "", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1", "all": "every family"}
@@ -110,6 +111,7 @@ SUMMARIES = {
     "panorama": comparison, "regional": comparison,
     "reference": each("{run}: " + AGAINST_REFERENCE),
     "stream": each("{layers}: {frames/s} frames/s, {outside UNet} outside the UNet"),
+    "region_modes": each("{what}: {speed-up} ({latent} latent, {attention} attention)"),
     "paint": paint,
     "startup": each("{what}: {median s} s"),
     "controls": each("{controls}: {wall s (median)} s ({vs none})"),

@@ -14,7 +14,19 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks import controls, decode, families, fast_paths, paint, panorama, regional, startup, stream, views
+from benchmarks import (
+    controls,
+    decode,
+    families,
+    fast_paths,
+    paint,
+    panorama,
+    region_modes,
+    regional,
+    startup,
+    stream,
+    views,
+)
 from benchmarks.common import scratch_dir, tiny_model, tiny_taesd
 
 
@@ -35,6 +47,7 @@ def main(argv=None) -> None:
     regional.main(shared)
     controls.main(shared + ["--repeats", "2"])
     stream.main(shared + ["--vae", vae])
+    region_modes.main(shared + ["--vae", vae])
     startup.main(shared)
     fast_paths.main(shared + (["--compile"] if args.compile else []))
     paint.main(shared + ["--vae", vae])

@@ -32,13 +32,14 @@ PROMPTS = ["summer mountains", "the sun", "the moon", "a giant waterfall", "a ri
 BACKGROUND = "clear deep blue sky"
 
 
-def make_stream(pipe, size: int, layers: int, seed: int, tile_size: int | None = None):
+def make_stream(pipe, size: int, layers: int, seed: int, tile_size: int | None = None, region_mode: str = "latent"):
     """A stream with `layers` regions over a background prompt, flushed so every stage is busy;
     `tile_size` None is the stream's default."""
     from smd_cli import StreamMultiDiffusion
 
     stream = StreamMultiDiffusion(pipeline=pipe, height=size, width=size, cfg_type="none", autoflush=False,
-                                  seed=seed, **({"tile_size": tile_size} if tile_size else {}))
+                                  seed=seed, region_mode=region_mode,
+                                  **({"tile_size": tile_size} if tile_size else {}))
     stream.update_background(prompt=BACKGROUND)
     for i, mask in enumerate(shape_masks(layers, size, size)):
         stream.update_single_layer(i, prompt=PROMPTS[i], mask=mask)

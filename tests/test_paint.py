@@ -333,6 +333,150 @@ def test_listening_beyond_this_machine_is_said(run_cli, tmp_path):
     check_host("127.0.0.1")
 
 
+# --- region modes -------------------------------------------------------------------------------
+
+
+def test_the_region_mode_switch_restarts_the_stream_saves_and_is_undone(served):
+    import websockets
+
+    session, server = served
+    first = session.stream
+
+    async def run():
+        async with websockets.connect(server.url.replace("http", "ws") + "ws") as ws:
+            page = Page(ws)
+            await page.until(lambda p: p.state is not None)
+            assert page.state["region_mode"] == "latent" and first.region_mode == "latent"
+            await page.send(op="play")
+            await page.until(lambda p: p.shown is not None)
+            await page.send(op="region_mode", mode="attention")
+            await page.until(lambda p: p.state["region_mode"] == "attention")
+            switched = page.state["version"]
+            assert session.stream is not first and session.stream.region_mode == "attention"  # a new stream
+            start = page.shown["number"]
+            await page.until(lambda p: p.shown["number"] > start and p.shown["kind"] == "frame"
+                             and p.shown["version"] >= switched)  # frames of the new stream
+            attention = session.stream
+            await page.send(op="save")
+            await page.until(lambda p: getattr(p, "last", {}).get("type") == "saved")
+            saved = page.last["path"]
+            await page.send(op="region_mode", mode="attention")  # the mode it is in: nothing to do
+            await page.send(op="undo")
+            await page.until(lambda p: p.state["region_mode"] == "latent")
+            undone = page.state["version"]
+            await page.until(lambda p: p.shown["version"] >= undone and p.shown["kind"] == "frame")
+            assert session.stream is not attention and session.stream.region_mode == "latent"
+            return saved, page.state
+
+    saved, state = asyncio.run(run())
+    assert session.error is None, session.error
+    assert yaml.safe_load(Path(saved).read_text())["region_mode"] == "attention"
+    assert state["undo"] == 0  # one edit (the switch), taken back
+    assert session.painting.scene.region_mode == "latent"
+
+
+def test_a_region_mode_refused_for_the_painting_keeps_the_old_stream(tiny_model, tmp_path):
+    import websockets
+    from tinymodel import write_tiny_lora
+
+    from smd_cli.app.painting import Painting
+    from smd_cli.app.web.paint import PaintSession, Server, listen
+    from smd_cli.engine.pipeline import StableMultiDiffusionPipeline
+    from smd_cli.scenes.scene import load_scene
+
+    lora = write_tiny_lora(tiny_model, tmp_path / "lora")
+    scene = tmp_path / "s.yaml"
+    scene.write_text(f"width: 64\nheight: 64\nlayers:\n  - {{prompt: a cat, mask: {{rect: [0, 0, 0.5, 1]}}, "
+                     f"loras: [{lora}]}}\n  - {{prompt: a lake, mask: {{rect: [0.5, 0, 1, 1]}}}}\n")
+    pipe = StableMultiDiffusionPipeline("cpu", hf_key=str(tiny_model))
+    session = PaintSession(Painting.from_scene(load_scene(scene)), pipe, save_dir=tmp_path / "saved",
+                           stem="s").start()
+    server = Server(session, listen("127.0.0.1", 0)).start()
+    first = session.stream
+
+    async def run():
+        async with websockets.connect(server.url.replace("http", "ws") + "ws") as ws:
+            page = Page(ws)
+            await page.until(lambda p: p.state is not None)
+            await page.send(op="play")
+            await page.until(lambda p: p.shown is not None)
+            await page.send(op="region_mode", mode="attention")
+            await page.until(lambda p: getattr(p, "last", {}).get("type") == "error")
+            refused = page.last["message"]
+            start = page.shown["number"]
+            await page.until(lambda p: p.shown["number"] > start)  # the old stream goes on
+            await page.send(op="region_mode", mode="hybrid")  # the LoRA brush keeps its own rows
+            await page.until(lambda p: p.state["region_mode"] == "hybrid")
+            switched = page.state["version"]
+            await page.until(lambda p: p.shown["version"] >= switched and p.shown["kind"] == "frame")
+            return refused, page.state
+
+    try:
+        assert session.state()["region_mode"] == "latent"
+        refused, state = asyncio.run(run())
+        assert "region_mode hybrid" in refused and "layers[0]" in refused
+        assert state["undo"] == 1  # the refused switch is no edit; the hybrid one is
+        assert session.stream is not first and session.stream.region_mode == "hybrid"
+        assert session.error is None, session.error
+    finally:
+        server.stop()
+        session.close()
+
+
+def test_region_mode_edits_are_checked(served):
+    from smd_cli.app.web.paint import parse_edit
+
+    session, server = served
+    assert parse_edit({"op": "region_mode", "mode": "hybrid"}).mode == "hybrid"
+    for bad, said in (({"op": "region_mode", "mode": "foo"}, "region_mode: mode: Input should be 'latent'"),
+                      ({"op": "region_mode", "mode": "attention", "extra": 1}, "region_mode: extra: Extra inputs"),
+                      ({"op": "region_mode", "mode": 1}, "region_mode: mode: Input should be 'latent'"),
+                      ({"op": "region_mode"}, "region_mode: mode: Field required")):
+        with pytest.raises(SmdError, match=said):
+            session.edit(bad)
+    with pytest.raises(SmdError, match="region_mode must be one of latent, attention, hybrid"):
+        session.set_region_mode("foo")  # Python callers too
+    assert session.painting.scene.region_mode == "latent" and session.state()["undo"] == 0
+    assert session.stream.region_mode == "latent"
+
+
+@pytest.mark.parametrize("given, scene_mode, expected", [(None, "hybrid", "hybrid"),
+                                                          ("attention", "hybrid", "attention"),
+                                                          ("attention", None, "attention")])
+def test_smd_paint_starts_in_the_region_mode_asked_for(run_cli, tiny_model, tmp_path, monkeypatch, given,
+                                                       scene_mode, expected):
+    from smd_cli.app.web import paint
+
+    sessions, seen = [], []
+    opened = paint.open_paint
+    monkeypatch.setattr(paint, "open_paint", lambda *a, **k: sessions.append(opened(*a, **k)) or sessions[-1])
+
+    def serve(server):  # instead of serving until Ctrl-C: the session as a page would find it
+        seen.append((sessions[-1].state()["region_mode"], sessions[-1].stream.region_mode))
+        server.sock.close()
+
+    monkeypatch.setattr(paint.Server, "run", serve)
+    args = ["paint", "--model", tiny_model, "--device", "cpu", "--port", 0, "--save-dir", tmp_path]
+    if scene_mode is not None:
+        scene = tmp_path / "s.yaml"
+        scene.write_text(f"width: 64\nheight: 64\nregion_mode: {scene_mode}\nlayers:\n  - {{prompt: a cat}}\n")
+        args.insert(1, scene)
+    else:
+        args += ["-W", 64, "-H", 64]
+    if given is not None:
+        args += ["--region-mode", given]
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    assert seen == [(expected, expected)]
+
+
+def test_a_wrong_region_mode_option_fails_before_the_model_loads(run_cli, tmp_path):
+    for scene in ([], [tmp_path / "s.yaml"]):
+        (tmp_path / "s.yaml").write_text("width: 64\nheight: 64\nlayers:\n  - {prompt: a cat}\n")
+        result = run_cli("paint", *scene, "--model", tmp_path / "not-there", "--port", 0, "--region-mode", "foo")
+        assert result.exit_code == 2 and "region_mode" in result.stderr and "attention" in result.stderr, result.stderr
+
+
 # --- the page in a real browser -------------------------------------------------------------------
 
 

@@ -283,6 +283,9 @@ MALFORMED = [
     '{"op": "background", "prompt": ["a"]}', '{"op": "background", "picture": "/etc/passwd"}',
     '{"op": "seed", "seed": -1}', '{"op": "seed", "seed": 1e30}', '{"op": "seed", "seed": "3"}',
     '{"op": "seed", "seed": 18446744073709551616}', '{"op": "play", "on": "yes"}',
+    '{"op": "region_mode", "mode": "foo"}', '{"op": "region_mode", "mode": "attention", "extra": 1}',
+    '{"op": "region_mode", "mode": 1}', '{"op": "region_mode", "mode": ["attention"]}', '{"op": "region_mode"}',
+    '{"op": "region_mode", "mode": "Attention"}', '{"op": "region_mode", "mode": null}',
     '{"op": "one_image", "count": 1000}', '{"op": "save", "path": "/tmp/x"}', '{"op": "save_image", "number": "1"}',
     '{"op": "save_image", "number": 123456}', '{"op": "undo", "steps": 5}',
     "[" * 100_000 + "]" * 100_000, '{"a":' * 50_000 + "1" + "}" * 50_000,
@@ -319,8 +322,13 @@ def test_malformed_and_wrong_messages_are_each_answered_with_an_error(served, ca
     assert "keeps at least one brush" in answers[MALFORMED.index('{"op": "remove_brush", "brush": 0}')]
     assert "there is no brush 7" in answers[MALFORMED.index('{"op": "remove_brush", "brush": 7}')]
     assert answers[-1] == "an edit is a JSON text message, not binary"
+    for text in ('{"op": "region_mode", "mode": "foo"}', '{"op": "region_mode", "mode": 1}'):
+        assert "region_mode: mode: Input should be 'latent', 'attention' or 'hybrid'" in answers[MALFORMED.index(text)]
+    assert "extra: Extra inputs are not permitted" in answers[
+        MALFORMED.index('{"op": "region_mode", "mode": "attention", "extra": 1}')]
     after = session.painting.state()
     assert after["brushes"] == before["brushes"] and after["seed"] == before["seed"]  # nothing was changed
+    assert after["region_mode"] == "latent" and after["undo"] == 0 and session.stream.region_mode == "latent"
     assert not session.painting.brushes[0].mask.any()
     asyncio.run(alive(server, session))
     assert_clean(capfd, session, tmp_path)

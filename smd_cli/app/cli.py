@@ -324,7 +324,8 @@ def reproduce(
 
 
 @app.command()
-@shared(*MODEL_OPTIONS, "set_", "overwrite", "quiet", "compile_", "channels_last", "threads", "allow_large")
+@shared(*MODEL_OPTIONS, "set_", "overwrite", "quiet", "compile_", "channels_last", "threads", "allow_large",
+        "region_mode")
 def stream(
     scene: Path = typer.Argument(..., help="Scene file (YAML) to stream.", show_default=False, metavar="SCENE"),
     frames: Optional[int] = typer.Option(None, "--frames", min=1, help="Stop after N frames."),
@@ -358,7 +359,8 @@ def stream(
 
         reporter = Reporter(quiet=opts.quiet)
         try:
-            options = library_options(opts, overrides=merge_overrides(list(opts.set)))
+            mode = [("region_mode", opts.region_mode)] if opts.region_mode else []
+            options = library_options(opts, overrides=merge_overrides(mode + list(opts.set)))
             session = open_session(scene, options, output=output, fps=fps, watch=watch, preview=preview,
                                    cfg_type=cfg_type, overlap_decode=overlap_decode, on_event=reporter)
         finally:
@@ -405,7 +407,7 @@ def models(json_: bool = typer.Option(False, "--json", help="One JSON object per
 
 
 @app.command()
-@shared(*MODEL_OPTIONS, "set_", "quiet", "threads")
+@shared(*MODEL_OPTIONS, "set_", "quiet", "threads", "region_mode")
 def paint(
     scene: Optional[Path] = typer.Argument(None, help="Scene file (YAML) to open; without one, a blank canvas.",
                                            show_default=False, metavar="SCENE"),
@@ -431,6 +433,7 @@ def paint(
     Examples:
       smd paint scenes/village.yaml --vae tiny --open
       smd paint --width 768 --height 512 --save-dir my-paintings
+      smd paint scenes/village.yaml --region-mode attention
     """
     with user_errors():
         from smd_cli.app.report import Reporter
@@ -442,7 +445,8 @@ def paint(
         sock = listen(host, port)  # before the model loads: a busy port fails at once
         reporter = Reporter(quiet=opts.quiet)
         try:
-            options = library_options(opts, overrides=merge_overrides(list(opts.set)))
+            mode = [("region_mode", opts.region_mode)] if opts.region_mode else []  # the starting mode
+            options = library_options(opts, overrides=merge_overrides(mode + list(opts.set)))
             session = open_paint(scene, options, width=width, height=height, save_dir=save_dir, cfg_type=cfg_type,
                                  on_event=reporter)
         except BaseException:

@@ -66,6 +66,9 @@ OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
                                                                     "per GPU).")),
     "region_crop": (bool, O(False, "--region-crop", help="Denoise each layer only around its mask (close to, not "
                                                          "equal to, the default).")),
+    "region_mode": (Optional[str], O(None, "--region-mode", help="latent (a denoiser row per layer, the default), "
+                                                                 "attention (every layer in one row) or hybrid "
+                                                                 "(scene key region_mode).")),
     "compile_": (bool, O(False, "--compile", help="torch.compile the UNet (CUDA graphs in smd stream).")),
     "channels_last": (bool, O(False, "--channels-last", help="Channels-last memory for the UNet (the VAE uses it "
                                                             "on a CPU).")),
@@ -81,7 +84,8 @@ MODEL_OPTIONS = ("model", "config", "device", "dtype", "lcm_lora", "vae", "offlo
 REPORTING = ("json_", "quiet", "verbose")
 GENERATING = ("model", "config", "output", "seed", "seeds", "repeat", "steps", "scheduler", "guidance_scale",
               "tile_size", "device", "dtype", "lcm_lora", "vae", "max_batch", "set_", "overwrite", "json_", "dry_run",
-              "quiet", "verbose", "distributed", "processes", "region_crop", "compile_", "channels_last", "threads",
+              "quiet", "verbose", "distributed", "processes", "region_crop", "region_mode",
+              "compile_", "channels_last", "threads",
               "offload", "allow_large")
 
 
@@ -134,7 +138,8 @@ def batch_options(opts: SimpleNamespace, **scene_keys) -> batch.Options:
     check_reporting(opts)
     if opts.output is not None:
         check_template(opts.output)
-    values = dict(seed=opts.seed, region_crop=opts.region_crop or None, steps=opts.steps, scheduler=opts.scheduler,
+    values = dict(seed=opts.seed, region_crop=opts.region_crop or None, region_mode=opts.region_mode,
+                  steps=opts.steps, scheduler=opts.scheduler,
                   guidance_scale=opts.guidance_scale, tile_size=opts.tile_size, **scene_keys)
     overrides = merge_overrides([(k, v) for k, v in values.items() if v is not None] + list(opts.set))
     return library_options(opts, overrides=overrides, seeds=parse_seeds(opts.seeds) if opts.seeds else None)

@@ -93,9 +93,11 @@ class Painting:
         return cls(sf.scene, brushes, masks.picture, width=masks.width, height=masks.height, source=sf)
 
     @classmethod
-    def blank(cls, width: int = defaults.SIZE, height: int = defaults.SIZE) -> "Painting":
-        """A white canvas with one brush and nothing painted."""
-        scene = Scene(width=width, height=height, layers=[Layer(name="brush 1", prompt="")])
+    def blank(cls, width: int = defaults.SIZE, height: int = defaults.SIZE,
+              region_mode: str | None = None) -> "Painting":
+        """A white canvas with one brush and nothing painted (in `region_mode`, if given)."""
+        mode = {} if region_mode is None else {"region_mode": region_mode}
+        scene = Scene(width=width, height=height, layers=[Layer(name="brush 1", prompt="")], **mode)
         empty = np.zeros((height, width), np.uint8)
         return cls(scene, [Brush(scene.layers[0], empty, BRUSH_COLOURS[0])], None, width=width, height=height)
 
@@ -104,6 +106,7 @@ class Painting:
     def state(self) -> dict[str, Any]:
         """The painting for the page, masks aside (see `mask_png`)."""
         return {"width": self.width, "height": self.height, "seed": self.scene.seed,
+                "region_mode": self.scene.region_mode,
                 "background": {"prompt": self.scene.background.prompt,
                                "negative_prompt": self.scene.background.negative_prompt,
                                "picture": self.picture is not None},
@@ -185,6 +188,12 @@ class Painting:
     def set_seed(self, seed: int | None) -> None:
         self._replace(seed=seed)
 
+    def set_region_mode(self, mode: str) -> None:
+        """How the brushes' regions are sampled (`defaults.REGION_MODES`), a scene key saved and
+        undone like the seed. A running stream cannot change it: `PaintSession` starts a new one."""
+        if mode != self.scene.region_mode:
+            self._replace(region_mode=mode)
+
     def stroke(self, i: int, points: Sequence[Sequence[float]], size: float, erase: bool = False) -> None:
         """Paint (or erase) a round brush of diameter `size` pixels along `points` [(x, y), ...] in
         canvas pixels, into brush `i`'s mask only."""
@@ -216,7 +225,7 @@ class Painting:
 
     def undo(self) -> bool:
         """Take back the last edit (a stroke, a brush added, removed, moved or changed, the
-        background, the picture or the seed); False when there is nothing to take back."""
+        background, the picture, the seed or the region mode); False when there is nothing to take back."""
         if not self._undo:
             return False
         snapshot = self._undo.pop()

@@ -82,6 +82,7 @@ def scene_request(sf: SceneFile, masks: SceneMasks) -> Request:
                    bootstrap_mix_steps=s.bootstrap.mix_steps, leak_sensitivity=s.bootstrap.leak_sensitivity,
                    bootstrap_centre=s.bootstrap.centre, tile_size=s.tile_size, tile_stride=s.tile_stride,
                    tile_weighting=s.tile_weighting, circular=s.circular, region_crop=s.region_crop,
+                   region_mode=s.region_mode,
                    loras=scene_lora_set(sf, s.loras),
                    controlnets=control_specs(sf, masks, s.controlnet, ("controlnet",)), negative_auto=s.negative_auto,
                    reference=reference_spec(sf, masks, s.reference, ("reference",)))
@@ -227,7 +228,7 @@ def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type:
         timesteps=s.timesteps, tile_size=s.tile_size, overlap_decode=overlap_decode, compile=compile,
         loras=scene_lora_set(sf, s.loras), controlnets=control_specs(sf, masks, s.controlnet, ("controlnet",)),
         negative_auto=s.negative_auto, reference=reference_spec(sf, masks, s.reference, ("reference",)),
-        allow_large=allow_large)
+        allow_large=allow_large, region_mode=s.region_mode)
     apply_scene(stream, sf, masks)
     stream.flush()
     stream.autoflush = True
@@ -242,7 +243,7 @@ STREAM_IGNORED = {"scheduler": lambda v: v != "lcm", "tile_stride": lambda v: v 
 # which `restart_needed` names. Prompts, masks and the background change while it runs.
 STREAM_FIXED = ("model", "lcm_lora", "vae", "loras", "controlnet", "embeddings", "reference", "negative_auto",
                 "width", "height", "seed", "steps", "timesteps", "guidance_scale",
-                "mask_type", "cover_alpha", "tile_size", *STREAM_IGNORED, "bootstrap")
+                "mask_type", "cover_alpha", "tile_size", "region_mode", *STREAM_IGNORED, "bootstrap")
 
 
 def restart_needed(running: SceneFile, edited: SceneFile) -> list[str]:

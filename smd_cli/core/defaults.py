@@ -43,6 +43,12 @@ BOOTSTRAP_MIX_STEPS = 1.0
 LEAK_SENSITIVITY = 0.2
 BOOTSTRAP_CENTRE = True  # the reference's choice: SD models draw objects best near the middle
 
+# Region modes (docs/method.md §10): latent (the paper's: rows per layer, clean estimates averaged
+# under the masks), attention (every layer's prompt in one row, kept to its mask by the attention),
+# hybrid (layers with their own LoRA, ControlNet or reference keep their rows, the rest join).
+REGION_MODES = ("latent", "attention", "hybrid")
+REGION_MODE = "latent"
+
 # Canvas and views (docs/method.md §5).
 SIZE = 512  # pixels, when neither the scene nor a mask image gives one
 MIN_SIZE, MAX_SIZE = 8, 16384  # pixels, either side

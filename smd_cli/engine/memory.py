@@ -66,19 +66,21 @@ class MemoryEstimate:
     unet: int
     decode: int
     vae_is_full: bool = True  # the model's own (or another full) autoencoder, not the tiny one
+    regions: int = 0  # attention mode's biases (docs/method.md §10)
 
     @property
     def total(self) -> int:
-        return self.weights + self.unet + self.decode
+        return self.weights + self.unet + self.decode + self.regions
 
 
 def estimate_memory(model: str | None, *, width: int, height: int, factor: int | None, tile_size: int,
                     max_batch: int, cfg: bool, dtype_bytes: int, vae: str | None = None,
-                    offload: bool = False) -> MemoryEstimate:
+                    offload: bool = False, joined: int = 0) -> MemoryEstimate:
     """What generating a `width` x `height` canvas needs, from the model's configs and file sizes.
 
     `vae` is a replacement autoencoder (`tiny`, a folder or a hub id), whose decoder counts instead.
-    `factor` is the model's VAE downscale factor, None where unknown.
+    `factor` is the model's VAE downscale factor, None where unknown. `joined` counts the layers
+    that join one row in attention or hybrid mode, whose attention biases count too.
     """
     factor = factor or defaults.MODEL_VAE_FACTOR
     unet = denoiser_config(model) or {}
@@ -93,7 +95,22 @@ def estimate_memory(model: str | None, *, width: int, height: int, factor: int |
         decode=width * height * vae_channels * (TAESD_TENSORS_AT_FULL_SIZE if tiny else VAE_TENSORS_AT_FULL_SIZE)
         * dtype_bytes,
         vae_is_full=not tiny,
+        regions=region_bias_bytes(unet, window, joined, dtype_bytes) * (2 if cfg else 1) if joined else 0,
     )
+
+
+def region_bias_bytes(config: Mapping, window: int, joined: int, dtype_bytes: int) -> int:
+    """The attention biases of one joined row of `joined` layers over a window of `window` latent
+    pixels (`method.regions`): a UNet's cross-attention at each resolution takes positions x
+    tokens (77 a layer, a fourth as many positions a level down); a joint-attention transformer
+    (image tokens, a quarter of the positions, and up to 333 tokens a layer on SD3 and 512 on
+    FLUX.1: the most a prompt keeps) takes the square of both."""
+    if "num_attention_heads" in config and "block_out_channels" not in config:
+        family = family_of(config)
+        tokens = joined * (333 if family == "sd3" else 512) + window // 4
+        return tokens * tokens * dtype_bytes
+    levels = len(config.get("block_out_channels") or [0, 0, 0, 0])
+    return sum(window // 4**level for level in range(levels)) * joined * 77 * dtype_bytes
 
 
 def denoiser_scale(config: Mapping) -> float:
@@ -171,11 +188,12 @@ def check_memory(sf: SceneFile, model: str | None, *, width: int, height: int, f
         tile = sf.scene.tile_size or (model_grid(model) or default_grid()).tile(height, width)
     else:
         tile = views.tile
+    joined = 0 if sf.scene.region_mode == "latent" else len(sf.scene.layers) + 1
     est = estimate_memory(model, width=width, height=height, factor=factor, tile_size=tile,
                           max_batch=batch, cfg=cfg, dtype_bytes=torch.finfo(dtype).bits // 8, vae=vae,
-                          offload=offload)
+                          offload=offload, joined=joined)
     parts = (f"weights {est.weights / GIB:.1f}, UNet batch of {batch} {est.unet / GIB:.1f}, "
-             f"decoding {est.decode / GIB:.1f}")
+             f"decoding {est.decode / GIB:.1f}" + (f", attention biases {est.regions / GIB:.1f}" if joined else ""))
     account = f"{sf.name}: needs about {est.total / GIB:.1f} GiB ({parts})" + (
         f", {free / GIB:.1f} GiB free on {device}" if free is not None else "")
     if free is not None and est.total > free:

@@ -26,7 +26,15 @@ from smd_cli.core import defaults
 from smd_cli.core.defaults import prefixed
 from smd_cli.core.errors import ModelError, SmdError, one_per_prompt
 from smd_cli.engine.memory import auto_max_batch, available_memory
-from smd_cli.engine.prepare import Layers, Request, auto_negatives, prepare_layers, prepare_text, row_loras
+from smd_cli.engine.prepare import (
+    Layers,
+    Request,
+    auto_negatives,
+    join_layers,
+    prepare_layers,
+    prepare_text,
+    row_loras,
+)
 from smd_cli.families import FAMILIES, Conditioning, Placement, of_version, runs_unconditional
 from smd_cli.method import masks as mask_ops
 from smd_cli.method.prompts import PromptTruncatedWarning
@@ -427,6 +435,11 @@ class StableMultiDiffusionPipeline:
         cond, uncond = cond.with_controls(controls), uncond and uncond.with_controls(controls)
         cond, uncond = self.with_references(cond, uncond, request.reference, layers)
         self._check_negatives(request, uncond is not None)
+        layers, cond, uncond = join_layers(layers, cond, uncond, request.region_mode, schedule.timesteps,
+                                           scene_layers=own, lengths=self.family.text_lengths,
+                                           background_prompt=request.background_prompt,
+                                           canvas_controls=bool(request.controlnets or request.reference))
+        bootstrap_steps = request.bootstrap_steps if request.region_mode == "latent" else 0
 
         # 4. Prepare latents: initial noise, and the flat images for bootstrapping (docs/method.md §2.3).
         shape = (1, self.family.channels, height // f, width // f)
@@ -436,7 +449,7 @@ class StableMultiDiffusionPipeline:
             raise SmdError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         latents = latents.to(self.device, torch.float32) * schedule.init_scale
         bg_latent = self.encode_image(request.picture) if request.picture is not None else None
-        white = self.white_latent(height, width) if request.bootstrap_steps > 0 else None
+        white = self.white_latent(height, width) if bootstrap_steps > 0 else None
 
         # 5. Denoise: the shared step loop, over views for canvases larger than a tile (docs/method.md §5).
         views = layout(shape[2], shape[3], (window, window), (stride, stride), weighting=request.tile_weighting,
@@ -446,7 +459,7 @@ class StableMultiDiffusionPipeline:
             self._predictor(cond, uncond, request.guidance_scale, shape[2:], pad=max_batch if self.compiled else None,
                             cfg_scale=true_cfg),
             latents, schedule,
-            layers.step_masks, views=views, bootstrap_steps=request.bootstrap_steps,
+            layers.step_masks, views=views, bootstrap_steps=bootstrap_steps,
             bootstrap_mix_steps=request.bootstrap_mix_steps, leak_sensitivity=request.leak_sensitivity,
             centre=request.bootstrap_centre, white=white,
             background=bg_latent, generator=generator, noises=noises, callback=callback, skip_empty=skip_empty,
@@ -500,6 +513,7 @@ class StableMultiDiffusionPipeline:
         max_batch: int | None = None,
         skip_empty: bool = True,
         region_crop: bool | RegionCrop = False,
+        region_mode: str = defaults.REGION_MODE,
         noises: Sequence[torch.Tensor] | None = None,
         output_type: str = "pil",
         callback: StepCallback | None = None,
@@ -519,6 +533,9 @@ class StableMultiDiffusionPipeline:
         `generator` for reproducible results. While bootstrapping, each layer is centred in its view
         unless `bootstrap_centre=False`. `region_crop=True` evaluates each layer only around its mask
         (faster for small regions on large canvases; close to, not equal to, the default).
+        `region_mode` is latent (the paper's: rows per layer), attention (every prompt in one row per
+        view, kept to its mask by the attention) or hybrid (layers with their own LoRA, ControlNet or
+        reference image keep their rows; docs/method.md §10).
         `timestep_spacing` (leading, linspace, trailing) spaces ddim and euler steps other than the
         model's config says: few-step SDXL distillations want `scheduler="euler"` with `trailing`.
         `true_cfg_scale` above 1 adds an unconditional pass with the negative prompts on a
@@ -569,6 +586,7 @@ class StableMultiDiffusionPipeline:
             bootstrap_steps=bootstrap_steps, bootstrap_mix_steps=bootstrap_mix_steps,
             leak_sensitivity=bootstrap_leak_sensitivity, bootstrap_centre=bootstrap_centre, tile_size=tile_size,
             tile_stride=tile_stride, tile_weighting=tile_weighting, circular=circular, region_crop=region_crop,
+            region_mode=region_mode,
             loras=as_loras(loras), controlnets=as_specs(controlnets), negative_auto=negative_auto,
             reference=as_reference(reference))
         return self.run(request, latents=latents, generator=generator, noises=noises, max_batch=max_batch,

@@ -73,6 +73,7 @@ class Request:
     tile_weighting: str = defaults.TILE_WEIGHTING
     circular: bool = False
     region_crop: bool = False
+    region_mode: str = defaults.REGION_MODE  # latent, attention or hybrid (docs/method.md §10)
     loras: LoraSet = ()  # the whole canvas's LoRAs, text encoders included
     negative_auto: bool = False  # each layer's prompt a negative prompt of the other layers' rows
     reference: ReferenceSpec | None = None  # a reference image for every layer without its own
@@ -82,9 +83,11 @@ class Request:
         """Raise `SmdError` for settings no scene could have (the Python API takes anything)."""
         mask_ops.check_divisible(self.width, self.height, factor)
         for name, value, choices in (("mask_type", self.mask_type, defaults.MASK_TYPES),
-                                     ("tile_weighting", self.tile_weighting, defaults.TILE_WEIGHTINGS)):
+                                     ("tile_weighting", self.tile_weighting, defaults.TILE_WEIGHTINGS),
+                                     ("region_mode", self.region_mode, defaults.REGION_MODES)):
             if value not in choices:
                 raise SmdError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+        own_rows(self.region_mode, self.layers, bool(self.controlnets or self.reference))
         if self.layers.masks.shape[1:] != (self.height, self.width):
             raise SmdError(f"masks are {self.layers.masks.shape[2]}x{self.layers.masks.shape[1]}, the canvas "
                            f"{self.width}x{self.height}")
@@ -162,3 +165,78 @@ def auto_negatives(layers: Layers, own: int) -> list[str]:
         others = [p for j, p in enumerate(layers.prompts[first:], first) if j != i and p and p != layers.prompts[i]]
         out.append(", ".join([negative, *others] if negative else others))
     return out
+
+
+def join_layers(layers: Layers, cond: Conditioning, uncond: Conditioning | None, mode: str,
+                timesteps: Sequence[float], *, scene_layers: int, canvas_controls: bool = False,
+                lengths: Callable[[Sequence[str]], list[int] | None] = lambda texts: None,
+                background_prompt: str | None = None) -> tuple[Layers, Conditioning, Conditioning | None]:
+    """docs/method.md §10: in `attention` mode every layer's prompt joins one row per view, its
+    attention kept to the layer's masks; in `hybrid` mode the layers with their own LoRAs,
+    ControlNets or reference image keep rows of their own (latent mode's), the others join. The
+    joined row's mask is the sum of its layers' (so the averaging of clean estimates is unchanged
+    around it), its pooled embedding the first joined layer's (the background's where there is
+    one). Where several layers join, each keeps only the token states `lengths` (the family's
+    `text_lengths`) says carry its prompt (all of them where it is mixed with the background
+    prompt). `scene_layers` counts the request's own layers (the last of `layers`), for messages.
+    Returns the layers as the sampler sees them (the joined row first) and their rows."""
+    if mode == "latent":
+        return layers, cond, uncond
+    count = len(layers.prompts)
+    own = own_rows(mode, layers, canvas_controls, len(layers.prompts) - scene_layers)
+    joined = [i for i in range(count) if i not in own]
+    if not joined:
+        return layers, cond, uncond
+    masks = layers.step_masks  # [K, P, 1, h, w]
+    from smd_cli.method.regions import Regions
+
+    # Prompts mixed toward the background prompt (strength below 1) carry its states too: kept whole.
+    mixed = bool(background_prompt) and any(layers.prompt_strengths[i] != 1.0 for i in joined)
+
+    def spans(c: Conditioning, texts: list[str]) -> list[int]:
+        full = c.states.shape[1]
+        used = lengths(texts) if len(joined) > 1 and not mixed else None
+        return [full] * len(joined) if used is None else [min(n, full) for n in used]
+
+    def rows(c: Conditioning, texts: list[str]) -> Conditioning:
+        kept = spans(c, texts)
+        ends = np.cumsum([0, *kept]).tolist()
+        regions = Regions(tuple(zip(ends[:-1], ends[1:])), masks[:, joined, 0], tuple(float(t) for t in timesteps))
+        first = joined[0]
+        states = torch.cat([c.states[i, :n] for i, n in zip(joined, kept)])[None]
+        row = Conditioning(states, None if c.pooled is None else c.pooled[first : first + 1],
+                           loras=None if c.loras is None else (c.loras[first],),
+                           regions=(regions,), tokens=(ends[-1],))
+        return Conditioning.cat([row] + [c[i : i + 1] for i in own])
+
+    def pick(values, merged):
+        return None if values is None else [merged] + [values[i] for i in own]
+
+    sampled = Layers(pick(layers.prompts, " | ".join(layers.prompts[i] for i in joined)),
+                     pick(layers.negatives, ""), layers.masks, pick(layers.strengths, 1.0),
+                     pick(layers.stds, 0.0), pick(layers.prompt_strengths, 1.0), layers.blurred,
+                     torch.cat([masks[:, joined].sum(1, keepdim=True), masks[:, own]], dim=1),
+                     pick(layers.loras, ()), pick(layers.controlnets, []), pick(layers.references, None))
+    prompts = [layers.prompts[i] for i in joined]
+    negatives = [layers.negatives[i] for i in joined]
+    return sampled, rows(cond, prompts), None if uncond is None else rows(uncond, negatives)
+
+
+def own_rows(mode: str, layers: Layers, canvas_controls: bool, first: int = 0) -> list[int]:
+    """The layers (indices into `layers`) that keep rows of their own in `mode`: in hybrid mode those
+    with their own LoRAs, ControlNets or reference image; raises where `mode` cannot do what is asked
+    (`first` is the index of the request's first layer, a background layer before it, for messages)."""
+    if mode == "latent":
+        return list(range(len(layers.prompts)))
+    if canvas_controls:
+        raise SmdError(f"region_mode {mode} joins the layers in one row, which ControlNets and reference images "
+                       "over the whole canvas cannot act on: give them to layers (region_mode hybrid keeps those "
+                       "layers' own rows) or use region_mode latent")
+    own = [i for i in range(len(layers.prompts))
+           if (layers.loras and layers.loras[i]) or (layers.controlnets and layers.controlnets[i])
+           or (layers.references and layers.references[i] is not None)]
+    if mode == "attention" and own:
+        names = ", ".join(f"layers[{i - first}]" for i in own)
+        raise SmdError(f"{names}: a layer's own LoRA, ControlNet or reference image cannot act on one layer of "
+                       "a row shared by all: use region_mode hybrid (those layers keep their own rows) or latent")
+    return own

@@ -19,7 +19,7 @@ from PIL import Image
 from smd_cli.core import defaults
 from smd_cli.core.errors import SmdError
 from smd_cli.engine.pipeline import StableMultiDiffusionPipeline
-from smd_cli.engine.prepare import Layers, auto_negatives, prepare_layers, prepare_text, row_loras
+from smd_cli.engine.prepare import Layers, auto_negatives, join_layers, prepare_layers, prepare_text, row_loras
 from smd_cli.families import Conditioning, Placement
 from smd_cli.method import masks as mask_ops
 from smd_cli.method.sampler import active_pairs, randn, renoise, step_inputs, step_output
@@ -66,7 +66,7 @@ class StreamMultiDiffusion:
                  dtype: Any = None, lcm_lora: str | None = None, vae: str | None = None,
                  pipeline: StableMultiDiffusionPipeline | None = None, overlap_decode: bool = False,
                  compile: bool = False, loras: Any = None, controlnets: Any = None, negative_auto: bool = False,
-                 reference: Any = None, allow_large: bool = False):
+                 reference: Any = None, allow_large: bool = False, region_mode: str = defaults.REGION_MODE):
         """Load a model as `StableMultiDiffusionPipeline` does (the tiny autoencoder by default), or
         stream from a loaded `pipeline`, which then decides the model, device, dtype and autoencoder.
         The stream's stages are the LCM schedule's `num_inference_steps` steps, or `timesteps`.
@@ -74,7 +74,11 @@ class StreamMultiDiffusion:
         are given with `update_single_layer(..., loras=..., controlnets=..., reference=...)`.
         `negative_auto` and `reference` (for layers without their own) as the pipeline's. A frame's work
         past `defaults.LARGE_WORK` denoiser passes (views x layers x stages) is refused unless
-        `allow_large`, as the pipeline refuses an image's."""
+        `allow_large`, as the pipeline refuses an image's. `region_mode` as the pipeline's: in
+        attention mode a frame is one row per stage (and view), whatever the number of layers."""
+        if region_mode not in defaults.REGION_MODES:
+            raise SmdError(f"region_mode must be one of {', '.join(defaults.REGION_MODES)}, got {region_mode!r}")
+        self.region_mode = region_mode
         if cfg_type not in defaults.STREAM_CFG_TYPES:
             raise SmdError(f"cfg_type must be one of {', '.join(defaults.STREAM_CFG_TYPES)}, got {cfg_type!r}")
         loading = dict(device=device, hf_key=hf_key, sd_version=sd_version, dtype=dtype, lcm_lora=lcm_lora, vae=vae,
@@ -104,7 +108,7 @@ class StreamMultiDiffusion:
         self.delta = delta
         self.autoflush = autoflush
         self.mask_type = mask_type
-        self.bootstrap_steps = bootstrap_steps
+        self.bootstrap_steps = bootstrap_steps if region_mode == "latent" else 0  # docs/method.md §10
         self.bootstrap_mix_steps = bootstrap_mix_steps
         self.leak_sensitivity = bootstrap_leak_sensitivity
         self.bootstrap_centre = bootstrap_centre
@@ -246,7 +250,11 @@ class StreamMultiDiffusion:
                                           self.schedule.timesteps)
         cond, uncond = cond.with_loras(sets), uncond and uncond.with_loras(sets)
         cond, uncond = cond.with_controls(controls), uncond and uncond.with_controls(controls)
-        self._cond, self._uncond = self.pipe.with_references(cond, uncond, self.reference, self._prepared)
+        cond, uncond = self.pipe.with_references(cond, uncond, self.reference, self._prepared)
+        self._prepared, self._cond, self._uncond = join_layers(
+            self._prepared, cond, uncond, self.region_mode, self.schedule.timesteps, scene_layers=len(self.layers),
+            lengths=self.pipe.family.text_lengths, background_prompt=self.background_prompt,
+            canvas_controls=bool(self.controlnets or self.reference))
         self._active = active_pairs(self._prepared.step_masks, self.views)
         if self.stock is None or self.stock.shape[1] != len(self._prepared.prompts):
             self.stock = None  # layers were added or removed: restart the residual noise

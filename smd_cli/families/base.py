@@ -42,6 +42,7 @@ from smd_cli.method import prompts
 from smd_cli.method.views import Grid
 
 if TYPE_CHECKING:
+    from smd_cli.method.regions import Regions
     from smd_cli.method.sampler import Schedule
     from smd_cli.models.controls import ControlNets, ControlSet
     from smd_cli.models.loading import Components
@@ -64,13 +65,17 @@ class Conditioning:
     loras: Optional[tuple[LoraSet, ...]] = None  # per row: the LoRAs its denoiser call runs with
     controls: Optional[tuple[ControlSet, ...]] = None  # per row: the ControlNets acting on it
     references: Optional[tuple[Optional[Reference], ...]] = None  # per row: its IP-Adapter image, if any
+    # Attention mode (docs/method.md §10): per row, the layers joined in it and where each may act,
+    # and the tokens each row really has (rows of several lengths joined are padded with zeros).
+    regions: Optional[tuple[Optional[Regions], ...]] = None
+    tokens: Optional[tuple[int, ...]] = None
 
     def __len__(self) -> int:
         return len(self.states)
 
     def __getitem__(self, index: Any) -> "Conditioning":
         picked = None
-        if self.loras is not None or self.controls is not None or self.references is not None:
+        if any(v is not None for v in (self.loras, self.controls, self.references, self.regions, self.tokens)):
             picked = range(len(self))[index] if isinstance(index, (int, slice)) else torch.as_tensor(index).tolist()
             picked = [picked] if isinstance(picked, int) else list(picked)
 
@@ -78,7 +83,27 @@ class Conditioning:
             return None if values is None else tuple(values[i] for i in picked)
 
         return Conditioning(self.states[index], None if self.pooled is None else self.pooled[index], self.filler,
-                            rows(self.loras), rows(self.controls), rows(self.references))
+                            rows(self.loras), rows(self.controls), rows(self.references), rows(self.regions),
+                            rows(self.tokens))
+
+    def trimmed(self) -> "Conditioning":
+        """These rows without the padding none of them needs (rows joined with a longer joined row)."""
+        if self.tokens is None or max(self.tokens) >= self.states.shape[1]:
+            return self
+        return replace(self, states=self.states[:, :max(self.tokens)])
+
+    def region_bias(self, x, t, placement: Placement | None, dtype):
+        """The attention bias of these rows for latents x at timestep(s) t (`smd_cli.method.regions`);
+        None for rows that join no layers."""
+        if self.regions is None or all(r is None for r in self.regions):
+            return None
+        if any(r is None for r in self.regions):  # `Family.predict` calls joined rows apart
+            raise ValueError("rows that join layers and rows that do not are denoised apart")
+        from smd_cli.method.regions import RegionBias
+
+        times = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(len(x)).tolist()
+        corners = list(placement.corners) if placement is not None else [(0, 0)] * len(x)
+        return RegionBias(self.regions, times, corners, tuple(x.shape[-2:]), self.states.shape[1], dtype, x.device)
 
     def with_loras(self, loras: Sequence[LoraSet]) -> "Conditioning":
         """These rows, row i to run with LoRAs `loras[i]`."""
@@ -123,6 +148,13 @@ class Conditioning:
     @staticmethod
     def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
         tokens = max(p.states.shape[1] for p in parts)
+        if any(p.regions is not None or p.tokens is not None for p in parts):  # joined rows: pad with zeros
+            pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+            states = torch.cat([torch.nn.functional.pad(p.states, (0, 0, 0, tokens - p.states.shape[1]))
+                                for p in parts])
+            own = tuple(n for p in parts for n in (p.tokens or (p.states.shape[1],) * len(p)))
+            return Conditioning(states, pooled, None, _joined(parts, "loras", ()), _joined(parts, "controls", ()),
+                                _joined(parts, "references", None), _joined(parts, "regions", None), own)
         filler = next((p.filler for p in parts if p.filler is not None), None)
         parts = [p.padded(tokens, filler) for p in parts]
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
@@ -286,6 +318,12 @@ class Family:
         holds one set."""
         raise ModelError(f"embeddings are read on SD 1.x and SDXL, not {self.label}")
 
+    def text_lengths(self, texts: Sequence[str]) -> list[int] | None:
+        """How many leading token states of each text's conditioning carry it, where a family pads
+        to a fixed length that joined rows can do without (docs/method.md §10: T5's padding); None:
+        keep every state (CLIP's chunks)."""
+        return None
+
     # What the text encoders share (docs/method.md §2.1 reads prompts through them).
 
     def spelt(self, texts: Sequence[str]) -> list[str]:
@@ -323,13 +361,15 @@ class Family:
                 placement: Placement | None = None):
         """The denoiser's prediction for rows x (`_predict`), one call per set of LoRAs the rows run
         with (`smd_cli.models.loras`: diffusers activates one set per call) and per IP-Adapter scale
-        (`smd_cli.models.references`: one per call too)."""
+        (`smd_cli.models.references`: one per call too), and apart for rows that join layers
+        (attention mode, docs/method.md §10)."""
         sets = cond.loras or ((),) * len(x)
         refs = cond.references or (None,) * len(x)
-        keys = [(s, r.scale if r is not None else 0.0) for s, r in zip(sets, refs)]
+        joined = cond.regions or (None,) * len(x)
+        keys = [(s, r.scale if r is not None else 0.0, j is not None) for s, r, j in zip(sets, refs, joined)]
         if len(set(keys)) == 1:
             self.loras.activate(sets[0])
-            return self._predict(x, t, cond, guidance_scale, placement)
+            return self._predict(x, t, cond.trimmed(), guidance_scale, placement)
         out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         times = torch.as_tensor(t)
         for chosen in dict.fromkeys(keys):
@@ -338,7 +378,7 @@ class Family:
             part = placement and Placement(placement.canvas, [placement.corners[i] for i in rows])
             self.loras.activate(chosen[0])
             out[index] = self._predict(x[index], times[index.to(times.device)] if times.numel() > 1 else t,
-                                       cond[index], guidance_scale, part)
+                                       cond[index].trimmed(), guidance_scale, part)
         return out
 
     def _predict(self, x, t, cond: Conditioning, guidance_scale: float = 1.0,

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 from smd_cli.core.lazy import lazy, no_grad
 from smd_cli.families.base import Conditioning, Family, Placement
-from smd_cli.families.sd3 import row_timesteps
+from smd_cli.families.sd3 import row_timesteps, t5_lengths
 from smd_cli.method import prompts
 
 torch = lazy("torch")
@@ -95,6 +95,10 @@ class Flux(Family):
         states = self.text_encoder_2(t5.to(self.device), output_hidden_states=False)[0]
         return Conditioning(states.to(self.dtype), pooled.to(self.dtype))
 
+    def text_lengths(self, texts: Sequence[str]) -> list[int] | None:
+        """T5's states up to its end token."""
+        return t5_lengths(self.tokenizer_2, texts, self.max_sequence_length)
+
     def _predict(self, x, t, cond: Conditioning, guidance_scale: float = 1.0, placement: Placement | None = None):
         """The transformer's velocity for latents x [B, C, h, w] (float32, unpacked)."""
         b, c, h, w = x.shape
@@ -114,13 +118,16 @@ class Flux(Family):
                 return list(blocks or []), list(singles or [])
 
             control = self.controlnets.residuals(x, t, cond, placement, run)
-        attention = None
+        attention = {}
         if self.references.adapter is not None:  # XLabs' IP-Adapter: an image for every row
-            attention = {"ip_adapter_image_embeds": [self.references.inputs(cond.references or (None,) * b, b)]}
+            attention["ip_adapter_image_embeds"] = [self.references.inputs(cond.references or (None,) * b, b)]
+        bias = cond.region_bias(x, t, placement, self.dtype)
+        if bias is not None:  # attention mode: the layers' prompts kept to their regions (docs/method.md §10)
+            attention["attention_mask"] = bias.joint((h // 2, w // 2), text_first=True)
         out = self.denoiser(hidden_states=packed, timestep=(t / 1000).to(self.dtype),
                             guidance=guidance if self.guidance_distilled else None, pooled_projections=cond.pooled,
                             encoder_hidden_states=cond.states, txt_ids=txt_ids, img_ids=img_ids,
-                            joint_attention_kwargs=attention,
+                            joint_attention_kwargs=attention or None,
                             controlnet_block_samples=(control[0] or None) if control else None,
                             controlnet_single_block_samples=(control[1] or None) if control else None,
                             controlnet_blocks_repeat=self.controlnets.repeats, return_dict=False)[0].float()

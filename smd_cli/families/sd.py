@@ -3,6 +3,7 @@ v), an `AutoencoderKL` (or TAESD), and variance-preserving noising on discrete t
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, Sequence
 
 from smd_cli.core.lazy import lazy, no_grad
@@ -104,9 +105,16 @@ def unet_prediction(model: Family, x, t, cond: Conditioning, guidance_scale: flo
     if model.references.adapter is not None:  # an IP-Adapter in the UNet wants an image for every row
         refs = cond.references or (None,) * len(x)
         added = {**(added or {}), "image_embeds": [model.references.inputs(refs, len(x))]}
-    out = net(x.to(model.dtype), t, encoder_hidden_states=cond.states, timestep_cond=tc,
-              added_cond_kwargs=added, down_block_additional_residuals=control and control[0],
-              mid_block_additional_residual=control and control[1][0], return_dict=False)[0].float()
+    regions = contextlib.nullcontext()
+    bias = cond.region_bias(x, t, placement, model.dtype)
+    if bias is not None:  # attention mode: the layers' prompts kept to their regions (docs/method.md §10)
+        from smd_cli.method.regions import install
+
+        regions = install(net, "cross").active(bias)
+    with regions:
+        out = net(x.to(model.dtype), t, encoder_hidden_states=cond.states, timestep_cond=tc,
+                  added_cond_kwargs=added, down_block_additional_residuals=control and control[0],
+                  mid_block_additional_residual=control and control[1][0], return_dict=False)[0].float()
     if model.scheduler.config.prediction_type == "v_prediction":
         abar = model.scheduler.alphas_cumprod.to(out.device)[torch.as_tensor(t, device=out.device).long()]
         a = abar.sqrt().reshape(-1, 1, 1, 1)

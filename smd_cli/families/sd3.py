@@ -13,6 +13,7 @@ picture of its own size; the canvas is one view for plain sampling, which then e
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, Sequence
 
 from smd_cli.core.errors import SmdError
@@ -96,11 +97,31 @@ class StableDiffusion3(Family):
         return Conditioning(torch.cat([clip.to(self.dtype), t5.to(self.dtype)], dim=-2),
                             torch.cat(pooled, dim=-1).to(self.dtype))
 
+    def text_lengths(self, texts: Sequence[str]) -> list[int] | None:
+        """CLIP's 77 states, then T5's up to its end token (zeros of nothing where T5 is left out)."""
+        clip = self.tokenizer.model_max_length
+        if self.text_encoder_3 is None:
+            return [clip] * len(texts)
+        return [clip + n for n in t5_lengths(self.tokenizer_3, texts, self.max_sequence_length)]
+
     def _predict(self, x, t, cond: Conditioning, guidance_scale: float = 1.0, placement: Placement | None = None):
         """The transformer's velocity prediction (float32) at timestep t = 1000 s."""
-        return self.denoiser(hidden_states=x.to(self.dtype), timestep=row_timesteps(self, t, len(x)),
-                             encoder_hidden_states=cond.states, pooled_projections=cond.pooled,
-                             return_dict=False)[0].float()
+        regions = contextlib.nullcontext()
+        bias = cond.region_bias(x, t, placement, self.dtype)
+        if bias is not None:  # attention mode: the layers' prompts kept to their regions (docs/method.md §10)
+            from smd_cli.method.regions import install
+
+            regions = install(self.denoiser, "joint", self.granularity).active(bias)
+        with regions:
+            return self.denoiser(hidden_states=x.to(self.dtype), timestep=row_timesteps(self, t, len(x)),
+                                 encoder_hidden_states=cond.states, pooled_projections=cond.pooled,
+                                 return_dict=False)[0].float()
+
+
+def t5_lengths(tokenizer, texts: Sequence[str], limit: int) -> list[int]:
+    """T5 tokens of each text (weights left out), its end token included, at most `limit`."""
+    readable = [prompts.plain(text) or "".join(f for f, _ in prompts.parse(text)) for text in texts]
+    return [min(len(ids), limit) for ids in tokenizer(readable).input_ids]
 
 
 def row_timesteps(model: Family, t, batch: int):

@@ -289,6 +289,7 @@ class Scene(_Model):
     tile_weighting: Literal[defaults.TILE_WEIGHTINGS] = defaults.TILE_WEIGHTING  # type: ignore[valid-type]
     circular: StrictBool = False
     region_crop: StrictBool = False
+    region_mode: Literal[defaults.REGION_MODES] = defaults.REGION_MODE  # type: ignore[valid-type]
     bootstrap: Bootstrap = Field(default_factory=Bootstrap)
     negative_prefix: str | None = None
     negative_auto: StrictBool = False  # each layer's prompt a negative prompt of the other layers' rows

@@ -5,8 +5,9 @@ Three parts, each with one job:
 - `PaintSession` owns the painting (`smd_cli.app.painting`), the stream and the one thread that runs
   the model. Edits change the painting under a lock and return at once; before each frame the
   thread hands the stream whatever changed since the last one (`render.apply_scene`, as `smd
-  stream --watch` does for file edits), so a stroke is in the next frame's input. Full images
-  ("one image", "batch") run on the same thread between frames, pause the stream, and are held
+  stream --watch` does for file edits), so a stroke is in the next frame's input. A new region mode,
+  which a running stream cannot take, gets a new stream, made on that thread between two frames.
+  Full images ("one image", "batch") run on the same thread between frames, pause the stream, and are held
   until play is pressed again, so that a person can look at them and keep one. The thread never
   waits on the network: it leaves each image in a slot that the page's connections read when
   they can.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import concurrent.futures
 import io
 import json
 import queue
@@ -48,6 +50,7 @@ from smd_cli.app.painting import MAX_STROKE_POINTS, BrushFields, Finite, Paintin
 from smd_cli.app.web.access import Access, is_loopback
 from smd_cli.app.web.server import Guard, WebServer
 from smd_cli.app.web.server import listen as listen  # the command binds with it before the model loads
+from smd_cli.core import defaults
 from smd_cli.core.errors import SmdError
 
 PAGE = Path(__file__).parent / "paint.html"
@@ -117,6 +120,11 @@ class Seed(_Edit):
     seed: int | None = None
 
 
+class RegionMode(_Edit):
+    op: Literal["region_mode"]
+    mode: Literal[defaults.REGION_MODES]  # type: ignore[valid-type]
+
+
 class Play(_Edit):
     op: Literal["play"]
     on: bool = True
@@ -136,10 +144,10 @@ class SaveImage(_Edit):
 
 
 Edit = Annotated[Union[Stroke, Undo, AddBrush, RemoveBrush, MoveBrush, UpdateBrush, Background, RemovePicture,
-                       Seed, Play, Images, Save, SaveImage], Field(discriminator="op")]
+                       Seed, RegionMode, Play, Images, Save, SaveImage], Field(discriminator="op")]
 _EDITS = TypeAdapter(Edit)
 OPS = ("stroke", "undo", "add_brush", "remove_brush", "move_brush", "update_brush", "background",
-       "remove_picture", "seed", "play", "one_image", "batch", "save", "save_image")
+       "remove_picture", "seed", "region_mode", "play", "one_image", "batch", "save", "save_image")
 
 
 def parse_edit(message: str | bytes | dict) -> Any:
@@ -198,16 +206,10 @@ class PaintSession:
     """A painting, its stream and the thread that runs the model for both."""
 
     def __init__(self, painting: Painting, pipe, *, save_dir: Path, stem: str, cfg_type: str = "none"):
-        from smd_cli.app.requests import scene_stream
-
-        self.painting, self.pipe = painting, pipe
+        self.painting, self.pipe, self.cfg_type = painting, pipe, cfg_type
         self.save_dir, self.stem = Path(save_dir), stem
         self.lock = threading.Lock()
-        self.stream = scene_stream(painting.scene_file(), pipe, cfg_type=cfg_type, masks=painting.scene_masks())
-        # An edit goes into every stage at once and the frames keep coming: the next frame shows it
-        # in part, the one after the stream's depth fully. (A flush would hold the display for a
-        # whole depth of calls on every stroke.)
-        self.stream.autoflush = False
+        self.stream = self._new_stream(painting.scene_file(), painting.scene_masks())
         self.applied = painting.version
         self.playing = False  # as in the original app: set up the painting, then press play
         self.shown: Shown | None = None  # the newest image made
@@ -219,6 +221,7 @@ class PaintSession:
         self.error: tuple[int, str] | None = None  # the model thread's last error, numbered
         self.on_shown: list[Callable[[], None]] = []  # called from the model thread after each new image
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
+        self._switch: tuple[str, concurrent.futures.Future] | None = None  # a region mode asked for
         self._wake = threading.Event()
         self._closed = False
         self._picture_png: tuple[int, bytes] | None = None
@@ -233,6 +236,9 @@ class PaintSession:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        switch = self._switch
+        if switch is not None and not switch[1].done():
+            switch[1].set_exception(SmdError("the app stopped before the regions were switched"))
         self.stream.close()
 
     # Edits, from any thread.
@@ -243,6 +249,8 @@ class PaintSession:
         m = message if isinstance(message, BaseModel) else parse_edit(message)
         if m.op == "save":
             return self.save()
+        if m.op == "region_mode":
+            return self.set_region_mode(m.mode)
         if m.op == "save_image":
             return self.save_image(m.number)
         p = self.painting
@@ -279,6 +287,31 @@ class PaintSession:
     def save(self) -> str:
         with self.lock:
             return str(self.painting.save(self.save_dir, self.stem))
+
+    def set_region_mode(self, mode: str) -> None:
+        """Sample the regions in `mode` (`defaults.REGION_MODES`). A running stream cannot change
+        its mode, so a new one is made from the painting, on the model thread between two frames,
+        and this waits for it: if the mode is refused for this painting (a brush's own LoRA in
+        attention mode, say), the SmdError is raised here and the painting and its stream stay
+        as they were; otherwise the new stream replaces the old one and the mode is an edit of the
+        painting (saved, and taken back by undo)."""
+        if mode not in defaults.REGION_MODES:
+            raise SmdError(f"region_mode must be one of {', '.join(defaults.REGION_MODES)}, got {mode!r}")
+        with self.lock:
+            if mode == self.painting.scene.region_mode:
+                return None
+            if self.making:
+                raise SmdError("images are being made: wait for them, then switch the regions")
+            if self._switch is not None:
+                raise SmdError("the regions are being switched: wait for it, then ask again")
+            if self._closed:
+                raise SmdError("the app is stopping")
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            self._switch = (mode, done)
+        if not self._thread.is_alive():  # not started (a session driven from Python): no frame to wait for
+            self._take_switch()
+        self._wake.set()
+        return done.result()
 
     def set_picture(self, data: bytes) -> str:
         """The background picture from uploaded bytes, decoded with the limits of scene images;
@@ -372,7 +405,9 @@ class PaintSession:
     def _run(self) -> None:
         while not self._closed:
             try:
-                if not self._jobs.empty():
+                if self._switch is not None:
+                    self._take_switch()
+                elif not self._jobs.empty():
                     self._images(self._jobs.get())
                 elif self.playing:
                     self._apply()
@@ -390,8 +425,53 @@ class PaintSession:
                 self.error = ((self.error or (0, ""))[0] + 1, said)
                 self._notify()
 
+    def _new_stream(self, sf, masks):
+        """A stream of the painting `sf` with its `masks`: how the session starts one, and starts
+        another when the region mode changes (a running stream cannot change it)."""
+        from smd_cli.app.requests import scene_stream
+
+        stream = scene_stream(sf, self.pipe, cfg_type=self.cfg_type, masks=masks)
+        # An edit goes into every stage at once and the frames keep coming: the next frame shows it
+        # in part, the one after the stream's depth fully. (A flush would hold the display for a
+        # whole depth of calls on every stroke.)
+        stream.autoflush = False
+        return stream
+
+    def _replace_stream(self, stream) -> None:
+        old, self.stream = self.stream, stream
+        old.close()
+
+    def _take_switch(self) -> None:
+        """The region mode asked for by `set_region_mode`: a new stream of the painting in that mode,
+        which replaces the old one only once it is made; its refusal goes back to the asker."""
+        from smd_cli.scenes.scene import SceneFile
+
+        switch = self._switch
+        if switch is None:
+            return
+        mode, done = switch
+        try:
+            with self.lock:
+                version = self.painting.version
+                sf, masks = self.painting.scene_file(), self.painting.scene_masks()
+            stream = self._new_stream(SceneFile(sf.scene.model_copy(update={"region_mode": mode}), sf.path,
+                                                label=sf.label), masks)
+            with self.lock:
+                fresh = self.painting.version == version  # no edit came while the stream was made
+                self.painting.set_region_mode(mode)
+                self._replace_stream(stream)
+                self.applied = self.painting.version if fresh else version  # the next frame applies the rest
+        except BaseException as exc:  # the asker says it; the old stream goes on
+            self._switch = None
+            done.set_exception(exc)
+        else:
+            self._switch = None
+            done.set_result(None)
+            self._notify()
+
     def _apply(self) -> None:
-        """Hand the stream what the painting changed since the last frame."""
+        """Hand the stream what the painting changed since the last frame. A region mode other than
+        the stream's (an undo of a switch) needs a new stream."""
         from smd_cli.app.requests import apply_scene
 
         with self.lock:
@@ -399,7 +479,12 @@ class PaintSession:
                 return
             version = self.painting.version
             sf, masks = self.painting.scene_file(), self.painting.scene_masks()
-        apply_scene(self.stream, sf, masks)
+        if sf.scene.region_mode != self.stream.region_mode:
+            stream = self._new_stream(sf, masks)
+            with self.lock:
+                self._replace_stream(stream)
+        else:
+            apply_scene(self.stream, sf, masks)
         self.applied = version
 
     def _images(self, count: int) -> None:
@@ -648,10 +733,10 @@ def open_paint(scene: Path | None, options, *, width: int | None = None, height:
     """Check all that can fail before a model loads (the canvas and its views against the model, the
     work of a frame and of an image, the scene and its masks, the save folder), then load the model
     (`options`) and start the stream on the painting. An interactive canvas takes no --allow-large:
-    past `defaults.LARGE_WORK` denoiser passes it is refused."""
+    past `defaults.LARGE_WORK` denoiser passes it is refused. A `region_mode` in `options.overrides`
+    (`smd paint --region-mode`) is the painting's starting mode, a blank canvas's too."""
     from smd_cli.app.batch import load_session_model, sources_of, with_preset
     from smd_cli.app.live import check_cfg_type
-    from smd_cli.core import defaults
     from smd_cli.core.outputs import check_writable
     from smd_cli.models.loading import check_source
     from smd_cli.scenes.canvas import canvas_size, canvas_views, check_work
@@ -668,7 +753,10 @@ def open_paint(scene: Path | None, options, *, width: int | None = None, height:
         size = (width, height) if width is not None and height is not None else canvas_size(sf)
     else:
         size = (width or defaults.SIZE, height or defaults.SIZE)
-        sf = validate_scene({"width": size[0], "height": size[1], "layers": [{"prompt": ""}]}, overridden=set())
+        given = [v for k, v in options.overrides.items() if k in ("region_mode", ("region_mode",))]
+        mode = {"region_mode": given[-1]} if given else {}  # --region-mode, or --set region_mode=...
+        sf = validate_scene({"width": size[0], "height": size[1], "layers": [{"prompt": ""}], **mode},
+                            overridden={("region_mode",)} if mode else set())
     sources = sources_of(sf, options)
     check_source(sources.model)
     grid = model_grid(sources.model, options.config)
@@ -678,7 +766,7 @@ def open_paint(scene: Path | None, options, *, width: int | None = None, height:
         painting = Painting.from_scene(sf, width, height)
         stem, folder = sf.name, save_dir or sf.base_dir
     else:
-        painting = Painting.blank(*size)
+        painting = Painting.blank(*size, region_mode=mode.get("region_mode"))
         stem, folder = "painting", save_dir or Path.cwd()
     check_writable(Path(folder) / f"{stem}.yaml")
     pipe = load_session_model(options, sources, on_event)
