@@ -261,3 +261,13 @@ class Page:
                 elif m["type"] in ("saved", "error"):
                     self.last = m
         await asyncio.wait_for(loop(), timeout)
+
+
+def as_from_a_shell() -> None:
+    """`preexec_fn` for an `smd` subprocess: the signal dispositions and mask a shell gives it
+    (default handlers, nothing blocked), whatever the test process itself has come to."""
+    import signal
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SCENES, write
+from conftest import SCENES, as_from_a_shell, write
 from PIL import Image
 
 SCENE = "seed: 1\nwidth: 32\nheight: 32\nlayers:\n  - {prompt: a cat}\n"
@@ -227,7 +227,8 @@ class Worker:
 
     def __init__(self, *args: str, cwd: Path, script: str | None = None):
         command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "smd_cli"]
-        self.process = subprocess.Popen([*command, *args], cwd=cwd, env=environment(), stdout=subprocess.PIPE,
+        self.process = subprocess.Popen([*command, *args], cwd=cwd, env=environment(), preexec_fn=as_from_a_shell,
+                                        stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE)
         self.out, self.err = bytearray(), bytearray()
         self.readers = [threading.Thread(target=self._read, args=(stream, into), daemon=True)

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import write
+from conftest import as_from_a_shell, write
 from PIL import Image
 
 SCENE = "seed: 1\nwidth: 32\nheight: 32\nlayers:\n  - {prompt: a cat}\n"
@@ -23,7 +23,8 @@ SCENE = "seed: 1\nwidth: 32\nheight: 32\nlayers:\n  - {prompt: a cat}\n"
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "smd_cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "smd_cli", *args], cwd=cwd, env=env, preexec_fn=as_from_a_shell,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
