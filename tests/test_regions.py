@@ -12,6 +12,7 @@ from tinymodel import write_tiny_lora
 
 from smd_cli import StableMultiDiffusionPipeline
 from smd_cli.core.errors import SmdError
+from smd_cli.method import regions
 
 FAMILIES = ["sd", "sdxl", "sd3", "flux"]
 SIZE = 64  # pixels: 32 latent pixels with the tiny models' VAE factor 2
@@ -92,36 +93,45 @@ def _outside(grid: tuple[int, int], masks: np.ndarray) -> torch.Tensor:
 def test_a_prompt_is_never_read_outside_its_region(pipes, family, monkeypatch):
     pipe = pipes[family]
     spy = _Spy(monkeypatch)
+    made = []
+
+    class Recorded(regions.Regions):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(regions, "Regions", Recorded)
     masks = _halves()  # left and right: no background, each layer's region is its half
-    _run(pipe, ["a red fox", "a big elk"], masks, region_mode="attention", guidance_scale=1.0)  # as long: equal spans
-    assert spy.calls
+    _run(pipe, ["a red fox", "a big old elk"], masks, region_mode="attention", guidance_scale=1.0)
+    assert spy.calls and len(made) == 1
+    spans = made[0].spans  # each layer's tokens in the joined row (T5's trimmed to what each prompt uses)
+    if family == "flux":  # the tiny SD3 has no T5: CLIP's 77 each
+        assert spans[0][1] - spans[0][0] != spans[1][1] - spans[1][0]
     latent = SIZE // pipe.vae_scale_factor
     for probs in spy.probabilities():
         assert torch.isfinite(probs).all()
         keys = probs.shape[-1]
         if family in ("sd", "sdxl"):  # cross-attention: image positions -> both prompts' tokens
             side = int(round((probs.shape[-2]) ** 0.5))
-            tokens = keys // 2
             outside = _outside((side, side), masks)
-            for g in range(2):
-                reads = probs[..., g * tokens:(g + 1) * tokens].sum(-1)  # [B, heads, positions]
+            for g, (start, end) in enumerate(spans):
+                reads = probs[..., start:end].sum(-1)  # [B, heads, positions]
                 assert reads[..., outside[g]].abs().max() == 0
                 assert reads[..., ~outside[g]].min() > 0
             continue
         # joint attention: image tokens and both prompts' tokens, image first (SD3) or text first (FLUX.1)
         side = latent // 2
         count = side * side
-        tokens = (keys - count) // 2
         image = slice(0, count) if family == "sd3" else slice(keys - count, keys)
         text = count if family == "sd3" else 0
         outside = _outside((side, side), masks)
-        for g in range(2):
-            own = slice(text + g * tokens, text + (g + 1) * tokens)
+        for g, (start, end) in enumerate(spans):
+            own = slice(text + start, text + end)
             image_reads = probs[..., image, own].sum(-1)  # image positions reading prompt g
             assert image_reads[..., outside[g]].abs().max() == 0 and image_reads[..., ~outside[g]].min() > 0
             text_reads = probs[..., own, image]  # prompt g's tokens reading image positions
             assert text_reads[..., outside[g]].abs().max() == 0
-            other = slice(text + (1 - g) * tokens, text + (2 - g) * tokens)
+            other = slice(text + spans[1 - g][0], text + spans[1 - g][1])
             assert probs[..., own, other].abs().max() == 0  # nor the other prompt's tokens
 
 
