@@ -11,7 +11,8 @@ regional scene and the stream) on the others, with `--device cuda --size full --
 (`--compile` adds torch.compile to SD 1.5's fast paths: over 100 s of compiling on an H100);
 each table is written as a record to benchmarks/results/ (a file named after the GPU) as soon as it
 is measured, and `python -m benchmarks.report` puts them in BENCHMARKS.md; options this script
-does not take (`--beside`, `--results`) go to every benchmark. `--suite views` runs instead
+does not take (`--beside`, `--results`) go to every benchmark. `--suite vae` decodes with an
+SDXL-shaped autoencoder (float32) up to 8192 x 1024, one pass against exact tiles. `--suite views` runs instead
 the view-layout sweep (`benchmarks.views`) on every family's weights and SD 1.5's panorama
 against MultiDiffusion (`benchmarks.panorama`, 3072 x 512 and 1024 x 512). Random weights cost the same
 time as trained ones (for the scaled-down FLUX, per block); the images are noise. `--dry-run`
@@ -207,6 +208,9 @@ def run_argv(family: str, model: Path, taesd: Path, device: str, compile: bool =
 
 BENCHMARKS = {"sd": "benchmarks.run_all", "sdxl": "benchmarks.families", "sd3": "benchmarks.families",
               "flux": "benchmarks.families"}
+# SDXL's autoencoder (SD 1.5's shapes, decoding in float32) on panoramas up to 8192 x 1024, tiles of 1024.
+VAE_SUITE = ["--size", "full", "--dtype", "float16", "--upcast", "--only-shaped", "--tile", "1024",
+             "--canvases", "2048x1024", "4096x1024", "8192x1024"]
 VIEW_REPEATS = "2"  # timed runs of each layout: four families' sweeps fit in minutes on one GPU
 
 
@@ -256,15 +260,25 @@ def main(argv=None) -> None:
                         help="where the random models are saved and reused (default: a temporary folder)")
     parser.add_argument("--compile", action="store_true",
                         help="also time SD 1.5's fast paths under torch.compile (minutes of compiling on an H100)")
-    parser.add_argument("--suite", choices=("all", "views", "regions"), default="all",
+    parser.add_argument("--suite", choices=("all", "views", "regions", "vae"), default="all",
                         help="all: every benchmark (default); views: the view-layout sweep and SD 1.5's panoramas; "
-                             "regions: attention against latent mode on SD 1.5 and FLUX.1 (builds both)")
+                             "regions: attention against latent mode on SD 1.5 and FLUX.1 (builds both); vae: "
+                             "an SDXL-shaped autoencoder decoding up to 8192 x 1024 in one pass and in tiles")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cuda:N; cpu only with --build-only")
     args, passed = parser.parse_known_args(argv)
     folder = args.folder or scratch_dir()
     families = FAMILIES if args.family == "all" else (args.family,)
     if args.suite == "regions":
         families = ("sd", "flux")
+    if args.suite == "vae":  # random weights built in the benchmark's own processes: no folder to save
+        argv = [*VAE_SUITE, "--device", args.device, *passed]
+        if args.dry_run:
+            print(f"  python -m benchmarks.vae_tiles {shlex.join(argv)}")
+            return
+        import importlib
+
+        importlib.import_module("benchmarks.vae_tiles").main(argv)
+        return
     if args.dry_run:
         print_plan(folder, args.device, families, args.compile, args.suite, passed)
         return

@@ -16,12 +16,13 @@ from pathlib import Path
 from benchmarks.common import REPO, RESULTS, markdown_table
 
 ORDER = ("panorama", "regional", "reference", "stream", "region_modes", "paint", "startup", "controls",
-         "fast_paths.regional", "fast_paths.stream", "views", "decode")
+         "fast_paths.regional", "fast_paths.stream", "views", "decode", "vae_tiles")
 LABELS = {"panorama": "panorama vs MultiDiffusion", "regional": "regional vs the naive loop",
           "reference": "reference implementation", "stream": "stream", "region_modes": "attention vs latent mode",
           "paint": "smd paint",
           "startup": "start-up", "controls": "region controls", "fast_paths.regional": "fast paths, regional scene",
-          "fast_paths.stream": "fast paths, stream", "views": "view layouts", "decode": "decoding layouts"}
+          "fast_paths.stream": "fast paths, stream", "views": "view layouts", "decode": "decoding layouts",
+          "vae_tiles": "large pictures (tiled VAE)"}
 FAMILIES = {"sd": "", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1", "all": "every family"}
 
 HEADER = """# Benchmarks
@@ -121,6 +122,8 @@ SUMMARIES = {
     "views": each("fastest for {family}: tile / stride {tile / stride px} px, {wall s} s",
                   lambda r: r.get("") == "fastest"),
     "decode": decode,
+    "vae_tiles": each("{autoencoder} {canvas}: peak {one pass peak MiB} MiB one pass, {tiled peak MiB} tiled, "
+                      "{tiled / one pass time} the time"),
 }
 
 

@@ -579,9 +579,9 @@ def test_memory_hint_follows_the_autoencoder(run_cli, tiny_model, tmp_path, monk
 
     monkeypatch.setattr(memory, "available_memory", lambda device: 2 * 1024**3)
     scene = write(tmp_path / "big.yaml", "width: 8192\nheight: 8192\nlayers: [{prompt: a}]\n")
-    full = gen(run_cli, tiny_model, scene, "--dry-run")
+    full = gen(run_cli, tiny_model, scene, "--dry-run", "--vae-tiles", "off")  # one pass: tiles would fit
     assert full.exit_code == 2 and "use --vae tiny, whose decoder needs far less" in full.stderr
-    tiny = gen(run_cli, tiny_model, scene, "--dry-run", "--vae", "tiny")  # TAESD is wider than this tiny VAE
+    tiny = gen(run_cli, tiny_model, scene, "--dry-run", "--vae", "tiny", "--vae-tiles", "off")  # TAESD is wider
     assert tiny.exit_code == 2 and "the decoder alone is too large" in tiny.stderr
     # With SD's own autoencoder (a hub id's defaults), the tiny one needs several times less.
     sizes = dict(width=8192, height=8192, factor=8, tile_size=768, max_batch=1, cfg=False, dtype_bytes=2)

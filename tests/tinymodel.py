@@ -105,13 +105,14 @@ def tiny_unet(*, lcm_distilled: bool = False, **extra):
                                 time_cond_proj_dim=16 if lcm_distilled else None, **extra)
 
 
-def tiny_vae(blocks: int, **extra):
-    """A tiny random AutoencoderKL that downscales by 2 ** (blocks - 1)."""
+def tiny_vae(blocks: int, channels: int = 4, **extra):
+    """A tiny random AutoencoderKL that downscales by 2 ** (blocks - 1), with `channels` latent
+    channels (16 and no quant convs are SD3's and FLUX.1's shape)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(block_out_channels=(8,) * (blocks - 1) + (16,), in_channels=3, out_channels=3,
                          down_block_types=("DownEncoderBlock2D",) * blocks,
-                         up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=4, norm_num_groups=4,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, latent_channels=channels, norm_num_groups=4,
                          sample_size=32, **extra)
 
 

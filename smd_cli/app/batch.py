@@ -10,6 +10,9 @@ and a Python caller can do as it likes:
     outcomes = batch.run(plan, options, on_event=print)
     batch.exit_code(outcomes)   # 0: all made, 1: some failed, 2: none could start
 
+A sweep (`Options(sweep=sweeps.Sweep.parse(["layers[0].mask_std=0:16:8"]))`, `smd_cli.app.sweeps`)
+makes each scene once per combination of its values, with the same seeds: more jobs in one plan.
+
 No torch at import.
 """
 
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 from smd_cli.app.distributed import Shard
+from smd_cli.app.sweeps import SweepError
 from smd_cli.core import defaults
 from smd_cli.core.errors import SignalsHeld, SmdError, unexpected
 
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from smd_cli.app.records import Record
+    from smd_cli.app.sweeps import Sweep, Variant
     from smd_cli.engine.pipeline import StableMultiDiffusionPipeline
     from smd_cli.method.views import Tiling
     from smd_cli.scenes.canvas import SceneMasks
@@ -72,6 +77,9 @@ class Options:
     threads: Optional[int] = None  # torch's CPU threads (default: torch's own choice)
     offload: bool = False  # weights in CPU memory, each model on the GPU while it runs
     allow_large: bool = False  # run work past defaults.LARGE_WORK denoiser passes an image (never past MAX_WORK)
+    sweep: Optional[Sweep] = None  # each scene once per combination of values (`smd_cli.app.sweeps`)
+    yes: bool = False  # make a batch of more than MANY_IMAGES images
+    upscale: Optional[str] = None  # `smd upscale`: the image whose hires pass each scene runs
 
     def __post_init__(self):
         from smd_cli.app.user_config import user_default
@@ -167,11 +175,15 @@ class Job:
     sources: Sources
     masks: Optional[SceneMasks] = None
     random_seed: bool = False  # the seed was drawn, not given
+    variant: Optional[Variant] = None  # its values in a sweep
+    passes: int = 0  # denoiser passes: views x layers x steps
+    estimate: float = 0.0  # seconds, roughly (`pass_seconds`)
 
     def outcome(self, status: str, **details) -> Outcome:
         """What became of this job."""
         return Outcome(scene=self.scene.name, file=str(self.scene.path) if self.scene.path else None,
-                       seed=self.seed, index=self.index, status=status, **details)
+                       seed=self.seed, index=self.index, status=status,
+                       vary=dict(self.variant.labels) if self.variant else None, **details)
 
     def path(self, when: datetime | None = None) -> Path:
         """Where the image goes: the template filled in."""
@@ -179,7 +191,8 @@ class Job:
         from smd_cli.scenes.scene import step_count
 
         return output_path(self.template, scene=self.scene.name, seed=self.seed,
-                           steps=step_count(self.scene.scene), index=self.index, when=when)
+                           steps=step_count(self.scene.scene), index=self.index, when=when,
+                           vary=self.variant.name if self.variant else "")
 
 
 @dataclass
@@ -195,10 +208,13 @@ class Outcome:
     error: Optional[str] = None
     index: Optional[int] = None
     more_errors: list[str] = field(default_factory=list)  # a scene's other problems, in file order
+    vary: Optional[dict[str, str]] = None  # a sweep's values: key -> value as printed
 
     def as_json(self) -> dict[str, Any]:
         out = {"scene": self.scene, "file": self.file, "seed": self.seed, "path": self.path,
                "seconds": round(self.seconds, 3), "status": self.status}
+        if self.vary is not None:
+            out["vary"] = self.vary
         if self.error is not None:
             out["error"] = self.error
         if self.more_errors:
@@ -344,7 +360,13 @@ class Plan:
         return [{"scene": job.scene.name, "file": str(job.scene.path) if job.scene.path else None, "seed": job.seed,
                  "width": job.masks.width, "height": job.masks.height, "layers": len(job.scene.scene.layers),
                  "steps": step_count(job.scene.scene), "model": job.sources.model or defaults.MODEL,
-                 "path": str(job.path()), "status": "planned"} for job in self.jobs]
+                 "path": str(job.path()), "status": "planned", "passes": job.passes,
+                 "estimate": round(job.estimate, 3), **({"vary": job.variant.labels} if job.variant else {})}
+                for job in self.jobs]
+
+    def estimate(self) -> tuple[int, float]:
+        """Denoiser passes in all, and roughly how many seconds they take (`pass_seconds`)."""
+        return sum(job.passes for job in self.jobs), sum(job.estimate for job in self.jobs)
 
 
 def plan(items: Iterable[Union[str, Path, SceneFile]], options: Options, *,
@@ -375,9 +397,14 @@ def plan(items: Iterable[Union[str, Path, SceneFile]], options: Options, *,
     now = datetime.now()
     jobs: list[Job] = []
     invalid: list[Outcome] = []
+    items = list(items)
+    _check_sweep(options, len(items))
+    emit = _once(emit)  # a sweep plans a scene many times: each note is said once
     for item in items:
         try:
             made = _plan_scene(item, options, check, device, dtype, free, len(jobs), now, emit)
+        except SweepError:  # a value the sweep gives is wrong: every scene would say so, and none should run
+            raise
         except Exception as exc:  # smd's own errors, and any other: the scene fails alone
             path = Path(item) if isinstance(item, (str, Path)) else None
             errors = exc.messages() if isinstance(exc, SmdError) else [unexpected(exc)]
@@ -387,8 +414,7 @@ def plan(items: Iterable[Union[str, Path, SceneFile]], options: Options, *,
                                    seed=None, status=INVALID, error=errors[0], more_errors=errors[1:]))
             continue
         jobs.extend(made)
-    if len(jobs) > MANY_IMAGES:
-        warnings.warn(f"this batch makes {len(jobs)} images", stacklevel=2)
+    check_count(len(jobs), options)
     seeds = shard.same([job.seed for job in jobs])  # seeds drawn at random must be the same in every process
     for job, seed in zip(jobs, seeds):
         job.seed, job.scene = seed, with_seed(job.scene, seed)
@@ -401,10 +427,27 @@ def _plan_scene(item, options: Options, check, device, dtype, free: int | None, 
     """The jobs of one scene, every check passed. The checks that do not depend on each other (the
     model and its schedule; the canvas, masks and memory; the outputs) all run, and every problem
     they find is raised at once, in file order."""
-    from smd_cli.core.errors import SceneError
-    from smd_cli.scenes.scene import load_scene, step_count
+    from smd_cli.scenes.scene import load_scene
 
     sf = load_scene(item, options.overrides) if isinstance(item, (str, Path)) else item
+    if not options.sweep:
+        return _plan_variant(sf, None, None, options, check, device, dtype, free, first, now, emit)
+    # One draw of seeds for all the variants, so that they differ only in what the sweep varies.
+    varies_seed = any(axis.key == ("seed",) for axis in options.sweep.axes)
+    seeds = None if varies_seed else seeds_for(sf, options.seeds, options.repeat)
+    made: list[Job] = []
+    for variant in options.sweep.variants():
+        made += _plan_variant(variant_scene(item, sf, options, variant), variant, seeds, options, check, device,
+                              dtype, free, first + len(made), now, emit)
+    return made
+
+
+def _plan_variant(sf: SceneFile, variant: Variant | None, seeds: list[tuple[int, bool]] | None, options: Options,
+                  check, device, dtype, free: int | None, first: int, now: datetime, emit: OnEvent) -> list[Job]:
+    """The jobs of one scene (one variant of it in a sweep), as `_plan_scene` says."""
+    from smd_cli.core.errors import SceneError
+    from smd_cli.scenes.scene import step_count
+
     sf = with_preset(sf, options)
     if check is not None:
         check(sf)
@@ -421,10 +464,14 @@ def _plan_scene(item, options: Options, check, device, dtype, free: int | None, 
     sources = sources_of(sf, options)  # once: the checks and the jobs see the same
     for note in attempt(_check_sources, sf, options, sources) or []:
         emit(Message("unchecked", f"{sf.name}: {note}"))
-    masks = attempt(_scene_masks, sf, options, sources, device, dtype, free, emit)
-    made = attempt(_scene_jobs, sf, options, sources, masks, first, now)
+    masks, views = attempt(_scene_masks, sf, options, sources, device, dtype, free, emit) or (None, None)
+    made = attempt(_scene_jobs, sf, options, sources, masks, first, now, variant, seeds)
     if problems:
         raise SceneError.gather(problems)
+    passes = views.count * len(sf.scene.layers) * step_count(sf.scene)
+    seconds = passes * pass_seconds(device, sources, options, views)
+    for job in made:
+        job.passes, job.estimate = passes, seconds
     drawn = [job.seed for job in made if job.random_seed]
     if options.repeat and drawn:
         emit(Message("detail", f"{sf.name}: random seeds {', '.join(map(str, drawn))}"))
@@ -434,7 +481,7 @@ def _plan_scene(item, options: Options, check, device, dtype, free: int | None, 
 
 
 def _scene_masks(sf: SceneFile, options: Options, sources: Sources, device, dtype, free: int | None,
-                 emit: OnEvent) -> SceneMasks:
+                 emit: OnEvent) -> tuple[SceneMasks, Tiling]:
     """The canvas and its views (against the model's family), the work they ask for, the masks and the
     memory needed."""
     from smd_cli.engine.memory import check_memory
@@ -448,17 +495,21 @@ def _scene_masks(sf: SceneFile, options: Options, sources: Sources, device, dtyp
     emit(Message("detail", check_memory(sf, sources.model, width=width, height=height, factor=factor,
                                         device=device, dtype=dtype, free=free, max_batch=options.max_batch,
                                         vae=sources.vae, offload=options.offload, views=views)))
-    return masks
+    return masks, views
 
 
 def _scene_jobs(sf: SceneFile, options: Options, sources: Sources, masks: SceneMasks | None, first: int,
-                now: datetime) -> list[Job]:
-    """One job per seed, each output name and folder checked."""
-    from smd_cli.core.outputs import check_writable
+                now: datetime, variant: Variant | None = None,
+                seeds: list[tuple[int, bool]] | None = None) -> list[Job]:
+    """One job per seed (`seeds`, else the scene's and the options'), each output name and folder checked."""
+    from smd_cli.core.outputs import check_writable, with_vary
 
     template = output_template(sf, options.output)
-    made = [Job(first + n, with_seed(sf, seed), seed, template, sources, masks, drawn)
-            for n, (seed, drawn) in enumerate(seeds_for(sf, options.seeds, options.repeat))]
+    if variant is not None:
+        template = with_vary(template)  # the images of a sweep are named apart
+    seeds = seeds if seeds is not None else seeds_for(sf, options.seeds, options.repeat)
+    made = [Job(first + n, with_seed(sf, seed), seed, template, sources, masks, drawn, variant)
+            for n, (seed, drawn) in enumerate(seeds)]
     for job in made:
         check_writable(job.path(now))
     return made
@@ -557,9 +608,98 @@ def _available(name: str, what: str) -> bool:
 # Past this many views per layer and step (a tiny tile_stride), a scene is surely a mistake; past
 # defaults.LARGE_WORK denoiser passes in all it is refused (`canvas.check_work`).
 MANY_VIEWS = 256
-# Past this many images, a batch (a --repeat or --seeds range) is surely a mistake. Each image's
+# Past this many images a batch is surely a mistake: a --repeat or --seeds range is warned about,
+# a --vary sweep (whose count multiplies unseen) refused unless the command says --yes. Each image's
 # work is bounded (`canvas.check_work`); their number is the command line's, never a scene file's.
 MANY_IMAGES = 1000
+
+
+def check_count(images: int, options: Options, how: str = "") -> None:
+    """Past MANY_IMAGES images: a warning for seeds, a refusal for a sweep unless `options.yes` (the
+    one home of the limit)."""
+    if images <= MANY_IMAGES or options.yes:
+        return
+    if not options.sweep:
+        warnings.warn(f"this batch makes {images} images", stacklevel=3)
+    else:
+        raise SmdError(f"this batch makes {images:,} images{how}, more than {MANY_IMAGES:,}; give --yes "
+                       "(Options(yes=True)) to make them all")
+
+
+def _check_sweep(options: Options, scenes: int) -> None:
+    """A sweep's own rules, before any scene is read: seeds given once, and the count of images."""
+    sweep = options.sweep
+    seeds = len(options.seeds) if options.seeds else options.repeat or 1
+    if sweep and any(axis.key == ("seed",) for axis in sweep.axes) and (options.seeds or options.repeat):
+        raise SweepError("give the seeds with --vary seed=... or with --seeds/--repeat, not both")
+    if sweep:
+        check_count(scenes * sweep.size * seeds, options,
+                    f" ({scenes} scene(s) x {sweep.size} combinations x {seeds} seed(s))")
+
+
+def variant_scene(item: Union[str, Path, SceneFile], sf: SceneFile, options: Options, variant: Variant) -> SceneFile:
+    """The scene with a sweep's values set, as `--set` sets them: a scene file is read again with
+    them after the options' overrides; a scene given as a `SceneFile` gets them on its keys."""
+    from smd_cli.core.errors import SceneError
+    from smd_cli.scenes.scene import _apply_overrides as apply_overrides
+    from smd_cli.scenes.scene import load_scene, merge_overrides, validate_scene
+
+    try:
+        if isinstance(item, (str, Path)):
+            given = options.overrides
+            given = merge_overrides(list(given)) if isinstance(given, list) else dict(given or {})
+            return load_scene(item, {**given, **variant.overrides})
+        data = sf.scene.model_dump(mode="json", exclude_unset=True)
+        overridden = apply_overrides(data, variant.overrides, sf.path)
+        made = validate_scene(data, path=sf.path, lines=sf.lines, overridden=sf.overridden | overridden)
+        made.label = sf.label
+        return made
+    except SceneError as exc:
+        raise SweepError(_sweep_problem(exc, variant)) from None
+
+
+def _sweep_problem(exc: SmdError, variant: Variant) -> str:
+    """A scene's complaint about a sweep's values, said as the `--vary` that gave them."""
+    from smd_cli.app.sweeps import describe
+
+    where = f"{exc.file}: " if getattr(exc, "file", None) else ""
+    message = getattr(exc, "message", str(exc)).removesuffix(" (set on the command line)")
+    message = re.sub(r"^--set [^:]*: ", "", message)
+    key = getattr(exc, "key", None)
+    if key in variant.labels:
+        return f"{where}--vary {key}={variant.labels[key]}: {message}"
+    return f"{where}--vary {describe(variant)}: {f'{key}: ' if key else ''}{message}"
+
+
+# Rough seconds of one denoiser pass of a 64 x 64-latent view (SD 1.5 at 512 px) by kind of device, for a
+# dry run's estimate: SD 1.5-sized UNets in float16 on a recent CUDA GPU, in float32 on a few CPU cores.
+# Scaled by the view's latent pixels and the family's weights; loading and decoding are not counted.
+PASS_SECONDS = {"cuda": 0.02, "mps": 0.15, "cpu": 1.0}
+
+
+def pass_seconds(device, sources: Sources, options: Options, views: Tiling) -> float:
+    """Roughly how long one denoiser pass of these views takes on `device` (a figure to plan by)."""
+    from smd_cli.families import DEFAULT, named
+    from smd_cli.models.loading import model_family
+
+    family = named(model_family(sources.model or defaults.MODEL, options.config) or DEFAULT.name)
+    pixels = views.view[0] * views.view[1] / (64 * 64)
+    return PASS_SECONDS.get(getattr(device, "type", str(device)), PASS_SECONDS["cpu"]) * pixels * \
+        family.weight_bytes / DEFAULT.weight_bytes
+
+
+def _once(emit: OnEvent) -> OnEvent:
+    """`emit`, saying each message only once."""
+    said: set = set()
+
+    def once(event: Event) -> None:
+        if isinstance(event, Message):
+            if (event.level, event.text) in said:
+                return
+            said.add((event.level, event.text))
+        emit(event)
+
+    return once
 
 
 def _check_views(sf: SceneFile, views: Tiling) -> None:
@@ -584,8 +724,9 @@ def _check_distinct_outputs(jobs: list[Job], options: Options) -> None:
     what = f"{len(jobs)} images" if scenes == 1 else f"{scenes} scenes" if scenes == len(jobs) else \
         f"{len(jobs)} images of {scenes} scenes"
     if options.output is not None:
+        fields = "{scene}, {seed}, {vary} or {index}" if options.sweep else "{scene}, {seed} or {index}"
         raise SmdError(f"--out {options.output} names one file for {what}; give a folder, or a template with "
-                       "{scene}, {seed} or {index}")
+                       f"{fields}")
     clash = next(p for p in paths if paths.count(p) > 1)
     raise SmdError(f"with --overwrite, images would replace each other in {clash}; give --out with {{scene}}, "
                    "{seed} or {index}, or leave out --overwrite to number them")
@@ -727,7 +868,7 @@ def _finish(job: Job, made: Any, options: Options, emit: OnEvent,
 def _make(job: Job, options: Options, cache: ModelCache, emit: OnEvent, position: tuple[int, int]) -> Any:
     """Make one image (number `position[0]` of `position[1]`): its `Result`, or the outcome of a job
     that could not start."""
-    from smd_cli.app.requests import generate
+    from smd_cli.app.requests import generate, upscale
     from smd_cli.scenes.scene import step_count
 
     sf = job.scene
@@ -738,6 +879,12 @@ def _make(job: Job, options: Options, cache: ModelCache, emit: OnEvent, position
         return job.outcome(INVALID, error=str(exc))
     steps = step_count(sf.scene)  # what the schedule, checked just now, will take
     emit(Progress(job, 0, steps, *position))
+    if options.upscale is not None:
+        from smd_cli.core.files import MAX_IMAGE_BYTES, decode_image, read_bytes
+
+        image = decode_image(read_bytes(Path(options.upscale), MAX_IMAGE_BYTES))
+        return upscale(pipe, sf, image, masks=job.masks, max_batch=options.max_batch, allow_large=options.allow_large,
+                       callback=lambda k, n, x0: emit(Progress(job, k + 1, n, *position)))
     return generate(pipe, sf, masks=job.masks, max_batch=options.max_batch, allow_large=options.allow_large,
                     callback=lambda k, n, x0: emit(Progress(job, k + 1, steps, *position)))
 

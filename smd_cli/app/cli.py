@@ -175,6 +175,7 @@ def generate(
       smd generate scenes/*.yaml --seeds 1-4 --out 'out/{scene}-{seed}.png'
       smd generate --prompt "a photo of the dolomites" --steps 4 -g 1.5
       smd generate scenes/village.yaml --set layers[0].prompt="a castle" --dry-run
+      smd generate scenes/village.yaml --vary layers[1].mask_std=0:16:8 --vary region_mode=latent,attention --grid
     """
     with user_errors():
         from smd_cli.scenes.scene import scene_from_prompt
@@ -232,6 +233,9 @@ def panorama(
     height: Optional[int] = size_option("--height", f"Height in pixels (default {defaults.PANORAMA_HEIGHT})."),
     circular: bool = typer.Option(False, "--circular", help="A 360-degree panorama: the left and right "
                                   "edges join without a seam."),
+    circular_axes: Optional[str] = typer.Option(None, "--circular-axes", metavar="x|y|both",
+                                                help="The edges that join: x (as --circular), y (top and bottom) "
+                                                     "or both (a seamless texture); scene key circular."),
     opts: SimpleNamespace = None,
 ) -> None:
     """Generate a wide image from one prompt, denoised in overlapping views.
@@ -249,12 +253,84 @@ def panorama(
         is_scene = prompt.endswith((".yaml", ".yml"))
         if is_scene and not is_file(prompt):
             raise SmdError(f"{prompt}: scene file not found (a prompt that ends in .yaml: write it differently)")
-        options = batch_options(opts, circular=circular or None,
+        if circular_axes is not None and circular_axes not in defaults.CIRCULAR_AXES:
+            raise SmdError(f"--circular-axes must be x, y or both, got {circular_axes!r}")
+        options = batch_options(opts, circular=circular_axes or circular or None,
                                  width=width if width or is_scene else defaults.PANORAMA_WIDTH,
                                  height=height if height or is_scene else defaults.PANORAMA_HEIGHT)
         item = Path(prompt) if is_scene else scene_from_prompt(prompt, negative_prompt, options.overrides,
                                                                name="panorama")
         raise typer.Exit(_run([item], options, opts, check=one_layer)[1])
+
+
+@app.command()
+@shared(*MODEL_OPTIONS, "seed", "max_batch", "vae_tiles", "set_", "overwrite", "allow_large", "threads", *REPORTING)
+def upscale(
+    image: Path = typer.Argument(..., help="The picture to upscale (PNG, JPEG or WebP).", show_default=False),
+    scene: Optional[Path] = typer.Argument(None, help="The scene whose layers denoise it again (default: the "
+                                           "scene recorded in IMAGE).", show_default=False),
+    scale: float = typer.Option(..., "--scale", help="Upscale this many times (above 1; scene key hires.scale)."),
+    strength: float = typer.Option(defaults.HIRES_STRENGTH, "--strength", help="How much of the schedule runs "
+                                   "again, 0 to 1 (scene key hires.strength)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="The pass's schedule, of which it runs the last "
+                                        "strength share (scene key hires.steps; default: the scene's steps)."),
+    output: Optional[str] = typer.Option(None, "--out", "-o", help="Where to write the new image (default: "
+                                         "IMAGE's name with -upscaled, beside it)."),
+    opts: SimpleNamespace = None,
+) -> None:
+    """Run the hires pass on an existing picture: upscale it and denoise it again with a scene's layers.
+
+    Its record is the scene with `hires`: `smd reproduce` makes it again from the scene, which gives
+    the same pixels when IMAGE is what the scene makes.
+
+    \b
+    Examples:
+      smd upscale out/village-3.png --scale 2
+      smd upscale photo.png scenes/village.yaml --scale 2 --strength 0.4 --out big.png
+    """
+    with user_errors():
+        from smd_cli.app.batch import Options, reproducing
+        from smd_cli.app.records import read_record
+        from smd_cli.core.files import image_size
+        from smd_cli.scenes.scene import load_scene, merge_overrides
+
+        check_reporting(opts)
+        try:
+            width, height = image_size(image)
+        except FileNotFoundError:
+            raise SmdError(f"{image}: file not found") from None
+        except (UnreadableFile, OSError) as exc:
+            raise SmdError(f"{image}: cannot read it: {exc}") from None
+        given = [("width", width), ("height", height), (("hires", "scale"), scale), (("hires", "strength"), strength)]
+        given += [(("hires", "steps"), steps)] if steps is not None else []
+        given += [(k, v) for k, v in (("seed", opts.seed), ("vae_tiles", opts.vae_tiles)) if v is not None]
+        overrides = merge_overrides(given + list(opts.set))
+        output = output if output is not None else str(image.with_name(f"{image.stem}-upscaled.png"))
+        if scene is not None:
+            item = load_scene(scene, overrides)
+            options = library_options(opts, output=output)
+        else:
+            try:
+                record = read_record(image)
+            except SmdError as exc:
+                raise SmdError(f"{exc}; give a scene: smd upscale {image} SCENE --scale {scale:g}") from None
+            recorded, options = reproducing(record, image, output, model=opts.model, config=opts.config,
+                                            device=opts.device, dtype=opts.dtype, max_batch=opts.max_batch,
+                                            overwrite=opts.overwrite, allow_large=opts.allow_large)
+            item = _with_overrides(recorded, overrides)
+        options = Options(**{**vars(options), "upscale": str(image)})
+        raise typer.Exit(_run([item], options, opts)[1])
+
+
+def _with_overrides(sf, overrides: dict):
+    """A loaded scene with command-line keys set, validated again."""
+    from smd_cli.scenes.scene import _apply_overrides, validate_scene
+
+    data = sf.scene.model_dump(mode="json", exclude_unset=True)
+    overridden = _apply_overrides(data, overrides, sf.path)
+    made = validate_scene(data, path=sf.path, lines=sf.lines, overridden=sf.overridden | overridden)
+    made.label = sf.label
+    return made
 
 
 @app.command()
@@ -321,6 +397,34 @@ def reproduce(
         same = compare_images(image, Path(done[0].path)) if done else None
         report.reproduced(outcomes, same, opts.json)
         raise typer.Exit(1 if check and code == 0 and not same.identical else code)
+
+
+@app.command()
+def grid(
+    images: List[Path] = typer.Argument(..., help="Images made by smd (two or more).", show_default=False),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="The sheet, a .png (default: "
+                                          "<first image's folder>/<its scene>-grid.png); its record goes "
+                                          "beside it as .json."),
+    overwrite: bool = OPTIONS["overwrite"][1],
+) -> None:
+    """Lay out images smd made in a labelled contact sheet, by the settings that differ between them.
+
+    Their records say how each was made: the keys whose values differ (the seed too) become rows,
+    columns and pages (one sheet per page, numbered).
+
+    \b
+    Examples:
+      smd grid out/village-*.png --out out/sheet.png
+    """
+    with user_errors():
+        from smd_cli.app import grid as sheets
+        from smd_cli.app.records import read_record
+        from smd_cli.core.outputs import safe_name
+
+        cells, axes = sheets.from_records(list(images))
+        path = output or images[0].with_name(f"{safe_name(read_record(images[0]).name)}-grid.png")
+        for sheet in sheets.write_sheets(cells, axes, path, overwrite=overwrite):
+            put(str(sheet))
 
 
 @app.command()
@@ -516,6 +620,8 @@ def _run_shard(items: list, options: batch.Options, opts: SimpleNamespace, check
         outcomes = batch.run(plan, options, on_event=reporter)
     finally:
         reporter.close()
+    if (getattr(opts, "grid", False) or getattr(opts, "grid_out", None)) and shard.main and not was_interrupted():
+        _sheets(plan, outcomes, opts, reporter)
 
     # An image in progress was interrupted, or a signal waited while one was written.
     interrupted = any(o.status == batch.INTERRUPTED for o in outcomes) or was_interrupted()
@@ -523,6 +629,21 @@ def _run_shard(items: list, options: batch.Options, opts: SimpleNamespace, check
         report.summary(outcomes, reporter.quiet, interrupted,
                        f" of process {shard.rank + 1} of {shard.size}" if interrupted and shard.size > 1 else "")
     return outcomes, interrupted_code() if interrupted else batch.exit_code(outcomes)
+
+
+def _sheets(plan: batch.Plan, outcomes: list, opts: SimpleNamespace, reporter: Reporter) -> None:
+    """The contact sheet of a batch (--grid, --grid-out): by default beside its first image."""
+    from smd_cli.app import grid
+    from smd_cli.core.outputs import safe_name
+
+    cells, axes = grid.from_batch(plan, outcomes)
+    first = next((Path(c.file) for c in cells if c.file), None)
+    if first is None:
+        reporter.info("no contact sheet: no image was made")
+        return
+    path = opts.grid_out or first.with_name(f"{safe_name(plan.jobs[0].scene.name)}-grid.png")
+    for sheet in grid.write_sheets(cells, axes, path, overwrite=opts.overwrite, title=plan.jobs[0].scene.name):
+        reporter.info(f"contact sheet: {sheet} (its record: {sheet.with_suffix('.json').name})")
 
 
 def main() -> None:

@@ -52,11 +52,23 @@ OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
                                                            "(default: the model family's, where it has one).")),
     "vae": (Optional[str], O(None, "--vae", help="'tiny' (the family's TAESD), or a hub id or folder of an "
                                                  "autoencoder.")),
+    "vae_tiles": (Optional[str], O(None, "--vae-tiles", metavar="SIZE|off",
+                                   help="Decode (and encode) in tiles of SIZE pixels, exactly as in one pass, in "
+                                        "memory set by the tile; 'off' for one pass (scene key vae_tiles; default: "
+                                        "tiles when one pass would not fit).")),
     "max_batch": (Optional[int], O(None, "--max-batch", min=1, help="(layer, view) pairs per UNet call (default: "
                                                                     "from free memory on CUDA, 8 on the CPU).")),
     "set_": (List[str], O([], "--set", show_default=False, help="Override a scene key, e.g. --set "
                                                                 "layers[0].prompt='a cat' (repeatable).")),
     "overwrite": (bool, O(False, "--overwrite", help="Replace existing files instead of numbering the new ones.")),
+    "vary": (List[str], O([], "--vary", show_default=False, help="Sweep a scene key: one image per value, e.g. "
+                                                                "--vary layers[0].mask_std=0:16:8 or --vary "
+                                                                "region_mode=latent,attention (up to 3 keys).")),
+    "grid": (bool, O(False, "--grid", help="Also write a contact sheet of the images, labelled by the varied "
+                                           "keys: <first output folder>/<scene>-grid.png and .json.")),
+    "grid_out": (Optional[str], O(None, "--grid-out", help="Write the contact sheet here (a .png; implies "
+                                                           "--grid); pages are numbered -page1, -page2, ...")),
+    "yes": (bool, O(False, "--yes", help="Make a --vary sweep of more than 1,000 images.")),
     "json_": (bool, O(False, "--json", help="One JSON object per image on stdout; all else on stderr.")),
     "dry_run": (bool, O(False, "--dry-run", help="Check everything and list what would be made; load no model.")),
     "quiet": (bool, O(False, "--quiet", "-q", help="Print only errors and the output paths.")),
@@ -69,6 +81,15 @@ OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
     "region_mode": (Optional[str], O(None, "--region-mode", help="latent (a denoiser row per layer, the default), "
                                                                  "attention (every layer in one row) or hybrid "
                                                                  "(scene key region_mode).")),
+    "hires_scale": (Optional[float], O(None, "--hires-scale", help="A second pass: upscale the image this many "
+                                                                   "times and denoise it again with the same layers "
+                                                                   "(scene key hires.scale; above 1).")),
+    "hires_strength": (Optional[float], O(None, "--hires-strength",
+                                          help="How much of the schedule the second pass runs again, 0 to 1 "
+                                               f"(scene key hires.strength; default {defaults.HIRES_STRENGTH}).")),
+    "hires_steps": (Optional[int], O(None, "--hires-steps", help="The second pass's schedule, of which it runs the "
+                                                                 "last strength share (scene key hires.steps; "
+                                                                 "default: the scene's steps).")),
     "compile_": (bool, O(False, "--compile", help="torch.compile the UNet (CUDA graphs in smd stream).")),
     "channels_last": (bool, O(False, "--channels-last", help="Channels-last memory for the UNet (the VAE uses it "
                                                             "on a CPU).")),
@@ -83,9 +104,10 @@ OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
 MODEL_OPTIONS = ("model", "config", "device", "dtype", "lcm_lora", "vae", "offload")
 REPORTING = ("json_", "quiet", "verbose")
 GENERATING = ("model", "config", "output", "seed", "seeds", "repeat", "steps", "scheduler", "guidance_scale",
-              "tile_size", "device", "dtype", "lcm_lora", "vae", "max_batch", "set_", "overwrite", "json_", "dry_run",
+              "tile_size", "device", "dtype", "lcm_lora", "vae", "vae_tiles", "max_batch", "set_",
+              "vary", "grid", "grid_out", "yes", "overwrite", "json_", "dry_run",
               "quiet", "verbose", "distributed", "processes", "region_crop", "region_mode",
-              "compile_", "channels_last", "threads",
+              "hires_scale", "hires_strength", "hires_steps", "compile_", "channels_last", "threads",
               "offload", "allow_large")
 
 
@@ -124,10 +146,17 @@ def check_reporting(opts: SimpleNamespace) -> None:
         raise SmdError("give --quiet or --verbose, not both")
 
 
+def hires_overrides(opts: SimpleNamespace) -> dict:
+    """--hires-scale, --hires-strength and --hires-steps as scene keys (`hires.scale`, ...)."""
+    return {("hires", name): getattr(opts, f"hires_{name}") for name in ("scale", "strength", "steps")
+            if getattr(opts, f"hires_{name}", None) is not None}
+
+
 def batch_options(opts: SimpleNamespace, **scene_keys) -> batch.Options:
     """The batch's options of a generating command, checking those that conflict before any scene is
     read. `scene_keys` are the command's own scene keys (width, circular, ...)."""
     from smd_cli.app.batch import parse_seeds
+    from smd_cli.app.sweeps import Sweep
     from smd_cli.core.outputs import check_template
     from smd_cli.scenes.scene import merge_overrides
 
@@ -138,8 +167,23 @@ def batch_options(opts: SimpleNamespace, **scene_keys) -> batch.Options:
     check_reporting(opts)
     if opts.output is not None:
         check_template(opts.output)
+    vae_tiles = getattr(opts, "vae_tiles", None)
+    if vae_tiles is not None:
+        from smd_cli.method.views import vae_tiles_setting
+
+        try:
+            vae_tiles = vae_tiles_setting(vae_tiles) or "auto"
+        except SmdError as exc:
+            raise SmdError("--" + str(exc).replace("_", "-", 1)) from None
     values = dict(seed=opts.seed, region_crop=opts.region_crop or None, region_mode=opts.region_mode,
+                  vae_tiles=vae_tiles,
                   steps=opts.steps, scheduler=opts.scheduler,
                   guidance_scale=opts.guidance_scale, tile_size=opts.tile_size, **scene_keys)
+    values.update(hires_overrides(opts))
     overrides = merge_overrides([(k, v) for k, v in values.items() if v is not None] + list(opts.set))
-    return library_options(opts, overrides=overrides, seeds=parse_seeds(opts.seeds) if opts.seeds else None)
+    if opts.grid_out is not None:
+        from smd_cli.app.grid import check_sheet_path
+
+        check_sheet_path(opts.grid_out)
+    return library_options(opts, overrides=overrides, seeds=parse_seeds(opts.seeds) if opts.seeds else None,
+                           sweep=Sweep.parse(list(opts.vary)) if opts.vary else None)

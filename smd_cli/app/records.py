@@ -138,6 +138,8 @@ def resolved_scene(sf: SceneFile, *, seed: int, width: int, height: int, steps: 
         node["path"] = str(path)
         if path in files:
             node["sha256"] = files[path]
+    if (data.get("hires") or {}).get("controlnet"):  # a local hires ControlNet made absolute
+        data["hires"]["controlnet"] = _absolute(sf.source(data["hires"]["controlnet"]))
     data.update(seed=seed, width=width, height=height, model=_absolute(model), lcm_lora=lcm_lora or "none",
                 vae=_absolute(vae) if vae else None, output=None)
     if data.get("timesteps") is None:

@@ -208,12 +208,28 @@ def plan(plan: batch.Plan, options: batch.Options, as_json: bool) -> None:
         return
     table = Table(title=f"{len(rows)} image(s) on {plan.device} ({dtype_name(plan.dtype)}); "
                         "nothing loaded", title_justify="left")
-    for column in ("scene", "seed", "size", "layers", "steps", "model", "output"):
+    swept = any("vary" in r for r in rows)
+    for column in ("scene", *(["values"] if swept else []), "seed", "size", "layers", "steps", "model", "output"):
         table.add_column(column)
     for r in rows:
         size = f"{r['width']}x{r['height']}"
-        _row(table, r["scene"], r["seed"], size, r["layers"], r["steps"], r["model"], r["path"])
+        values = [", ".join(f"{k}={v}" for k, v in r.get("vary", {}).items())] if swept else []
+        _row(table, r["scene"], *values, r["seed"], size, r["layers"], r["steps"], r["model"], r["path"])
     out.print(table)
+    if rows:
+        passes, seconds = plan.estimate()
+        out.print(f"estimated time: {duration(seconds)} for {len(rows)} image(s), {passes:,} denoiser passes "
+                  f"(views x layers x steps) on {plan.device.type if hasattr(plan.device, 'type') else plan.device}; "
+                  "a rough figure for the model's family, loading not counted")
+
+
+def duration(seconds: float) -> str:
+    """Seconds as people say them: `40 s`, `12 min`, `3.5 h`."""
+    if seconds < 90:
+        return f"about {max(seconds, 1):.0f} s"
+    if seconds < 90 * 60:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
 
 
 def models(rows: list[dict[str, str]], as_json: bool) -> None:

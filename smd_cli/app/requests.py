@@ -82,10 +82,20 @@ def scene_request(sf: SceneFile, masks: SceneMasks) -> Request:
                    bootstrap_mix_steps=s.bootstrap.mix_steps, leak_sensitivity=s.bootstrap.leak_sensitivity,
                    bootstrap_centre=s.bootstrap.centre, tile_size=s.tile_size, tile_stride=s.tile_stride,
                    tile_weighting=s.tile_weighting, circular=s.circular, region_crop=s.region_crop,
-                   region_mode=s.region_mode,
+                   region_mode=s.region_mode, vae_tiles=s.vae_tiles,
                    loras=scene_lora_set(sf, s.loras),
                    controlnets=control_specs(sf, masks, s.controlnet, ("controlnet",)), negative_auto=s.negative_auto,
-                   reference=reference_spec(sf, masks, s.reference, ("reference",)))
+                   reference=reference_spec(sf, masks, s.reference, ("reference",)), hires=scene_hires(sf))
+
+
+def scene_hires(sf: SceneFile):
+    """The scene's hires pass as the engine takes it (`smd_cli.engine.hires.Hires`), or None."""
+    from smd_cli.engine.hires import Hires
+
+    h = sf.scene.hires
+    if h is None:
+        return None
+    return Hires(h.scale, h.strength, h.steps, sf.source(h.controlnet) if h.controlnet else None, h.controlnet_scale)
 
 
 def reference_spec(sf: SceneFile, masks: SceneMasks, spec, key: tuple) -> ReferenceSpec | None:
@@ -117,6 +127,13 @@ def load_scene_models(pipe: StableMultiDiffusionPipeline, sf: SceneFile) -> None
     for key, spec in scene_controlnets(sf):
         with _located(sf, key + ("model",)):
             pipe.load_controlnet(sf.source(spec.model))
+    hires = sf.scene.hires
+    if hires is not None and hires.controlnet is not None:
+        with _located(sf, ("hires", "controlnet")):
+            if not pipe.family.controls:
+                raise SmdError(f"{pipe.family.label} runs no ControlNets here; remove hires.controlnet (the "
+                               "hires pass runs without one)")
+            pipe.load_controlnet(sf.source(hires.controlnet))
     for key, spec in scene_references(sf):
         with _located(sf, key + (("adapter",) if spec.adapter else ())):
             pipe.load_ip_adapter(sf.source(spec.adapter) if spec.adapter else None)
@@ -185,6 +202,29 @@ def generate(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, masks: SceneM
     return Result(image=image, seed=seed, timings=timings, record=record)
 
 
+def upscale(pipe: StableMultiDiffusionPipeline, sf: SceneFile, image: Any, *, masks: SceneMasks | None = None,
+            max_batch: int | None = None, callback: StepCallback | None = None,
+            allow_large: bool = False) -> Result:
+    """The hires pass of scene `sf` (which has `hires`) over an existing `image` at the scene's
+    canvas size (`smd upscale`), with its record: the scene as a two-pass generation."""
+    import torch
+
+    started = time.perf_counter()
+    width, height = checked_canvas(sf, pipe.vae_scale_factor)
+    if masks is None or (masks.width, masks.height) != (width, height):
+        masks = scene_masks(sf, width, height)
+    seed = sf.scene.seed if sf.scene.seed is not None else random_seed()
+    load_scene_models(pipe, sf)
+    request = scene_request(sf, masks)
+    prepared = time.perf_counter()
+    picture = fit_picture(image, width, height)
+    result = pipe.upscale(picture, request, generator=torch.Generator("cpu").manual_seed(seed), max_batch=max_batch,
+                          callback=callback, allow_large=allow_large)
+    timings = {"prepare": prepared - started, "generate": time.perf_counter() - prepared}
+    record = image_record(pipe, sf, seed=seed, width=width, height=height, timings=timings, files=masks.files)
+    return Result(image=result, seed=seed, timings=timings, record=record)
+
+
 def image_record(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, seed: int, width: int, height: int,
                  timings: dict[str, float], files: dict[Path, str]) -> Record:
     """The record of an image of scene `sf` made by `pipe`."""
@@ -228,7 +268,7 @@ def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type:
         timesteps=s.timesteps, tile_size=s.tile_size, overlap_decode=overlap_decode, compile=compile,
         loras=scene_lora_set(sf, s.loras), controlnets=control_specs(sf, masks, s.controlnet, ("controlnet",)),
         negative_auto=s.negative_auto, reference=reference_spec(sf, masks, s.reference, ("reference",)),
-        allow_large=allow_large, region_mode=s.region_mode)
+        allow_large=allow_large, region_mode=s.region_mode, circular=s.circular)
     apply_scene(stream, sf, masks)
     stream.flush()
     stream.autoflush = True
@@ -237,13 +277,14 @@ def scene_stream(sf: SceneFile, pipe: StableMultiDiffusionPipeline, *, cfg_type:
 
 # Scene keys a stream has no use for, each with the test of a value that asks for what it cannot do.
 STREAM_IGNORED = {"scheduler": lambda v: v != "lcm", "tile_stride": lambda v: v is not None,
-                  "tile_weighting": lambda v: v != defaults.TILE_WEIGHTING, "circular": bool, "region_crop": bool,
-                  "timestep_spacing": lambda v: v is not None, "true_cfg_scale": lambda v: v is not None}
+                  "tile_weighting": lambda v: v != defaults.TILE_WEIGHTING, "region_crop": bool,
+                  "timestep_spacing": lambda v: v is not None, "true_cfg_scale": lambda v: v is not None,
+                  "vae_tiles": lambda v: v not in (None, "auto"), "hires": lambda v: v is not None}
 # Scene keys a stream takes when it starts (and those it ignores): edits to them need a restart,
 # which `restart_needed` names. Prompts, masks and the background change while it runs.
 STREAM_FIXED = ("model", "lcm_lora", "vae", "loras", "controlnet", "embeddings", "reference", "negative_auto",
                 "width", "height", "seed", "steps", "timesteps", "guidance_scale",
-                "mask_type", "cover_alpha", "tile_size", "region_mode", *STREAM_IGNORED, "bootstrap")
+                "mask_type", "cover_alpha", "tile_size", "region_mode", "circular", *STREAM_IGNORED, "bootstrap")
 
 
 def restart_needed(running: SceneFile, edited: SceneFile) -> list[str]:

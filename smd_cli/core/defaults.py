@@ -49,6 +49,12 @@ BOOTSTRAP_CENTRE = True  # the reference's choice: SD models draw objects best n
 REGION_MODES = ("latent", "attention", "hybrid")
 REGION_MODE = "latent"
 
+# Hires (docs/large-pictures.md "Two passes: hires"): the first image upscaled, then denoised again
+# from this strength; upscaled in pixels (Lanczos, through the VAE) or in latents (bilinear).
+HIRES_STRENGTH = 0.5
+HIRES_UPSCALES = ("pixels", "latents")
+HIRES_UPSCALE = "pixels"
+
 # Canvas and views (docs/method.md §5).
 SIZE = 512  # pixels, when neither the scene nor a mask image gives one
 MIN_SIZE, MAX_SIZE = 8, 16384  # pixels, either side
@@ -66,6 +72,18 @@ MAX_VIEWS = 16_384
 TILE_WEIGHTINGS = ("triangular", "uniform")
 TILE_WEIGHTING = "triangular"
 PANORAMA_WIDTH, PANORAMA_HEIGHT = 3072, 512  # the original project's panorama example
+# Wrapping canvases (`circular`): x joins left and right (a 360-degree panorama), y top and bottom,
+# both (a seamless texture); a scene's `true` is x and `false` none, as they meant before y existed.
+CIRCULAR_AXES = ("x", "y", "both")
+
+# Large pictures (docs/large-pictures.md): the VAE decodes and encodes in tiles of `vae_tiles` pixels,
+# exactly. Unless a scene says, tiles are used on a GPU when the memory estimate says one pass does
+# not fit, and on other devices past VAE_TILES_PIXELS pixels (a one-pass decode of SD's VAE holds
+# about 4 KiB a pixel: 16 GiB at this size), in tiles of VAE_TILE pixels, halved on a GPU until
+# they fit. A tile is a multiple of VAE_TILES_MULTIPLE pixels, at least VAE_TILES_MIN.
+VAE_TILES_PIXELS = 2048 * 2048
+VAE_TILE = 1024
+VAE_TILES_MIN, VAE_TILES_MULTIPLE = 32, 8
 
 # Seeds: any below SEED_LIMIT (torch's generator takes 64 bits, signed); drawn ones below RANDOM_SEEDS.
 SEED_LIMIT = 2**63

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import secrets
 import string
 import tempfile
@@ -17,14 +18,17 @@ from smd_cli.core.files import exists, expand_user, is_dir
 if TYPE_CHECKING:
     from PIL import Image
 
-TEMPLATE_FIELDS = ("scene", "seed", "steps", "index", "date", "time")
+TEMPLATE_FIELDS = ("scene", "seed", "steps", "index", "date", "time", "vary")
 MAX_NUMBERED = 100_000  # name-1.png ... name-99999.png
 MAX_NAME_CHARS = 100  # of a scene's name in a file name
 NAME_MAX = 255  # bytes in one part of a path, on every common file system
 DEFAULT_TEMPLATE = "{scene}-{seed}.png"
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 IMAGE_SUFFIXES = {".png", *JPEG_SUFFIXES, ".webp"}
-_EXAMPLE = {"scene": "scene", "seed": 0, "steps": 0, "index": 0, "date": "2000-01-01", "time": "000000"}
+_EXAMPLE = {"scene": "scene", "seed": 0, "steps": 0, "index": 0, "date": "2000-01-01", "time": "000000",
+            "vary": "key=value"}
+# `{vary}` without a sweep is empty, and takes the separator before it along (`{scene}-{vary}.png`).
+_EMPTY_VARY = re.compile(r"[-_.]?\{vary\}")
 
 
 def template_fields(template: str) -> list[str]:
@@ -62,17 +66,32 @@ def names_folder(template: str) -> bool:
 
 
 def output_path(template: str, *, scene: str, seed: int, steps: int, index: int = 0,
-                when: datetime | None = None) -> Path:
+                when: datetime | None = None, vary: str = "") -> Path:
     """Fill a template; a folder (existing, or written with a trailing slash) gets the default name.
 
-    `{date}` is YYYY-MM-DD and `{time}` HHMMSS, both local time of `when` (default: now).
+    `{date}` is YYYY-MM-DD and `{time}` HHMMSS, both local time of `when` (default: now); `{vary}` the
+    values of a sweep's image (`smd_cli.app.sweeps`), already a safe file-name part.
     """
     if is_folder(template):
         template = str(Path(template) / DEFAULT_TEMPLATE)
     check_template(template)
+    if not vary:
+        template = _EMPTY_VARY.sub("", template)
     when = when or datetime.now()
     return expand_user(template.format(scene=safe_name(scene), seed=seed, steps=steps, index=index,
-                                       date=when.strftime("%Y-%m-%d"), time=when.strftime("%H%M%S")))
+                                       date=when.strftime("%Y-%m-%d"), time=when.strftime("%H%M%S"),
+                                       vary=vary))
+
+
+def with_vary(template: str) -> str:
+    """A template that names each image of a sweep apart: as it is when it has `{vary}`, else with
+    `-{vary}` before its extension (a folder's default name too)."""
+    if "vary" in template_fields(template):
+        return template
+    if is_folder(template):
+        template = str(Path(template) / DEFAULT_TEMPLATE)
+    path = Path(template)
+    return str(path.with_name(f"{path.stem}-{{vary}}{path.suffix}"))
 
 
 def safe_name(name: str) -> str:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Mapping
 from smd_cli.core import defaults
 from smd_cli.core.files import expand_user, is_dir, is_file
 from smd_cli.families import default_grid, family_of, named, runs_unconditional
+from smd_cli.method.views import vae_tiles_setting
 from smd_cli.models.loading import config_json, denoiser_config, model_family
 
 if TYPE_CHECKING:
@@ -37,6 +38,12 @@ VAE_TENSORS_AT_FULL_SIZE = 8
 # The tiny autoencoder (TAESD) decodes with 64 channels and keeps about two such tensors at full size.
 TAESD_CONFIG = {"decoder_block_out_channels": [64, 64, 64, 64]}
 TAESD_TENSORS_AT_FULL_SIZE = 2
+# A tiled decode (docs/large-pictures.md) holds those tensors over one tile and its halo (SD's decoder
+# sees about 13 latent pixels, 104 pixels, each way; TAESD's about 20), the latent's resolution whole
+# (the mid-block: about four tensors of the last block's width at 1/factor^2 of the pixels) and the
+# picture (three float32 channels).
+VAE_TILE_HALO = 160
+VAE_MID_TENSORS = 4
 GIB = 1024**3
 
 
@@ -75,42 +82,72 @@ class MemoryEstimate:
 
 def estimate_memory(model: str | None, *, width: int, height: int, factor: int | None, tile_size: int,
                     max_batch: int, cfg: bool, dtype_bytes: int, vae: str | None = None,
-                    offload: bool = False, joined: int = 0) -> MemoryEstimate:
+                    offload: bool = False, joined: int = 0, vae_tile: int | None = None) -> MemoryEstimate:
     """What generating a `width` x `height` canvas needs, from the model's configs and file sizes.
 
     `vae` is a replacement autoencoder (`tiny`, a folder or a hub id), whose decoder counts instead.
     `factor` is the model's VAE downscale factor, None where unknown. `joined` counts the layers
-    that join one row in attention or hybrid mode, whose attention biases count too.
+    that join one row in attention or hybrid mode, whose attention biases count too. With
+    `vae_tile`, the decode is tiled (docs/large-pictures.md) and counts by the tile.
     """
     factor = factor or defaults.MODEL_VAE_FACTOR
     unet = denoiser_config(model) or {}
-    vae_config = _decoder_config(model, vae)
+    vae_config = decoder_config(model, vae)
     tiny = "decoder_block_out_channels" in vae_config  # AutoencoderTiny's key; AutoencoderKL has block_out_channels
-    vae_channels = (vae_config.get("block_out_channels") or vae_config.get("decoder_block_out_channels")
-                    or [SD_VAE_CHANNELS])[0]
     window = min(tile_size, width) // factor * (min(tile_size, height) // factor)
     return MemoryEstimate(
         weights=_weight_bytes(model, dtype_bytes, offload),
         unet=max_batch * unet_bytes_per_pair(window, unet_config=unet, dtype_bytes=dtype_bytes, cfg=cfg),
-        decode=width * height * vae_channels * (TAESD_TENSORS_AT_FULL_SIZE if tiny else VAE_TENSORS_AT_FULL_SIZE)
-        * dtype_bytes,
+        decode=decode_bytes(width, height, vae_config, dtype_bytes, factor, vae_tile),
         vae_is_full=not tiny,
         regions=region_bias_bytes(unet, window, joined, dtype_bytes) * (2 if cfg else 1) if joined else 0,
     )
 
 
+def decode_bytes(width: int, height: int, vae_config: Mapping, dtype_bytes: int, factor: int,
+                 tile: int | None = None) -> int:
+    """What decoding a `width` x `height` picture holds at once: in one pass, a few tensors of the
+    decoder's widest full-resolution layer over the picture; in tiles of `tile` pixels, those over
+    a tile and its halo, the latent's resolution whole, and the picture."""
+    tiny = "decoder_block_out_channels" in vae_config
+    blocks = vae_config.get("block_out_channels") or vae_config.get("decoder_block_out_channels") or [SD_VAE_CHANNELS]
+    per_pixel = blocks[0] * (TAESD_TENSORS_AT_FULL_SIZE if tiny else VAE_TENSORS_AT_FULL_SIZE) * dtype_bytes
+    if not tile:
+        return width * height * per_pixel
+    side = lambda n: min(tile, n) + min(2 * VAE_TILE_HALO, n)  # noqa: E731
+    mid = 0 if tiny else width * height // (factor * factor) * blocks[-1] * VAE_MID_TENSORS * dtype_bytes
+    return side(width) * side(height) * per_pixel + mid + width * height * 3 * 4
+
+
+def auto_vae_tile(free: int | None, width: int, height: int, vae_config: Mapping, dtype_bytes: int,
+                  factor: int) -> int | None:
+    """The VAE tile smd chooses (docs/large-pictures.md), None for one pass: where free memory is
+    known (a GPU), one pass while its decode fits in a share of it, else `defaults.VAE_TILE`
+    halved until the tiled decode fits; elsewhere tiles past `defaults.VAE_TILES_PIXELS` pixels."""
+    if free is None:
+        return defaults.VAE_TILE if width * height > defaults.VAE_TILES_PIXELS else None
+    if decode_bytes(width, height, vae_config, dtype_bytes, factor) <= AUTO_BATCH_SHARE * free:
+        return None
+    tile = defaults.VAE_TILE
+    while tile > 4 * defaults.VAE_TILES_MIN and (
+            decode_bytes(width, height, vae_config, dtype_bytes, factor, tile) > AUTO_BATCH_SHARE * free):
+        tile //= 2
+    return tile
+
+
 def region_bias_bytes(config: Mapping, window: int, joined: int, dtype_bytes: int) -> int:
     """The attention biases of one joined row of `joined` layers over a window of `window` latent
     pixels (`method.regions`): a UNet's cross-attention at each resolution takes positions x
-    tokens (77 a layer, a fourth as many positions a level down); a joint-attention transformer
-    (image tokens, a quarter of the positions, and up to 333 tokens a layer on SD3 and 512 on
-    FLUX.1: the most a prompt keeps) takes the square of both."""
+    tokens (the family's most a prompt keeps, a fourth as many positions a level down); a
+    joint-attention transformer (image tokens: a patch's worth of latent pixels each) takes the
+    square of both."""
+    family = named(family_of(config))
+    prompts = joined * family.prompt_tokens
     if "num_attention_heads" in config and "block_out_channels" not in config:
-        family = family_of(config)
-        tokens = joined * (333 if family == "sd3" else 512) + window // 4
+        tokens = prompts + window // family.config_granularity(config) ** 2
         return tokens * tokens * dtype_bytes
     levels = len(config.get("block_out_channels") or [0, 0, 0, 0])
-    return sum(window // 4**level for level in range(levels)) * joined * 77 * dtype_bytes
+    return sum(window // 4**level for level in range(levels)) * prompts * dtype_bytes
 
 
 def denoiser_scale(config: Mapping) -> float:
@@ -127,7 +164,7 @@ def unet_channels(config: Mapping) -> int:
     return (config.get("block_out_channels") or [SD_UNET_CHANNELS])[0]
 
 
-def _decoder_config(model: str | None, vae: str | None) -> dict:
+def decoder_config(model: str | None, vae: str | None) -> dict:
     """The config of the autoencoder that will decode: the replacement `vae`, else the model's own."""
     if vae == "tiny":
         return TAESD_CONFIG
@@ -189,11 +226,18 @@ def check_memory(sf: SceneFile, model: str | None, *, width: int, height: int, f
     else:
         tile = views.tile
     joined = 0 if sf.scene.region_mode == "latent" else len(sf.scene.layers) + 1
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    vae_tile = vae_tiles_setting(sf.scene.vae_tiles)
+    if vae_tile is None:  # as the engine will choose (docs/large-pictures.md)
+        vae_tile = auto_vae_tile(free if device.type == "cuda" else None, width, height, decoder_config(model, vae),
+                                 dtype_bytes, factor or defaults.MODEL_VAE_FACTOR)
+    vae_tile = None if vae_tile == "off" else vae_tile
     est = estimate_memory(model, width=width, height=height, factor=factor, tile_size=tile,
-                          max_batch=batch, cfg=cfg, dtype_bytes=torch.finfo(dtype).bits // 8, vae=vae,
-                          offload=offload, joined=joined)
+                          max_batch=batch, cfg=cfg, dtype_bytes=dtype_bytes, vae=vae,
+                          offload=offload, joined=joined, vae_tile=vae_tile)
     parts = (f"weights {est.weights / GIB:.1f}, UNet batch of {batch} {est.unet / GIB:.1f}, "
-             f"decoding {est.decode / GIB:.1f}" + (f", attention biases {est.regions / GIB:.1f}" if joined else ""))
+             f"decoding {est.decode / GIB:.1f}" + (f" in {vae_tile}-pixel tiles" if vae_tile else "")
+             + (f", attention biases {est.regions / GIB:.1f}" if joined else ""))
     account = f"{sf.name}: needs about {est.total / GIB:.1f} GiB ({parts})" + (
         f", {free / GIB:.1f} GiB free on {device}" if free is not None else "")
     if free is not None and est.total > free:
@@ -204,6 +248,8 @@ def check_memory(sf: SceneFile, model: str | None, *, width: int, height: int, f
         else:
             hint = ("use --vae tiny, whose decoder needs far less" if est.vae_is_full
                     else "the decoder alone is too large")
+            hint += ("; use smaller --vae-tiles" if vae_tile else
+                     "; use --vae-tiles 512 (an exact decode in tiles)")
         raise sf.error(("width",), f"a {width}x{height} canvas needs about {est.total / GIB:.1f} GiB on {device} "
                                    f"({parts} GiB) but only {free / GIB:.1f} GiB is free; {hint}, or make the "
                                    "canvas smaller")

@@ -25,7 +25,8 @@ from PIL import Image
 from smd_cli.core import defaults
 from smd_cli.core.defaults import prefixed
 from smd_cli.core.errors import ModelError, SmdError, one_per_prompt
-from smd_cli.engine.memory import auto_max_batch, available_memory
+from smd_cli.engine import hires as hires_pass
+from smd_cli.engine.memory import auto_max_batch, auto_vae_tile, available_memory
 from smd_cli.engine.prepare import (
     Layers,
     Request,
@@ -37,9 +38,11 @@ from smd_cli.engine.prepare import (
 )
 from smd_cli.families import FAMILIES, Conditioning, Placement, of_version, runs_unconditional
 from smd_cli.method import masks as mask_ops
+from smd_cli.method.hires import cut_schedule
 from smd_cli.method.prompts import PromptTruncatedWarning
-from smd_cli.method.sampler import RegionCrop, Schedule, StepCallback, randn, sample
-from smd_cli.method.views import layout, tiling, work_problem
+from smd_cli.method.sampler import RegionCrop, Schedule, StepCallback, randn, renoise, sample
+from smd_cli.method.views import layout, tiling, vae_tiles_setting, work_problem, wrap_axes
+from smd_cli.models import vae_tiles as tiled_vae
 from smd_cli.models.controls import ControlSet, ControlSpec, as_specs
 from smd_cli.models.embeddings import load_embedding
 from smd_cli.models.loading import Components, load_components, make_family, resolve_device, resolve_dtype, warn_if_slow
@@ -47,7 +50,7 @@ from smd_cli.models.loras import Lora, LoraSet, as_loras
 from smd_cli.models.references import ReferenceSpec, as_reference
 
 TEXT_CACHE_SIZE = 256  # remembered prompt encodings
-CIRCULAR_DECODE_PAD = 8  # latent columns wrapped around each side before decoding a 360-degree canvas
+CIRCULAR_DECODE_PAD = 8  # latent rows or columns wrapped around each side before decoding a circular canvas
 # sd_version names the family a caller expects; the model's UNet config decides (`models.family_of`).
 
 
@@ -275,10 +278,31 @@ class StableMultiDiffusionPipeline:
         placed on the canvas as `placement` says (default: x is the whole canvas)."""
         return self.family.predict(x, t, cond, guidance_scale, placement)
 
-    def encode_image(self, image: Image.Image) -> torch.Tensor:
-        """The latent of a picture (docs/method.md §2.3), at the picture's own size."""
+    def encode_image(self, image: Image.Image, vae_tiles: int | str | None = None) -> torch.Tensor:
+        """The latent of a picture (docs/method.md §2.3), at the picture's own size; in tiles as
+        `vae_tiles` says (`vae_tile`)."""
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
-        return self.family.encode_image(pixels.permute(2, 0, 1)[None])
+        tile = self.vae_tile(vae_tiles, image.width, image.height)
+        run = (lambda vae, x: tiled_vae.tiled_encode(vae, x, tile)) if tile else None
+        return self.family.encode_image(pixels.permute(2, 0, 1)[None], run)
+
+    def vae_tile(self, setting: int | str | None, width: int, height: int) -> int | None:
+        """The tile (pixels) the VAE decodes and encodes a `width` x `height` picture in, None for
+        one pass (docs/large-pictures.md): `setting` is a tile, "off", or None for smd's choice
+        (`memory.auto_vae_tile`: tiles where one pass would not fit on a GPU, or past
+        `defaults.VAE_TILES_PIXELS` elsewhere)."""
+        setting = vae_tiles_setting(setting)
+        if setting == "off":
+            return None
+        if setting is None:
+            free = available_memory(self.device) if self.device.type == "cuda" else None
+            setting = auto_vae_tile(free, width, height, dict(self.vae.config),
+                                    torch.finfo(self.vae.dtype).bits // 8, self.vae_scale_factor)
+        if setting and not tiled_vae.supported(self.vae):
+            warnings.warn(f"{type(self.vae).__name__} is not one smd decodes in tiles; decoding in one pass",
+                          stacklevel=3)
+            return None
+        return setting
 
     def white_latent(self, height: int, width: int) -> torch.Tensor:
         """The latent of a white canvas: spatially uniform (the VAE's border effects left out), so a
@@ -291,25 +315,32 @@ class StableMultiDiffusionPipeline:
         return self._white.expand(1, -1, height // self.vae_scale_factor, width // self.vae_scale_factor)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, circular: bool = False) -> torch.Tensor:
-        """Pixels in [0, 1], [1, 3, H, W], from a clean latent.
+    def decode(self, latents: torch.Tensor, circular: bool | str = False,
+               vae_tiles: int | str | None = None) -> torch.Tensor:
+        """Pixels in [0, 1], [1, 3, H, W], from a clean latent; in tiles as `vae_tiles` says (`vae_tile`).
 
-        A circular (360 degree) latent is decoded with its other edge wrapped on each side, so
-        the VAE sees the neighbourhood the seam really has; the padding is cropped afterwards.
+        A circular latent (`circular`: x, y, both; True is x) is decoded with its other edge
+        wrapped on each side of each wrapping axis, so the VAE sees the neighbourhood the seam
+        really has; the padding is cropped afterwards.
         """
-        pad = min(CIRCULAR_DECODE_PAD, latents.shape[-1]) if circular else 0
-        if pad:
-            latents = torch.cat([latents[..., -pad:], latents, latents[..., :pad]], dim=-1)
-        image = self.family.decode(latents)
-        if pad:
-            image = image[..., pad * self.vae_scale_factor: -pad * self.vae_scale_factor]
+        f = self.vae_scale_factor
+        wrap_rows, wrap_cols = wrap_axes(circular)
+        pad_rows = min(CIRCULAR_DECODE_PAD, latents.shape[-2]) if wrap_rows else 0
+        pad_cols = min(CIRCULAR_DECODE_PAD, latents.shape[-1]) if wrap_cols else 0
+        if pad_cols:
+            latents = torch.cat([latents[..., -pad_cols:], latents, latents[..., :pad_cols]], dim=-1)
+        if pad_rows:
+            latents = torch.cat([latents[..., -pad_rows:, :], latents, latents[..., :pad_rows, :]], dim=-2)
+        tile = self.vae_tile(vae_tiles, latents.shape[-1] * f, latents.shape[-2] * f)
+        image = self.family.decode(latents, (lambda vae, z: tiled_vae.tiled_decode(vae, z, tile)) if tile else None)
+        image = image[..., pad_rows * f: image.shape[-2] - pad_rows * f, pad_cols * f: image.shape[-1] - pad_cols * f]
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
-    def pixels(self, x0: torch.Tensor, circular: bool = False, *, blurred: np.ndarray | None = None,
-               picture: Image.Image | None = None) -> np.ndarray:
+    def pixels(self, x0: torch.Tensor, circular: bool | str = False, *, blurred: np.ndarray | None = None,
+               picture: Image.Image | None = None, vae_tiles: int | str | None = None) -> np.ndarray:
         """[H, W, 3] floats in [0, 1]; with a picture, its pixels are kept outside every blurred mask
         (docs/method.md §3.8)."""
-        image = self.decode(x0, circular)[0].permute(1, 2, 0).cpu().numpy()
+        image = self.decode(x0, circular, vae_tiles)[0].permute(1, 2, 0).cpu().numpy()
         if picture is not None:
             keep = np.clip(blurred.sum(0), 0.0, 1.0)[..., None]
             image = image * keep + (np.asarray(picture, dtype=np.float32) / 255.0) * (1.0 - keep)
@@ -393,8 +424,13 @@ class StableMultiDiffusionPipeline:
     @torch.no_grad()
     def run(self, request: Request, *, latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
             noises: Sequence[torch.Tensor] | None = None, max_batch: int | None = None, skip_empty: bool = True,
-            callback: StepCallback | None = None, output_type: str = "pil", allow_large: bool = False):
-        """Make the image a request describes; returns a PIL image by default (see `__call__`)."""
+            callback: StepCallback | None = None, output_type: str = "pil", allow_large: bool = False,
+            start: torch.Tensor | None = None, strength: float = 1.0):
+        """Make the image a request describes; returns a PIL image by default (see `__call__`).
+
+        With `start`, a clean latent at the canvas's size, the image is denoised from it (img2img):
+        `start` noised to the level of the schedule's last `strength` share of steps, which alone
+        run (`smd_cli.method.hires.cut_schedule`; strength 0 gives `start` back)."""
         # 1. Check the request.
         f = self.vae_scale_factor
         request.check(f)
@@ -404,6 +440,10 @@ class StableMultiDiffusionPipeline:
         window, stride = tiles.window, tiles.stride
         schedule = self.schedule(request.steps, request.timesteps, request.scheduler, request.timestep_spacing,
                                  tiles.view)
+        if start is not None:
+            schedule = cut_schedule(schedule, strength)
+        elif request.hires is not None:
+            hires_pass.larger(self, request, allow_large)  # refused before the first pass, not after it
         too_much = work_problem(tiles.count, len(request.layers.prompts), len(schedule), allow_large=allow_large,
                                 allow="allow_large=True")
         if too_much:
@@ -448,14 +488,16 @@ class StableMultiDiffusionPipeline:
         elif tuple(latents.shape) != shape:
             raise SmdError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         latents = latents.to(self.device, torch.float32) * schedule.init_scale
-        bg_latent = self.encode_image(request.picture) if request.picture is not None else None
+        if start is not None:  # img2img: the start noised to the first step's level, with `latents` as the noise
+            latents = renoise(start.to(self.device, torch.float32), schedule.alphas[0], schedule.sigmas[0], latents)
+        bg_latent = self.encode_image(request.picture, request.vae_tiles) if request.picture is not None else None
         white = self.white_latent(height, width) if bootstrap_steps > 0 else None
 
         # 5. Denoise: the shared step loop, over views for canvases larger than a tile (docs/method.md §5).
         views = layout(shape[2], shape[3], (window, window), (stride, stride), weighting=request.tile_weighting,
                        circular=request.circular, device=self.device)
         max_batch = max_batch or self.auto_max_batch(tiles.view, uncond is not None)
-        x0 = sample(
+        x0 = start.to(self.device, torch.float32) if start is not None and len(schedule) == 0 else sample(
             self._predictor(cond, uncond, request.guidance_scale, shape[2:], pad=max_batch if self.compiled else None,
                             cfg_scale=true_cfg),
             latents, schedule,
@@ -465,11 +507,21 @@ class StableMultiDiffusionPipeline:
             background=bg_latent, generator=generator, noises=noises, callback=callback, skip_empty=skip_empty,
             crop=self._crop(request.region_crop), max_batch=max_batch,
         )
+        if request.hires is not None:  # the second pass, on the larger canvas (docs/large-pictures.md)
+            h = request.hires
+            first = None
+            if h.upscale == "pixels" or h.controlnet is not None:
+                first = self.to_image(self.pixels(x0, request.circular, blurred=layers.blurred,
+                                                  picture=request.picture, vae_tiles=request.vae_tiles))
+            return hires_pass.second_pass(self, request, first=x0, picture=first, generator=generator,
+                                          max_batch=max_batch, skip_empty=skip_empty, callback=callback,
+                                          output_type=output_type, allow_large=allow_large)
         if output_type == "latent":
             return x0
 
         # 6. Decode, keeping the background picture exactly outside every (blurred) mask.
-        image = self.pixels(x0, request.circular, blurred=layers.blurred, picture=request.picture)
+        image = self.pixels(x0, request.circular, blurred=layers.blurred, picture=request.picture,
+                            vae_tiles=request.vae_tiles)
         if output_type == "np":
             return image
         if output_type == "pt":
@@ -509,7 +561,7 @@ class StableMultiDiffusionPipeline:
         tile_size: int | None = None,
         tile_stride: int | None = None,
         tile_weighting: str = defaults.TILE_WEIGHTING,
-        circular: bool = False,
+        circular: bool | str = False,
         max_batch: int | None = None,
         skip_empty: bool = True,
         region_crop: bool | RegionCrop = False,
@@ -525,6 +577,8 @@ class StableMultiDiffusionPipeline:
         reference: Any = None,
         layer_references: Sequence[Any] | None = None,
         allow_large: bool = False,
+        vae_tiles: int | str | None = None,
+        hires: Any = None,
     ):
         """Generate one image from prompts painted through masks; returns a PIL image by default.
 
@@ -549,6 +603,13 @@ class StableMultiDiffusionPipeline:
         guidance above 1, which runs the unconditional pass they act through). `reference` (a PIL
         image, or a mapping with `image`, `scale`, `adapter`) goes through an IP-Adapter to every
         layer without its own in `layer_references` (one entry per prompt, None for none).
+        `circular` wraps the canvas: x (left and right join, a 360-degree panorama; also True), y
+        (top and bottom) or both (a seamless texture). `vae_tiles` decodes (and encodes the
+        `background`) in tiles of that many pixels, exactly (docs/large-pictures.md); "off" in one
+        pass; None lets smd choose.
+        `hires` (`dict(scale=2, strength=0.5)`, or a `Hires`: also `steps`, `controlnet`,
+        `controlnet_scale`, `upscale`) adds a second pass: the image upscaled and denoised again
+        from `strength` with the same layers (docs/large-pictures.md "Two passes: hires").
         `output_type` is pil, np ([H, W, 3] in [0, 1]), pt ([3, H, W]) or latent (the clean latent).
         Work past `defaults.LARGE_WORK` denoiser passes (views x prompts x steps) is refused unless
         `allow_large=True`; past `defaults.MAX_WORK`, or a canvas the model cannot take, always.
@@ -588,16 +649,29 @@ class StableMultiDiffusionPipeline:
             tile_stride=tile_stride, tile_weighting=tile_weighting, circular=circular, region_crop=region_crop,
             region_mode=region_mode,
             loras=as_loras(loras), controlnets=as_specs(controlnets), negative_auto=negative_auto,
-            reference=as_reference(reference))
+            reference=as_reference(reference), vae_tiles=vae_tiles, hires=hires_pass.as_hires(hires))
         return self.run(request, latents=latents, generator=generator, noises=noises, max_batch=max_batch,
                         skip_empty=skip_empty, callback=callback, output_type=output_type, allow_large=allow_large)
+
+    @torch.no_grad()
+    def upscale(self, image: Image.Image, request: Request, *, generator: torch.Generator | None = None,
+                max_batch: int | None = None, callback: StepCallback | None = None, output_type: str = "pil",
+                allow_large: bool = False):
+        """The hires pass of `request` (`request.hires`) over an existing image, made at the
+        request's size: what `smd upscale` runs (docs/large-pictures.md "Two passes: hires")."""
+        if request.hires is None:
+            raise SmdError("upscale needs the request's hires settings (scale, strength)")
+        request.check(self.vae_scale_factor)
+        return hires_pass.second_pass(self, request, picture=image.convert("RGB"), generator=generator,
+                                      max_batch=max_batch, callback=callback, output_type=output_type,
+                                      allow_large=allow_large)
 
     def sample(self, prompt: str, negative_prompt: str = "", **kwargs):
         """Plain single-prompt text-to-image sampling: one layer over the whole canvas."""
         return self(prompt, negative_prompt, **kwargs)
 
     def sample_panorama(self, prompt: str, negative_prompt: str = "", height: int = defaults.PANORAMA_HEIGHT,
-                        width: int = defaults.PANORAMA_WIDTH, circular: bool = False, **kwargs):
+                        width: int = defaults.PANORAMA_WIDTH, circular: bool | str = False, **kwargs):
         """A wide image from one prompt, denoised in overlapping views (docs/method.md §4, 5)."""
         return self(prompt, negative_prompt, height=height, width=width, circular=circular, **kwargs)
 

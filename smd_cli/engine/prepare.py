@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from smd_cli.core.errors import SmdError
 from smd_cli.families import Conditioning
 from smd_cli.method import masks as mask_ops
 from smd_cli.method.sampler import Schedule
+from smd_cli.method.views import vae_tiles_setting, wrap_axes
 from smd_cli.models.controls import ControlSpec
 from smd_cli.models.loras import LoraSet
 from smd_cli.models.references import ReferenceSpec
@@ -71,13 +72,15 @@ class Request:
     tile_size: int | None = None  # pixels; None: the model's native size
     tile_stride: int | None = None
     tile_weighting: str = defaults.TILE_WEIGHTING
-    circular: bool = False
+    circular: bool | str = False  # x, y, both, True (x) or False (`views.wrap_axes`)
     region_crop: bool = False
     region_mode: str = defaults.REGION_MODE  # latent, attention or hybrid (docs/method.md §10)
     loras: LoraSet = ()  # the whole canvas's LoRAs, text encoders included
     negative_auto: bool = False  # each layer's prompt a negative prompt of the other layers' rows
     reference: ReferenceSpec | None = None  # a reference image for every layer without its own
     controlnets: list[ControlSpec] = field(default_factory=list)  # ControlNets over the whole canvas
+    vae_tiles: int | str | None = None  # the VAE's tile in pixels, off, or None: smd chooses
+    hires: Any = None  # a second pass on a larger canvas (`smd_cli.engine.hires.Hires`), or None
 
     def check(self, factor: int) -> None:
         """Raise `SmdError` for settings no scene could have (the Python API takes anything)."""
@@ -88,6 +91,10 @@ class Request:
             if value not in choices:
                 raise SmdError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
         own_rows(self.region_mode, self.layers, bool(self.controlnets or self.reference))
+        wrap_axes(self.circular)
+        vae_tiles_setting(self.vae_tiles)
+        if self.hires is not None:
+            self.hires.check()
         if self.layers.masks.shape[1:] != (self.height, self.width):
             raise SmdError(f"masks are {self.layers.masks.shape[2]}x{self.layers.masks.shape[1]}, the canvas "
                            f"{self.width}x{self.height}")

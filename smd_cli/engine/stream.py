@@ -23,7 +23,7 @@ from smd_cli.engine.prepare import Layers, auto_negatives, join_layers, prepare_
 from smd_cli.families import Conditioning, Placement
 from smd_cli.method import masks as mask_ops
 from smd_cli.method.sampler import active_pairs, randn, renoise, step_inputs, step_output
-from smd_cli.method.views import layout, tiling, work_problem
+from smd_cli.method.views import layout, tiling, work_problem, wrap_axes
 from smd_cli.models.controls import ControlSpec, as_specs
 from smd_cli.models.loras import LoraSet, as_loras
 from smd_cli.models.references import ReferenceSpec, as_reference
@@ -66,7 +66,8 @@ class StreamMultiDiffusion:
                  dtype: Any = None, lcm_lora: str | None = None, vae: str | None = None,
                  pipeline: StableMultiDiffusionPipeline | None = None, overlap_decode: bool = False,
                  compile: bool = False, loras: Any = None, controlnets: Any = None, negative_auto: bool = False,
-                 reference: Any = None, allow_large: bool = False, region_mode: str = defaults.REGION_MODE):
+                 reference: Any = None, allow_large: bool = False, region_mode: str = defaults.REGION_MODE,
+                 circular: bool | str = False):
         """Load a model as `StableMultiDiffusionPipeline` does (the tiny autoencoder by default), or
         stream from a loaded `pipeline`, which then decides the model, device, dtype and autoencoder.
         The stream's stages are the LCM schedule's `num_inference_steps` steps, or `timesteps`.
@@ -75,7 +76,10 @@ class StreamMultiDiffusion:
         `negative_auto` and `reference` (for layers without their own) as the pipeline's. A frame's work
         past `defaults.LARGE_WORK` denoiser passes (views x layers x stages) is refused unless
         `allow_large`, as the pipeline refuses an image's. `region_mode` as the pipeline's: in
-        attention mode a frame is one row per stage (and view), whatever the number of layers."""
+        attention mode a frame is one row per stage (and view), whatever the number of layers.
+        `circular` (x, y or both) wraps the views and the decode as the pipeline's."""
+        wrap_axes(circular)
+        self.circular = circular
         if region_mode not in defaults.REGION_MODES:
             raise SmdError(f"region_mode must be one of {', '.join(defaults.REGION_MODES)}, got {region_mode!r}")
         self.region_mode = region_mode
@@ -100,7 +104,8 @@ class StreamMultiDiffusion:
         self.reference = as_reference(reference)
         f = pipe.vae_scale_factor
         mask_ops.check_divisible(width, height, f)
-        tiles = tiling(pipe.family.grid, width, height, tile_size=tile_size)  # FLUX packs whole 2x2 tokens
+        tiles = tiling(pipe.family.grid, width, height, tile_size=tile_size,
+                       circular=circular)  # FLUX packs whole 2x2 tokens
         self.height, self.width = height, width
         self.allow_large = allow_large
         self.cfg_type = cfg_type
@@ -120,7 +125,8 @@ class StreamMultiDiffusion:
         self.view_count = tiles.count
         self.check_work(1)
         self.shape = (1, pipe.family.channels, height // f, width // f)
-        self.views = layout(self.shape[2], self.shape[3], (window, window), (stride, stride), device=pipe.device)
+        self.views = layout(self.shape[2], self.shape[3], (window, window), (stride, stride), circular=circular,
+                            device=pipe.device)
 
         # Every noise comes from the stream's own generator: stage 0's fresh latents and the fixed
         # per-stage noises n_1 .. n_{T-1}, drawn once (docs/method.md §6.4), in this order.
@@ -383,7 +389,7 @@ class StreamMultiDiffusion:
 
     def _decode(self, inputs: tuple) -> Image.Image:
         x0, blurred, picture = inputs
-        return self.pipe.to_image(self.pipe.pixels(x0, blurred=blurred, picture=picture))
+        return self.pipe.to_image(self.pipe.pixels(x0, self.circular, blurred=blurred, picture=picture))
 
     def _decode_async(self, inputs: tuple) -> concurrent.futures.Future:
         if self._decoder is None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 from smd_cli.core.errors import ModelError, SmdError
 from smd_cli.core.lazy import lazy, no_grad
@@ -200,6 +200,7 @@ class Family:
     controls: ClassVar[bool] = True  # ControlNets and reference images are wired
     control_latents: ClassVar[bool] = False  # its ControlNets read control images as VAE latents
     versions: ClassVar[tuple[str, ...]] = ()  # the Python API's `sd_version` names of the family
+    prompt_tokens: ClassVar[int] = 77  # the most text tokens a prompt keeps in a joined row (docs/method.md §10)
     # The memory estimate's figures: activations per latent pixel of one batch item at half precision
     # (measured on the family's flagship), the flagship transformer's width, the denoiser's share of
     # the weights, and the flagship's weights at half precision.
@@ -392,18 +393,26 @@ class Family:
         return self.schedule_for(scheduler, self.scheduler.config, steps, timesteps, spacing, window)
 
     @no_grad
-    def encode_image(self, pixels):
+    def encode_image(self, pixels, run: Callable | None = None):
         """The VAE latent of pixels [B, 3, H, W] in [-1, 1]: the distribution's mode, shifted (SD3's
-        and FLUX's autoencoders have a shift factor) and scaled (docs/method.md §2.3)."""
-        encoded = self.vae.encode(pixels.to(self.device, self.vae.dtype))
-        # AutoencoderKL gives a distribution (take its mode, never a sample); TAESD gives latents.
-        latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+        and FLUX's autoencoders have a shift factor) and scaled (docs/method.md §2.3). `run(vae,
+        pixels)`, where given, encodes instead (the mode too): exactly in tiles (docs/large-pictures.md)."""
+        pixels = pixels.to(self.device, self.vae.dtype)
+        if run is not None:
+            latents = run(self.vae, pixels)
+        else:
+            encoded = self.vae.encode(pixels)
+            # AutoencoderKL gives a distribution (take its mode, never a sample); TAESD gives latents.
+            latents = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
         return (latents.float() - self._shift) * self.vae.config.scaling_factor
 
     @no_grad
-    def decode(self, latents):
-        """Pixels in [-1, 1] from a clean latent."""
+    def decode(self, latents, run: Callable | None = None):
+        """Pixels in [-1, 1] from a clean latent; `run(vae, latents)`, where given, decodes instead
+        (exactly in tiles, docs/large-pictures.md)."""
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self._shift
+        if run is not None:
+            return run(self.vae, latents)
         return self.vae.decode(latents, return_dict=False)[0]
 
     @property

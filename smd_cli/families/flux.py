@@ -42,6 +42,7 @@ class Flux(Family):
     denoiser_share = 0.70
     weight_bytes = 33_800_000_000  # FLUX.1: 11.9B transformer, 4.8B T5, 0.1B CLIP
     max_sequence_length = 512  # T5 tokens, as diffusers' FluxPipeline takes by default
+    prompt_tokens = max_sequence_length  # T5's (CLIP gives only the pooled embedding)
 
     @staticmethod
     def matches(config: Mapping) -> bool:

@@ -39,6 +39,7 @@ class StableDiffusion3(Family):
     denoiser_share = 0.59
     weight_bytes = 27_500_000_000  # SD3.5 Large: 8.1B transformer, 4.8B T5, 0.8B CLIPs
     max_sequence_length = 256  # T5 tokens, as diffusers' StableDiffusion3Pipeline takes by default
+    prompt_tokens = 77 + max_sequence_length  # CLIP's, then T5's
 
     @staticmethod
     def matches(config: Mapping) -> bool:

@@ -22,33 +22,39 @@ Index = Union[slice, "torch.Tensor"]
 class View:
     """A window of the latent and its weight omega_v, broadcastable to [1, 1, h, w].
 
-    `cols` is a slice, or an index tensor for windows that wrap around a circular canvas.
+    `rows` and `cols` are slices, or index tensors for windows that wrap around a circular canvas.
     """
 
-    rows: slice
+    rows: Index
     cols: Index
     weight: Optional[torch.Tensor] = None  # None means 1 everywhere
 
     def crop(self, t: torch.Tensor) -> torch.Tensor:
         """t[..., rows, cols]."""
-        t = t[..., self.rows, :]
+        t = t[..., self.rows, :] if isinstance(self.rows, slice) else t.index_select(-2, self.rows)
         return t[..., self.cols] if isinstance(self.cols, slice) else t.index_select(-1, self.cols)
 
     @property
     def corner(self) -> tuple[int, int]:
-        """(top, left): where the window starts on the canvas (a wrapping window, at its first column)."""
+        """(top, left): where the window starts on the canvas (a wrapping window, at its first row and column)."""
+        top = self.rows.start if isinstance(self.rows, slice) else int(self.rows[0])
         left = self.cols.start if isinstance(self.cols, slice) else int(self.cols[0])
-        return self.rows.start, left
+        return top, left
 
     def sub(self, r0: int, r1: int, c0: int, c1: int) -> "View":
         """The part [r0:r1, c0:c1] of this view (coordinates within the view), with its weights."""
-        rows = slice(self.rows.start + r0, self.rows.start + r1)
+        rows = slice(self.rows.start + r0, self.rows.start + r1) if isinstance(self.rows, slice) else self.rows[r0:r1]
         cols = slice(self.cols.start + c0, self.cols.start + c1) if isinstance(self.cols, slice) else self.cols[c0:c1]
         weight = None if self.weight is None else self.weight[..., r0:r1, c0:c1]
         return View(rows, cols, weight)
 
     def add_into(self, target: torch.Tensor, value: torch.Tensor) -> None:
         """target[..., rows, cols] += value, in place."""
+        if not isinstance(self.rows, slice):  # wrapping rows: add whole rows, each where it belongs
+            band = value.new_zeros(*value.shape[:-1], target.shape[-1])
+            View(slice(0, value.shape[-2]), self.cols).add_into(band, value)
+            target.index_add_(-2, self.rows, band.to(target.dtype))
+            return
         region = target[..., self.rows, :]
         if isinstance(self.cols, slice):
             region[..., self.cols] += value
@@ -85,17 +91,48 @@ def tent(window: int) -> torch.Tensor:
     return torch.minimum(i + 1, window - i)
 
 
+def wrap_axes(circular: bool | str | None) -> tuple[bool, bool]:
+    """Whether (rows, columns) wrap around: `circular` is x (left and right join: a 360-degree
+    panorama), y (top and bottom), both (a seamless texture), True (x, as it always meant) or
+    False/None/none."""
+    if circular in (None, False, "none"):
+        return False, False
+    if circular is True or circular == "x":
+        return False, True
+    if circular in ("y", "both"):
+        return True, circular == "both"
+    raise SmdError(f"circular must be x, y, both or false, got {circular!r}")
+
+
+def vae_tiles_setting(value: int | str | bool | None) -> int | str | None:
+    """A `vae_tiles` setting (docs/large-pictures.md) as the engine takes it: a tile in pixels, "off"
+    (one pass; YAML reads a bare `off` as false) or None (smd chooses: also `auto`). Digits in a
+    string are a size (the command line's)."""
+    if value is None or value == "auto":
+        return None
+    if value is False or value == "off":
+        return "off"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not (
+            defaults.VAE_TILES_MIN <= value <= defaults.MAX_SIZE and value % defaults.VAE_TILES_MULTIPLE == 0):
+        raise SmdError(f"vae_tiles must be a tile size in pixels (a multiple of {defaults.VAE_TILES_MULTIPLE} from "
+                       f"{defaults.VAE_TILES_MIN} to {defaults.MAX_SIZE}, e.g. 512), off or auto, got {value!r}")
+    return value
+
+
 def layout(height: int, width: int, window: tuple[int, int], stride: tuple[int, int], *,
-           weighting: str = defaults.TILE_WEIGHTING, circular: bool = False,
+           weighting: str = defaults.TILE_WEIGHTING, circular: bool | str | None = False,
            device: torch.device | str = "cpu") -> list[View]:
-    """Views covering a [height, width] latent, with weights normalised to a partition of unity."""
+    """Views covering a [height, width] latent, with weights normalised to a partition of unity;
+    on the axes `circular` names (`wrap_axes`) they wrap around."""
     import torch
 
     wh, ww = min(window[0], height), min(window[1], width)
-    if circular and width <= window[1]:
-        circular = False  # a canvas within one window has no seam to wrap
-    row_starts = starts(height, wh, stride[0])
-    col_starts = starts(width, ww, stride[1], circular)
+    wrap_rows, wrap_cols = wrap_axes(circular)
+    wrap_rows, wrap_cols = wrap_rows and height > window[0], wrap_cols and width > window[1]  # one window: no seam
+    row_starts = starts(height, wh, stride[0], wrap_rows)
+    col_starts = starts(width, ww, stride[1], wrap_cols)
     if len(row_starts) == 1 and len(col_starts) == 1:
         return [full_view(height, width)]
     if weighting not in defaults.TILE_WEIGHTINGS:
@@ -106,10 +143,13 @@ def layout(height: int, width: int, window: tuple[int, int], stride: tuple[int, 
     views = []
     for r in row_starts:
         for c in col_starts:
+            rows: Index = slice(r, r + wh)
+            if r + wh > height:
+                rows = torch.arange(r, r + wh, device=device) % height
             cols: Index = slice(c, c + ww)
-            if circular and c + ww > width:
+            if c + ww > width:
                 cols = torch.arange(c, c + ww, device=device) % width
-            views.append(View(slice(r, r + wh), cols))
+            views.append(View(rows, cols))
     total = torch.zeros(1, 1, height, width, dtype=torch.float64, device=device)
     for v in views:
         v.add_into(total, raw.to(device)[None, None])
@@ -195,7 +235,7 @@ class Tiling:
 
 
 def tiling(grid: Grid, width: int, height: int, *, tile_size: int | None = None, tile_stride: int | None = None,
-           circular: bool = False) -> Tiling:
+           circular: bool | str | None = False) -> Tiling:
     """A canvas and its views on a model of `grid`: the canvas must be a multiple of `grid.multiple`
     on each side (else `CanvasError` naming the nearest sizes that are); the tile is `tile_size`, else
     the grid's default; the stride `tile_stride`, else 3/4 of the tile, and no larger than the tile.
@@ -222,8 +262,9 @@ def tiling(grid: Grid, width: int, height: int, *, tile_size: int | None = None,
     window, stride = view_sizes(tile, tile_stride, grid.factor)
     rows, cols = height // grid.factor, width // grid.factor
     view = (min(window, rows), min(window, cols))
-    return Tiling(tile, window, stride, len(starts(rows, view[0], stride)),
-                  len(starts(cols, view[1], stride, circular and cols > window)), view)
+    wrap_rows, wrap_cols = wrap_axes(circular)
+    return Tiling(tile, window, stride, len(starts(rows, view[0], stride, wrap_rows and rows > window)),
+                  len(starts(cols, view[1], stride, wrap_cols and cols > window)), view)
 
 
 def _nearest(side: int, multiple: int) -> tuple[int, int]:

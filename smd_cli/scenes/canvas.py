@@ -177,6 +177,8 @@ def model_canvas(sf: SceneFile, model: str | None, config: str | None = None, *,
     width, height = checked_canvas(sf, factor)
     views = canvas_views(sf, model_grid(model, config), width, height, stream=stream)
     check_work(sf, views, allow_large=allow_large, stream=stream)
+    if not stream:
+        check_hires(sf, model_grid(model, config), width, height, allow_large=allow_large)
     return scene_masks(sf, width, height), factor
 
 
@@ -185,7 +187,7 @@ def canvas_views(sf: SceneFile, grid: Grid | None, width: int, height: int, *, s
     family, errors located at the key that sets what is wrong). With the grid unknown (a model not
     downloaded yet) the canvas is checked when the model loads, and the views counted are the
     default model's, whose native size is the smallest: the most views a canvas could get. A stream
-    lays its views out at the default stride and never wraps around."""
+    lays its views out at the default stride."""
     s = sf.scene
     stride = None if stream else s.tile_stride
     if grid is None:
@@ -195,7 +197,7 @@ def canvas_views(sf: SceneFile, grid: Grid | None, width: int, height: int, *, s
             stride = min(stride, grid.tile(height, width))
     try:
         return tiling(grid, width, height, tile_size=s.tile_size, tile_stride=stride,
-                      circular=s.circular and not stream)
+                      circular=s.circular)
     except CanvasError as exc:
         raise sf.error((exc.key,), str(exc)) from None
 
@@ -215,6 +217,31 @@ def check_work(sf: SceneFile, views: Tiling, *, allow_large: bool = False, strea
     else:
         key = "layers" if len(s.layers) >= steps else "timesteps" if s.timesteps else "steps"
     raise sf.error((key,), problem)
+
+
+def check_hires(sf: SceneFile, grid: Grid | None, width: int, height: int, *, allow_large: bool = False) -> None:
+    """A hires pass's larger canvas (docs/large-pictures.md) checked as every canvas is: its sides
+    (`canvas_views`) and the work of its views (`check_work`), errors at `hires.scale`."""
+    from smd_cli.method.hires import hires_size
+
+    h = sf.scene.hires
+    if h is None:
+        return
+    grid = grid or default_grid()
+    big_width, big_height = hires_size(width, height, h.scale, grid.multiple)
+    fix = f"; lower hires.scale (the first pass is {width}x{height})"
+    try:  # the second pass's views are the first pass's tile (`engine.hires.first_tile`)
+        views = tiling(grid, big_width, big_height, tile_size=sf.scene.tile_size or grid.tile(height, width),
+                       tile_stride=sf.scene.tile_stride, circular=sf.scene.circular)
+    except CanvasError as exc:
+        raise sf.error(("hires", "scale"), f"hires.scale {h.scale} makes the canvas {big_width}x{big_height}: "
+                                           f"{exc}{fix}") from None
+    steps = h.steps or step_count(sf.scene)
+    problem = work_problem(views.count, len(sf.scene.layers), steps, allow_large=allow_large,
+                           allow="--allow-large")
+    if problem:
+        raise sf.error(("hires", "scale"), f"hires.scale {h.scale} makes the canvas {big_width}x{big_height}: "
+                                           f"{problem}{fix}")
 
 
 def stream_steps(scene) -> int:

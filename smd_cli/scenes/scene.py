@@ -30,8 +30,9 @@ from pydantic import (
 )
 
 from smd_cli.core import defaults
-from smd_cli.core.errors import SceneError
+from smd_cli.core.errors import SceneError, SmdError
 from smd_cli.method import prompts
+from smd_cli.method.views import vae_tiles_setting
 
 # A scene is a few hundred nodes, four or five levels deep; far beyond either means YAML aliases
 # expanding out of control, or referring to themselves.
@@ -74,6 +75,27 @@ def parse_prompt(value: Any) -> Any:
 
 
 Prompt = Annotated[str, AfterValidator(parse_prompt)]
+
+
+def parse_circular(value: Any) -> Any:
+    """`circular`: x, y, both, or a boolean (true meant x before y existed; false is none)."""
+    if isinstance(value, bool) or value in defaults.CIRCULAR_AXES:
+        return value
+    raise ValueError(f"must be x (left and right join: a 360-degree panorama), y (top and bottom), both (a "
+                     f"seamless texture) or false, got {value!r}")
+
+
+def parse_vae_tiles(value: Any) -> Any:
+    """`vae_tiles`: a tile in pixels, off (YAML's bare `off` is false) or auto (as left out)."""
+    try:
+        return vae_tiles_setting(value)
+    except SmdError as exc:
+        raise ValueError(str(exc).removeprefix("vae_tiles ")) from None
+
+
+Circular = Annotated[Union[StrictBool, Literal[defaults.CIRCULAR_AXES]],  # type: ignore[valid-type]
+                     BeforeValidator(parse_circular)]
+VaeTiles = Annotated[Union[StrictInt, Literal["off"], None], BeforeValidator(parse_vae_tiles)]
 
 
 class _Model(BaseModel):
@@ -235,6 +257,18 @@ class Bootstrap(_Model):
     centre: StrictBool = defaults.BOOTSTRAP_CENTRE
 
 
+class Hires(_Model):
+    """A second pass (docs/large-pictures.md "Two passes: hires"): the image upscaled `scale` times and
+    denoised again from `strength` with the same layers; the larger canvas must pass the same size
+    and work limits as any canvas (`canvas.check_hires`)."""
+
+    scale: Annotated[float, Field(strict=True, gt=1.0)]
+    strength: Unit = defaults.HIRES_STRENGTH
+    steps: Annotated[StrictInt, Field(ge=1, le=defaults.MAX_STEPS)] | None = None  # None: the scene's
+    controlnet: str | None = None  # a tile ControlNet fed the upscaled first image
+    controlnet_scale: Annotated[float, Field(strict=True, ge=0.0, le=defaults.MAX_CONTROL_SCALE)] = 1.0
+
+
 class Background(_Model):
     """The area no layer covers, and the prompt layers are mixed toward (docs/method.md §1, 2.1).
 
@@ -287,10 +321,12 @@ class Scene(_Model):
     tile_size: Annotated[StrictInt, Field(ge=defaults.MIN_SIZE, le=defaults.MAX_SIZE)] | None = None  # the model's
     tile_stride: Annotated[StrictInt, Field(ge=1, le=defaults.MAX_SIZE)] | None = None
     tile_weighting: Literal[defaults.TILE_WEIGHTINGS] = defaults.TILE_WEIGHTING  # type: ignore[valid-type]
-    circular: StrictBool = False
+    circular: Circular = False  # x, y, both (docs/large-pictures.md); true is x
     region_crop: StrictBool = False
     region_mode: Literal[defaults.REGION_MODES] = defaults.REGION_MODE  # type: ignore[valid-type]
     bootstrap: Bootstrap = Field(default_factory=Bootstrap)
+    vae_tiles: VaeTiles = None  # the VAE's tile in pixels, off, or left out: smd chooses
+    hires: Hires | None = None  # a second pass on a larger canvas
     negative_prefix: str | None = None
     negative_auto: StrictBool = False  # each layer's prompt a negative prompt of the other layers' rows
     background: Background = Field(default_factory=Background)
@@ -300,7 +336,7 @@ class Scene(_Model):
 
 # The model class that holds the keys at each place of the document, for "did you mean".
 _NESTED: dict[type[BaseModel], dict[str, type[BaseModel]]] = {
-    Scene: {"bootstrap": Bootstrap, "background": Background, "layers": Layer},
+    Scene: {"bootstrap": Bootstrap, "background": Background, "layers": Layer, "hires": Hires},
 }
 
 
