@@ -101,6 +101,7 @@ def test_a_prompt_is_never_read_outside_its_region(pipes, family, monkeypatch):
             made.append(self)
 
     monkeypatch.setattr(regions, "Regions", Recorded)
+    monkeypatch.setattr(regions, "SPARSE", 0.0)  # one dense call per attention, its mask whole
     masks = _halves()  # left and right: no background, each layer's region is its half
     _run(pipe, ["a red fox", "a big old elk"], masks, region_mode="attention", guidance_scale=1.0)
     assert spy.calls and len(made) == 1
@@ -133,6 +134,25 @@ def test_a_prompt_is_never_read_outside_its_region(pipes, family, monkeypatch):
             assert text_reads[..., outside[g]].abs().max() == 0
             other = slice(text + spans[1 - g][0], text + spans[1 - g][1])
             assert probs[..., own, other].abs().max() == 0  # nor the other prompt's tokens
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_split_cross_attention_equals_the_masked_one(pipes, family, monkeypatch):
+    """On a CPU the cross-attention runs per set of layers a position reads, never on blocked scores."""
+    pipe = pipes[family]
+    masks = _nine()
+    prompts = [f"prompt {i}" for i in range(len(masks))]
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: calls.append(q.shape[-2] * k.shape[-2]) or real(q, k, v, **kw))
+    split = _run(pipe, prompts, masks, region_mode="attention")
+    split_scores = sum(calls)
+    calls.clear()
+    monkeypatch.setattr(regions, "SPARSE", 0.0)
+    dense = _run(pipe, prompts, masks, region_mode="attention")
+    assert rel_err(dense, split) < 1e-5
+    assert split_scores < 0.7 * sum(calls)  # the blocked scores were not computed
 
 
 def _rows(pipe, run) -> list[int]:

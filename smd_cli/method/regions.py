@@ -53,8 +53,16 @@ class Regions:
                 self.cache.popitem(last=False)
         return self.cache[key]
 
+    def __post_init__(self) -> None:
+        # Each step's masks, or an earlier step's where they are the same (hard masks, no schedule):
+        # those steps share their weights and biases.
+        self.first = [0] * len(self.masks)
+        for k in range(1, len(self.masks)):
+            self.first[k] = self.first[k - 1] if torch.equal(self.masks[k], self.masks[k - 1]) else k
+
     def step(self, t: float) -> int:
-        return min(range(len(self.timesteps)), key=lambda k: abs(self.timesteps[k] - t))
+        """The step of timestep `t`, or the first step whose masks it shares."""
+        return self.first[min(range(len(self.timesteps)), key=lambda k: abs(self.timesteps[k] - t))]
 
     def weights(self, t: float, corner: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
         """The layers' masks [G, h, w] at the step of `t` over the window at `corner` of `size` (in
@@ -129,6 +137,20 @@ class RegionBias:
             self._made[queries] = self._rows(("cross", (h, w)), make)
         return self._made[queries]
 
+    def groups(self, queries: int) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] | None:
+        """Per row, the cross-attention split by which layers a position reads (hard masks leave
+        most positions one or two): (positions, their tokens, their bias) for each set of layers,
+        so that attention is computed only where it is not zero; None where that saves little."""
+        key = ("groups", queries)
+        if key not in self._made:
+            bias = self.cross(queries)
+            rows = []
+            for i, r in enumerate(self.regions):
+                rows.append(r.remembered(("groups", r.step(self.t[i]), self.corners[i], self.size, queries,
+                                          self.tokens, self.dtype), lambda b=bias[i, 0], r=r: _split(b, r.spans)))
+            self._made[key] = None if any(row is None for row in rows) else rows
+        return self._made[key]
+
     def joint(self, grid: tuple[int, int], text_first: bool) -> torch.Tensor:
         """[B, 1, N, N] for joint attention over a `grid` of image tokens and the text tokens (SD3:
         image then text; FLUX.1: text then image): image tokens attend each other freely and a
@@ -152,6 +174,25 @@ class RegionBias:
 
             self._made[key] = self._rows(("joint", grid, text_first), make)
         return self._made[key]
+
+
+SPARSE = 0.5  # split a cross-attention by layers when it computes at most this share of the scores
+
+
+def _split(bias: torch.Tensor, spans) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None:
+    """A row's cross-attention bias [queries, tokens] as (positions, tokens, bias) for each set of
+    layers some positions read (the bias None where it is 0: positions inside one region); None
+    when that computes more than `SPARSE` of the scores."""
+    reads = torch.isfinite(bias[:, [start for start, _ in spans]])  # [queries, G]: a layer's tokens alike
+    patterns, which = torch.unique(reads, dim=0, return_inverse=True)
+    parts, scores = [], 0
+    for p, pattern in enumerate(patterns):
+        positions = (which == p).nonzero().flatten()
+        tokens = torch.cat([torch.arange(*spans[g], device=bias.device) for g in pattern.nonzero().flatten().tolist()])
+        part = bias[positions][:, tokens]
+        parts.append((positions, tokens, None if not part.any() else part))  # inside one region: no bias
+        scores += len(positions) * len(tokens)
+    return parts if scores <= SPARSE * bias.numel() else None
 
 
 class RegionContext:
@@ -187,7 +228,16 @@ class CrossRegionProcessor:
         value = attn.to_v(encoder_hidden_states)
         head = key.shape[-1] // attn.heads
         query, key, value = (s.view(batch, -1, attn.heads, head).transpose(1, 2) for s in (query, key, value))
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.cross(queries).to(query.dtype))
+        groups = bias.groups(queries) if query.device.type == "cpu" else None
+        if groups is None:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.cross(queries).to(query.dtype))
+        else:  # a CPU's attention costs what it computes: only the scores that are not zero
+            out = torch.empty_like(query)
+            for b, parts in enumerate(groups):
+                for positions, tokens, part in parts:
+                    out[b, :, positions] = F.scaled_dot_product_attention(  # [1, heads, n, head]: the fused kernel's
+                        query[b:b + 1, :, positions], key[b:b + 1, :, tokens], value[b:b + 1, :, tokens],
+                        attn_mask=None if part is None else part.to(query.dtype))[0]
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
