@@ -447,6 +447,8 @@ def _index_lines(text: str, path: Path | None, loader_class=LOADER) -> tuple[Any
             loader = loader_class(text)  # composed into nodes, checked, then built from the same nodes
             root = loader.get_single_node()
         except yaml.YAMLError as exc:
+            if "nesting depth" in str(getattr(exc, "problem", "")):  # libyaml's limit; PyYAML would take minutes
+                raise _too_deep(path, line=exc.problem_mark.line + 1 if exc.problem_mark else None) from None
             if loader_class is not yaml.SafeLoader:
                 return _index_lines(text, path, yaml.SafeLoader)
             raise _yaml_error(exc, path) from None
@@ -517,9 +519,11 @@ def parse_override(text: str) -> tuple[KeyPath, Any]:
         raise SceneError(f"--set expects key.path=value, got {text!r}")
     try:
         # A leading # is a colour (#e757b0), not a YAML comment that would make the value null.
-        value = yaml.safe_load(value_text) if value_text.strip() and not value_text.lstrip().startswith("#") \
+        value = yaml.load(value_text, Loader=LOADER) if value_text.strip() and not value_text.lstrip().startswith("#") \
             else value_text.strip()
-    except yaml.YAMLError:
+    except yaml.YAMLError as exc:
+        if "nesting depth" in str(getattr(exc, "problem", "")):  # libyaml's limit
+            raise _too_deep(None, f"--set {key_text.strip()}: the value") from None
         value = value_text
     except RecursionError:
         raise _too_deep(None, f"--set {key_text.strip()}: the value") from None
