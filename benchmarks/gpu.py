@@ -209,7 +209,7 @@ def run_argv(family: str, model: Path, taesd: Path, device: str, compile: bool =
 BENCHMARKS = {"sd": "benchmarks.run_all", "sdxl": "benchmarks.families", "sd3": "benchmarks.families",
               "flux": "benchmarks.families"}
 # SDXL's autoencoder (SD 1.5's shapes, decoding in float32) on panoramas up to 8192 x 1024, tiles of 1024.
-VAE_SUITE = ["--size", "full", "--dtype", "float16", "--upcast", "--only-shaped", "--tile", "1024",
+VAE_SUITE = ["--size", "full", "--dtype", "float16", "--upcast", "--autoencoders", "shaped", "--tile", "1024",
              "--canvases", "2048x1024", "4096x1024", "8192x1024"]
 VIEW_REPEATS = "2"  # timed runs of each layout: four families' sweeps fit in minutes on one GPU
 

@@ -191,8 +191,9 @@ def place(record: dict) -> tuple:
 
 
 def newest(records: list[dict]) -> list[dict]:
-    """The newest record of each benchmark, family and canvas, in the table's order."""
-    latest = {(r["benchmark"], r["setting"].get("family"), r["setting"].get("canvas")): r for r in records}
+    """The newest record of each benchmark, family, canvas and autoencoder set, in the table's order."""
+    latest = {(r["benchmark"], *(r["setting"].get(k) for k in ("family", "canvas", "autoencoders"))): r
+              for r in records}
     return sorted(latest.values(), key=place)
 
 
@@ -202,6 +203,8 @@ def describe(record: dict) -> str:
     parts = [s.get("canvas", ""), FAMILIES.get(s.get("family"), s.get("family", ""))]
     if "tile" in s:
         parts.append(f"views {s['tile']} px, stride {s['stride']}")
+    if "vae_tile" in s:
+        parts.append(f"VAE tiles {s['vae_tile']} px")
     if record["device_type"] == "cpu" and record["threads"] != 1:
         parts.append(f"{record['threads']} threads")
     return ", ".join(part for part in parts if part)

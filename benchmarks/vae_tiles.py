@@ -75,8 +75,8 @@ def main(argv=None) -> str:
     parser.add_argument("--canvases", nargs="+", default=None,
                         help="canvases: a side (512) or WxH (8192x1024) each (default 128 256 512 at --size cpu, "
                              "512 1024 2048 at full)")
-    parser.add_argument("--only-shaped", action="store_true",
-                        help="only the real-shaped AutoencoderKL, not the model's own")
+    parser.add_argument("--autoencoders", choices=("both", "model", "shaped"), default="both",
+                        help="the model's own, the SD 1.5-shaped AutoencoderKL, or both (default)")
     parser.add_argument("--upcast", action="store_true",
                         help="decode in float32 whatever --dtype says, as SDXL's autoencoder does")
     args = finish_args(parser.parse_args(argv))
@@ -91,7 +91,7 @@ def main(argv=None) -> str:
     with tempfile.TemporaryDirectory() as scratch:
         vaes = [(f"the model's ({model_summary(args.model)})", str(Path(args.model) / "vae")),
                 ("SD 1.5-shaped AutoencoderKL", "")]
-        for name, vae in vaes[1:] if args.only_shaped else vaes:
+        for name, vae in {"both": vaes, "model": vaes[:1], "shaped": vaes[1:]}[args.autoencoders]:
             for text in canvases:
                 size = canvas(text)
                 runs = {t: decode(args, vae, size, t, Path(scratch) / f"{t}.pt") for t in (0, tile)}
@@ -106,7 +106,7 @@ def main(argv=None) -> str:
     notes = [f"random weights, {dtype}, seed {args.seed}; each decode in a fresh process (its peak memory "
              f"includes torch's and the weights'); tiles of {tile} pixels"]
     return record(args, "vae_tiles", f"Large pictures ({args.size}): one-pass against exact tiled VAE decoding",
-                  rows, notes, tile=tile)
+                  rows, notes, vae_tile=tile, autoencoders=args.autoencoders)
 
 
 if __name__ == "__main__":

@@ -122,8 +122,9 @@ def decode_bytes(width: int, height: int, vae_config: Mapping, dtype_bytes: int,
 def auto_vae_tile(free: int | None, width: int, height: int, vae_config: Mapping, dtype_bytes: int,
                   factor: int) -> int | None:
     """The VAE tile smd chooses (docs/large-pictures.md), None for one pass: where free memory is
-    known (a GPU), one pass while its decode fits in a share of it, else `defaults.VAE_TILE`
-    halved until the tiled decode fits; elsewhere tiles past `defaults.VAE_TILES_PIXELS` pixels."""
+    known (a GPU's, a CPU's RAM), one pass while its decode fits in a share of it, else
+    `defaults.VAE_TILE` halved until the tiled decode fits; elsewhere tiles past
+    `defaults.VAE_TILES_PIXELS` pixels."""
     if free is None:
         return defaults.VAE_TILE if width * height > defaults.VAE_TILES_PIXELS else None
     if decode_bytes(width, height, vae_config, dtype_bytes, factor) <= AUTO_BATCH_SHARE * free:

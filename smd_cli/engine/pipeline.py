@@ -289,13 +289,12 @@ class StableMultiDiffusionPipeline:
     def vae_tile(self, setting: int | str | None, width: int, height: int) -> int | None:
         """The tile (pixels) the VAE decodes and encodes a `width` x `height` picture in, None for
         one pass (docs/large-pictures.md): `setting` is a tile, "off", or None for smd's choice
-        (`memory.auto_vae_tile`: tiles where one pass would not fit on a GPU, or past
-        `defaults.VAE_TILES_PIXELS` elsewhere)."""
+        (`memory.auto_vae_tile`: tiles where one pass would not fit in the free memory)."""
         setting = vae_tiles_setting(setting)
         if setting == "off":
             return None
         if setting is None:
-            free = available_memory(self.device) if self.device.type == "cuda" else None
+            free = available_memory(self.device)  # a GPU's free memory, a CPU's free RAM
             setting = auto_vae_tile(free, width, height, dict(self.vae.config),
                                     torch.finfo(self.vae.dtype).bits // 8, self.vae_scale_factor)
         if setting and not tiled_vae.supported(self.vae):
