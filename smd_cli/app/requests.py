@@ -185,21 +185,7 @@ def generate(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, masks: SceneM
     `masks` reuses masks read earlier (`scene_masks`), so that the record hashes the bytes used.
     `allow_large` lets work past `defaults.LARGE_WORK` run (`pipe.run`).
     """
-    import torch
-
-    started = time.perf_counter()
-    width, height = checked_canvas(sf, pipe.vae_scale_factor)
-    if masks is None or (masks.width, masks.height) != (width, height):
-        masks = scene_masks(sf, width, height)
-    seed = sf.scene.seed if sf.scene.seed is not None else random_seed()
-    load_scene_models(pipe, sf)
-    request = scene_request(sf, masks)
-    prepared = time.perf_counter()
-    image = pipe.run(request, generator=torch.Generator("cpu").manual_seed(seed), max_batch=max_batch,
-                     callback=callback, allow_large=allow_large)
-    timings = {"prepare": prepared - started, "generate": time.perf_counter() - prepared}
-    record = image_record(pipe, sf, seed=seed, width=width, height=height, timings=timings, files=masks.files)
-    return Result(image=image, seed=seed, timings=timings, record=record)
+    return _make(pipe, sf, None, masks=masks, max_batch=max_batch, callback=callback, allow_large=allow_large)
 
 
 def upscale(pipe: StableMultiDiffusionPipeline, sf: SceneFile, image: Any, *, masks: SceneMasks | None = None,
@@ -207,6 +193,12 @@ def upscale(pipe: StableMultiDiffusionPipeline, sf: SceneFile, image: Any, *, ma
             allow_large: bool = False) -> Result:
     """The hires pass of scene `sf` (which has `hires`) over an existing `image` at the scene's
     canvas size (`smd upscale`), with its record: the scene as a two-pass generation."""
+    return _make(pipe, sf, image, masks=masks, max_batch=max_batch, callback=callback, allow_large=allow_large)
+
+
+def _make(pipe: StableMultiDiffusionPipeline, sf: SceneFile, image: Any, *, masks: SceneMasks | None,
+          max_batch: int | None, callback: StepCallback | None, allow_large: bool) -> Result:
+    """The image of scene `sf` (from scratch, or its hires pass over `image`) with its record."""
     import torch
 
     started = time.perf_counter()
@@ -217,12 +209,15 @@ def upscale(pipe: StableMultiDiffusionPipeline, sf: SceneFile, image: Any, *, ma
     load_scene_models(pipe, sf)
     request = scene_request(sf, masks)
     prepared = time.perf_counter()
-    picture = fit_picture(image, width, height)
-    result = pipe.upscale(picture, request, generator=torch.Generator("cpu").manual_seed(seed), max_batch=max_batch,
-                          callback=callback, allow_large=allow_large)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    if image is None:
+        made = pipe.run(request, generator=generator, max_batch=max_batch, callback=callback, allow_large=allow_large)
+    else:
+        made = pipe.upscale(fit_picture(image, width, height), request, generator=generator, max_batch=max_batch,
+                            callback=callback, allow_large=allow_large)
     timings = {"prepare": prepared - started, "generate": time.perf_counter() - prepared}
     record = image_record(pipe, sf, seed=seed, width=width, height=height, timings=timings, files=masks.files)
-    return Result(image=result, seed=seed, timings=timings, record=record)
+    return Result(image=made, seed=seed, timings=timings, record=record)
 
 
 def image_record(pipe: StableMultiDiffusionPipeline, sf: SceneFile, *, seed: int, width: int, height: int,
