@@ -159,6 +159,21 @@ def wide_scene(folder: Path, model: Path, settings: str) -> Path:
                                     "background: {prompt: a lake}\nlayers:\n  - {prompt: a tree, mask: m.png}\n")
 
 
+def denoiser_rows(pipe, run) -> list[int]:
+    """The batch size of every denoiser call `run` makes (a UNet's `sample`, a transformer's
+    `hidden_states`)."""
+    sizes = []
+    def count(module, args, kwargs):
+        sizes.append(len(args[0] if args else kwargs["sample"] if "sample" in kwargs else kwargs["hidden_states"]))
+
+    hook = pipe.unet.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        run()
+    finally:
+        hook.remove()
+    return sizes
+
+
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

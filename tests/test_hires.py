@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import denoiser_rows
 from PIL import Image
 
 from smd_cli.core.errors import SmdError
@@ -44,25 +45,14 @@ def test_strength_zero_gives_the_upscaled_first_pass(pipe):
     np.testing.assert_array_equal(_make(pipe, dict(scale=2, strength=0.0, upscale="latents")), pipe.pixels(big))
 
 
-def _rows(pipe, run) -> list[int]:
-    sizes = []
-    hook = pipe.unet.register_forward_pre_hook(
-        lambda module, args, kwargs: sizes.append(len(args[0] if args else kwargs["sample"])), with_kwargs=True)
-    try:
-        run()
-    finally:
-        hook.remove()
-    return sizes
-
-
 @pytest.mark.parametrize("upscale", ["pixels", "latents"])
 def test_second_pass_denoises_every_view_of_the_larger_canvas(pipe, upscale):
     def run(hires=None):
         return pipe("a red cat", generator=_gen(), num_inference_steps=2, height=SIZE, width=SIZE, max_batch=1,
                     hires=hires, output_type="np")
 
-    first = len(_rows(pipe, run))
-    both = len(_rows(pipe, lambda: run(dict(scale=2, strength=0.5, steps=4, upscale=upscale))))
+    first = len(denoiser_rows(pipe, run))
+    both = len(denoiser_rows(pipe, lambda: run(dict(scale=2, strength=0.5, steps=4, upscale=upscale))))
     grid = pipe.family.grid
     views = tiling(grid, 2 * SIZE, 2 * SIZE, tile_size=pipe.family.tile_size(SIZE, SIZE)).count
     assert first == 2 * tiling(grid, SIZE, SIZE).count and views > tiling(grid, SIZE, SIZE).count

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err, write
+from conftest import denoiser_rows, rel_err, write
 from tinymodel import write_tiny_lora
 
 from smd_cli import StableMultiDiffusionPipeline
@@ -155,18 +155,6 @@ def test_split_cross_attention_equals_the_masked_one(pipes, family, monkeypatch)
     assert split_scores < 0.7 * sum(calls)  # the blocked scores were not computed
 
 
-def _rows(pipe, run) -> list[int]:
-    """The batch size of every denoiser call `run` makes."""
-    sizes = []
-    hook = pipe.unet.register_forward_pre_hook(
-        lambda module, args, kwargs: sizes.append(len(args[0] if args else kwargs["hidden_states"])), with_kwargs=True)
-    try:
-        run()
-    finally:
-        hook.remove()
-    return sizes
-
-
 def _nine() -> np.ndarray:
     masks = np.zeros((9, SIZE, SIZE), np.float32)
     for i in range(9):
@@ -180,12 +168,12 @@ def test_nine_layers_take_one_row_per_view_and_step(pipes, family):
     pipe = pipes[family]
     prompts = [f"thing {i}" for i in range(9)]
     steps = 2
-    latent_rows = _rows(pipe, lambda: _run(pipe, prompts, _nine(), guidance_scale=1.0, max_batch=64))
-    rows = _rows(pipe, lambda: _run(pipe, prompts, _nine(), region_mode="attention", guidance_scale=1.0,
+    latent_rows = denoiser_rows(pipe, lambda: _run(pipe, prompts, _nine(), guidance_scale=1.0, max_batch=64))
+    rows = denoiser_rows(pipe, lambda: _run(pipe, prompts, _nine(), region_mode="attention", guidance_scale=1.0,
                                     max_batch=64))
     assert rows == [1] * steps and latent_rows == [9] * steps  # the nine rects cover the canvas: no background
     if family == "sd":
-        cfg = _rows(pipe, lambda: _run(pipe, prompts, _nine(), region_mode="attention", guidance_scale=3.0))
+        cfg = denoiser_rows(pipe, lambda: _run(pipe, prompts, _nine(), region_mode="attention", guidance_scale=3.0))
         assert cfg == [2] * steps
 
 
@@ -197,7 +185,7 @@ def test_hybrid_keeps_rows_for_layers_with_their_own_lora(pipes, tiny_model, tmp
     own = [None, str(lora), None]
     with pytest.raises(SmdError, match=r"layers\[1\].*region_mode hybrid"):
         _run(pipe, prompts, masks, region_mode="attention", layer_loras=own)
-    rows = _rows(pipe, lambda: _run(pipe, prompts, masks, region_mode="hybrid", layer_loras=own,
+    rows = denoiser_rows(pipe, lambda: _run(pipe, prompts, masks, region_mode="hybrid", layer_loras=own,
                                     guidance_scale=1.0))
     assert sum(rows) == 2 * 2  # per step: the joined row, and the LoRA layer's own
     hybrid = _run(pipe, prompts, masks, region_mode="hybrid", layer_loras=own)
@@ -222,7 +210,7 @@ def test_the_stream_makes_one_row_per_stage_whatever_the_layers(pipes):
         for i in range(count):
             stream.update_single_layer(idx=i, prompt=f"thing {i}", mask=masks[i])
         stream.flush()
-        assert _rows(pipe, stream.step) == [len(stream.schedule)]
+        assert denoiser_rows(pipe, stream.step) == [len(stream.schedule)]
         frame = stream()
         assert np.asarray(frame).std() > 0
 
