@@ -191,9 +191,15 @@ def place(record: dict) -> tuple:
 
 
 def newest(records: list[dict]) -> list[dict]:
-    """The newest record of each benchmark, family, canvas and autoencoder set, in the table's order."""
-    latest = {(r["benchmark"], *(r["setting"].get(k) for k in ("family", "canvas", "autoencoders"))): r
-              for r in records}
+    """The newest record of each benchmark, family, canvas and autoencoder set, in the table's order
+    (a record of both autoencoders replaces older ones of either)."""
+    latest = {}
+    for r in records:
+        key = (r["benchmark"], *(r["setting"].get(k) for k in ("family", "canvas")))
+        if r["setting"].get("autoencoders") == "both":
+            for part in ("model", "shaped"):
+                latest.pop((*key, part), None)
+        latest[(*key, r["setting"].get("autoencoders"))] = r
     return sorted(latest.values(), key=place)
 
 

@@ -72,6 +72,100 @@ def test_sixteen_channel_and_tiny_autoencoders_tile_exactly(tmp_path):
         within_bound(tiled_encode(taesd, pixels, 64), taesd.encode(pixels).latents)  # 4e-9 measured
 
 
+def _full_resolution_work(vae, decode) -> int:
+    """The output pixels the decoder's last convolution computes while `decode()` runs."""
+    done = []
+    hook = vae.decoder.conv_out.register_forward_hook(lambda m, i, out: done.append(out.shape[-2] * out.shape[-1]))
+    try:
+        with torch.no_grad():
+            decode()
+    finally:
+        hook.remove()
+    return sum(done)
+
+
+def test_tiled_decode_computes_each_layer_once():
+    """No tile is run again for a later norm: the last convolution computes the picture's pixels
+    and the halos' (a few pixels a side), not several pictures' worth."""
+    from tinymodel import tiny_vae
+
+    from smd_cli.models.vae_tiles import tiled_decode
+
+    torch.manual_seed(0)
+    vae = tiny_vae(4).eval()
+    z = torch.randn(1, 4, 32, 40)
+    whole = _full_resolution_work(vae, lambda: vae.decode(z))
+    tiled = _full_resolution_work(vae, lambda: tiled_decode(vae, z, 64))
+    assert whole == 256 * 320
+    assert whole <= tiled < 1.25 * whole, tiled / whole
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_in_memory_or_in_files_the_pixels_are_the_same(dtype, tmp_path, monkeypatch):
+    """Between stages the picture is kept in host memory (beside a GPU) or in files (beside a CPU):
+    the same bits either way, bfloat16 included, and the files are gone afterwards."""
+    import tempfile
+
+    from tinymodel import tiny_vae
+
+    from smd_cli.models.vae_tiles import tiled_decode, tiled_encode
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    torch.manual_seed(0)
+    vae = tiny_vae(4).eval().to(dtype)
+    z = torch.randn(1, 4, 25, 17, dtype=dtype)
+    pixels = torch.rand(1, 3, 200, 136, dtype=dtype) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(tiled_decode(vae, z, 64, keep="files"), tiled_decode(vae, z, 64, keep="memory"))
+        assert torch.equal(tiled_encode(vae, pixels, 64, keep="files"), tiled_encode(vae, pixels, 64, keep="memory"))
+        if dtype == torch.float32:
+            within_bound(tiled_decode(vae, z, 64, keep="files"), vae.decode(z).sample)
+    assert list(tmp_path.glob("smd-*")) == []  # torch may keep its own caches there
+
+
+def test_an_interrupted_tiled_decode_leaves_no_files(tmp_path, monkeypatch):
+    import tempfile
+
+    from tinymodel import tiny_vae
+
+    from smd_cli.models.vae_tiles import tiled_decode
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    torch.manual_seed(0)
+    vae = tiny_vae(4).eval()
+    calls = []
+
+    def interrupt(module, args, out):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    vae.decoder.conv_out.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        tiled_decode(vae, torch.randn(1, 4, 32, 40), 64, keep="files")
+    assert list(tmp_path.glob("smd-*")) == []  # torch may keep its own caches there
+
+
+def test_a_full_disk_is_said_plainly(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from tinymodel import tiny_vae
+
+    from smd_cli.core.errors import SmdError
+    from smd_cli.models import vae_tiles
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(vae_tiles.Files, "write", full)
+    torch.manual_seed(0)
+    with pytest.raises(SmdError, match=f"ran out of disk space in {tmp_path}.*set TMPDIR"), torch.no_grad():
+        vae_tiles.tiled_decode(tiny_vae(4).eval(), torch.randn(1, 4, 32, 40), 64, keep="files")
+    assert list(tmp_path.glob("smd-*")) == []  # torch may keep its own caches there
+
+
 PEAK = """
 import json, resource, sys, torch
 sys.path.insert(0, {tests!r})
@@ -104,7 +198,7 @@ def peak_rss(tile: int, side: int) -> int:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads a process's peak memory from /proc")
 def test_decoding_memory_grows_with_the_tile_not_the_picture():
     """Four times the pixels: one pass grows by about 30 MiB (the full-resolution activations),
-    128-pixel tiles by about 10 MiB (the picture itself and the latent's resolution) on Linux x86."""
+    128-pixel tiles by about 4 MiB (the picture itself and the latent's resolution) on Linux x86."""
     one_pass = peak_rss(0, 512) - peak_rss(0, 256)
     tiled = peak_rss(128, 512) - peak_rss(128, 256)
     print(f"peak RSS growth 256 -> 512 pixels: one pass {one_pass} KiB, tiled {tiled} KiB")

@@ -38,11 +38,11 @@ VAE_TENSORS_AT_FULL_SIZE = 8
 # The tiny autoencoder (TAESD) decodes with 64 channels and keeps about two such tensors at full size.
 TAESD_CONFIG = {"decoder_block_out_channels": [64, 64, 64, 64]}
 TAESD_TENSORS_AT_FULL_SIZE = 2
-# A tiled decode (docs/large-pictures.md) holds those tensors over one tile and its halo (SD's decoder
-# sees about 13 latent pixels, 104 pixels, each way; TAESD's about 20), the latent's resolution whole
-# (the mid-block: about four tensors of the last block's width at 1/factor^2 of the pixels) and the
-# picture (three float32 channels).
-VAE_TILE_HALO = 160
+# A tiled decode (docs/large-pictures.md) holds those tensors over one tile and its halo (each stage, from
+# one GroupNorm to the next, sees a few pixels at its resolution: at most 2 latent pixels, 16 pixels, for
+# SD's decoder, 4 for TAESD's), the latent's resolution whole (the mid-block: about four tensors of the
+# last block's width at 1/factor^2 of the pixels) and the picture (three float32 channels).
+VAE_TILE_HALO = 32
 VAE_MID_TENSORS = 4
 GIB = 1024**3
 

@@ -1,35 +1,47 @@
 """Exact tiled VAE decoding and encoding (docs/large-pictures.md): the same pixels as one pass, up
-to float rounding, in memory set by the tile instead of the picture.
+to float rounding, with only a tile's activations on the device.
 
 A VAE's decoder is convolutions, GroupNorms and one attention block. A convolution is local: a
-tile cut with a halo as wide as everything after it can see (`reach`) gives exactly the pixels a
-one-pass run gives inside the tile. A GroupNorm is not local: its mean and variance are over the
-whole picture, so a tile normalised with its own (diffusers' `enable_tiling`) shifts in tone. Here
-every GroupNorm normalises each tile with the statistics of the whole picture, found by passes
-over the tiles: a pass runs each tile up to the first GroupNorm whose statistics are not known yet,
-adds up that norm's per-group sums and sums of squares over the pixels the tile owns, and stops
-there; the totals give the norm's mean and variance; the next pass goes on to the next norm, and
-the pass that meets no unknown norm writes the output. Nothing at full resolution is kept between
-passes (keeping it would make memory grow with the picture again), so a tile is recomputed up to
-each norm: a decode costs several one-pass decodes (benchmarks/vae_tiles.py measures it).
+tile cut with a halo as wide as the convolutions after it see gives, inside the tile, exactly the
+pixels a one-pass run gives. A GroupNorm is not local: its mean and variance are over the whole
+picture, so a tile normalised with its own (diffusers' `enable_tiling`) shifts in tone.
+
+So the layers run as stages, each from one GroupNorm to the next (`Stage`): a stage runs tile by
+tile, each tile cut from the stage's input with the halo of that stage's few convolutions, and
+writes the pixels the tile owns into the stage's output, adding up per-group sums and sums of
+squares over them (float64) for the GroupNorm that starts the next stage. When every tile is done,
+those sums give the next norm the whole picture's mean and variance. Every layer is computed once
+(plus the small halos), and only one tile's activations are on the device at a time. A stage's
+output (the picture at that layer's width) is kept off the device: in host memory beside a GPU, as
+AUTOMATIC1111's Tiled VAE keeps it; beside a CPU, whose memory is what the tiles save, in files in a
+temporary folder (`Files`), read back a window at a time.
 
 The attention block (in the mid-block, at the latent's resolution) is global over the picture: it
-runs, as the layers around it do, on the whole latent in one pass, which is exact; at 1/64 of the
+runs, with the layers around it, on the whole latent in one pass, which is exact; at 1/64 of the
 pixels it is small beside the full-resolution layers, and its queries go in chunks (`attend`), so
-that no positions x positions matrix is ever whole. A family runs these through the `run` of its `decode`
-and `encode_image`.
+that no positions x positions matrix is ever whole. A family runs these through the `run` of its
+`decode` and `encode_image`.
 """
 
 from __future__ import annotations
 
+import bisect
+import errno
+import itertools
 import math
-from typing import Callable, Sequence
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Sequence
 
+import numpy as np
 import torch
 
+from smd_cli.core.errors import SmdError
 
-class _Stop(Exception):
-    """A tile's pass stops at the GroupNorm whose statistics it was run for."""
+HOST_SHARE = 0.5  # beside a GPU, a stage's output stays in host memory while it takes at most this share of free RAM
 
 
 def supported(vae) -> bool:
@@ -37,88 +49,309 @@ def supported(vae) -> bool:
     with GroupNorms and plain up/down blocks (SD 1.x, SDXL, SD3, FLUX.1) or AutoencoderTiny."""
     from diffusers import AutoencoderKL, AutoencoderTiny
     from diffusers.models.attention_processor import Attention
+    from diffusers.models.downsampling import Downsample2D
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.upsampling import Upsample2D
 
     if isinstance(vae, AutoencoderTiny):
         return True
     if not isinstance(vae, AutoencoderKL):
         return False
-    tiled = [*vae.decoder.up_blocks, *vae.encoder.down_blocks]
+    blocks = [*vae.decoder.up_blocks, *vae.encoder.down_blocks]
+    for block in blocks:
+        for resnet in block.resnets:
+            if not (isinstance(resnet, ResnetBlock2D) and resnet.upsample is None and resnet.downsample is None
+                    and resnet.time_emb_proj is None and isinstance(resnet.norm1, torch.nn.GroupNorm)
+                    and isinstance(resnet.norm2, torch.nn.GroupNorm)):
+                return False
+        for sampler in [*(getattr(block, "upsamplers", None) or []), *(getattr(block, "downsamplers", None) or [])]:
+            if not isinstance(sampler, (Upsample2D, Downsample2D)) or getattr(sampler, "norm", None) is not None:
+                return False
     return (isinstance(vae.decoder.conv_norm_out, torch.nn.GroupNorm)
-            and not any(isinstance(m, Attention) for block in tiled for m in block.modules()))
+            and not any(isinstance(m, Attention) for block in blocks for m in block.modules()))
 
 
-def reach(modules: Sequence) -> float:
-    """How far (in the input's pixels) an output pixel of `modules`, run in order, sees: each
-    convolution adds its kernel's radius at its resolution (one more where it strides), an
-    upsampling halves the pixel. Modules are read in the order they are registered, which in
-    diffusers' VAE blocks is the order they run."""
+def geometry(modules: Sequence) -> tuple[float, Fraction]:
+    """How far (in the input's pixels) an output pixel of `modules`, run in order, sees, and how
+    many output pixels an input pixel becomes: each convolution adds its kernel's radius at its
+    resolution (one more where it strides), an upsampling halves the pixel. Modules are read in
+    the order they are registered, which in diffusers' VAE blocks is the order they run."""
     from diffusers.models.upsampling import Upsample2D
 
-    pixel, seen = 1.0, 0.0
+    pixel, seen = Fraction(1), Fraction(0)
     for module in modules:
         for m in module.modules():
             if isinstance(m, Upsample2D):
                 pixel /= 2
             elif isinstance(m, torch.nn.Upsample):
-                pixel /= float(m.scale_factor)
+                pixel /= Fraction(m.scale_factor)
             elif isinstance(m, torch.nn.Conv2d):
                 stride = m.stride[0]
                 seen += (m.kernel_size[0] // 2 * m.dilation[0] + (stride > 1)) * pixel
                 pixel *= stride
-    return seen
+    return float(seen), 1 / pixel
 
 
-class SharedNorms:
-    """Every GroupNorm in `modules` normalising with statistics over the whole picture (installed
-    as the instances' `forward` while a tiled run lasts)."""
+def reach(modules: Sequence) -> float:
+    """How far (in the input's pixels) an output pixel of `modules` sees (`geometry`)."""
+    return geometry(modules)[0]
 
-    def __init__(self, modules: Sequence):
-        self.norms = [m for module in modules for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
-        self.stats: dict = {}  # norm -> (mean, rstd), each [B, G], float32
-        self.sums: dict = {}  # norm -> (count, sum, sum of squares), float64, while a pass gathers them
-        self.owned = (0, 0, 0, 0)  # the rows and columns the tile owns, in its input's pixels
-        self.size = (1, 1)  # the tile's input size (halo included)
 
-    def __enter__(self) -> "SharedNorms":
-        for norm in self.norms:
-            norm.forward = lambda x, norm=norm: self.forward(norm, x)
-        return self
+@dataclass
+class Add:
+    """A resnet's residual: the resnet's input (stage `source`'s input, through its shortcut) added."""
 
-    def __exit__(self, *exc) -> None:
-        for norm in self.norms:
-            del norm.forward  # back to the class's own
+    resnet: torch.nn.Module
+    source: int
 
-    def tile(self, owned: tuple[int, int, int, int], size: tuple[int, int]) -> None:
-        self.owned, self.size = owned, size
 
-    def forward(self, norm, x):
-        batch, channels = x.shape[:2]
-        groups = norm.num_groups
-        if norm not in self.stats:
-            # Sum over the pixels this tile owns, at this norm's resolution, then stop the tile.
-            sy, sx = x.shape[-2] / self.size[0], x.shape[-1] / self.size[1]
-            r0, r1, c0, c1 = self.owned
-            own = x[..., round(r0 * sy):round(r1 * sy), round(c0 * sx):round(c1 * sx)].float()
-            own = own.reshape(batch, groups, -1)
-            count, total, squares = self.sums.get(norm, (0, 0.0, 0.0))
-            self.sums[norm] = (count + own.shape[-1], total + own.sum(-1, dtype=torch.float64),
-                               squares + own.square().sum(-1, dtype=torch.float64))
-            raise _Stop
-        mean, rstd = self.stats[norm]
-        y = (x.reshape(batch, groups, -1).float() - mean[..., None]) * rstd[..., None]
-        y = y.reshape(x.shape).to(x.dtype)
-        if norm.affine:
-            y = y * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
-        return y
+@dataclass
+class Stage:
+    """Layers that run tile by tile: `norm` (with the whole picture's statistics) first, then `ops`
+    (local modules and `Add`s), up to the next GroupNorm."""
 
-    def settle(self) -> None:
-        """The gathered sums become the statistics: the variance as E[x^2] - E[x]^2, in float64."""
-        for norm, (count, total, squares) in self.sums.items():
-            mean = total / count
-            var = (squares / count - mean * mean).clamp_min(0)
-            self.stats[norm] = (mean.float(), (var + norm.eps).rsqrt().float())
-        self.sums.clear()
+    norm: torch.nn.GroupNorm | None = None
+    ops: list = field(default_factory=list)
 
+    def modules(self) -> list:
+        return [op for op in self.ops if isinstance(op, torch.nn.Module)]
+
+    def run(self, x, stats, residual):
+        if self.norm is not None:
+            x = normalize(self.norm, x, *stats[self.norm])
+        for op in self.ops:
+            if isinstance(op, Add):
+                skip = residual(op.source)
+                if op.resnet.conv_shortcut is not None:
+                    skip = op.resnet.conv_shortcut(skip)
+                x = (skip + x) / op.resnet.output_scale_factor
+            else:
+                x = op(x)
+        return x
+
+
+def stages(parts: Sequence, cuts: bool = False) -> list[Stage]:
+    """The stages of `parts` (modules in the order they run): a ResnetBlock2D splits at its two
+    norms, a GroupNorm starts a stage, anything else is a local module; with `cuts`, a stage
+    also ends after each module with a convolution (for the tiny autoencoders, which have no
+    norms: so that no halo spans the whole network)."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    out = [Stage()]
+
+    def start(norm):
+        if out[-1].ops or out[-1].norm is not None:
+            out.append(Stage())
+        out[-1].norm = norm
+        return len(out) - 1
+
+    for part in parts:
+        if isinstance(part, ResnetBlock2D):
+            source = start(part.norm1)
+            out[-1].ops += [part.nonlinearity, part.conv1]
+            start(part.norm2)
+            out[-1].ops += [part.nonlinearity, part.dropout, part.conv2, Add(part, source)]
+        elif isinstance(part, torch.nn.GroupNorm):
+            start(part)
+        else:
+            out[-1].ops.append(part)
+            if cuts and any(isinstance(m, torch.nn.Conv2d) for m in part.modules()):
+                out.append(Stage())
+    return [stage for stage in out if stage.ops or stage.norm is not None]
+
+
+def normalize(norm: torch.nn.GroupNorm, x, mean, rstd):
+    """`norm(x)` with the given per-group mean and reciprocal deviation ([B, G], float32)."""
+    batch, groups = x.shape[0], norm.num_groups
+    y = (x.reshape(batch, groups, -1).float() - mean[..., None]) * rstd[..., None]
+    y = y.reshape(x.shape).to(x.dtype)
+    if norm.affine:
+        y = y * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+    return y
+
+
+class Sums:
+    """Per-group sums and sums of squares (float64) over the pixels the tiles own, for `norm`."""
+
+    def __init__(self, norm: torch.nn.GroupNorm):
+        self.norm, self.count, self.total, self.squares = norm, 0, 0.0, 0.0
+
+    def add(self, x) -> None:
+        own = x.reshape(x.shape[0], self.norm.num_groups, -1).double()
+        self.count += own.shape[-1]
+        self.total = self.total + own.sum(-1)
+        self.squares = self.squares + own.square().sum(-1)
+
+    def stats(self):
+        """Mean and reciprocal deviation: the variance as E[x^2] - E[x]^2, in float64."""
+        mean = self.total / self.count
+        var = (self.squares / self.count - mean * mean).clamp_min(0)
+        return mean.float(), (var + self.norm.eps).rsqrt().float()
+
+
+class Whole:
+    """A stage's values in one tensor: the input and the output on the device, or beside a GPU a
+    stage's output in host memory."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def read(self, rows: slice, cols: slice, device):
+        return self.tensor[..., rows, cols].to(device)
+
+    def write(self, rows: slice, cols: slice, value) -> None:
+        self.tensor[..., rows, cols] = value
+
+    def close(self) -> None:
+        self.tensor = None
+
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+          torch.bfloat16: np.int16}  # bfloat16 goes through files as its bits
+
+
+class Files:
+    """A stage's values in a folder, a file for each tile the stage writes (`edges`: where the
+    tiles' rows and columns start, and the end), read back a window at a time."""
+
+    def __init__(self, folder: str, shape: Sequence[int], dtype, edges: tuple[list[int], list[int]]):
+        self.folder, self.shape, self.dtype, self.edges = folder, tuple(shape), dtype, edges
+        os.makedirs(folder)
+
+    def path(self, row: int, col: int) -> str:
+        return os.path.join(self.folder, f"{row}-{col}")
+
+    def write(self, rows: slice, cols: slice, value) -> None:
+        value = value.detach().to("cpu").contiguous()
+        if value.dtype == torch.bfloat16:
+            value = value.view(torch.int16)
+        value.numpy().tofile(self.path(rows.start, cols.start))
+
+    def read(self, rows: slice, cols: slice, device):
+        out = torch.empty(*self.shape[:2], rows.stop - rows.start, cols.stop - cols.start, dtype=self.dtype)
+        row_edges, col_edges = self.edges
+        for i in range(bisect.bisect_right(row_edges, rows.start) - 1, len(row_edges) - 1):
+            r0, r1 = row_edges[i], row_edges[i + 1]
+            if r0 >= rows.stop:
+                break
+            for j in range(bisect.bisect_right(col_edges, cols.start) - 1, len(col_edges) - 1):
+                c0, c1 = col_edges[j], col_edges[j + 1]
+                if c0 >= cols.stop:
+                    break
+                tile = np.memmap(self.path(r0, c0), dtype=_NUMPY[self.dtype], mode="r",
+                                 shape=(*self.shape[:2], r1 - r0, c1 - c0))
+                a0, a1, b0, b1 = max(r0, rows.start), min(r1, rows.stop), max(c0, cols.start), min(c1, cols.stop)
+                part = torch.from_numpy(np.array(tile[..., a0 - r0:a1 - r0, b0 - c0:b1 - c0]))
+                out[..., a0 - rows.start:a1 - rows.start, b0 - cols.start:b1 - cols.start] = part.view(self.dtype)
+                del tile
+        return out.to(device)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _keeper(keep: str, device, folder: str):
+    """Makes the store of each stage's output: in `Files` beside a CPU (or with keep="files"), in
+    host memory beside a GPU (or with keep="memory") while it fits in `HOST_SHARE` of the free RAM."""
+    names = itertools.count()
+
+    def make(shape, dtype, edges):
+        where = keep
+        if where == "auto":
+            where = "files"
+            if device.type != "cpu":
+                import psutil
+
+                size = math.prod(shape) * torch.finfo(dtype).bits // 8
+                where = "memory" if size <= HOST_SHARE * psutil.virtual_memory().available else "files"
+        if where == "memory":
+            return Whole(torch.empty(shape, dtype=dtype))
+        return Files(os.path.join(folder, str(next(names))), shape, dtype, edges)
+
+    return make
+
+
+@dataclass
+class Grid:
+    """The tiles at one resolution: `step` pixels a side over a `height` x `width` map."""
+
+    height: int
+    width: int
+    step: int
+
+    def boxes(self):
+        for r0 in range(0, self.height, self.step):
+            for c0 in range(0, self.width, self.step):
+                yield r0, min(r0 + self.step, self.height), c0, min(c0 + self.step, self.width)
+
+    def edges(self) -> tuple[list[int], list[int]]:
+        return [*range(0, self.height, self.step), self.height], [*range(0, self.width, self.step), self.width]
+
+    def scaled(self, by: Fraction) -> "Grid":
+        sizes = [self.height * by, self.width * by, self.step * by]
+        if any(v.denominator != 1 for v in sizes):
+            raise ValueError(f"a {self.height} x {self.width} map does not tile by {self.step} through these layers")
+        return Grid(*map(int, sizes))
+
+
+def run_stages(program: list[Stage], x, *, step: int, keep: str = "auto"):
+    """`program` run over x ([B, C, H, W], on the device) in tiles of `step` of x's pixels a side
+    (a multiple of every downscaling in it): each stage over every tile, its output kept as
+    `keep` says ("auto", "memory", "files"); the last stage's output comes back on the device."""
+    device, grid = x.device, Grid(*x.shape[-2:], step)
+    stats = {}
+    if program and program[0].norm is not None:
+        whole = Sums(program[0].norm)
+        for r0, r1, *_ in grid.boxes():  # a band at a time, so that no float64 copy of x is whole
+            whole.add(x[..., r0:r1, :])
+        stats[whole.norm] = whole.stats()
+    last_read = {}  # store (the input of stage k) -> the last stage that reads it
+    for k, stage in enumerate(program):
+        last_read[k] = k
+        last_read.update((op.source, k) for op in stage.ops if isinstance(op, Add))
+    folder = tempfile.mkdtemp(prefix="smd-vae-tiles-")
+    stores = {0: Whole(x)}
+    try:
+        make = _keeper(keep, device, folder)
+        for k, stage in enumerate(program):
+            last = k == len(program) - 1
+            seen, change = geometry(stage.modules())
+            down = change.denominator
+            halo = math.ceil((math.ceil(seen) + 1) / down) * down  # whole output pixels at every tile's edge
+            out_grid = grid.scaled(change)
+            sums = None if last or program[k + 1].norm is None else Sums(program[k + 1].norm)
+            out = None
+            for r0, r1, c0, c1 in grid.boxes():
+                rows = slice(max(r0 - halo, 0), min(r1 + halo, grid.height))
+                cols = slice(max(c0 - halo, 0), min(c1 + halo, grid.width))
+                y = stage.run(stores[k].read(rows, cols, device), stats,
+                              lambda j, rows=rows, cols=cols: stores[j].read(rows, cols, device))
+                top, left = int((r0 - rows.start) * change), int((c0 - cols.start) * change)
+                owned = (slice(int(r0 * change), int(r1 * change)), slice(int(c0 * change), int(c1 * change)))
+                y = y[..., top:top + owned[0].stop - owned[0].start, left:left + owned[1].stop - owned[1].start]
+                if out is None:
+                    shape = (*y.shape[:2], out_grid.height, out_grid.width)
+                    out = Whole(y.new_empty(shape)) if last else make(shape, y.dtype, out_grid.edges())
+                out.write(*owned, y)
+                if sums is not None:
+                    sums.add(y)
+                del y
+            if sums is not None:
+                stats[sums.norm] = sums.stats()
+            stores[k + 1] = out
+            for j in [j for j in stores if j <= k and last_read[j] <= k]:
+                stores.pop(j).close()
+            grid = out_grid
+        return stores.pop(len(program)).tensor
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise SmdError(f"the tiled VAE ran out of disk space in {os.path.dirname(folder)}, where it keeps each "
+                       f"layer's picture between tiles: set TMPDIR to a folder with more room") from None
+    finally:
+        for store in stores.values():
+            store.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 ATTENTION_ELEMENTS = 1 << 22  # queries x keys of one chunk of the mid-block's attention (16 MiB in float32)
 
@@ -161,107 +394,63 @@ class ChunkedAttention:
             del attn.forward
 
 
-def boxes(height: int, width: int, tile: int) -> list[tuple[int, int, int, int]]:
-    """The tiles of a [height, width] input: (top, bottom, left, right), `tile` a side, the last
-    in each row and column what is left."""
-    return [(r, min(r + tile, height), c, min(c + tile, width))
-            for r in range(0, height, tile) for c in range(0, width, tile)]
-
-
-def run_tiled(fn: Callable, modules: Sequence, x, *, tile: int, halo: int, up: int = 1, down: int = 1):
-    """`fn(x)` computed tile by tile: `fn` maps an input of h x w pixels to one of h*up/down x
-    w*up/down, its convolutions seeing at most `halo` input pixels away and its GroupNorms all
-    inside `modules`; `tile` and `halo` are multiples of `down`."""
-    height, width = x.shape[-2:]
-    if height <= tile and width <= tile:
-        return fn(x)  # one tile: the one pass itself
-    norms = SharedNorms(modules)
-    with norms:
-        while True:
-            out, stopped = None, False
-            for r0, r1, c0, c1 in boxes(height, width, tile):
-                a0, a1, b0, b1 = max(r0 - halo, 0), min(r1 + halo, height), max(c0 - halo, 0), min(c1 + halo, width)
-                norms.tile((r0 - a0, r1 - a0, c0 - b0, c1 - b0), (a1 - a0, b1 - b0))
-                try:
-                    y = fn(x[..., a0:a1, b0:b1])
-                except _Stop:
-                    stopped = True
-                    continue
-                if out is None:
-                    out = y.new_empty(*y.shape[:2], height * up // down, width * up // down)
-                out[..., r0 * up // down:r1 * up // down, c0 * up // down:c1 * up // down] = y[
-                    ..., (r0 - a0) * up // down:(r1 - a0) * up // down, (c0 - b0) * up // down:(c1 - b0) * up // down]
-                del y
-            if not stopped:
-                return out
-            norms.settle()
-
-
 def _factor(vae) -> int:
     blocks = vae.config.get("block_out_channels") or vae.config.get("encoder_block_out_channels")
     return 2 ** (len(blocks) - 1)
 
 
-def tiled_decode(vae, latents, tile: int):
-    """What `vae.decode(latents)` gives (pixels in [-1, 1]), in tiles of `tile` pixels a side."""
+def _blocks(blocks, samplers: str) -> list:
+    """The parts of diffusers' up or down blocks in the order they run: resnets, then resamplers."""
+    return [part for block in blocks for part in (*block.resnets, *(getattr(block, samplers, None) or []))]
+
+
+def tiled_decode(vae, latents, tile: int, keep: str = "auto"):
+    """What `vae.decode(latents)` gives (pixels in [-1, 1]), in tiles of `tile` pixels a side,
+    the stages' outputs kept as `keep` says (`run_stages`)."""
     from diffusers import AutoencoderTiny
 
-    factor = _factor(vae)
-    step = max(tile // factor, 1)
+    step = max(tile // _factor(vae), 1)
+    if latents.shape[-2] <= step and latents.shape[-1] <= step:
+        return vae.decode(latents).sample  # one tile: the one pass itself
     if isinstance(vae, AutoencoderTiny):
-        modules = [vae.decoder]
-        return run_tiled(vae.decoder, modules, latents, tile=step, halo=math.ceil(reach(modules)) + 1, up=factor)
+        dec = vae.decoder
+        x = run_stages(stages(list(dec.layers), cuts=True), torch.tanh(latents / 3) * 3, step=step, keep=keep)
+        return x.mul(2).sub(1)
     dec = vae.decoder
     # The latent's resolution, attention included, in one pass (exact; small beside the rest).
     h = vae.post_quant_conv(latents) if getattr(vae, "post_quant_conv", None) is not None else latents
     with ChunkedAttention([dec.mid_block]):
         h = dec.mid_block(dec.conv_in(h), None)
-    modules = [*dec.up_blocks, dec.conv_norm_out, dec.conv_out]
-
-    def rest(x):
-        for block in dec.up_blocks:
-            x = block(x, None)
-        return dec.conv_out(dec.conv_act(dec.conv_norm_out(x)))
-
-    return run_tiled(rest, modules, h, tile=step, halo=math.ceil(reach(modules)) + 1, up=factor)
+    program = stages([*_blocks(dec.up_blocks, "upsamplers"), dec.conv_norm_out, dec.conv_act, dec.conv_out])
+    return run_stages(program, h, step=step, keep=keep)
 
 
-def tiled_moments(vae, pixels, tile: int):
+def tiled_moments(vae, pixels, tile: int, keep: str = "auto"):
     """What `vae.encode(pixels)` computes before its distribution (AutoencoderKL's moments, mean
     and log-variance; AutoencoderTiny's latents), in tiles of `tile` pixels a side."""
     from diffusers import AutoencoderTiny
 
     factor = _factor(vae)
     step = max(tile // factor * factor, factor)
+    if pixels.shape[-2] % factor or pixels.shape[-1] % factor or (
+            pixels.shape[-2] <= step and pixels.shape[-1] <= step):
+        # One tile, or a picture the grid does not divide: the one pass itself.
+        return vae.encode(pixels).latents if isinstance(vae, AutoencoderTiny) else (
+            vae.encode(pixels).latent_dist.parameters)
     if isinstance(vae, AutoencoderTiny):
-        modules = [vae.encoder]
-        return run_tiled(vae.encoder, modules, pixels, tile=step, halo=_aligned(reach(modules), factor),
-                         down=factor)
+        return run_stages(stages(list(vae.encoder.layers), cuts=True), pixels.add(1).div(2), step=step, keep=keep)
     enc = vae.encoder
-    modules = [enc.conv_in, *enc.down_blocks]
-
-    def start(x):
-        x = enc.conv_in(x)
-        for block in enc.down_blocks:
-            x = block(x)
-        return x
-
-    h = run_tiled(start, modules, pixels, tile=step, halo=_aligned(reach(modules), factor), down=factor)
+    h = run_stages(stages([enc.conv_in, *_blocks(enc.down_blocks, "downsamplers")]), pixels, step=step, keep=keep)
     # The latent's resolution, attention included, in one pass.
     with ChunkedAttention([enc.mid_block]):
         h = enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(h))))
     return vae.quant_conv(h) if getattr(vae, "quant_conv", None) is not None else h
 
 
-def _aligned(pixels: float, factor: int) -> int:
-    """A halo of at least `pixels` and one latent pixel more, in whole latent pixels."""
-    return (math.ceil(pixels / factor) + 1) * factor
-
-
-def tiled_encode(vae, pixels, tile: int):
+def tiled_encode(vae, pixels, tile: int, keep: str = "auto"):
     """The latent `vae.encode(pixels)` gives: AutoencoderTiny's, or the mode (the mean) of
     AutoencoderKL's distribution, in tiles of `tile` pixels a side."""
     from diffusers import AutoencoderTiny
 
-    moments = tiled_moments(vae, pixels, tile)
+    moments = tiled_moments(vae, pixels, tile, keep)
     return moments if isinstance(vae, AutoencoderTiny) else moments.chunk(2, dim=1)[0]
