@@ -256,7 +256,8 @@ def test_tiled_decode_memory_estimate_is_set_by_the_tile():
     assert auto_vae_tile(None, 1024, 1024, sd, 4, 8) is None  # free memory unknown: by pixels
     assert auto_vae_tile(None, 4096, 4096, sd, 4, 8) == 1024
     assert auto_vae_tile(80 * 1024**3, 1024, 1024, sd, 2, 8) is None  # a GPU or a CPU's RAM: by free memory
-    assert auto_vae_tile(64 * 1024**3, 2048, 2048, sd, 4, 8) is None  # slow tiles only where one pass cannot fit
+    assert auto_vae_tile(64 * 1024**3, 2048, 2048, sd, 4, 8) is None  # one pass while it fits, up to the pixel count
+    assert auto_vae_tile(512 * 1024**3, 4096, 2048, sd, 2, 8) == 1024  # past it, tiles: they cost little more
     assert auto_vae_tile(2 * 1024**3, 8192, 8192, sd, 2, 8) is not None
 
 

@@ -55,7 +55,7 @@ OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter name: (type, option)
     "vae_tiles": (Optional[str], O(None, "--vae-tiles", metavar="SIZE|off",
                                    help="Decode (and encode) in tiles of SIZE pixels, exactly as in one pass, in "
                                         "memory set by the tile; 'off' for one pass (scene key vae_tiles; default: "
-                                        "tiles when one pass would not fit).")),
+                                        "tiles past 2048 x 2048 pixels or when one pass would not fit).")),
     "max_batch": (Optional[int], O(None, "--max-batch", min=1, help="(layer, view) pairs per UNet call (default: "
                                                                     "from free memory on CUDA, 8 on the CPU).")),
     "set_": (List[str], O([], "--set", show_default=False, help="Override a scene key, e.g. --set "

@@ -77,10 +77,10 @@ PANORAMA_WIDTH, PANORAMA_HEIGHT = 3072, 512  # the original project's panorama e
 CIRCULAR_AXES = ("x", "y", "both")
 
 # Large pictures (docs/large-pictures.md): the VAE decodes and encodes in tiles of `vae_tiles` pixels,
-# exactly, but at many times one pass's time. Unless a scene says, tiles are used where the memory
-# estimate says one pass does not fit in the free memory (a GPU's, a CPU's RAM), and on devices
-# whose free memory is unknown past VAE_TILES_PIXELS pixels (a one-pass decode of SD's VAE holds
-# about 4 KiB a pixel: 16 GiB at this size), in tiles of VAE_TILE pixels, halved until they fit.
+# exactly, at a little more than one pass's time. Unless a scene says, tiles are used past
+# VAE_TILES_PIXELS pixels (a one-pass decode of SD's VAE holds about 4 KiB a pixel: 16 GiB at this
+# size) and wherever the memory estimate says one pass does not fit in the free memory (a GPU's, a
+# CPU's RAM), in tiles of VAE_TILE pixels, halved until they fit.
 # A tile is a multiple of VAE_TILES_MULTIPLE pixels, at least VAE_TILES_MIN.
 VAE_TILES_PIXELS = 2048 * 2048
 VAE_TILE = 1024

@@ -121,17 +121,16 @@ def decode_bytes(width: int, height: int, vae_config: Mapping, dtype_bytes: int,
 
 def auto_vae_tile(free: int | None, width: int, height: int, vae_config: Mapping, dtype_bytes: int,
                   factor: int) -> int | None:
-    """The VAE tile smd chooses (docs/large-pictures.md), None for one pass: where free memory is
-    known (a GPU's, a CPU's RAM), one pass while its decode fits in a share of it, else
-    `defaults.VAE_TILE` halved until the tiled decode fits; elsewhere tiles past
-    `defaults.VAE_TILES_PIXELS` pixels."""
-    if free is None:
-        return defaults.VAE_TILE if width * height > defaults.VAE_TILES_PIXELS else None
-    if decode_bytes(width, height, vae_config, dtype_bytes, factor) <= AUTO_BATCH_SHARE * free:
+    """The VAE tile smd chooses (docs/large-pictures.md), None for one pass: tiles past
+    `defaults.VAE_TILES_PIXELS` pixels, and where free memory is known (a GPU's, a CPU's RAM)
+    whenever one pass's decode would take more than a share of it; `defaults.VAE_TILE` halved
+    until the tiled decode fits."""
+    fits = lambda tile=None: free is None or (  # noqa: E731
+        decode_bytes(width, height, vae_config, dtype_bytes, factor, tile) <= AUTO_BATCH_SHARE * free)
+    if width * height <= defaults.VAE_TILES_PIXELS and fits():
         return None
     tile = defaults.VAE_TILE
-    while tile > 4 * defaults.VAE_TILES_MIN and (
-            decode_bytes(width, height, vae_config, dtype_bytes, factor, tile) > AUTO_BATCH_SHARE * free):
+    while tile > 4 * defaults.VAE_TILES_MIN and not fits(tile):
         tile //= 2
     return tile
 
@@ -230,8 +229,8 @@ def check_memory(sf: SceneFile, model: str | None, *, width: int, height: int, f
     dtype_bytes = torch.finfo(dtype).bits // 8
     vae_tile = vae_tiles_setting(sf.scene.vae_tiles)
     if vae_tile is None:  # as the engine will choose (docs/large-pictures.md)
-        vae_tile = auto_vae_tile(free if device.type == "cuda" else None, width, height, decoder_config(model, vae),
-                                 dtype_bytes, factor or defaults.MODEL_VAE_FACTOR)
+        vae_tile = auto_vae_tile(free, width, height, decoder_config(model, vae), dtype_bytes,
+                                 factor or defaults.MODEL_VAE_FACTOR)
     vae_tile = None if vae_tile == "off" else vae_tile
     est = estimate_memory(model, width=width, height=height, factor=factor, tile_size=tile,
                           max_batch=batch, cfg=cfg, dtype_bytes=dtype_bytes, vae=vae,

@@ -289,7 +289,7 @@ class StableMultiDiffusionPipeline:
     def vae_tile(self, setting: int | str | None, width: int, height: int) -> int | None:
         """The tile (pixels) the VAE decodes and encodes a `width` x `height` picture in, None for
         one pass (docs/large-pictures.md): `setting` is a tile, "off", or None for smd's choice
-        (`memory.auto_vae_tile`: tiles where one pass would not fit in the free memory)."""
+        (`memory.auto_vae_tile`: tiles past a pixel count and where one pass would not fit in the free memory)."""
         setting = vae_tiles_setting(setting)
         if setting == "off":
             return None
