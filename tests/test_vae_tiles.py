@@ -72,6 +72,21 @@ def test_sixteen_channel_and_tiny_autoencoders_tile_exactly(tmp_path):
         within_bound(tiled_encode(taesd, pixels, 64), taesd.encode(pixels).latents)  # 4e-9 measured
 
 
+def test_the_mid_block_attention_in_chunks_is_the_attention(monkeypatch):
+    from tinymodel import tiny_vae
+
+    from smd_cli.models import vae_tiles
+
+    torch.manual_seed(0)
+    attn = tiny_vae(2).eval().decoder.mid_block.attentions[0]
+    monkeypatch.setattr(vae_tiles, "ATTENTION_ELEMENTS", 200)  # 200 // 63 = 3 queries a chunk
+    x = torch.randn(1, 16, 7, 9)
+    with torch.no_grad():
+        whole = attn(x)
+        assert torch.allclose(vae_tiles.attend(attn, x, chunked=True), whole, atol=1e-5)
+        assert torch.allclose(vae_tiles.attend(attn, x), whole, atol=1e-5)
+
+
 def _full_resolution_work(vae, decode) -> int:
     """The output pixels the decoder's last convolution computes while `decode()` runs."""
     done = []

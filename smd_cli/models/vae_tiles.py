@@ -17,9 +17,9 @@ AUTOMATIC1111's Tiled VAE keeps it; beside a CPU, whose memory is what the tiles
 temporary folder (`Files`), read back a window at a time.
 
 The attention block (in the mid-block, at the latent's resolution) is global over the picture: it
-runs, with the layers around it, on the whole latent in one pass, which is exact; at 1/64 of the
-pixels it is small beside the full-resolution layers, and its queries go in chunks (`attend`), so
-that no positions x positions matrix is ever whole. A family runs these through the `run` of its
+runs, with the layers around it, on the whole latent in one pass, which is exact, and no positions x
+positions matrix is ever whole (`attend`). Its cost grows with the square of the pixels, in one pass
+as in tiles: past a few megapixels it is most of a decode's time. A family runs these through the `run` of its
 `decode` and `encode_image`.
 """
 
@@ -356,16 +356,21 @@ def run_stages(program: list[Stage], x, *, step: int, keep: str = "auto"):
 ATTENTION_ELEMENTS = 1 << 22  # queries x keys of one chunk of the mid-block's attention (16 MiB in float32)
 
 
-def attend(attn, x):
+def attend(attn, x, chunked: bool | None = None):
     """What diffusers' VAE attention block (`Attention` over a [B, C, H, W] map: group norm, one
-    projection each for queries, keys and values, residual) computes, its queries in chunks."""
+    projection each for queries, keys and values, residual) computes; `chunked`, its queries in
+    chunks of `ATTENTION_ELEMENTS` scores (default: on any device but a CPU)."""
     batch, channels, height, width = x.shape
     h = attn.group_norm(x).reshape(batch, channels, height * width).transpose(1, 2)
     heads = attn.heads
     q, k, v = (proj(h).reshape(batch, -1, heads, channels // heads).transpose(1, 2)
                for proj in (attn.to_q, attn.to_k, attn.to_v))
     out = torch.empty_like(q)
-    step = max(1, ATTENTION_ELEMENTS // k.shape[2])
+    # A CPU's fused attention never holds the whole matrix, at any head width; elsewhere (a GPU's
+    # kernels take SD's 512-channel head only in the plain, whole-matrix way) the queries go in chunks.
+    if chunked is None:
+        chunked = x.device.type != "cpu"
+    step = max(1, ATTENTION_ELEMENTS // k.shape[2]) if chunked else q.shape[2]
     for start in range(0, q.shape[2], step):
         out[:, :, start:start + step] = torch.nn.functional.scaled_dot_product_attention(
             q[:, :, start:start + step], k, v)
