@@ -92,11 +92,6 @@ def geometry(modules: Sequence) -> tuple[float, Fraction]:
     return float(seen), 1 / pixel
 
 
-def reach(modules: Sequence) -> float:
-    """How far (in the input's pixels) an output pixel of `modules` sees (`geometry`)."""
-    return geometry(modules)[0]
-
-
 @dataclass
 class Add:
     """A resnet's residual: the resnet's input (stage `source`'s input, through its shortcut) added."""
@@ -157,7 +152,7 @@ def stages(parts: Sequence, cuts: bool = False) -> list[Stage]:
             out[-1].ops.append(part)
             if cuts and any(isinstance(m, torch.nn.Conv2d) for m in part.modules()):
                 out.append(Stage())
-    return [stage for stage in out if stage.ops or stage.norm is not None]
+    return out if out[-1].ops or out[-1].norm is not None else out[:-1]  # no empty stage after a last cut
 
 
 def normalize(norm: torch.nn.GroupNorm, x, mean, rstd):
@@ -317,7 +312,7 @@ def run_stages(program: list[Stage], x, *, step: int, keep: str = "auto"):
             last = k == len(program) - 1
             seen, change = geometry(stage.modules())
             down = change.denominator
-            halo = math.ceil((math.ceil(seen) + 1) / down) * down  # whole output pixels at every tile's edge
+            halo = math.ceil((math.ceil(seen) + 1) / down) * down  # its reach and a pixel, whole strides
             out_grid = grid.scaled(change)
             sums = None if last or program[k + 1].norm is None else Sums(program[k + 1].norm)
             out = None
@@ -352,6 +347,7 @@ def run_stages(program: list[Stage], x, *, step: int, keep: str = "auto"):
         for store in stores.values():
             store.close()
         shutil.rmtree(folder, ignore_errors=True)
+
 
 ATTENTION_ELEMENTS = 1 << 22  # queries x keys of one chunk of the mid-block's attention (16 MiB in float32)
 
