@@ -3,6 +3,8 @@ again from a strength with the same layers, in pixels or in latents, from the CL
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -153,3 +155,21 @@ def test_hires_controlnet(run_cli, tiny_model, tiny_sd3, tmp_path):
     assert a.shape == (128, 128, 3) and np.abs(a - b).max() > 0  # the ControlNet acts on the second pass
     refused = run_cli("generate", scene, "--model", tiny_sd3, "--device", "cpu", "--out", tmp_path / "sd3.png")
     assert refused.exit_code != 0 and "hires.controlnet" in refused.output and "Traceback" not in refused.output
+
+
+def test_one_progress_bar_over_both_passes(tiny_model, tmp_path):
+    """A hires image's steps count up once over both passes (4 + the last 2 of 4 here); the
+    hires pass alone, for `smd upscale`, counts its own."""
+    from smd_cli.app import batch
+
+    scene = Path(_scene(tmp_path, "hires: {scale: 2, strength: 0.5}\n"))
+    scene.write_text(scene.read_text().replace("steps: 2", "steps: 4"))
+    for upscale, total in ((None, 6), (tmp_path / "first.png", 2)):
+        options = batch.Options(model=str(tiny_model), device="cpu", upscale=str(upscale) if upscale else None,
+                                output=str(tmp_path / ("second.png" if upscale else "first.png")))
+        events: list = []
+        outcomes = batch.run(batch.plan([str(scene)], options, on_event=events.append), options,
+                             on_event=events.append)
+        assert [o.status for o in outcomes] == ["done"]
+        progress = [(e.step, e.steps) for e in events if isinstance(e, batch.Progress)]
+        assert progress == [(k, total) for k in range(total + 1)]

@@ -19,6 +19,7 @@ No torch at import.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import time
@@ -869,7 +870,7 @@ def _make(job: Job, options: Options, cache: ModelCache, emit: OnEvent, position
     """Make one image (number `position[0]` of `position[1]`): its `Result`, or the outcome of a job
     that could not start."""
     from smd_cli.app.requests import generate, upscale
-    from smd_cli.scenes.scene import step_count
+    from smd_cli.scenes.scene import hires_steps
 
     sf = job.scene
     try:
@@ -877,16 +878,20 @@ def _make(job: Job, options: Options, cache: ModelCache, emit: OnEvent, position
         pipe.schedule(sf.scene.steps, sf.scene.timesteps, sf.scene.scheduler, sf.scene.timestep_spacing)
     except SmdError as exc:  # no model, or steps it cannot take: the image never started
         return job.outcome(INVALID, error=str(exc))
-    steps = step_count(sf.scene)  # what the schedule, checked just now, will take
+    # What the schedule, checked just now, will take: one bar over both passes of a hires scene.
+    first, second = hires_steps(sf.scene)
+    steps = second if options.upscale is not None else first + second
     emit(Progress(job, 0, steps, *position))
+    done = itertools.count(1)  # steps so far, whichever pass they are in
+    callback = lambda k, n, x0: emit(Progress(job, next(done), steps, *position))  # noqa: E731
     if options.upscale is not None:
         from smd_cli.core.files import MAX_IMAGE_BYTES, decode_image, read_bytes
 
         image = decode_image(read_bytes(Path(options.upscale), MAX_IMAGE_BYTES))
         return upscale(pipe, sf, image, masks=job.masks, max_batch=options.max_batch, allow_large=options.allow_large,
-                       callback=lambda k, n, x0: emit(Progress(job, k + 1, n, *position)))
+                       callback=callback)
     return generate(pipe, sf, masks=job.masks, max_batch=options.max_batch, allow_large=options.allow_large,
-                    callback=lambda k, n, x0: emit(Progress(job, k + 1, steps, *position)))
+                    callback=callback)
 
 
 def _save(job: Job, result: Any, options: Options, emit: OnEvent, position: tuple[int, int]) -> Outcome:

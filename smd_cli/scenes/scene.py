@@ -741,6 +741,16 @@ def step_count(scene: Scene) -> int:
     return scene.steps or defaults.STEPS[scene.scheduler]
 
 
+def hires_steps(scene: Scene) -> tuple[int, int]:
+    """The steps of a scene's first pass, and of its hires pass (0 without one): the last
+    `int(steps * strength)` of the hires schedule (docs/large-pictures.md)."""
+    from smd_cli.method.hires import kept_steps
+
+    first = step_count(scene)
+    h = scene.hires
+    return first, 0 if h is None else kept_steps(h.steps or first, h.strength)
+
+
 def mask_file(mask: Any) -> str | None:
     """The image a mask reads (an image mask's or a palette's), as written in the scene."""
     if isinstance(mask, ImageMask):
