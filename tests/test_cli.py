@@ -168,3 +168,25 @@ def test_version_and_help(run_cli):
     result = run_cli("--help")
     assert result.exit_code == 0 and "generate" in result.stdout and "validate" in result.stdout
     assert run_cli("--version").stdout.startswith("smd ")
+
+
+def test_the_progress_bar_says_when_the_steps_are_done_and_decoding_begins(monkeypatch):
+    """On a terminal, the image's bar counts its steps, then says it is decoding (for a large
+    canvas, minutes after the last step)."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from smd_cli.app import batch, report
+
+    screen = io.StringIO()
+    monkeypatch.setattr(report, "err", Console(file=screen, force_terminal=True, width=100))
+    reporter = report.Reporter()
+    job = SimpleNamespace(scene=SimpleNamespace(name="village"))
+    shown = []
+    for step in range(4):
+        reporter(batch.Progress(job, step, 3))
+        shown.append(reporter.live.tasks[1].description)
+    reporter.close()
+    assert shown == ["image 1/1: village"] * 3 + ["image 1/1: village: decoding"]

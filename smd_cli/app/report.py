@@ -125,11 +125,12 @@ class Reporter:
             self.task = (self.live.add_task("images", total=event.images, completed=event.image - 1),
                          self.live.add_task("", total=event.steps))
         images, steps = self.task
+        name = f"image {event.image}/{event.images}: {short(event.job.scene.name, 24)}"
         if event.step == 0:
-            self.live.reset(steps, total=event.steps, description=f"image {event.image}/{event.images}: "
-                                                                  f"{short(event.job.scene.name, 24)}")
+            self.live.reset(steps, total=event.steps, description=name)
         self.live.update(steps, completed=event.step)
-        if event.step == event.steps:
+        if event.step == event.steps:  # the steps are done; decoding (minutes, for a large canvas) and saving
+            self.live.update(steps, description=f"{name}: decoding")
             self.live.update(images, completed=event.image)
     def close(self) -> None:
         """Take down the status line or progress bars, if any are shown."""
