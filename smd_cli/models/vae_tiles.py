@@ -25,7 +25,6 @@ as in tiles: past a few megapixels it is most of a decode's time. A family runs 
 
 from __future__ import annotations
 
-import bisect
 import errno
 import itertools
 import math
@@ -206,11 +205,11 @@ _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: n
 
 
 class Files:
-    """A stage's values in a folder, a file for each tile the stage writes (`edges`: where the
-    tiles' rows and columns start, and the end), read back a window at a time."""
+    """A stage's values in a folder, a file for each tile of `grid` (which the stage writes), read
+    back a window at a time."""
 
-    def __init__(self, folder: str, shape: Sequence[int], dtype, edges: tuple[list[int], list[int]]):
-        self.folder, self.shape, self.dtype, self.edges = folder, tuple(shape), dtype, edges
+    def __init__(self, folder: str, shape: Sequence[int], dtype, grid: "Grid"):
+        self.folder, self.shape, self.dtype, self.grid = folder, tuple(shape), dtype, grid
         os.makedirs(folder)
 
     def path(self, row: int, col: int) -> str:
@@ -224,15 +223,11 @@ class Files:
 
     def read(self, rows: slice, cols: slice, device):
         out = torch.empty(*self.shape[:2], rows.stop - rows.start, cols.stop - cols.start, dtype=self.dtype)
-        row_edges, col_edges = self.edges
-        for i in range(bisect.bisect_right(row_edges, rows.start) - 1, len(row_edges) - 1):
-            r0, r1 = row_edges[i], row_edges[i + 1]
-            if r0 >= rows.stop:
-                break
-            for j in range(bisect.bisect_right(col_edges, cols.start) - 1, len(col_edges) - 1):
-                c0, c1 = col_edges[j], col_edges[j + 1]
-                if c0 >= cols.stop:
-                    break
+        step = self.grid.step
+        for r0 in range(rows.start // step * step, rows.stop, step):
+            r1 = min(r0 + step, self.grid.height)
+            for c0 in range(cols.start // step * step, cols.stop, step):
+                c1 = min(c0 + step, self.grid.width)
                 tile = np.memmap(self.path(r0, c0), dtype=_NUMPY[self.dtype], mode="r",
                                  shape=(*self.shape[:2], r1 - r0, c1 - c0))
                 a0, a1, b0, b1 = max(r0, rows.start), min(r1, rows.stop), max(c0, cols.start), min(c1, cols.stop)
@@ -250,7 +245,7 @@ def _keeper(keep: str, device, folder: str):
     host memory beside a GPU (or with keep="memory") while it fits in `HOST_SHARE` of the free RAM."""
     names = itertools.count()
 
-    def make(shape, dtype, edges):
+    def make(shape, dtype, grid):
         where = keep
         if where == "auto":
             where = "files"
@@ -261,7 +256,7 @@ def _keeper(keep: str, device, folder: str):
                 where = "memory" if size <= HOST_SHARE * psutil.virtual_memory().available else "files"
         if where == "memory":
             return Whole(torch.empty(shape, dtype=dtype))
-        return Files(os.path.join(folder, str(next(names))), shape, dtype, edges)
+        return Files(os.path.join(folder, str(next(names))), shape, dtype, grid)
 
     return make
 
@@ -279,9 +274,6 @@ class Grid:
             for c0 in range(0, self.width, self.step):
                 yield r0, min(r0 + self.step, self.height), c0, min(c0 + self.step, self.width)
 
-    def edges(self) -> tuple[list[int], list[int]]:
-        return [*range(0, self.height, self.step), self.height], [*range(0, self.width, self.step), self.width]
-
     def scaled(self, by: Fraction) -> "Grid":
         sizes = [self.height * by, self.width * by, self.step * by]
         if any(v.denominator != 1 for v in sizes):
@@ -297,8 +289,8 @@ def run_stages(program: list[Stage], x, *, step: int, keep: str = "auto"):
     stats = {}
     if program and program[0].norm is not None:
         whole = Sums(program[0].norm)
-        for r0, r1, *_ in grid.boxes():  # a band at a time, so that no float64 copy of x is whole
-            whole.add(x[..., r0:r1, :])
+        for r0 in range(0, grid.height, grid.step):  # a band at a time: no float64 copy of x is whole
+            whole.add(x[..., r0:r0 + grid.step, :])
         stats[whole.norm] = whole.stats()
     last_read = {}  # store (the input of stage k) -> the last stage that reads it
     for k, stage in enumerate(program):
@@ -326,7 +318,7 @@ def run_stages(program: list[Stage], x, *, step: int, keep: str = "auto"):
                 y = y[..., top:top + owned[0].stop - owned[0].start, left:left + owned[1].stop - owned[1].start]
                 if out is None:
                     shape = (*y.shape[:2], out_grid.height, out_grid.width)
-                    out = Whole(y.new_empty(shape)) if last else make(shape, y.dtype, out_grid.edges())
+                    out = Whole(y.new_empty(shape)) if last else make(shape, y.dtype, out_grid)
                 out.write(*owned, y)
                 if sums is not None:
                     sums.add(y)
